@@ -1,0 +1,22 @@
+"""Shared fixtures. Real-model fixtures are session-scoped: SmolLM2 loads once per run."""
+import os
+
+import pytest
+import torch
+
+# Nothing in the test suite may reach the network Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) for the embedded SmolLM2-135M, fp32, eval mode (slow tests only)."""
+    from hf_sae.data.models import load_default_model
+
+    model, tokenizer = load_default_model()
+    return model, tokenizer
