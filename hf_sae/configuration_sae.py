@@ -1,0 +1,138 @@
+"""SAEConfig: the single source of truth for a sparse autoencoder's shape, activation and loss.
+
+This file is self-contained (it imports only transformers) so that a folder saved by hf_sae can be
+loaded with ``trust_remote_code=True`` by people who do not have the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
+KERNELS = ("auto", "torch", "triton", "dense")
+
+
+def _check(cond: bool, field: str, value, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"SAEConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
+
+
+class SAEConfig(PretrainedConfig):
+    r"""Configuration of a :class:`~hf_sae.SparseAutoencoder`.
+
+    Shapes: inputs are vectors of size ``d_in`` (one token's activation at ``hook_point``); the
+    dictionary has ``n_latents`` rows (give either ``n_latents`` or ``expansion_factor``, then
+    ``n_latents = expansion_factor * d_in``).
+
+    Args:
+        d_in: input width d (e.g. 576 for SmolLM2-135M's residual stream).
+        n_latents: number of latents n. Defaults to ``expansion_factor * d_in``.
+        expansion_factor: n / d, used when ``n_latents`` is not given (default 8).
+        activation: one of ``topk``, ``batchtopk``, ``relu``, ``jumprelu``, ``topafa``.
+        k: active latents per token for ``topk``; average active latents per token for ``batchtopk``;
+            the compute cap on k(x) for ``topafa`` (``None`` = no cap, exact); unused for relu/jumprelu.
+        k_aux: latents used by the AuxK loss (default ``d_in // 2``, capped by the number of dead latents).
+        aux_coef: weight alpha of the AuxK loss (paper: 1/32). 0 disables it.
+        dead_tokens_threshold: a latent that has not fired for this many training tokens is dead (paper: 10M).
+        multi_topk: also penalise the reconstruction with ``4k`` latents (Gao et al. Multi-TopK), weight 1/8.
+        l1_coef: weight of the decoder-norm-weighted L1 penalty (``relu``).
+        l0_coef: weight of the L0 penalty (``jumprelu``, with the straight-through threshold gradient).
+        afa_coef: weight of the AFA loss mean((||z~|| - ||x - b_dec||)^2) (``topafa``; any activation may use it).
+        jumprelu_init_threshold: initial JumpReLU threshold theta (normalized units).
+        jumprelu_bandwidth: width epsilon of the rectangle kernel in the threshold pseudo-gradient.
+        batchtopk_threshold_momentum: EMA momentum of the inference threshold estimated during training.
+        input_scale: fixed scalar s applied to inputs (x -> s x) and undone on outputs; chosen so that
+            E||s x||^2 = d_in. 1.0 is the identity.
+        hook_point: where the inputs come from, e.g. ``layers.6.resid_post``.
+        base_model: the LM the SAE was trained on (Hub id or path).
+        kernel: implementation of the sparse decode/backward: ``auto`` (Triton on GPU, fused torch on
+            CPU), ``torch``, ``triton`` or ``dense`` (reference; materialises [B, n]).
+        training_info: free-form record written by the trainer (dataset, tokens trained, final metrics).
+    """
+
+    model_type = "hf_sae"
+
+    def __init__(
+        self,
+        d_in: int = 576,
+        n_latents: int | None = None,
+        expansion_factor: int | None = None,
+        activation: str = "topk",
+        k: int | None = 32,
+        k_aux: int | None = None,
+        aux_coef: float = 1.0 / 32,
+        dead_tokens_threshold: int = 10_000_000,
+        multi_topk: bool = False,
+        l1_coef: float = 0.0,
+        l0_coef: float = 0.0,
+        afa_coef: float = 0.0,
+        jumprelu_init_threshold: float = 1e-3,
+        jumprelu_bandwidth: float = 1e-3,
+        batchtopk_threshold_momentum: float = 0.99,
+        input_scale: float = 1.0,
+        hook_point: str | None = None,
+        base_model: str | None = None,
+        kernel: str = "auto",
+        training_info: dict | None = None,
+        **kwargs,
+    ):
+        _check(isinstance(d_in, int) and d_in > 0, "d_in", d_in, "a positive integer")
+        if n_latents is None:
+            factor = 8 if expansion_factor is None else expansion_factor
+            _check(isinstance(factor, (int, float)) and factor > 0, "expansion_factor", factor, "> 0")
+            n_latents = int(round(factor * d_in))
+        _check(isinstance(n_latents, int) and n_latents > 0, "n_latents", n_latents, "a positive integer")
+        _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
+        if activation in ("topk", "batchtopk"):
+            _check(isinstance(k, int) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
+        elif activation == "topafa":
+            _check(k is None or (isinstance(k, int) and 0 < k <= n_latents), "k", k,
+                   f"None (no cap) or an integer in [1, n_latents={n_latents}] for topafa")
+        if k_aux is not None:
+            _check(isinstance(k_aux, int) and 0 < k_aux <= n_latents, "k_aux", k_aux,
+                   f"None or an integer in [1, n_latents={n_latents}]")
+        for name, value in (("aux_coef", aux_coef), ("l1_coef", l1_coef), ("l0_coef", l0_coef),
+                            ("afa_coef", afa_coef)):
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value,
+                   "a finite number >= 0")
+        _check(isinstance(dead_tokens_threshold, int) and dead_tokens_threshold > 0, "dead_tokens_threshold",
+               dead_tokens_threshold, "a positive integer (tokens)")
+        _check(jumprelu_init_threshold > 0, "jumprelu_init_threshold", jumprelu_init_threshold, "> 0")
+        _check(jumprelu_bandwidth > 0, "jumprelu_bandwidth", jumprelu_bandwidth, "> 0")
+        _check(0 <= batchtopk_threshold_momentum < 1, "batchtopk_threshold_momentum",
+               batchtopk_threshold_momentum, "in [0, 1)")
+        _check(isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0,
+               "input_scale", input_scale, "a finite number > 0 (1.0 = identity)")
+        _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
+        if multi_topk:
+            _check(activation == "topk" and 4 * k <= n_latents, "multi_topk", multi_topk,
+                   "used only with activation='topk' and 4*k <= n_latents")
+
+        self.d_in = d_in
+        self.n_latents = n_latents
+        self.expansion_factor = n_latents / d_in
+        self.activation = activation
+        self.k = k
+        self.k_aux = k_aux
+        self.aux_coef = float(aux_coef)
+        self.dead_tokens_threshold = dead_tokens_threshold
+        self.multi_topk = bool(multi_topk)
+        self.l1_coef = float(l1_coef)
+        self.l0_coef = float(l0_coef)
+        self.afa_coef = float(afa_coef)
+        self.jumprelu_init_threshold = float(jumprelu_init_threshold)
+        self.jumprelu_bandwidth = float(jumprelu_bandwidth)
+        self.batchtopk_threshold_momentum = float(batchtopk_threshold_momentum)
+        self.input_scale = float(input_scale)
+        self.hook_point = hook_point
+        self.base_model = base_model
+        self.kernel = kernel
+        self.training_info = dict(training_info or {})
+        super().__init__(**kwargs)
+
+    @property
+    def effective_k_aux(self) -> int:
+        """k_aux before capping by the number of dead latents (default d_in // 2)."""
+        return self.k_aux if self.k_aux is not None else max(1, min(self.d_in // 2, self.n_latents))

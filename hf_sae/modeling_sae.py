@@ -1,0 +1,320 @@
+"""SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
+
+Math (SPEC 1.1), in normalized units (inputs scaled by ``config.input_scale``)::
+
+    pre = W_enc (x - b_dec) + b_enc          # [N, n]
+    z   = act(pre)                           # k-sparse (values, indices) or dense
+    x^  = z W_dec + b_dec                    # only the active rows of W_dec take part
+
+``forward`` takes and returns the caller's units; losses are computed in normalized units (FVU and
+AuxK are scale-free). This file imports only torch, transformers and its two sibling files, so a
+saved folder that carries them loads with ``trust_remote_code=True`` without hf_sae installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .activations import Latents, get_activation, l1_penalty
+from .configuration_sae import SAEConfig
+
+_EPS = 1e-12
+
+
+@dataclass
+class SAEOutput(ModelOutput):
+    """Output of :meth:`SparseAutoencoder.forward`. Leading dims ``...`` are the input's."""
+
+    loss: Optional[Tensor] = None
+    """scalar training loss: fvu + aux_coef*auxk + l1_coef*l1 + l0_coef*l0 + afa_coef*afa (+ fvu_4k/8)."""
+    reconstruction: Optional[Tensor] = None
+    """[..., d] reconstruction x^ in the caller's units."""
+    latent_values: Optional[Tensor] = None
+    """[..., w] active latent values (k-sparse activations); padded slots are 0."""
+    latent_indices: Optional[Tensor] = None
+    """[..., w] int64 latent ids of ``latent_values``."""
+    latents: Optional[Tensor] = None
+    """[..., n] dense latents (dense activations, or any activation with ``return_dense=True``)."""
+    fvu: Optional[Tensor] = None
+    """scalar fraction of variance unexplained: sum||x^ - x||^2 / sum||x - mean(x)||^2 over the batch."""
+    mse: Optional[Tensor] = None
+    """scalar mean squared error per element, in the caller's units."""
+    auxk_loss: Optional[Tensor] = None
+    """scalar AuxK loss (FVU of the residual predicted by the top-k_aux dead latents); 0 when none is dead."""
+    l1_loss: Optional[Tensor] = None
+    """scalar decoder-norm-weighted L1 of the latents (mean over tokens)."""
+    l0_loss: Optional[Tensor] = None
+    """scalar L0 of the latents with the JumpReLU pseudo-gradient (jumprelu only, else None)."""
+    afa_loss: Optional[Tensor] = None
+    """scalar mean((||z~|| - ||x - b_dec||)^2), z~ = latents times decoder-row norms (normalized units)."""
+    multi_topk_fvu: Optional[Tensor] = None
+    """scalar FVU with 4k latents (Multi-TopK), when enabled."""
+
+
+def _kernels():
+    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+    try:
+        return importlib.import_module("hf_sae.kernels")
+    except ImportError:
+        return None
+
+
+def sparse_decode_reference(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]]: [N, w] x [N, w] x [n, d] -> [N, d] (pure torch)."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+class SparseAutoencoderPreTrainedModel(PreTrainedModel):
+    config_class = SAEConfig
+    base_model_prefix = "sae"
+    main_input_name = "x"
+    supports_gradient_checkpointing = False
+    _no_split_modules = []
+
+
+class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
+    """A sparse autoencoder over activations of width ``d_in`` with ``n_latents`` latents.
+
+    Parameters: ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d] (rows unit-norm), ``b_dec`` [d];
+    JumpReLU adds ``log_threshold`` [n]; BatchTopK keeps the buffer ``batchtopk_threshold`` (scalar,
+    -1 until estimated in training).
+    """
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        n, d = config.n_latents, config.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if config.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(config.jumprelu_init_threshold)))
+        if config.activation == "batchtopk":
+            self.register_buffer("batchtopk_threshold", torch.tensor(-1.0))
+        self.activation = get_activation(config.activation)
+        self.post_init()
+
+    # ---------------------------------------------------------------- init and decoder geometry
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Tied init (Gao et al.): W_dec rows random unit vectors, W_enc = W_dec (i.e. W_enc = W_dec^T
+        as a map), zero biases."""
+        if module is not self:
+            return
+        W = torch.randn(self.config.n_latents, self.config.d_in, device=self.W_dec.device)
+        W /= W.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if hasattr(self, "log_threshold"):
+            self.log_threshold.fill_(math.log(self.config.jumprelu_init_threshold))
+        if hasattr(self, "batchtopk_threshold"):
+            self.batchtopk_threshold.fill_(-1.0)
+
+    def decoder_norms(self) -> Tensor:
+        """[n] L2 norm of each decoder row."""
+        return self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (call after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(_EPS))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from W_dec.grad its component parallel to each decoder row (call before the step),
+        so that the step moves rows along the unit sphere's tangent plane."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec
+        coef = (g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(_EPS)
+        g.sub_(coef * w)
+
+    # ---------------------------------------------------------------- input handling
+    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        """Validate x [..., d], return (x_normalized [N, d], leading shape)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SAE input must be a torch.Tensor of shape [..., {self.config.d_in}], got {type(x)}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"SAE input has dtype {x.dtype}; expected a floating dtype (float32/bfloat16/float16) "
+                f"of shape [..., {self.config.d_in}]. Cast with x.float()."
+            )
+        if x.ndim == 0 or x.shape[-1] != self.config.d_in:
+            raise ValueError(
+                f"SAE input has shape {tuple(x.shape)}; expected [..., {self.config.d_in}] (d_in of this SAE"
+                f"{', hook point ' + self.config.hook_point if self.config.hook_point else ''})."
+            )
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"SAE input contains {bad} NaN/Inf values; clean the activations before encoding.")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.config.d_in).to(self.W_enc.dtype)
+        if self.config.input_scale != 1.0:
+            x = x * self.config.input_scale
+        return x, lead
+
+    def _pre(self, x: Tensor) -> Tensor:
+        """Pre-activations [N, n] of normalized inputs x [N, d]."""
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def _activate(self, x: Tensor) -> tuple[Tensor, Latents]:
+        pre = self._pre(x)
+        return pre, self.activation.fn(pre, self, x - self.b_dec)
+
+    def _decode_normalized(self, latents: Latents) -> Tensor:
+        """x^ [N, d] in normalized units (with b_dec)."""
+        if latents.is_sparse:
+            return self._sparse_decode(latents.values, latents.indices) + self.b_dec
+        return latents.dense @ self.W_dec + self.b_dec
+
+    def _sparse_decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        kernels = _kernels() if self.config.kernel != "dense" else None
+        if kernels is not None and hasattr(kernels, "sparse_decode"):
+            return kernels.sparse_decode(values, indices, self.W_dec, backend=self.config.kernel)
+        if self.config.kernel == "dense":
+            dense = values.new_zeros(values.shape[0], self.config.n_latents).scatter_add(-1, indices, values)
+            return dense @ self.W_dec
+        return sparse_decode_reference(values, indices, self.W_dec)
+
+    # ---------------------------------------------------------------- public API
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents [..., n] (normalized units) of inputs x [..., d] in the caller's units."""
+        xn, lead = self._flatten_input(x)
+        _, latents = self._activate(xn)
+        return latents.to_dense(self.config.n_latents).reshape(*lead, -1)
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values [..., w], indices [..., w]) of the active latents; w = k for topk, the batch's widest
+        row otherwise (padded slots have value 0)."""
+        xn, lead = self._flatten_input(x)
+        _, latents = self._activate(xn)
+        latents = latents.to_sparse()
+        return latents.values.reshape(*lead, -1), latents.indices.reshape(*lead, -1)
+
+    def decode(self, latents: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+        """Reconstruction [..., d] in the caller's units from dense latents [..., n], or from
+        ``(values [..., w], indices [..., w])`` when ``indices`` is given."""
+        if indices is not None:
+            if latents.shape != indices.shape:
+                raise ValueError(f"decode: values {tuple(latents.shape)} and indices {tuple(indices.shape)} differ")
+            lead = latents.shape[:-1]
+            code = Latents(values=latents.reshape(-1, latents.shape[-1]).to(self.W_dec.dtype),
+                           indices=indices.reshape(-1, indices.shape[-1]).long())
+        else:
+            if latents.shape[-1] != self.config.n_latents:
+                raise ValueError(f"decode: dense latents have shape {tuple(latents.shape)}; "
+                                 f"expected [..., {self.config.n_latents}]")
+            lead = latents.shape[:-1]
+            code = Latents(dense=latents.reshape(-1, self.config.n_latents).to(self.W_dec.dtype))
+        x_hat = self._decode_normalized(code)
+        if self.config.input_scale != 1.0:
+            x_hat = x_hat / self.config.input_scale
+        return x_hat.reshape(*lead, self.config.d_in)
+
+    def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None, return_dense: bool = False) -> SAEOutput:
+        """Encode, decode and compute every loss term.
+
+        Args:
+            x: [..., d] activations in the caller's units.
+            dead_mask: optional bool [n], True for latents that are dead (AuxK uses them).
+            return_dense: also return dense ``latents`` [..., n] for k-sparse activations.
+        """
+        cfg = self.config
+        xn, lead = self._flatten_input(x)
+        pre, latents = self._activate(xn)
+        x_hat = self._decode_normalized(latents)
+
+        total_var = (xn - xn.mean(0)).square().sum().clamp_min(_EPS)
+        err = (x_hat - xn).square()
+        fvu = err.sum() / total_var
+        loss = fvu
+        mse = err.mean() / (cfg.input_scale ** 2)
+
+        auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
+        if cfg.aux_coef:
+            loss = loss + cfg.aux_coef * auxk
+
+        spec = self.activation
+        l1 = l0 = None
+        if spec.penalty is not None:
+            value = spec.penalty(latents, pre, self)
+            if spec.penalty_coef == "l1_coef":
+                l1 = value
+            else:
+                l0 = value
+            coef = getattr(cfg, spec.penalty_coef)
+            if coef:
+                loss = loss + coef * value
+        if l1 is None:  # reported for every activation
+            with torch.no_grad():
+                l1 = l1_penalty(latents, pre, self)
+
+        afa = self.afa_loss(latents, xn)
+        if cfg.afa_coef:
+            loss = loss + cfg.afa_coef * afa
+
+        multi = None
+        if cfg.multi_topk and self.training:
+            v4, i4 = pre.topk(4 * cfg.k, dim=-1, sorted=False)
+            x_hat4 = self._decode_normalized(Latents(values=v4.relu(), indices=i4))
+            multi = (x_hat4 - xn).square().sum() / total_var
+            loss = loss + multi / 8
+
+        recon = x_hat / cfg.input_scale if cfg.input_scale != 1.0 else x_hat
+        out = SAEOutput(
+            loss=loss, reconstruction=recon.reshape(*lead, cfg.d_in), fvu=fvu, mse=mse, auxk_loss=auxk,
+            l1_loss=l1, l0_loss=l0, afa_loss=afa, multi_topk_fvu=multi,
+        )
+        if latents.is_sparse:
+            out.latent_values = latents.values.reshape(*lead, -1)
+            out.latent_indices = latents.indices.reshape(*lead, -1)
+        if not latents.is_sparse or return_dense:
+            out.latents = latents.to_dense(cfg.n_latents).reshape(*lead, cfg.n_latents)
+        return out
+
+    # ---------------------------------------------------------------- loss terms
+    def auxk_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor, dead_mask: Optional[Tensor]) -> Tensor:
+        """AuxK (SPEC 1.1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
+        latents (ReLU, no b_dec) to e^ and return sum||e^ - e||^2 / sum||e - mean(e)||^2.
+        0 when no latent is dead; never NaN. Inputs are normalized units: pre [N, n], x, x_hat [N, d]."""
+        zero = pre.new_zeros(())
+        if dead_mask is None:
+            return zero
+        if dead_mask.shape != (self.config.n_latents,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor of shape [{self.config.n_latents}], "
+                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return zero
+        k_aux = min(self.config.effective_k_aux, n_dead)
+        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
+        e_hat = self._sparse_decode(values.relu(), indices)
+        e = x - x_hat.detach()
+        denom = (e - e.mean(0)).square().sum().clamp_min(_EPS)
+        return torch.nan_to_num((e_hat - e).square().sum() / denom, nan=0.0, posinf=0.0)
+
+    def afa_loss(self, latents: Latents, x: Tensor) -> Tensor:
+        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (SPEC 1.3)."""
+        norms = self.decoder_norms()
+        if latents.is_sparse:
+            z_norm = (latents.values * norms[latents.indices]).norm(dim=-1)
+        else:
+            z_norm = (latents.dense * norms).norm(dim=-1)
+        return (z_norm - (x - self.b_dec).norm(dim=-1)).square().mean()
+
+
+SAEConfig.register_for_auto_class()
+SparseAutoencoder.register_for_auto_class("AutoModel")
