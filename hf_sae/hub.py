@@ -1,0 +1,541 @@
+"""The Hugging Face Hub: push one SAE or a set of SAEs (one subfolder per hook point) with a model
+card, and load them back.
+
+Repository layout written by :func:`push_to_hub` / :func:`save_for_hub`::
+
+    README.md                  model card rendered from hf_sae/templates/sae_card.md (= model_cards/sae_card.md)
+    sae_index.json             {"hook_points": {hook point: {"folder", "d_in", "n_latents", "activation", "k",
+                               "metrics", ...}}} -- what load_all reads to find the SAEs without listing the repo
+    configuration_sae.py       the model code, at the root: transformers only looks for remote code there,
+    modeling_sae.py            so ``AutoModel.from_pretrained(repo, subfolder=..., trust_remote_code=True)``
+    activations.py             works for people who do not have hf_sae installed
+    layers.6.resid_post/       one folder per hook point, named by the hook point string:
+        config.json            save_pretrained output (config.json with auto_map, model.safetensors,
+        model.safetensors      and the same three code files, so the folder is also usable on its own)
+        ...
+
+A single SAE pushed on its own goes to the repository root instead (``layout="auto"``), so that
+``SAE.from_pretrained("org/gpt2-sae-32k")`` loads it; pass ``layout="subfolders"`` to put it in its
+hook-point folder.
+
+Model card: YAML metadata (``library_name: hf_sae``, ``base_model``, ``datasets``, ``tags`` with the
+hook points, and a ``model-index`` with FVU, L0, dead fraction and Δloss per hook point: one result per
+hook point, the hook point being the result's ``dataset.config``), then a body rendered with
+``str.format`` from the template. :func:`card_metrics` parses the metrics back from a card.
+
+Metrics for the card are taken from the ``metrics=`` argument, else from each SAE's
+``config.training_info`` (``training_info["metrics"]`` or top level); recognised names (and aliases):
+``fvu``, ``l0``, ``dead_fraction`` (``dead_frac``, ``frac_dead``, ``dead_latents_fraction``) and
+``delta_loss`` (``delta_ce``, ``ce_loss_increase``, ``downstream_delta_loss``). The dataset and the
+number of training tokens come from ``training_info["dataset"]`` and ``training_info["tokens"]``
+(or ``training_tokens`` / ``tokens_trained``) unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .hooks import hook_point_sort_key, parse_hook_point
+from .modeling_sae import SparseAutoencoder
+
+INDEX_FILE = "sae_index.json"
+CODE_FILES = ("configuration_sae.py", "modeling_sae.py", "activations.py")
+TEMPLATE_NAME = "sae_card.md"
+LIBRARY_NAME = "hf_sae"
+
+# (key, display name, aliases looked up in metrics dicts / training_info)
+CARD_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("fvu", "FVU", ("fvu", "FVU", "fraction_variance_unexplained")),
+    ("l0", "L0", ("l0", "L0", "mean_l0")),
+    ("dead_fraction", "Dead latent fraction", ("dead_fraction", "dead_frac", "frac_dead", "dead_latents_fraction")),
+    ("delta_loss", "Δ loss (nats/token)", ("delta_loss", "delta_ce", "ce_loss_increase", "downstream_delta_loss")),
+)
+_TOKENS_KEYS = ("tokens", "training_tokens", "tokens_trained", "n_tokens")
+_DATASET_KEYS = ("dataset", "dataset_name", "dataset_path")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def template_path() -> Path:
+    """Path of the model-card template (``hf_sae/templates/sae_card.md``; ``model_cards/sae_card.md`` in the
+    source tree links to it)."""
+    path = Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"The model-card template {path} is missing; reinstall hf_sae (it ships as package data).")
+    return path
+
+
+def hook_point_folder(hook_point: str) -> str:
+    """The repository folder of a hook point: the hook-point string itself (``"layers.6.resid_post"``).
+    Raises ValueError (listing the valid forms) for a malformed hook point."""
+    parse_hook_point(hook_point)
+    return hook_point
+
+
+def _finite_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def collect_metrics(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The card metrics of one SAE: ``{"fvu", "l0", "dead_fraction", "delta_loss"}`` (those known).
+
+    Taken from ``metrics`` when given, else from ``sae.config.training_info`` (its ``"metrics"`` dict, then
+    its top level), accepting the aliases listed in :data:`CARD_METRICS`. Values must be finite numbers
+    (ValueError otherwise); unknown keys are ignored.
+    """
+    sources: list[Mapping[str, Any]] = []
+    if metrics is not None:
+        sources.append(metrics)
+    else:
+        info = dict(sae.config.training_info or {})
+        if isinstance(info.get("metrics"), Mapping):
+            sources.append(info["metrics"])
+        sources.append(info)
+    out: dict[str, float] = {}
+    for key, _, aliases in CARD_METRICS:
+        for source in sources:
+            hit = next((a for a in aliases if a in source and source[a] is not None), None)
+            if hit is not None:
+                out[key] = _finite_number(source[hit], f"metric {hit!r} of hook point {sae.config.hook_point!r}")
+                break
+    return out
+
+
+def _info_value(sae: SparseAutoencoder, keys: Sequence[str]):
+    info = dict(sae.config.training_info or {})
+    for key in keys:
+        if info.get(key) is not None:
+            return info[key]
+    return None
+
+
+def _index_entry(sae: SparseAutoencoder, folder: str, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = sae.config
+    entry = {
+        "folder": folder,
+        "d_in": cfg.d_in,
+        "n_latents": cfg.n_latents,
+        "activation": cfg.activation,
+        "k": cfg.k if cfg.activation in ("topk", "batchtopk", "topafa") else None,
+        "base_model": cfg.base_model,
+        "dataset": _info_value(sae, _DATASET_KEYS),
+        "training_tokens": _info_value(sae, _TOKENS_KEYS),
+        "metrics": collect_metrics(sae, metrics),
+    }
+    return entry
+
+
+def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bool]:
+    """-> ({hook point: sae}, at_root)."""
+    if layout not in ("auto", "root", "subfolders"):
+        raise ValueError(f"layout={layout!r} is invalid; use 'auto', 'root' or 'subfolders'.")
+    if isinstance(saes, SparseAutoencoder):
+        hp = saes.config.hook_point
+        if hp is None:
+            if layout == "subfolders":
+                raise ValueError("This SAE has no config.hook_point, so it has no hook-point folder; set "
+                                 "sae.config.hook_point (e.g. 'layers.6.resid_post') or push it with layout='root'.")
+            hp = ""
+        else:
+            hook_point_folder(hp)
+        return {hp: saes}, layout != "subfolders"
+    if not isinstance(saes, Mapping) or not saes:
+        raise TypeError("saes must be a SparseAutoencoder or a non-empty mapping {hook point: SparseAutoencoder}, "
+                        f"got {type(saes).__name__}")
+    out = {}
+    for hp, sae in saes.items():
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(f"saes[{hp!r}] is a {type(sae).__name__}, not a SparseAutoencoder")
+        hook_point_folder(hp)
+        if sae.config.hook_point not in (None, hp):
+            raise ValueError(f"saes[{hp!r}] has config.hook_point={sae.config.hook_point!r}; the key and the config "
+                             "must name the same hook point.")
+        out[hp] = sae
+    if layout == "root":
+        if len(out) != 1:
+            raise ValueError(f"layout='root' holds one SAE, got {len(out)}; use layout='subfolders' for a set.")
+        return out, True
+    return out, False
+
+
+def _save_one(sae: SparseAutoencoder, folder: Path, hook_point: str) -> None:
+    """save_pretrained with config.hook_point filled in (restored afterwards)."""
+    old = sae.config.hook_point
+    try:
+        if hook_point:
+            sae.config.hook_point = hook_point
+        sae.save_pretrained(folder)
+    finally:
+        sae.config.hook_point = old
+    missing = [f for f in ("config.json", *CODE_FILES) if not (folder / f).is_file()]
+    if missing:
+        raise RuntimeError(f"save_pretrained did not write {missing} in {folder}; the pushed repo would not load "
+                           "with trust_remote_code.")
+
+
+# --------------------------------------------------------------------------------------------- model card
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, base_model: str | None = None,
+                      dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
+                      description: str | None = None) -> str:
+    """The README.md text for a repo holding the SAEs described by ``index`` ({hook point: index entry},
+    see :func:`save_for_hub`). YAML metadata is produced by ``huggingface_hub.ModelCardData`` (so the
+    model-index parses back with ``ModelCard.load``); the body comes from the template."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hook_points = sorted(index, key=_sort_key)
+    entries = [index[hp] for hp in hook_points]
+    base_model = base_model or next((e.get("base_model") for e in entries if e.get("base_model")), None)
+    dataset = dataset or next((e.get("dataset") for e in entries if e.get("dataset")), None)
+    if training_tokens is None:
+        training_tokens = next((e.get("training_tokens") for e in entries if e.get("training_tokens")), None)
+    name = repo_id.split("/")[-1]
+
+    eval_results = []
+    for hp, entry in zip(hook_points, entries):
+        for key, display, _ in CARD_METRICS:
+            value = (entry.get("metrics") or {}).get(key)
+            if value is None:
+                continue
+            eval_results.append(EvalResult(
+                task_type="sparse-autoencoding", task_name=f"SAE reconstruction at {hp or 'the hook point'}",
+                dataset_type=str(dataset or "activations"), dataset_name=str(dataset or "activations"),
+                dataset_config=hp or None, metric_type=key, metric_name=display, metric_value=float(value),
+            ))
+    tags = ["sparse-autoencoder", "hf_sae", "interpretability"]
+    tags += sorted({f"hook-point:{hp}" for hp in hook_points if hp}, key=lambda t: _sort_key(t.split(":", 1)[1]))
+    tags += sorted({f"activation:{e['activation']}" for e in entries})
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME, base_model=base_model, datasets=[dataset] if dataset else None,
+        license=license, tags=tags, model_name=name if eval_results else None,
+        eval_results=eval_results or None, pipeline_tag="feature-extraction",
+    )
+
+    rows = []
+    for hp, e in zip(hook_points, entries):
+        m = e.get("metrics") or {}
+        folder = e.get("folder") or "root"
+        where = f"`{hp}`" if hp and folder == hp else f"`{hp or '–'}` ({folder})"
+        rows.append(f"| {where} | {e['d_in']} | {e['n_latents']} | {e['activation']} | "
+                    f"{_fmt(e.get('k'))} | {_fmt(m.get('fvu'))} | {_fmt(m.get('l0'))} | "
+                    f"{_fmt(m.get('dead_fraction'))} | {_fmt(m.get('delta_loss'))} |")
+    first = entries[0]
+    subfolder_arg = f', subfolder="{first["folder"]}"' if first.get("folder") else ""
+    n = len(entries)
+    if description is None:
+        kinds = ", ".join(sorted({e["activation"] for e in entries}))
+        where = "one folder per hook point" if any(e.get("folder") for e in entries) else "at the repository root"
+        description = (f"{n} sparse autoencoder{'s' if n > 1 else ''} ({kinds}) on the activations of "
+                       f"{'`' + base_model + '`' if base_model else 'a language model'}, saved with the `hf_sae` "
+                       f"library ({where}).")
+    training = [f"- Base model: {'`' + base_model + '`' if base_model else 'not recorded'}",
+                f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}",
+                f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}"]
+    files = "\n".join(f"- `{e.get('folder') or '.'}/`: `config.json`, `model.safetensors` ({hp or 'root SAE'})"
+                      for hp, e in zip(hook_points, entries))
+    files += ("\n- `sae_index.json`: hook point → folder, sizes and metrics\n"
+              "- `configuration_sae.py`, `modeling_sae.py`, `activations.py`: model code for `trust_remote_code`")
+    text = template_path().read_text(encoding="utf-8")
+    return text.format(
+        card_data=card_data.to_yaml(), title=name, description=description, table="\n".join(rows),
+        repo_id=repo_id, subfolder_arg=subfolder_arg, d_in=first["d_in"],
+        example_hook=f"`{hook_points[0]}`" if hook_points[0] else "its hook point",
+        training="\n".join(training), files=files,
+    )
+
+
+def card_metrics(card) -> dict[str, dict[str, float]]:
+    """Parse a model card (a ``huggingface_hub.ModelCard``, a path to README.md or its text) back to
+    ``{hook point: {metric: value}}`` from its model-index."""
+    from huggingface_hub import ModelCard
+
+    if not isinstance(card, ModelCard):
+        card = ModelCard.load(card) if os.path.exists(str(card)) else ModelCard(str(card))
+    out: dict[str, dict[str, float]] = {}
+    for r in card.data.eval_results or []:
+        out.setdefault(r.dataset_config or "", {})[r.metric_type] = r.metric_value
+    return out
+
+
+def _sort_key(hp: str):
+    try:
+        return (0, *hook_point_sort_key(hp))
+    except ValueError:
+        return (1, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------- saving / pushing
+def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None, layout: str = "auto",
+                 metrics: Mapping[str, Mapping[str, Any]] | None = None, base_model: str | None = None,
+                 dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
+                 existing_index: Mapping[str, Any] | None = None) -> Path:
+    """Write the exact repository layout (see the module docstring) into ``folder``.
+
+    Args:
+        saes: one :class:`SparseAutoencoder` or ``{hook point: SparseAutoencoder}``.
+        folder: output directory (created).
+        repo_id: used in the card's title and usage snippet (default: the folder name).
+        layout: ``auto`` (a single SAE at the root, a mapping in subfolders), ``root`` or ``subfolders``.
+        metrics: ``{hook point: {"fvu", "l0", "dead_fraction", "delta_loss"}}`` for the card; default: each
+            SAE's ``config.training_info``.
+        base_model, dataset, training_tokens, license: card metadata (defaults from the SAEs' configs).
+        existing_index: ``hook_points`` of an index already in the repo; its other hook points are kept in
+            the new index and card.
+    Returns: the folder path.
+    """
+    saes, at_root = _normalise_saes(saes, layout)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = dict(metrics or {})
+    unknown = set(metrics) - set(saes)
+    if unknown:
+        raise ValueError(f"metrics given for hook points {sorted(unknown)} that are not among the SAEs pushed "
+                         f"({sorted(saes)}).")
+    index: dict[str, Any] = {k: dict(v) for k, v in (existing_index or {}).items()}
+    if at_root:
+        index = {hp: e for hp, e in index.items() if e.get("folder")}  # the new root SAE replaces an old one
+    for hp, sae in saes.items():
+        sub = "" if at_root else hook_point_folder(hp)
+        target = folder / sub if sub else folder
+        _save_one(sae, target, hp)
+        index[hp] = _index_entry(sae, sub, metrics.get(hp))
+    if not at_root:  # the code at the root, for trust_remote_code
+        first = folder / hook_point_folder(next(iter(saes)))
+        for name in CODE_FILES:
+            shutil.copyfile(first / name, folder / name)
+    (folder / INDEX_FILE).write_text(json.dumps({"format": "hf_sae", "version": 1, "hook_points": index},
+                                                indent=2, sort_keys=True) + "\n")
+    card = render_model_card(index, repo_id or folder.resolve().name, base_model=base_model, dataset=dataset,
+                             training_tokens=training_tokens, license=license)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[str, Mapping[str, Any]] | None = None,
+                base_model: str | None = None, dataset: str | None = None, training_tokens: int | None = None,
+                license: str | None = None, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
+                endpoint: str | None = None):
+    """Create ``repo_id`` if needed and push one SAE or a set of SAEs with code, index and model card, in a
+    single commit. Hook points already in the repo (from an earlier push) stay listed in the index and card.
+
+    Returns the ``huggingface_hub.CommitInfo`` of the commit. See :func:`save_for_hub` for the arguments.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    existing = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = api.hf_hub_download(repo_id, INDEX_FILE, revision=revision, cache_dir=os.path.join(tmp, "cache"))
+            existing = json.loads(Path(path).read_text()).get("hook_points")
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            existing = None
+        stage = Path(tmp) / "stage"
+        save_for_hub(saes, stage, repo_id=repo_id, layout=layout, metrics=metrics, base_model=base_model,
+                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing)
+        ops = [CommitOperationAdd(path_in_repo=p.relative_to(stage).as_posix(), path_or_fileobj=str(p))
+               for p in sorted(stage.rglob("*")) if p.is_file()]
+        n = len(_normalise_saes(saes, layout)[0])
+        message = commit_message or f"Upload {n} SAE{'s' if n > 1 else ''} with hf_sae"
+        return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision,
+                                 create_pr=create_pr)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _local_or_snapshot(repo_or_path, patterns: list[str], *, revision=None, cache_dir=None, token=None,
+                       local_files_only=False, endpoint=None) -> Path:
+    if os.path.isdir(str(repo_or_path)):
+        return Path(repo_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(repo_or_path), allow_patterns=patterns, revision=revision, cache_dir=cache_dir,
+                                  token=token, local_files_only=local_files_only, endpoint=endpoint))
+
+
+def _read_index(root: Path) -> dict[str, dict]:
+    """{hook point: entry} from sae_index.json, else from scanning for hf_sae config.json files."""
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        try:
+            return dict(json.loads(index_path.read_text())["hook_points"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path} is not a valid hf_sae index ({e}); delete it or re-push the repo.") from e
+    found = {}
+    for cfg_path in sorted(root.rglob("config.json")):
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError:
+            continue
+        if cfg.get("model_type") != "hf_sae":
+            continue
+        folder = cfg_path.parent.relative_to(root).as_posix()
+        folder = "" if folder == "." else folder
+        hp = cfg.get("hook_point") or folder
+        found[hp] = {"folder": folder}
+    return found
+
+
+def repo_hook_points(repo_or_path, *, revision: str | None = None, cache_dir=None, token=None,
+                     local_files_only: bool = False, endpoint: str | None = None) -> dict[str, str]:
+    """``{hook point: folder}`` of the SAEs in a repo or local folder (``""`` = the root), in forward order.
+    Downloads only the index and the config files."""
+    root = _local_or_snapshot(repo_or_path, [INDEX_FILE, "config.json", "*/config.json"], revision=revision,
+                              cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint)
+    index = _read_index(root)
+    return {hp: index[hp].get("folder", "") for hp in sorted(index, key=_sort_key)}
+
+
+def _weight_patterns(folder: str) -> list[str]:
+    if folder:
+        return [f"{folder}/*"]
+    return ["config.json", "model*.safetensors*", *CODE_FILES]
+
+
+def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revision: str | None = None,
+             cache_dir=None, token=None, local_files_only: bool = False, endpoint: str | None = None,
+             **from_pretrained_kwargs) -> dict[str, SparseAutoencoder]:
+    """Load every SAE of a repo (or local folder) as ``{hook point: SparseAutoencoder}``, in forward order.
+
+    Args:
+        repo_or_path: Hub repo id or a local folder with the layout of :func:`save_for_hub`.
+        pattern: keep only hook points matching this glob (``"layers.*.resid_post"``) or any of these
+            globs / exact names. ValueError if nothing matches.
+        revision, cache_dir, token, local_files_only, endpoint: as in ``huggingface_hub.snapshot_download``.
+            Only the selected folders' files are downloaded, all from one revision.
+        **from_pretrained_kwargs: passed to ``SparseAutoencoder.from_pretrained`` (e.g. ``torch_dtype``).
+    """
+    kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint)
+    if not os.path.isdir(str(repo_or_path)) and revision is None and not local_files_only:
+        from huggingface_hub import HfApi
+
+        try:  # pin one commit for the index and the weights
+            kw["revision"] = HfApi(endpoint=endpoint, token=token).model_info(str(repo_or_path)).sha
+        except Exception:  # offline or unreachable: the cache decides
+            pass
+    folders = repo_hook_points(repo_or_path, **kw)
+    if not folders:
+        raise ValueError(f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
+                         "model_type 'hf_sae').")
+    if pattern is not None:
+        pats = [pattern] if isinstance(pattern, str) else list(pattern)
+        folders = {hp: f for hp, f in folders.items() if any(fnmatch.fnmatchcase(hp, p) for p in pats)}
+        if not folders:
+            raise ValueError(f"No hook point of {repo_or_path} matches {pats}; available: "
+                             f"{list(repo_hook_points(repo_or_path, **kw))}.")
+    patterns = sorted({p for f in folders.values() for p in _weight_patterns(f)})
+    root = _local_or_snapshot(repo_or_path, patterns, **kw)
+    out = {}
+    for hp, folder in folders.items():
+        path = root / folder if folder else root
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{repo_or_path}: the folder {folder or '.'!r} of hook point {hp!r} has no "
+                                    "config.json; the repo is incomplete.")
+        out[hp] = SparseAutoencoder.from_pretrained(path, **from_pretrained_kwargs)
+    return out
+
+
+def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAutoencoder:
+    """Load one SAE of a repo or local folder: the one at ``hook_point``, or the only one there is.
+    ValueError lists the hook points when the choice is ambiguous or the hook point is absent.
+    Keyword arguments are those of :func:`load_all`."""
+    hps = repo_hook_points(repo_or_path, **{k: kwargs[k] for k in ("revision", "cache_dir", "token",
+                                                                  "local_files_only", "endpoint") if k in kwargs})
+    if hook_point is None:
+        if len(hps) != 1:
+            raise ValueError(f"{repo_or_path} holds {len(hps)} SAEs {list(hps)}; pass hook_point=... (or use "
+                             "load_all).")
+        hook_point = next(iter(hps))
+    if hook_point not in hps:
+        raise ValueError(f"{repo_or_path} has no SAE at hook point {hook_point!r}; available: {list(hps)}.")
+    return load_all(repo_or_path, [hook_point], **kwargs)[hook_point]
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``hf-sae push``."""
+    parser.add_argument("paths", nargs="+", help="saved SAE folders (config.json + model.safetensors), or a folder "
+                        "whose subfolders are saved SAEs (one per hook point)")
+    parser.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/smollm2-saes")
+    parser.add_argument("--layout", choices=("auto", "root", "subfolders"), default="auto",
+                        help="auto: a single SAE at the repo root, several in hook-point folders")
+    parser.add_argument("--base-model", default=None, help="card metadata (default: the SAEs' config.base_model)")
+    parser.add_argument("--dataset", default=None, help="card metadata (default: training_info['dataset'])")
+    parser.add_argument("--training-tokens", type=int, default=None, help="card metadata")
+    parser.add_argument("--license", default=None, help="card metadata, e.g. apache-2.0")
+    parser.add_argument("--metrics", default=None, help="JSON file {hook point: {fvu, l0, dead_fraction, delta_loss}}")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (default main)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
+    parser.add_argument("--dry-run", metavar="DIR", default=None,
+                        help="write the repository layout into DIR instead of pushing")
+    return parser
+
+
+def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | SparseAutoencoder:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            subs = sorted(c.parent for c in p.glob("*/config.json"))
+            if not subs:
+                raise FileNotFoundError(f"{p} holds neither a saved SAE (config.json) nor subfolders with one.")
+            found.extend(subs)
+        else:
+            raise FileNotFoundError(f"{p} does not exist or is not a folder.")
+    saes = [SparseAutoencoder.from_pretrained(p) for p in found]
+    if len(saes) == 1:
+        return saes[0]
+    out = {}
+    for path, sae in zip(found, saes):
+        hp = sae.config.hook_point or path.name
+        if hp in out:
+            raise ValueError(f"Two SAEs for hook point {hp!r} ({path}); push one SAE per hook point.")
+        out[hp] = sae
+    return out
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """``hf-sae push``: load saved SAEs and push them (or, with --dry-run, write the repo layout)."""
+    saes = _collect_saved(args.paths)
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    meta = dict(layout=args.layout, metrics=metrics, base_model=args.base_model, dataset=args.dataset,
+                training_tokens=args.training_tokens, license=args.license)
+    if args.dry_run:
+        out = save_for_hub(saes, args.dry_run, repo_id=args.repo_id, **meta)
+        print(f"wrote the repository layout of {args.repo_id} to {out}")
+        return 0
+    info = push_to_hub(saes, args.repo_id, private=args.private or None, token=args.token, revision=args.revision,
+                       commit_message=args.commit_message, **meta)
+    print(f"pushed to {args.repo_id}: {info.commit_url}")
+    return 0
+
+
+__all__ = [
+    "INDEX_FILE", "CODE_FILES", "CARD_METRICS", "template_path", "hook_point_folder", "collect_metrics",
+    "render_model_card", "card_metrics", "save_for_hub", "push_to_hub", "repo_hook_points", "load_all",
+    "load_sae", "add_push_args", "run_push",
+]
