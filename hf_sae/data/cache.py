@@ -523,8 +523,8 @@ class CachedActivations(torch.utils.data.IterableDataset):
 
     Items are FloatTensor ``[batch, d]`` (``dtype``; ``None`` keeps the storage dtype), or, with
     ``return_tokens=True`` or a list of hook points, a dict ``{hook_point: [batch, d], ...,
-    "input_ids": LongTensor [batch], "positions": LongTensor [batch]}`` (tokens only with
-    ``return_tokens``). Several hook points of one cache share rows, so a list of hook points
+    "input_ids": LongTensor [batch], "positions": LongTensor [batch], "windows": LongTensor
+    [batch]}`` (tokens only with ``return_tokens``; ``windows`` indexes :func:`load_windows`). Several hook points of one cache share rows, so a list of hook points
     gives aligned activations of the same tokens.
 
     Sharding: batch ``t`` of the global epoch order goes to process ``t % num_processes``; with
@@ -626,7 +626,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
                     self._verified[(k, i)] = self._pool.submit(self._verify_one, k, i)
 
     def _open(self, k: int, i: int):
-        """(activations [rows, d], input_ids [rows] int32, positions [rows] int32), memory-mapped, read-only."""
+        """(activations [rows, d], input_ids, positions, windows [rows] int32), memory-mapped, read-only."""
         key = (k, i)
         hit = self._maps.get(key)
         if hit is not None:
@@ -661,7 +661,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
                 if dtype_name == "bfloat16":
                     x = x.view(torch.bfloat16)
                 toks = []
-                for name in ("input_ids", "position"):
+                for name in ("input_ids", "position", "window"):
                     c = table.column(name).combine_chunks()
                     toks.append(torch.from_numpy(np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c),
                                                                offset=c.offset * 4)))
@@ -670,7 +670,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError / KeyError on damaged files
             raise CorruptShardError(f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); "
                                     f"{_fix_hint(path)}.") from e
-        out = (x, toks[0], toks[1])
+        out = (x, toks[0], toks[1], toks[2])
         self._maps[key] = out
         return out
 
@@ -687,8 +687,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
         for k in range(len(self.dirs)):
             dt = self.dtype or _DTYPES[self.metas[k]["dtype"]]
             outs.append(torch.empty(B, self.dims[k], dtype=dt))
-        ids = torch.empty(B, dtype=torch.long) if self.return_tokens else None
-        pos = torch.empty(B, dtype=torch.long) if self.return_tokens else None
+        toks = [torch.empty(B, dtype=torch.long) for _ in range(3)] if self.return_tokens else None
         at = 0
         for group, offsets, idx in pieces:
             if self.shuffle:
@@ -702,7 +701,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
                 local = idx[a:b] - offsets[j]
                 contiguous = not self.shuffle and bool(local[-1] - local[0] == b - a - 1)
                 for k in range(len(self.dirs)):
-                    x, t_ids, t_pos = self._open(k, shard)
+                    x, *t_toks = self._open(k, shard)
                     dst = outs[k][at:at + b - a]
                     if contiguous:
                         dst.copy_(x[int(local[0]):int(local[0]) + b - a])
@@ -710,15 +709,15 @@ class CachedActivations(torch.utils.data.IterableDataset):
                         torch.index_select(x, 0, local, out=dst)
                     else:
                         dst.copy_(x.index_select(0, local))
-                    if k == 0 and ids is not None:
-                        ids[at:at + b - a] = t_ids.index_select(0, local)
-                        pos[at:at + b - a] = t_pos.index_select(0, local)
+                    if k == 0 and toks is not None:
+                        for dst_t, src_t in zip(toks, t_toks):
+                            dst_t[at:at + b - a] = src_t.index_select(0, local)
                 at += b - a
         if not self._multi and not self.return_tokens:
             return outs[0]
         item = {h: o for h, o in zip(self.hook_points, outs)}
         if self.return_tokens:
-            item["input_ids"], item["positions"] = ids, pos
+            item["input_ids"], item["positions"], item["windows"] = toks
         return item
 
     def __iter__(self):
@@ -774,11 +773,13 @@ class CachedActivations(torch.utils.data.IterableDataset):
             n += take
         return torch.cat(parts) if parts else torch.empty(0, self.dims[k], dtype=self.dtype or torch.float32)
 
-    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, positions), LongTensors ``[rows]`` in disk order, aligned with :meth:`to_tensor`."""
-        ids = [self._open(0, i)[1].long() for i in range(len(self.shard_rows))]
-        pos = [self._open(0, i)[2].long() for i in range(len(self.shard_rows))]
-        return torch.cat(ids), torch.cat(pos)
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, positions, windows), LongTensors ``[rows]`` in disk order, aligned with :meth:`to_tensor`.
+
+        ``windows`` indexes :func:`load_windows` (the full token window each row came from).
+        """
+        n = len(self.shard_rows)
+        return tuple(torch.cat([self._open(0, i)[j].long() for i in range(n)]) for j in (1, 2, 3))
 
 
 def load_windows(path) -> torch.Tensor:

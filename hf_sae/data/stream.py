@@ -135,7 +135,8 @@ class ActivationStream(torch.utils.data.IterableDataset):
     """An ``IterableDataset`` of activation batches computed live from a model and a corpus.
 
     Each item is a dict ``{hook_point: FloatTensor [batch_tokens, d], "input_ids": LongTensor
-    [batch_tokens], "positions": LongTensor [batch_tokens]}``; tokens are masked by
+    [batch_tokens], "positions": LongTensor [batch_tokens], "windows": LongTensor [batch_tokens]}``
+    (``windows``: index of the token's window in the window stream); tokens are masked by
     :func:`~hf_sae.data.corpus.token_mask` (position 0 and special tokens dropped by default)
     and mixed in a shuffle buffer of ``shuffle_buffer_tokens`` tokens. One pass over the
     corpus per iteration (or until ``max_tokens``); the last batch may be smaller unless
@@ -218,7 +219,7 @@ class ActivationStream(torch.utils.data.IterableDataset):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + rank)
         B = self.batch_tokens
         cap = max(self.shuffle_buffer_tokens, B)
-        keys = self.hook_points + ["input_ids", "positions"]
+        keys = self.hook_points + ["input_ids", "positions", "windows"]
         pending: dict[str, list] = {k: [] for k in keys}
         n_pending, yielded = 0, 0
         budget = self.max_tokens if self.max_tokens is not None else math.inf
@@ -240,6 +241,7 @@ class ActivationStream(torch.utils.data.IterableDataset):
             dev = hb.acts[self.hook_points[0]].device
             pending["input_ids"].append(hb.input_ids[:n].to(dev))
             pending["positions"].append(hb.positions[:n].to(dev))
+            pending["windows"].append(hb.windows[:n].to(dev))
             n_pending += n
             if self.shuffle_buffer_tokens == 0:
                 while n_pending >= B:
