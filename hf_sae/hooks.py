@@ -35,6 +35,11 @@ Definitions, in the units of the model's own hidden states:
   ``dense``): ``attn_out == out_proj(attn_z)`` (then the post-attention norm for sandwich
   blocks). Head ``h`` occupies columns ``h*d_head:(h+1)*d_head``.
 
+Relation to ``model(..., output_hidden_states=True).hidden_states`` (length n_layers + 1):
+``hidden_states[i] == layers.{i}.resid_pre`` for every i, ``hidden_states[i + 1] ==
+layers.{i}.resid_post`` except for the last block: ``hidden_states[-1]`` is taken *after* the
+final norm, i.e. ``final_norm(layers.{n-1}.resid_post)``.
+
 Resolution inspects the module tree (no per-model table): the blocks are the
 ``nn.ModuleList`` whose elements own an attention child; inside a block the attention and
 MLP are found by a small set of attribute names (``self_attn``/``attn``/``attention``,
@@ -56,6 +61,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -95,7 +101,7 @@ _VALID_FORMS = (
     "valid forms: 'embed', 'layers.{i}.resid_pre', 'layers.{i}.resid_post', "
     "'layers.{i}.attn_out', 'layers.{i}.mlp_out', 'layers.{i}.attn_z' (i = 0-based block index)"
 )
-_NAME_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(HOOK_KINDS) + r")$")
+_NAME_RE = re.compile(r"^layers\.(0|[1-9]\d*)\.(" + "|".join(HOOK_KINDS) + r")$")
 # TransformerLens / SAELens names, only to suggest the right spelling in error messages.
 _TL_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z)$")
 _TL_KIND = {
@@ -206,7 +212,7 @@ def _in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def _child(module: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
-    children = dict(module.named_children())
+    children = module._modules  # not named_children(): that hides aliases of one module
     for n in names:
         if n in children and children[n] is not None:
             return n, children[n]
@@ -417,7 +423,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         d_head = d_z // int(n_heads)
     except ValueError:
         d_head = getattr(cfg, "head_dim", None) or getattr(attn, "head_dim", None) or int(d_model) // int(n_heads)
-    return ModelParts(**{**parts.__dict__, "d_head": int(d_head)})
+    return dataclasses.replace(parts, d_head=int(d_head))
 
 
 # --------------------------------------------------------------------------- resolution
@@ -466,11 +472,12 @@ def _first_param_name(module: nn.Module) -> str | None:
     return None
 
 
-def _module_path(model: nn.Module, module: nn.Module) -> str:
-    for n, m in model.named_modules():
+def _path_below(prefix: str, parent: nn.Module, module: nn.Module) -> str:
+    """Dotted path of ``module`` given the path of an ancestor ``parent`` (for messages)."""
+    for n, m in parent.named_modules():
         if m is module:
-            return n
-    return "?"
+            return f"{prefix}.{n}".strip(".") if n else prefix
+    return f"{prefix}.?"
 
 
 def _resolve(model: nn.Module, parts: ModelParts, name: str) -> HookSite:
@@ -497,15 +504,14 @@ def _resolve(model: nn.Module, parts: ModelParts, name: str) -> HookSite:
         module, io = parts.attn_out_proj(layer_i), "input"
     else:  # pragma: no cover - parse_hook_point guards this
         raise ValueError(f"invalid hook point {name!r}; {_VALID_FORMS}")
-    dim = parts.n_heads * parts.d_head if kind == "attn_z" else parts.d_model
-    if kind == "attn_z":
-        dim = _in_out_features(module)[0]
+    dim = _in_out_features(module)[0] if kind == "attn_z" else parts.d_model
+    block_path = f"{parts.blocks_path}.{layer_i}".strip(".")
     return HookSite(
         name=name,
         layer=layer,
         kind=kind,
         module=module,
-        module_path=_module_path(model, module),
+        module_path=_path_below(block_path, block, module),
         io=io,
         arg_index=0,
         kwarg_name=_first_param_name(module) if io == "input" else None,
@@ -743,12 +749,12 @@ def run_with_capture(
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
         )
+    wanted = [hook_points] if isinstance(hook_points, str) else list(dict.fromkeys(hook_points))
     forward_kwargs.setdefault("use_cache", False)
     if attention_mask is not None:
         forward_kwargs["attention_mask"] = attention_mask
-    with capture(model, hook_points, stop_early=stop_early, detach=detach) as acts:
+    with capture(model, wanted, stop_early=stop_early, detach=detach) as acts:
         model(input_ids=input_ids, **forward_kwargs)
-    wanted = [hook_points] if isinstance(hook_points, str) else list(dict.fromkeys(hook_points))
     missing = [n for n in wanted if n not in acts]
     if missing:
         raise RuntimeError(f"the forward of {_model_name(model)} never reached hook points {missing}")

@@ -110,7 +110,7 @@ def test_parse_and_format_hook_points():
         assert format_hook_point(*parse_hook_point(f"layers.3.{kind}")) == f"layers.3.{kind}"
     assert format_hook_point(None, "embed") == "embed"
     for bad in ["layers.6", "layer.6.mlp_out", "layers.-1.resid_post", "layers.6.resid", "layers.x.mlp_out",
-                "Layers.6.mlp_out", "layers.6.mlp_out ", "", "embed_tokens"]:
+                "Layers.6.mlp_out", "layers.6.mlp_out ", "", "embed_tokens", "layers.06.mlp_out"]:
         with pytest.raises(ValueError, match="valid forms"):
             parse_hook_point(bad)
     with pytest.raises(ValueError, match=r"did you mean 'layers\.6\.resid_post'"):
@@ -164,6 +164,11 @@ def test_model_parts_and_hook_points(family):
     assert resolve_hook_point(model, "layers.2.resid_post").io == "output"
     site = resolve_hook_point(model, "layers.2.attn_z")
     assert site.module is parts.attn_out_proj(2) and site.io == "input"
+    assert model.get_submodule(site.module_path) is site.module
+    assert site.module_path.endswith(".2." + {"gpt2": "attn.c_proj", "phi": "self_attn.dense"}.get(
+        family, "attention.dense" if family.startswith("neox") else "self_attn.o_proj"))
+    site = resolve_hook_point(model, "layers.1.mlp_out")
+    assert model.get_submodule(site.module_path) is site.module
     expected_attn = parts.post_attn_norm(0) if family in SANDWICH else parts.attn(0)
     assert resolve_hook_point(model, "layers.0.attn_out").module is expected_attn
 
@@ -300,6 +305,8 @@ def test_run_with_capture_attention_mask_and_grad():
     ids = make_ids()
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
+    gen = (n for n in ["layers.0.mlp_out", "layers.0.mlp_out", "layers.0.attn_out"])
+    assert list(run_with_capture(model, ids, gen)) == ["layers.0.mlp_out", "layers.0.attn_out"]
     acts = run_with_capture(model, ids, "layers.1.resid_post", attention_mask=mask)
     assert list(acts) == ["layers.1.resid_post"] and not acts["layers.1.resid_post"].requires_grad
     with torch.no_grad():
@@ -503,3 +510,80 @@ def test_smollm2_hook_points(smollm2):
     print(f"SmolLM2 layers.3.resid_post: position-0 norm {norms[0]:.1f}, median of others "
           f"{norms[1:].median():.1f}, ratio {ratio:.1f}")
     assert ratio > 5  # the attention-sink token carries a much larger residual norm
+
+
+# ----------------------------------------------------------------------------- non-transformers toy
+
+
+class _ToyAttention(torch.nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.num_heads = n_heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, d)  # not a known name: found as the last linear to d_model
+
+    def forward(self, hidden_states):
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        return self.out(w @ v), w  # a tuple, like HF attention modules
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.mixer = _ToyAttention(d, n_heads=2)  # found by class name
+        self.ff = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU())
+        self.mlp = self.ff
+
+    def forward(self, hidden_states, scale=1.0):
+        a, _ = self.mixer(hidden_states=self.ln(hidden_states))  # keyword call
+        h = hidden_states + a
+        return (h + self.mlp(h) * scale, None)  # decoder layers returning tuples (transformers 4 style)
+
+
+class _ToyLM(torch.nn.Module):
+    def __init__(self, d=16, n=2, vocab=20):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.layers = torch.nn.ModuleList(_ToyBlock(d) for _ in range(n))
+        self.norm = torch.nn.LayerNorm(d)
+        self.lm_head = torch.nn.Linear(d, vocab)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, scale=1.0)[0]
+        return self.lm_head(self.norm(h))
+
+
+def test_toy_model_tuple_outputs_and_patched_forward():
+    torch.manual_seed(0)
+    model = _ToyLM().eval()
+    parts = model_parts(model)
+    assert (parts.n_layers, parts.d_model, parts.n_heads, parts.d_head) == (2, 16, 2, 8)
+    assert parts.final_norm is model.norm and parts.attn_out_proj(1) is model.layers[1].mixer.out
+    assert parts.attn(0) is model.layers[0].mixer and parts.mlp(0) is model.layers[0].mlp
+    ids = torch.randint(0, 20, (2, 5))
+    accel_forward = model.forward  # an instance-level forward, as accelerate's hooks install
+    model.forward = accel_forward
+    with torch.no_grad():
+        acts = run_with_capture(model, ids, list_hook_points(model), stop_early=False)
+        for i in range(2):
+            torch.testing.assert_close(acts[f"layers.{i}.resid_pre"] + acts[f"layers.{i}.attn_out"]
+                                       + acts[f"layers.{i}.mlp_out"], acts[f"layers.{i}.resid_post"])
+            torch.testing.assert_close(parts.attn_out_proj(i)(acts[f"layers.{i}.attn_z"]),
+                                       acts[f"layers.{i}.attn_out"])
+        early = run_with_capture(model, ids, ["layers.0.resid_post"])
+        assert torch.equal(early["layers.0.resid_post"], acts["layers.0.resid_post"])
+        assert model.__dict__["forward"] is accel_forward  # restored, not deleted
+        ref = model(ids)
+        with splice(model, {"layers.1.resid_post": lambda x: x * 2}):
+            out = model(ids)
+        torch.testing.assert_close(out, model.lm_head(model.norm(2 * acts["layers.1.resid_post"])))
+        assert not torch.allclose(out, ref)
+    del model.forward
+    assert no_hooks(model)
