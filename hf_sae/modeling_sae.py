@@ -103,6 +103,46 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self.activation = get_activation(config.activation)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved SAE (local folder, Hub repo, ``subfolder=``). Unlike plain transformers, a
+        checkpoint whose tensors are missing, extra or of the wrong shape for its config raises a
+        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file."""
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        where = str(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            where += f" (subfolder {kwargs['subfolder']!r})"
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as err:  # safetensors raises its own error type for corrupt files
+            if type(err).__name__ == "SafetensorError" or "deserializ" in str(err).lower():
+                raise ValueError(
+                    f"The SAE weights file in {where} is corrupt or truncated ({err}). Re-save it, or re-download "
+                    f"it with force_download=True."
+                ) from err
+            raise
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        if info.get("unexpected_keys"):
+            problems.append(f"unexpected tensors {sorted(info['unexpected_keys'])}")
+        if info.get("mismatched_keys") and not allow_mismatch:
+            problems.extend(
+                f"tensor {name!r} has shape {list(ckpt)} in the checkpoint but the config implies {list(want)}"
+                for name, ckpt, want in info["mismatched_keys"]
+            )
+        if problems:
+            cfg = model.config
+            raise ValueError(
+                f"The checkpoint in {where} does not match its config (d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
+                f"activation={cfg.activation!r}): " + "; ".join(problems)
+                + ". Fix config.json or re-save the SAE with save_pretrained."
+            )
+        return (model, info) if want_info else model
+
     # ---------------------------------------------------------------- init and decoder geometry
     @torch.no_grad()
     def _init_weights(self, module):
@@ -180,13 +220,54 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return latents.dense @ self.W_dec + self.b_dec
 
     def _sparse_decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        kernels = _kernels() if self.config.kernel != "dense" else None
+        kernels = _kernels()  # resolves config.kernel ("dense" included) and the HF_SAE_KERNEL override
         if kernels is not None and hasattr(kernels, "sparse_decode"):
             return kernels.sparse_decode(values, indices, self.W_dec, backend=self.config.kernel)
         if self.config.kernel == "dense":
             dense = values.new_zeros(values.shape[0], self.config.n_latents).scatter_add(-1, indices, values)
             return dense @ self.W_dec
         return sparse_decode_reference(values, indices, self.W_dec)
+
+    def _activate_fused(self, x: Tensor, dead_mask: Optional[Tensor]):
+        """The fused sparse step (``hf_sae.kernels``) for activations with a sparse form: the dense
+        pre-activations [N, n] once under no_grad, the selections of the activation, AuxK and Multi-TopK
+        chosen from them, then the selected values with a sparse backward (no dense [N, n] in autograd).
+
+        Returns ``(latents, aux_code, multi_code)`` -- codes are ``(values [N, w], indices [N, w])`` or
+        None -- with the same values and gradients as the dense path; or None when the kernels are not
+        importable, the kernel resolves to "dense", or the activation is dense (batchtopk at inference).
+        """
+        cfg = self.config
+        sparse_fn = getattr(self.activation, "sparse_fn", None)
+        kernels = _kernels() if sparse_fn is not None else None
+        if kernels is None or not hasattr(kernels, "encode_selected"):
+            return None
+        if not (self.activation.k_sparse or self.training):
+            return None
+        backend = kernels.resolve_backend(cfg.kernel, x.device)
+        if backend == "dense":
+            return None
+        k_aux = self._auxk_width(dead_mask)
+        with torch.no_grad():
+            xc = x - self.b_dec
+            pre = F.linear(xc, self.W_enc, self.b_enc)
+            code = sparse_fn(pre, self, xc)
+            picks = [code.indices]
+            if k_aux:
+                picks.append(kernels.topk_among(pre, dead_mask.to(pre.device), k_aux))
+            if cfg.multi_topk and self.training:
+                picks.append(pre.topk(4 * cfg.k, dim=-1, sorted=False).indices)
+            idx = torch.cat(picks, 1) if len(picks) > 1 else picks[0]
+            pre_sel = pre.gather(1, idx)
+            del pre
+        sel = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, idx, pre_sel, backend=backend)
+        parts = sel.split([p.shape[1] for p in picks], dim=1)
+        # ReLU(pre) * keep with its gradient: code.values > 0 exactly where pre > 0 and the slot is kept.
+        latents = Latents(values=parts[0].where(code.values > 0, 0.0), indices=code.indices)
+        rest = [(v.relu(), i) for v, i in zip(parts[1:], picks[1:])]
+        aux_code = rest.pop(0) if k_aux else None
+        multi_code = rest.pop(0) if rest else None
+        return latents, aux_code, multi_code
 
     # ---------------------------------------------------------------- public API
     def encode(self, x: Tensor) -> Tensor:
@@ -233,7 +314,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """
         cfg = self.config
         xn, lead = self._flatten_input(x)
-        pre, latents = self._activate(xn)
+        fused = self._activate_fused(xn, dead_mask)
+        if fused is None:
+            pre, latents = self._activate(xn)
+        else:
+            pre, (latents, aux_code, multi_code) = None, fused
         x_hat = self._decode_normalized(latents)
 
         total_var = (xn - xn.mean(0)).square().sum().clamp_min(_EPS)
@@ -242,7 +327,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         loss = fvu
         mse = err.mean() / (cfg.input_scale ** 2)
 
-        auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
+        if fused is None:
+            auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
+        else:
+            auxk = self._auxk_from_code(aux_code, xn, x_hat)
         if cfg.aux_coef:
             loss = loss + cfg.aux_coef * auxk
 
@@ -267,8 +355,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         multi = None
         if cfg.multi_topk and self.training:
-            v4, i4 = pre.topk(4 * cfg.k, dim=-1, sorted=False)
-            x_hat4 = self._decode_normalized(Latents(values=v4.relu(), indices=i4))
+            if fused is None:
+                v4, i4 = pre.topk(4 * cfg.k, dim=-1, sorted=False)
+                v4 = v4.relu()
+            else:
+                v4, i4 = multi_code
+            x_hat4 = self._decode_normalized(Latents(values=v4, indices=i4))
             multi = (x_hat4 - xn).square().sum() / total_var
             loss = loss + multi / 8
 
@@ -289,19 +381,27 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """AuxK (SPEC 1.1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
         latents (ReLU, no b_dec) to e^ and return sum||e^ - e||^2 / sum||e - mean(e)||^2.
         0 when no latent is dead; never NaN. Inputs are normalized units: pre [N, n], x, x_hat [N, d]."""
-        zero = pre.new_zeros(())
+        k_aux = self._auxk_width(dead_mask)
+        if k_aux == 0:
+            return pre.new_zeros(())
+        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
+        return self._auxk_from_code((values.relu(), indices), x, x_hat)
+
+    def _auxk_width(self, dead_mask: Optional[Tensor]) -> int:
+        """k_aux capped by the number of dead latents; 0 when dead_mask is None or none is dead."""
         if dead_mask is None:
-            return zero
+            return 0
         if dead_mask.shape != (self.config.n_latents,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of shape [{self.config.n_latents}], "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0:
-            return zero
-        k_aux = min(self.config.effective_k_aux, n_dead)
-        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = self._sparse_decode(values.relu(), indices)
+        return min(self.config.effective_k_aux, int(dead_mask.sum()))
+
+    def _auxk_from_code(self, code: Optional[tuple[Tensor, Tensor]], x: Tensor, x_hat: Tensor) -> Tensor:
+        """AuxK from the dead latents' code (values [N, k_aux] >= 0, indices [N, k_aux]); 0 for None."""
+        if code is None:
+            return x.new_zeros(())
+        e_hat = self._sparse_decode(*code)
         e = x - x_hat.detach()
         denom = (e - e.mean(0)).square().sum().clamp_min(_EPS)
         return torch.nan_to_num((e_hat - e).square().sum() / denom, nan=0.0, posinf=0.0)

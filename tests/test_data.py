@@ -425,3 +425,20 @@ def test_activation_stream_matches_forward_and_shards(tiny):
     s = ActivationStream(model, tok, HOOKS[1], w, batch_tokens=64, shuffle_buffer_tokens=0, max_tokens=300)
     got = torch.cat([b[HOOKS[1]] for b in s])
     assert torch.equal(got, ref[:300])
+
+
+def test_write_activations_round_trip(tmp_path):
+    from hf_sae.data import write_activations
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 24, generator=g) * 3 + 1
+    y = torch.randn(1000, 8, generator=g)
+    meta = write_activations(tmp_path / "w", {"layers.1.resid_post": x, "layers.1.mlp_out": y}, dtype="float32",
+                             input_ids=torch.arange(1000), shard_tokens=300)
+    assert meta["num_tokens"] == 1000 and meta["num_shards"] == 4
+    r = CachedActivations(tmp_path / "w", "layers.1.resid_post", shuffle=False)
+    assert torch.equal(r.to_tensor(), x) and torch.equal(r.tokens()[0], torch.arange(1000))
+    assert r.metadata["mean_sq_norm"] == pytest.approx(float((x.double() ** 2).sum(1).mean()), rel=1e-12)
+    assert r.input_scale == pytest.approx((24 / r.metadata["mean_sq_norm"]) ** 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="same N"):
+        write_activations(tmp_path / "v", {"a": x, "b": y[:10]})

@@ -1,0 +1,304 @@
+"""Sparse kernels (hf_sae.kernels): the pure-torch primitives against dense formulas, the Triton kernels
+against the torch ones under TRITON_INTERPRET=1, gradchecks of the custom autograd Functions, and the
+fused training step against the dense reference path (parameter gradients in float64)."""
+
+import os
+
+# triton.jit reads TRITON_INTERPRET when the kernels module is imported: set it before any import.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_sae import SAEConfig, SparseAutoencoder  # noqa: E402
+from hf_sae import kernels  # noqa: E402
+from hf_sae.activations import batchtopk, batchtopk_sparse  # noqa: E402
+from hf_sae.kernels import reference as ref  # noqa: E402
+
+has_triton = kernels.triton_available()
+needs_triton = pytest.mark.skipif(not has_triton, reason="triton not installed")
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The Triton kernels module, imported (or re-imported) in interpreter mode."""
+    if not has_triton:
+        pytest.skip("triton not installed")
+    mod = importlib.import_module("hf_sae.kernels.triton_kernels")
+    if type(mod._decode_fwd_kernel).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    return mod
+
+
+def code(N=6, w=5, n=13, d=20, dtype=torch.float64, seed=0):
+    """A random code with a duplicated slot and one row all on the same latent."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (N, w), generator=g)
+    idx[0, 1] = idx[0, 0]
+    idx[min(3, N - 1), :] = 2
+    coef = torch.randn(N, w, generator=g, dtype=dtype)
+    table = torch.randn(n, d, generator=g, dtype=dtype)
+    rows = torch.randn(N, d, generator=g, dtype=dtype)
+    return idx, coef, table, rows
+
+
+# ------------------------------------------------------------------------------ torch primitives
+def test_reference_primitives_hand_computed():
+    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]], dtype=torch.float64)
+    idx = torch.tensor([[0, 2], [1, 1]])
+    coef = torch.tensor([[2.0, -1.0], [0.5, 0.25]], dtype=torch.float64)
+    rows = torch.tensor([[1.0, 1.0], [2.0, -1.0]], dtype=torch.float64)
+    # row 0: 2*[1,0] - [3,3] = [-1,-3]; row 1: 0.75*[0,2] = [0,1.5]
+    assert torch.equal(ref.gather_sum(idx, coef, table), torch.tensor([[-1.0, -3.0], [0.0, 1.5]], dtype=torch.float64))
+    # dots: [1,0].[1,1]=1, [3,3].[1,1]=6 ; [0,2].[2,-1]=-2 twice
+    assert torch.equal(ref.gather_dot(idx, table, rows), torch.tensor([[1.0, 6.0], [-2.0, -2.0]], dtype=torch.float64))
+    # scatter: latent 0 <- 2*[1,1]; latent 1 <- 0.75*[2,-1]; latent 2 <- -1*[1,1]
+    expect = torch.tensor([[2.0, 2.0], [1.5, -0.75], [-1.0, -1.0]], dtype=torch.float64)
+    assert torch.equal(ref.scatter_outer(idx, coef, rows, 3), expect)
+    assert torch.equal(ref.segment_sum(idx, coef, 3), torch.tensor([2.0, 0.75, -1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_reference_primitives_match_dense_formulas(dtype):
+    idx, coef, table, rows = code(dtype=dtype)
+    tol = dict(atol=1e-12, rtol=0) if dtype == torch.float64 else dict(atol=5e-2 if dtype == torch.bfloat16 else 1e-5,
+                                                                        rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    torch.testing.assert_close(ref.gather_sum(idx, coef, table), ref.gather_sum_naive(idx, coef, table), **tol)
+    torch.testing.assert_close(ref.gather_dot(idx, table, rows), ref.gather_dot_naive(idx, table, rows), **tol)
+    torch.testing.assert_close(ref.scatter_outer(idx, coef, rows, 13), ref.scatter_outer_naive(idx, coef, rows, 13),
+                               **tol)
+    # a precomputed transpose gives the same result
+    T = ref.code_transpose(idx, 13)
+    torch.testing.assert_close(ref.scatter_outer(idx, coef, rows, 13, T), ref.scatter_outer_naive(idx, coef, rows, 13),
+                               **tol)
+
+
+def test_reference_primitives_empty_code():
+    idx = torch.zeros(4, 0, dtype=torch.long)
+    coef = torch.zeros(4, 0)
+    table, rows = torch.randn(7, 3), torch.randn(4, 3)
+    assert torch.equal(ref.gather_sum(idx, coef, table), torch.zeros(4, 3))
+    assert ref.gather_dot(idx, table, rows).shape == (4, 0)
+    assert torch.equal(ref.scatter_outer(idx, coef, rows, 7), torch.zeros(7, 3))
+
+
+# ------------------------------------------------------------------------------ Triton (interpreter)
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_kernels_match_reference(tk, dtype):
+    idx, coef, table, rows = code(N=5, w=19, n=11, d=150, dtype=dtype)  # w, d straddle the block sizes
+    b_dec = torch.randn(150, dtype=dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(tk.decode_forward(idx, coef, table), ref.decode_forward(idx, coef, table), **tol)
+    for need in [(True, True), (True, False), (False, True)]:
+        got = tk.decode_backward(idx, coef, table, rows, *need)
+        want = ref.decode_backward(idx, coef, table, rows, *need)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, **tol)
+    for need_W in (True, False):
+        gW, gb = tk.encoder_backward(idx, coef, rows, b_dec, 11, need_W)
+        wW, wb = ref.encoder_backward(idx, coef, rows, b_dec, 11, need_W)
+        torch.testing.assert_close(gb, wb, **tol)
+        assert (gW is None) == (not need_W)
+        if need_W:
+            torch.testing.assert_close(gW, wW, **tol)
+
+
+# ------------------------------------------------------------------------------ autograd Functions
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_decode_gradcheck(backend):
+    idx, coef, table, _ = code(N=3, w=3, n=7, d=4)
+    coef.requires_grad_(True)
+    table.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, W: kernels.sparse_decode(v, idx, W, backend=backend), (coef, table))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_encode_selected_gradcheck(backend, x_grad):
+    idx, _, W_enc, x = code(N=3, w=3, n=7, d=4, seed=1)
+    b_enc = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    W_enc.requires_grad_(True)
+    x.requires_grad_(x_grad)
+
+    def f(x, W, b, bd):
+        with torch.no_grad():
+            pre = torch.nn.functional.linear(x - bd, W, b).gather(1, idx)
+        return kernels.encode_selected(x, W, b, bd, idx, pre, backend=backend)
+
+    out = f(x, W_enc, b_enc, b_dec)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x - b_dec, W_enc, b_enc).gather(1, idx))
+    assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, b_dec))
+
+
+def test_functions_reject_bad_codes():
+    W = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"out of range \[0, 5\)"):
+        kernels.sparse_decode(torch.ones(2, 2), torch.tensor([[0, 5], [1, 2]]), W, backend="torch")
+    with pytest.raises(ValueError, match="must both be"):
+        kernels.sparse_decode(torch.ones(2, 3), torch.zeros(2, 2, dtype=torch.long), W, backend="torch")
+    with pytest.raises(ValueError, match="int64"):
+        kernels.sparse_decode(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), W, backend="torch")
+    with pytest.raises(ValueError, match=r"x \(2, 4\)"):
+        kernels.encode_selected(torch.ones(2, 4), W, torch.zeros(5), torch.zeros(3), torch.zeros(2, 1, dtype=torch.long),
+                                torch.zeros(2, 1), backend="torch")
+
+
+# ------------------------------------------------------------------------------ dispatch
+def test_resolve_backend_and_env_override(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("dense") == "dense"
+    monkeypatch.setenv(kernels.ENV_VAR, "dense")
+    assert kernels.resolve_backend("torch") == "dense"  # the environment wins over the config
+    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="HF_SAE_KERNEL"):
+        kernels.resolve_backend("auto")
+    monkeypatch.delenv(kernels.ENV_VAR)
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        kernels.resolve_backend("fast")
+    if has_triton:
+        assert kernels.resolve_backend("triton", torch.device("cpu")) == "triton"  # interpreter on
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            kernels.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_env_override_reaches_the_model(monkeypatch):
+    """HF_SAE_KERNEL=dense makes a kernel='torch' SAE take the dense path: the graph then holds [N, n]."""
+    sae = make_sae("topk", kernel="torch")
+    x = torch.randn(10, 16, dtype=torch.float64)
+    monkeypatch.setenv(kernels.ENV_VAR, "dense")
+    assert max_saved_width(sae, x) == 64
+    monkeypatch.delenv(kernels.ENV_VAR)
+    assert max_saved_width(sae, x) < 64
+
+
+# ------------------------------------------------------------------------------ selections
+def test_topk_among_equals_masked_topk():
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(9, 40, generator=g, dtype=torch.float64)
+    mask = torch.rand(40, generator=g) < 0.3
+    got = kernels.topk_among(pre, mask, 5)
+    want = pre.masked_fill(~mask, float("-inf")).topk(5, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(kernels.topk_among(pre, torch.ones(40, dtype=torch.bool), 3).sort(-1).values,
+                       pre.topk(3, dim=-1).indices.sort(-1).values)
+    with pytest.raises(ValueError, match="allowed columns"):
+        kernels.topk_among(pre, mask, int(mask.sum()) + 1)
+
+
+class _Stub:
+    """Just what batchtopk needs from an SAE."""
+
+    def __init__(self, k, training=True):
+        self.config = SAEConfig(d_in=4, n_latents=40, activation="batchtopk", k=k)
+        self.training = training
+        self.batchtopk_threshold = torch.tensor(-1.0)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batchtopk_sparse_equals_dense_selection(skewed):
+    g = torch.Generator().manual_seed(4)
+    pre = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    if skewed:  # one token holds far more than 4k of the batch's top values: the candidate cap must grow
+        pre[5] += 10.0
+    a, b = _Stub(k=2), _Stub(k=2)
+    dense = batchtopk(pre, a, None).dense
+    for _ in range(2):  # second call exercises the EMA update
+        sparse = batchtopk_sparse(pre, b, None)
+    dense = batchtopk(pre, a, None).dense
+    torch.testing.assert_close(sparse.to_dense(40), dense, rtol=0, atol=0)
+    assert torch.equal(a.batchtopk_threshold, b.batchtopk_threshold)
+    assert sparse.values.shape[1] == int((dense > 0).sum(-1).max())
+    if skewed:
+        assert int((dense[5] > 0).sum()) > 4 * 2
+
+
+# ------------------------------------------------------------------------------ the fused step
+def make_sae(activation, kernel, multi=False, n=64, d=16, k=4):
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=d, n_latents=n, activation=activation, k=k, k_aux=8, kernel=kernel, multi_topk=multi,
+                    afa_coef=0.1 if activation == "topafa" else 0.0, input_scale=1.5)
+    sae = SparseAutoencoder(cfg).double()
+    with torch.no_grad():  # break the tied init and the zero biases so that every gradient is generic
+        sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def max_saved_width(sae, x):
+    """Largest trailing dim of a [N, *] tensor that autograd saves during forward (n means dense)."""
+    widths = []
+
+    def pack(t):
+        if t.ndim == 2 and t.shape[0] == x.shape[0]:
+            widths.append(t.shape[1])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sae(x, dead_mask=torch.arange(sae.config.n_latents) % 3 == 0).loss.backward()
+    return max(widths)
+
+
+def step(sae, x, dead_mask):
+    sae.train()
+    out = sae(x, dead_mask=dead_mask)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation, multi", [("topk", False), ("topk", True), ("batchtopk", False),
+                                               ("topafa", False)])
+def test_fused_step_matches_dense_reference(activation, multi, backend):
+    x = torch.randn(3, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dead = torch.arange(64) % 3 == 0  # 22 dead latents, k_aux = 8: AuxK active
+    dense_sae, fast_sae = make_sae(activation, "dense", multi), make_sae(activation, backend, multi)
+    want, want_grads = step(dense_sae, x, dead)
+    got, got_grads = step(fast_sae, x, dead)
+    assert float(want.auxk_loss) > 0
+    for field in ("loss", "fvu", "auxk_loss", "afa_loss", "reconstruction", "multi_topk_fvu"):
+        if getattr(want, field) is not None:
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-12, rtol=1e-10)
+    if activation != "batchtopk":  # batchtopk: dense latents on the reference, a sparse code on the fast path
+        torch.testing.assert_close(got.latent_values, want.latent_values, atol=1e-12, rtol=0)
+        assert torch.equal(got.latent_indices, want.latent_indices)
+    else:
+        dense_code = torch.zeros_like(want.latents).scatter_add_(-1, got.latent_indices, got.latent_values)
+        torch.testing.assert_close(dense_code, want.latents, atol=1e-12, rtol=0)
+        assert torch.equal(fast_sae.batchtopk_threshold, dense_sae.batchtopk_threshold)
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        assert want_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-12, rtol=1e-9, msg=name)
+
+
+def test_fused_step_keeps_autograd_sparse():
+    """Nothing of width n (the dense code) is saved for backward on the fused path; on the dense one it is."""
+    x = torch.randn(20, 16, dtype=torch.float64)
+    assert max_saved_width(make_sae("topk", "torch"), x) <= 16  # d wide at most (x itself)
+    assert max_saved_width(make_sae("topk", "dense"), x) == 64
+
+
+def test_fused_step_without_dead_latents_and_at_inference():
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    dense_sae, fast_sae = make_sae("batchtopk", "dense"), make_sae("batchtopk", "torch")
+    for sae in (dense_sae, fast_sae):
+        sae.train()
+        sae(x)  # estimates the inference threshold
+        sae.eval()
+    a, b = dense_sae(x), fast_sae(x)  # inference: batchtopk is dense on both paths
+    torch.testing.assert_close(b.latents, a.latents, atol=1e-12, rtol=0)
+    fa, fb = make_sae("topk", "dense")(x), make_sae("topk", "torch")(x)
+    assert float(fb.auxk_loss) == 0.0
+    torch.testing.assert_close(fb.reconstruction, fa.reconstruction, atol=1e-12, rtol=0)
