@@ -38,6 +38,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,7 @@ CARD_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dead_fraction", "Dead latent fraction", ("dead_fraction", "dead_frac", "frac_dead", "dead_latents_fraction")),
     ("delta_loss", "Δ loss (nats/token)", ("delta_loss", "delta_ce", "ce_loss_increase", "downstream_delta_loss")),
 )
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TOKENS_KEYS = ("tokens", "training_tokens", "tokens_trained", "n_tokens")
 _DATASET_KEYS = ("dataset", "dataset_name", "dataset_path")
 
@@ -207,6 +209,10 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
     if training_tokens is None:
         training_tokens = next((e.get("training_tokens") for e in entries if e.get("training_tokens")), None)
     name = repo_id.split("/")[-1]
+    dataset = str(dataset) if dataset is not None else None
+    # Only Hub ids go into the metadata (a local path as base_model would be rejected by the Hub); the body
+    # still names whatever was recorded.
+    meta_base = base_model if isinstance(base_model, str) and _HUB_ID.fullmatch(base_model) else None
 
     eval_results = []
     for hp, entry in zip(hook_points, entries):
@@ -223,7 +229,7 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
     tags += sorted({f"hook-point:{hp}" for hp in hook_points if hp}, key=lambda t: _sort_key(t.split(":", 1)[1]))
     tags += sorted({f"activation:{e['activation']}" for e in entries})
     card_data = ModelCardData(
-        library_name=LIBRARY_NAME, base_model=base_model, datasets=[dataset] if dataset else None,
+        library_name=LIBRARY_NAME, base_model=meta_base, datasets=[dataset] if dataset else None,
         license=license, tags=tags, model_name=name if eval_results else None,
         eval_results=eval_results or None, pipeline_tag="feature-extraction",
     )

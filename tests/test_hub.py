@@ -248,3 +248,15 @@ def test_cli_push_dry_run_and_push(hub, tmp_path):
 def test_template_is_shipped_and_linked_from_model_cards():
     assert H.template_path().read_text() == (ROOT / "model_cards" / "sae_card.md").read_text()
     assert "{card_data}" in H.template_path().read_text()
+
+
+def test_card_metadata_only_holds_hub_ids(tmp_path):
+    sae = _sae("layers.6.resid_post")
+    sae.config.base_model = "/models/smollm2-135m.gguf"  # a local path: named in the text, not in the metadata
+    folder = H.save_for_hub(sae, tmp_path / "card", repo_id="me/local")
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model is None and "`/models/smollm2-135m.gguf`" in card.text
+    assert card.data.eval_results is None  # no metrics recorded: no model-index
+    assert 'SAE.from_pretrained("me/local")' in card.text  # a single SAE lives at the root
