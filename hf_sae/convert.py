@@ -302,9 +302,8 @@ def _build(p: _Parts, dtype: torch.dtype | None, fold_decoder_norms: bool = Fals
     config = SAEConfig(d_in=W_enc.shape[1], n_latents=W_enc.shape[0], activation=p.activation,
                        input_scale=float(p.input_scale), hook_point=p.hook_point, base_model=p.base_model,
                        training_info=info, **cfg_kwargs)
-    sae = SparseAutoencoder(config)
-    sae.to(_F64)
-    with torch.no_grad():
+    sae = SparseAutoencoder(config).to(dtype or torch.float32)
+    with torch.no_grad():  # copy_ rounds the float64 results once to the target dtype
         sae.W_enc.copy_(W_enc)
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec)
@@ -313,7 +312,6 @@ def _build(p: _Parts, dtype: torch.dtype | None, fold_decoder_norms: bool = Fals
             sae.log_threshold.copy_(theta.clamp_min(0).log())
         if p.activation == "batchtopk":
             sae.batchtopk_threshold.fill_(float(p.batch_threshold))
-    sae.to(dtype or torch.float32)
     sae.eval()
     return sae
 
@@ -1036,10 +1034,11 @@ def convert_tree(path: str | Path, out: str | Path, format: str = "auto", **kwar
         sae = convert(path, format, **kwargs)
         sae.save_pretrained(out)
         return {sae.config.hook_point or path.name: out}
+    from tqdm.auto import tqdm
+
     results = {}
-    for child in sorted(path.iterdir()) if path.is_dir() else []:
-        if not matches(child):
-            continue
+    children = [c for c in sorted(path.iterdir()) if matches(c)] if path.is_dir() else []
+    for child in tqdm(children, desc=f"converting {path.name}", unit="SAE", disable=len(children) < 2):
         sae = convert(child, format, **kwargs)
         name = sae.config.hook_point or child.name
         if name in results:

@@ -403,14 +403,19 @@ def _read_index(root: Path) -> dict[str, dict]:
     return found
 
 
+def _index_at(repo_or_path, **kw) -> tuple[Path, dict[str, str]]:
+    """(local root, {hook point: folder}) -- downloads only the index and the config files."""
+    root = _local_or_snapshot(repo_or_path, [INDEX_FILE, "config.json", "*/config.json"], **kw)
+    index = _read_index(root)
+    return root, {hp: index[hp].get("folder", "") for hp in sorted(index, key=_sort_key)}
+
+
 def repo_hook_points(repo_or_path, *, revision: str | None = None, cache_dir=None, token=None,
                      local_files_only: bool = False, endpoint: str | None = None) -> dict[str, str]:
     """``{hook point: folder}`` of the SAEs in a repo or local folder (``""`` = the root), in forward order.
     Downloads only the index and the config files."""
-    root = _local_or_snapshot(repo_or_path, [INDEX_FILE, "config.json", "*/config.json"], revision=revision,
-                              cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint)
-    index = _read_index(root)
-    return {hp: index[hp].get("folder", "") for hp in sorted(index, key=_sort_key)}
+    return _index_at(repo_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                     local_files_only=local_files_only, endpoint=endpoint)[1]
 
 
 def _weight_patterns(folder: str) -> list[str]:
@@ -433,14 +438,9 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
         **from_pretrained_kwargs: passed to ``SparseAutoencoder.from_pretrained`` (e.g. ``torch_dtype``).
     """
     kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint)
-    if not os.path.isdir(str(repo_or_path)) and revision is None and not local_files_only:
-        from huggingface_hub import HfApi
-
-        try:  # pin one commit for the index and the weights
-            kw["revision"] = HfApi(endpoint=endpoint, token=token).model_info(str(repo_or_path)).sha
-        except Exception:  # offline or unreachable: the cache decides
-            pass
-    folders = repo_hook_points(repo_or_path, **kw)
+    root, folders = _index_at(repo_or_path, **kw)
+    if not os.path.isdir(str(repo_or_path)) and re.fullmatch(r"[0-9a-f]{40}", root.name):
+        kw["revision"] = root.name  # the snapshot's commit: index and weights come from the same revision
     if not folders:
         raise ValueError(f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
                          "model_type 'hf_sae').")
@@ -449,7 +449,7 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
         folders = {hp: f for hp, f in folders.items() if any(fnmatch.fnmatchcase(hp, p) for p in pats)}
         if not folders:
             raise ValueError(f"No hook point of {repo_or_path} matches {pats}; available: "
-                             f"{list(repo_hook_points(repo_or_path, **kw))}.")
+                             f"{list(_index_at(repo_or_path, **kw)[1])}.")
     patterns = sorted({p for f in folders.values() for p in _weight_patterns(f)})
     root = _local_or_snapshot(repo_or_path, patterns, **kw)
     out = {}

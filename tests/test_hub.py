@@ -117,21 +117,26 @@ def test_push_set_then_load_by_subfolder_pattern_and_card(hub):
     assert not hub.unhandled
 
 
-def test_single_sae_at_root_then_offline_from_cache(hub):
+@pytest.mark.parametrize("first_load", ["transformers", "load_all"])
+def test_single_sae_at_root_then_offline_from_cache(hub, first_load):
     import huggingface_hub.constants as hc
 
+    repo = f"test-org/one-sae-{first_load.replace('_', '-')}"
     sae = _sae("layers.9.resid_post", "relu", 3, metrics={"fvu": 0.2})
-    H.push_to_hub(sae, "test-org/one-sae")
-    assert "config.json" in hub.repos["test-org/one-sae"].find("main").files
-    online = SAE.from_pretrained("test-org/one-sae")
-    _same(online, sae)
-    _same(H.load_all("test-org/one-sae")["layers.9.resid_post"], sae)
+    H.push_to_hub(sae, repo)
+    assert "config.json" in hub.repos[repo].find("main").files
+    if first_load == "transformers":
+        _same(SAE.from_pretrained(repo), sae)
+    else:
+        _same(H.load_all(repo)["layers.9.resid_post"], sae)
     n_requests = len(hub.requests)
     hc.HF_HUB_OFFLINE = True
     try:
-        _same(SAE.from_pretrained("test-org/one-sae"), sae)
-        _same(H.load_sae("test-org/one-sae"), sae)
-        with pytest.raises(Exception, match="(?i)offline|cache|local"):
+        if first_load == "load_all":
+            _same(H.load_all(repo)["layers.9.resid_post"], sae)
+            _same(H.load_sae(repo), sae)
+        _same(SAE.from_pretrained(repo), sae)
+        with pytest.raises(OSError, match="(?i)offline|outgoing traffic"):
             H.load_all("test-org/never-downloaded")
     finally:
         hc.HF_HUB_OFFLINE = False
@@ -191,7 +196,10 @@ def test_trust_remote_code_in_a_process_without_hf_sae(hub, tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_TOKEN="hf_fake_token_for_tests",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost", PYTHONPATH="")
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH="",
+               # any request not to the fake server would go to a closed local port and fail loudly
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", ALL_PROXY="http://127.0.0.1:9",
+               NO_PROXY="127.0.0.1,localhost")
     res = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
