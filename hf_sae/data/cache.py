@@ -190,7 +190,7 @@ class _ShardWriter:
         self.out_dir, self.hook_points, self.dims = out_dir, hook_points, dims
         self.dtype_name, self.window, self.progress = dtype_name, window, progress
         self.schemas = {h: _features(dims[h], dtype_name).arrow_schema for h in hook_points}
-        self.win_schema = _features(0, dtype_name, window=window).arrow_schema
+        self.win_schema = _features(0, dtype_name, window=window).arrow_schema if window else None
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.future = None
         self._pa = pa
@@ -232,10 +232,11 @@ class _ShardWriter:
             _atomic_write_bytes(path, memoryview(buf))
             rec["files"][h] = {"file": f"{_hook_dir_name(h)}/{name}", "bytes": buf.size, "sha256": sha}
             rec["stats"][h] = p["stats"][h]
-        wins = p["window_tokens"].numpy().astype(np.int32)
-        buf, sha = _serialize({"input_ids": _fixed_list(wins, self.window)}, self.win_schema)
-        _atomic_write_bytes(self.out_dir / "windows" / name, memoryview(buf))
-        rec["files"]["windows"] = {"file": f"windows/{name}", "bytes": buf.size, "sha256": sha}
+        if p.get("window_tokens") is not None:
+            wins = p["window_tokens"].numpy().astype(np.int32)
+            buf, sha = _serialize({"input_ids": _fixed_list(wins, self.window)}, self.win_schema)
+            _atomic_write_bytes(self.out_dir / "windows" / name, memoryview(buf))
+            rec["files"]["windows"] = {"file": f"windows/{name}", "bytes": buf.size, "sha256": sha}
         self.progress["shards"].append(rec)
         self.progress["windows_done"] = p["win_end"]
         self.progress["num_tokens"] += rec["num_rows"]
@@ -247,7 +248,7 @@ def _verify_progress(out_dir: Path, progress: dict, hook_points) -> None:
     good = []
     for rec in progress["shards"]:
         try:
-            for key in list(hook_points) + ["windows"]:
+            for key in list(hook_points) + (["windows"] if "windows" in rec["files"] else []):
                 info = rec["files"][key]
                 _check_shard_file(out_dir / info["file"], info["bytes"], info["sha256"])
         except (CorruptShardError, KeyError) as e:
@@ -464,6 +465,67 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
         warnings.warn(f"The source ran out after {state['num_tokens']} tokens (max_tokens={max_tokens}).")
     state["complete"] = True
     _atomic_write_json(prog_path, state)
+    return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
+
+
+def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype="float16",
+                      shard_tokens: int = 1 << 16, model_name: str = "synthetic", progress: bool = False) -> dict:
+    """Write given activations as a cache readable by :class:`CachedActivations` (no LM involved).
+
+    For synthetic data, tests and benchmarks, or activations computed elsewhere.
+
+    Args:
+        out_dir: new folder (must not exist or be empty).
+        acts: ``{hook_point: Tensor [N, d]}``, same N for all hook points.
+        input_ids, positions: optional LongTensor ``[N]`` stored alongside (default zeros).
+        dtype: storage dtype; shard_tokens: rows per shard.
+    Returns:
+        The run metadata, as :func:`cache_activations`. No token windows are stored.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(acts, dict) or not acts:
+        raise ValueError("acts must be a non-empty dict {hook_point: Tensor [N, d]}.")
+    hook_points = list(acts)
+    for h in hook_points:
+        _hook_dir_name(h)
+    n = {t.shape[0] for t in acts.values()}
+    if len(n) != 1 or any(t.dim() != 2 for t in acts.values()):
+        raise ValueError(f"All activations must be [N, d] with the same N, got {[tuple(t.shape) for t in acts.values()]}.")
+    N = n.pop()
+    dtype_name = _dtype_name(dtype)
+    dims = {h: int(t.shape[1]) for h, t in acts.items()}
+    ids = torch.zeros(N, dtype=torch.long) if input_ids is None else input_ids.long()
+    pos = torch.zeros(N, dtype=torch.long) if positions is None else positions.long()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder.")
+    for h in hook_points:
+        (out / h).mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": {"format_version": FORMAT_VERSION, "model": model_name, "hook_points": hook_points,
+                             "dtype": dtype_name, "source": "tensors"},
+             "windows_done": 0, "num_tokens": 0, "shards": [], "complete": False}
+    writer = _ShardWriter(out, hook_points, dims, dtype_name, 0, state)
+    try:
+        for i, a in enumerate(tqdm(range(0, N, shard_tokens), disable=not progress, desc="writing shards")):
+            b = min(a + shard_tokens, N)
+            stats = {}
+            xs = {}
+            for h in hook_points:
+                x = acts[h][a:b].detach().to("cpu", _DTYPES[dtype_name]).contiguous()
+                xf = x.double()
+                stats[h] = {"sum": xf.sum(0).tolist(), "sum_sq_norm": float((xf * xf).sum())}
+                xs[h] = x
+            writer.submit({"index": i, "win_start": 0, "win_end": 0, "acts": xs, "stats": stats,
+                           "input_ids": ids[a:b], "positions": pos[a:b],
+                           "windows": torch.zeros(b - a, dtype=torch.long), "window_tokens": None})
+        writer.close()
+    except BaseException:
+        writer.close()
+        raise
+    state["complete"] = True
+    _atomic_write_json(out / "progress.json", state)
+    meta_common = {"format_version": FORMAT_VERSION, "model": model_name, "window": None, "source": "tensors"}
     return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
 
 
@@ -797,6 +859,8 @@ def load_windows(path) -> torch.Tensor:
     state = json.loads(prog.read_text())
     out = []
     for rec in state["shards"]:
+        if "windows" not in rec["files"]:
+            raise ValueError(f"The cache at {path} was written without token windows (write_activations).")
         info = rec["files"]["windows"]
         f = path / info["file"]
         _check_shard_file(f, info["bytes"], None)
