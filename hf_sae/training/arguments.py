@@ -1,0 +1,295 @@
+"""Training arguments: one dataclass, usable from Python, the command line, JSON or YAML.
+
+Everything is measured in tokens (one token = one activation vector at one hook point):
+``train_tokens``, ``batch_size``, ``eval_every_tokens``, ``checkpoint_every_tokens`` and
+``dead_tokens_threshold``. ``batch_size`` is the *global* number of tokens per optimizer step;
+it is split over processes and gradient-accumulation steps, so one process and N processes run
+the same number of steps over the same number of tokens.
+
+Command line (``HfArgumentParser``)::
+
+    python scripts/train.py --hook_points layers.6.resid_post --train_tokens 2000000 --k 32
+    python scripts/train.py run.yaml                      # all values from a file
+    python scripts/train.py --config run.yaml --lr 3e-4   # a file, then overrides
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+_ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
+_K_SPARSE = ("topk", "batchtopk", "topafa")
+
+# Fields that may differ between a run and its resumption (they do not change the weights).
+RESUME_FREE_FIELDS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
+    "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
+    "run_name", "lm_batch_size",
+})
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class SAETrainingArguments:
+    """All settings of an SAE training run (see the module docstring for units).
+
+    The recipe switches of Gao et al. (SPEC 1.1) are on by default for the TopK family:
+    ``tied_init``, ``auxk``, ``b_dec_init="geometric_median"``, ``normalize_input``,
+    ``normalize_decoder``, ``project_decoder_grad``, LR scaled by 1/sqrt(n / 2^14), warmup.
+    """
+
+    # ------------------------------------------------------------------ data
+    hook_points: list[str] = _help(
+        "Hook point(s) to train one SAE each on, e.g. layers.6.resid_post. Several hook points share one "
+        "LM pass when streaming live.", default_factory=lambda: ["layers.6.resid_post"])
+    model_name_or_path: str = _help(
+        "Language model producing the activations ('smollm2-135m' = the embedded offline SmolLM2-135M).",
+        default="smollm2-135m")
+    activations: Optional[str] = _help(
+        "Train from stored activations instead of a live model: a cache folder written by "
+        "hf_sae.data.cache, or a .safetensors/.pt file holding one [N, d] tensor per hook point "
+        "(key = hook point). None = stream live from model_name_or_path over `dataset`.", default=None)
+    eval_activations: Optional[str] = _help(
+        "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
+        "(live) or of the cache when it has one.", default=None)
+    dataset: str = _help("Text corpus for live streaming ('default' = the embedded KJV corpus).", default="default")
+    context_length: int = _help("Tokens per LM window when streaming live.", default=256)
+    lm_batch_size: int = _help("Windows per LM forward when streaming live.", default=8)
+    shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
+                                       default=65536)
+    # ------------------------------------------------------------------ SAE
+    activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default="topk")
+    n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
+    expansion_factor: int = _help("n / d when n_latents is not given.", default=8)
+    k: int = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.", default=32)
+    k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=None)
+    aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=1.0 / 32)
+    dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.", default=10_000_000)
+    multi_topk: bool = _help("Multi-TopK: also penalise the reconstruction with 4k latents.", default=False)
+    l1_coef: float = _help("L1 coefficient (relu).", default=0.0)
+    l0_coef: float = _help("L0 coefficient (jumprelu).", default=0.0)
+    afa_coef: float = _help("AFA loss coefficient (topafa; paper sweeps 1/128..1/16).", default=0.0)
+    jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).", default=1e-3)
+    jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=1e-3)
+    kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default="auto")
+    # ------------------------------------------------------------------ recipe switches
+    tied_init: bool = _help("Initialise W_enc = W_dec (transposed map); off = independent random W_enc.",
+                            default=True)
+    auxk: Optional[bool] = _help("Use the AuxK dead-latent loss (default: on for topk/batchtopk/topafa).",
+                                 default=None)
+    b_dec_init: str = _help("b_dec initialisation: geometric_median, mean or zeros.", default="geometric_median")
+    normalize_input: bool = _help("Scale inputs by a fixed scalar so that E||x||^2 = d (estimated from data).",
+                                  default=True)
+    normalize_decoder: bool = _help("Renormalise decoder rows to unit norm after every step.", default=True)
+    project_decoder_grad: bool = _help("Remove the decoder-gradient component parallel to each row before "
+                                       "every step.", default=True)
+    init_tokens: int = _help("Tokens sampled for the b_dec / input-scale initialisation.", default=16384)
+    # ------------------------------------------------------------------ optimisation
+    train_tokens: int = _help("Total training tokens over all processes (rounded up to whole steps).",
+                              default=10_000_000)
+    batch_size: int = _help("Tokens per optimizer step, over all processes and accumulation steps.", default=4096)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    lr: Optional[float] = _help("Adam learning rate (default 2e-4 / sqrt(n / 2^14)).", default=None)
+    lr_schedule: str = _help("constant or cosine (after the warmup).", default="constant")
+    lr_warmup_tokens: Optional[int] = _help("Linear LR warmup length (default 5% of train_tokens).", default=None)
+    lr_min_ratio: float = _help("Final LR / peak LR of the cosine schedule.", default=0.0)
+    adam_beta1: float = _help("Adam beta1.", default=0.9)
+    adam_beta2: float = _help("Adam beta2.", default=0.999)
+    adam_epsilon: float = _help("Adam epsilon (Gao et al.: 6.25e-10).", default=6.25e-10)
+    max_grad_norm: float = _help("Gradient clipping (global L2 norm per SAE); 0 disables.", default=1.0)
+    mixed_precision: str = _help("auto (bf16 on a GPU that supports it, else fp32), no, or bf16.", default="auto")
+    seed: int = _help("Seed of the initialisation and of the data order.", default=0)
+    # ------------------------------------------------------------------ evaluation, checkpoints, logging
+    output_dir: str = _help("Where SAEs, checkpoints, logs and reports go.", default="sae_out")
+    overwrite_output_dir: bool = _help("Start afresh even if output_dir holds checkpoints (deletes them).",
+                                       default=False)
+    resume: bool = _help("Continue from the newest valid checkpoint in output_dir.", default=False)
+    eval_every_tokens: int = _help("Held-out evaluation period in tokens (0 = only at the end).", default=1_000_000)
+    eval_tokens: int = _help("Held-out tokens per evaluation.", default=32768)
+    checkpoint_every_tokens: int = _help("Checkpoint period in tokens (0 = only at the end).", default=5_000_000)
+    save_total_limit: int = _help("Checkpoints kept (oldest deleted first; >= 1).", default=2)
+    log_every_steps: int = _help("Training-metric logging period in optimizer steps.", default=10)
+    log_with: list[str] = _help("Trackers: any of jsonl, tensorboard, wandb (wandb only when installed).",
+                                default_factory=lambda: ["jsonl", "tensorboard"])
+    run_name: str = _help("Tracker run name.", default="sae")
+    progress_bar: bool = _help("Show a progress bar with tokens/s and ETA.", default=True)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def use_auxk(self) -> bool:
+        """Whether AuxK is used (``auxk`` or, when None, True for the k-sparse activations)."""
+        return (self.activation in _K_SPARSE) if self.auxk is None else bool(self.auxk)
+
+    @property
+    def warmup_tokens(self) -> int:
+        """LR warmup length in tokens."""
+        return int(0.05 * self.train_tokens) if self.lr_warmup_tokens is None else self.lr_warmup_tokens
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict of every field."""
+        return asdict(self)
+
+    def to_json_file(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def sae_config_kwargs(self, d_in: int) -> dict:
+        """Keyword arguments of :class:`~hf_sae.SAEConfig` for an input width ``d_in``."""
+        kw = dict(
+            d_in=d_in, activation=self.activation, k=self.k,
+            k_aux=self.k_aux, aux_coef=self.aux_coef if self.use_auxk else 0.0,
+            dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
+            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef,
+            jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
+            kernel=self.kernel,
+        )
+        if self.n_latents is not None:
+            kw["n_latents"] = self.n_latents
+        else:
+            kw["expansion_factor"] = self.expansion_factor
+        return kw
+
+    def validate(self, num_processes: int = 1) -> None:
+        """Raise ``ValueError`` naming the argument to change, before any work starts."""
+
+        def bad(name, why):
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
+
+        if isinstance(self.hook_points, str):
+            self.hook_points = [self.hook_points]
+        if not self.hook_points:
+            bad("hook_points", "give at least one hook point, e.g. --hook_points layers.6.resid_post")
+        if len(set(self.hook_points)) != len(self.hook_points):
+            bad("hook_points", "a hook point is listed twice")
+        if self.activation not in _ACTIVATIONS:
+            bad("activation", f"choose one of {_ACTIVATIONS}")
+        for name in ("train_tokens", "batch_size", "gradient_accumulation_steps", "context_length",
+                     "lm_batch_size", "init_tokens", "expansion_factor", "dead_tokens_threshold",
+                     "save_total_limit", "log_every_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "must be a positive integer")
+        for name in ("eval_every_tokens", "eval_tokens", "checkpoint_every_tokens", "shuffle_buffer_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                bad(name, "must be an integer >= 0 (0 disables)")
+        if self.n_latents is not None and self.n_latents <= 0:
+            bad("n_latents", "must be a positive integer (or omit it and set --expansion_factor)")
+        if self.activation in ("topk", "batchtopk") and (not isinstance(self.k, int) or self.k <= 0):
+            bad("k", "must be a positive integer")
+        if self.n_latents is not None and self.activation in _K_SPARSE and self.k > self.n_latents:
+            bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
+        if self.multi_topk and self.activation != "topk":
+            bad("multi_topk", "Multi-TopK needs --activation topk")
+        split = num_processes * self.gradient_accumulation_steps
+        if self.batch_size % split:
+            bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
+                              f"{num_processes} x {self.gradient_accumulation_steps} = {split}")
+        if self.train_tokens < self.batch_size:
+            bad("train_tokens", f"must be >= batch_size={self.batch_size} (at least one step)")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "must be a finite number > 0 (or omit it for 2e-4 / sqrt(n / 2^14))")
+        if self.lr_schedule not in ("constant", "cosine"):
+            bad("lr_schedule", "choose constant or cosine")
+        if self.lr_warmup_tokens is not None and not (0 <= self.lr_warmup_tokens <= self.train_tokens):
+            bad("lr_warmup_tokens", f"must be in [0, train_tokens={self.train_tokens}]")
+        if not 0 <= self.lr_min_ratio <= 1:
+            bad("lr_min_ratio", "must be in [0, 1]")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("--adam_beta1/--adam_beta2 must be in [0, 1)")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            bad("b_dec_init", "choose geometric_median, mean or zeros")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            bad("mixed_precision", "choose auto, no or bf16")
+        if isinstance(self.log_with, str):
+            self.log_with = [s for s in self.log_with.split(",") if s]
+        unknown = [t for t in self.log_with if t not in ("jsonl", "tensorboard", "wandb", "none")]
+        if unknown:
+            bad("log_with", f"unknown tracker(s) {unknown}; choose from jsonl, tensorboard, wandb, none")
+        if "wandb" in self.log_with:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                bad("log_with", "wandb is not installed: `pip install wandb`, or drop wandb from --log_with")
+        for path_field in ("activations", "eval_activations"):
+            p = getattr(self, path_field)
+            if p is not None and not os.path.exists(p):
+                raise FileNotFoundError(f"--{path_field} {p!r} does not exist; give a cache folder or a "
+                                        ".safetensors/.pt activation file, or omit it to stream live")
+        # The SAE config checks the remaining fields (coefficients, k vs n_latents); with an expansion
+        # factor n depends on d, so the trainer checks again once d is known (still before any work).
+        if self.n_latents is not None:
+            self.sae_config(d_in=self.n_latents)
+
+    def sae_config(self, d_in: int, **extra):
+        """The :class:`~hf_sae.SAEConfig` of one SAE with input width ``d_in``; a bad combination raises
+        ``ValueError`` naming the training argument to change."""
+        from ..configuration_sae import SAEConfig
+
+        try:
+            return SAEConfig(**self.sae_config_kwargs(d_in=d_in), **extra)
+        except ValueError as e:
+            msg = str(e).replace("SAEConfig.", "--")
+            raise ValueError(f"{msg} (change the training argument of that name; inputs have d={d_in})") from None
+
+
+def _parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(SAETrainingArguments, description="Train sparse autoencoders (hf_sae).")
+
+
+def _load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(f) or {}
+        elif path.endswith(".json"):
+            data = json.load(f)
+        else:
+            raise ValueError(f"config file {path!r}: use a .json, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of argument names to values")
+    known = {f.name for f in fields(SAETrainingArguments)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config file {path!r} has unknown keys {unknown}; valid keys are the fields of "
+                         f"SAETrainingArguments (see --help)")
+    return data
+
+
+def parse_args(argv: Optional[list[str]] = None) -> SAETrainingArguments:
+    """Parse command-line arguments (``sys.argv[1:]`` by default) into :class:`SAETrainingArguments`.
+
+    ``argv`` may start with a single ``.json``/``.yaml`` path (all values from the file) or contain
+    ``--config PATH`` (values from the file, then the other flags override them).
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    config = None
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".json", ".yaml", ".yml")):
+        config = argv.pop(0)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a path")
+        config = argv[i + 1]
+        del argv[i:i + 2]
+    if config is not None:
+        parser.set_defaults(**_load_config_file(config))
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args

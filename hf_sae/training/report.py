@@ -1,0 +1,132 @@
+"""Training records: a JSONL tracker for Accelerate, and the end-of-run report (JSON + PNG curves)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+from accelerate.tracking import GeneralTracker, on_main_process
+
+
+class JSONLTracker(GeneralTracker):
+    """An Accelerate tracker appending one JSON object per ``log`` call to ``<logging_dir>/metrics.jsonl``.
+
+    Each line is ``{"step": int, **values}``; the hyperparameters go to ``hparams.json``.
+    """
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str):
+        super().__init__()
+        self.run_name = run_name
+        self.logging_dir = logging_dir
+        self.path = os.path.join(logging_dir, "metrics.jsonl")
+        self._f = None
+
+    @on_main_process
+    def start(self):
+        os.makedirs(self.logging_dir, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    @property
+    def tracker(self):
+        return self._f
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        with open(os.path.join(self.logging_dir, "hparams.json"), "w") as f:
+            json.dump(values, f, indent=2, sort_keys=True, default=str)
+
+    @on_main_process
+    def log(self, values: dict, step: Optional[int] = None, **kwargs):
+        if self._f is None:
+            self.start()
+        self._f.write(json.dumps({"step": step, **values}, default=float) + "\n")
+        self._f.flush()
+
+    @on_main_process
+    def finish(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Keep only the records of ``path`` with ``step <= max_step`` (used when resuming, so that the log of
+    the interrupted run's steps after the checkpoint is not duplicated)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if rec.get("step") is not None and rec["step"] <= max_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+_PANELS = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active latents / token)"),
+           ("dead_fraction", "dead-latent fraction"))
+
+
+def write_report(out_dir: str, hook_point: str, history: list[dict], summary: dict) -> dict:
+    """Write ``training_report.json`` and ``training_curves.png`` for one hook point into ``out_dir``.
+
+    Args:
+        out_dir: the SAE's folder.
+        hook_point: whose curves to draw (history keys are ``"{hook_point}/{metric}"``).
+        history: records ``{"step", "tokens", "<hook>/loss", "<hook>/fvu", ..., "<hook>/eval/fvu", ...}``.
+        summary: run-level facts (tokens trained, final metrics, configuration) stored as is.
+    Returns the report dict.
+    """
+    prefix = hook_point + "/"
+    curves: dict[str, dict[str, list]] = {}
+    for rec in history:
+        for key, value in rec.items():
+            if not key.startswith(prefix) or not isinstance(value, (int, float)):
+                continue
+            name = key[len(prefix):]
+            c = curves.setdefault(name, {"tokens": [], "value": []})
+            c["tokens"].append(rec["tokens"])
+            c["value"].append(value)
+    report = {"hook_point": hook_point, **summary, "curves": curves}
+    with open(os.path.join(out_dir, "training_report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    _plot(os.path.join(out_dir, "training_curves.png"), hook_point, curves)
+    return report
+
+
+def _plot(path: str, hook_point: str, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title) in zip(axes.flat, _PANELS):
+        for name, style, label in ((key, "-", "train"), (f"eval/{key}", "o-", "held-out")):
+            c = curves.get(name)
+            if c and c["value"]:
+                ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("tokens")
+        if key in ("loss", "fvu") and all(v > 0 for n in (key, f"eval/{key}")
+                                          for v in curves.get(n, {}).get("value", [])
+                                          if not math.isnan(v)) and curves.get(key):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"SAE training: {hook_point}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,651 @@
+"""The SAE trainer: one Accelerate loop training one SAE per hook point.
+
+One optimizer step (``SAETrainer._step``), for every hook point h::
+
+    dead_h   = tokens_since_fired_h >= dead_tokens_threshold        (identical on every process)
+    out_h    = sae_h(x_h, dead_mask=dead_h)                          (FVU + AuxK [+ L1/L0/AFA/Multi-TopK])
+    backward(sum_h out_h.loss)         (DDP averages gradients; gradient accumulation via Accelerate)
+    remove_parallel_grad_(); clip_grad_norm_(max_grad_norm); Adam step at lr_at(tokens); normalize_decoder_()
+    fired_h  = all-reduce(sum of fire counts); tokens_since_fired_h <- 0 where fired, += batch_size elsewhere
+
+Data comes from :mod:`hf_sae.training.sources` (tensors, any iterable, an activation cache, or a live
+LM); evaluation uses :class:`hf_sae.evaluation.reconstruction.ReconstructionStats` (the same code as
+``hf-sae eval``); checkpoints are atomic (:mod:`hf_sae.training.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..configuration_sae import SAEConfig
+from ..evaluation.reconstruction import ReconstructionStats, latent_sums
+from ..modeling_sae import SparseAutoencoder
+from . import checkpoint as ckpt
+from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
+from .init import initialize_sae
+from .report import JSONLTracker, truncate_jsonl, write_report
+from .schedules import default_lr, lr_at
+from .sources import (CacheSource, DataExhausted, IterableSource, TensorSource, _as_hook_dict, is_cache_dir,
+                      load_activation_file, take_tokens)
+
+logger = logging.getLogger(__name__)
+
+TrainData = Union[Tensor, dict, Any]
+
+
+class SAEBundle(nn.Module):
+    """The SAEs of one run in a single module (one DDP wrapper, one optimizer).
+
+    ``forward(batch {hook: [B, d]}, dead_masks {hook: bool [n]} | None) -> list[SAEOutput]`` in the
+    order of ``hook_points``.
+    """
+
+    def __init__(self, saes: dict[str, SparseAutoencoder]):
+        super().__init__()
+        self.hook_points = list(saes)
+        self.saes = nn.ModuleList(saes[h] for h in self.hook_points)
+
+    def forward(self, batch: dict[str, Tensor], dead_masks: Optional[dict[str, Tensor]] = None):
+        return [sae(batch[h], dead_mask=None if dead_masks is None else dead_masks[h])
+                for h, sae in zip(self.hook_points, self.saes)]
+
+
+@dataclass
+class TrainerState:
+    """Progress of a run (saved in every checkpoint)."""
+
+    step: int = 0
+    """optimizer steps taken"""
+    tokens: int = 0
+    """training tokens consumed over all processes"""
+    micro_batches: int = 0
+    """micro-batches drawn by each process (the data position)"""
+    history: list = field(default_factory=list)
+    """logged metric records {step, tokens, "<hook>/<metric>": value}"""
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    return every > 0 and now // every > prev // every
+
+
+class SAETrainer:
+    """Train one SAE per hook point with the TopK recipe of Gao et al. (see the module docstring).
+
+    Args:
+        args: the run's :class:`SAETrainingArguments`.
+        train_data: optional in-memory data instead of ``args.activations`` / a live model: a tensor
+            [N, d] (one hook point), a dict {hook_point: [N, d]}, or any iterable yielding [B, d]
+            tensors or such dicts (each process reads its own share).
+        eval_data: optional held-out data, a tensor [M, d] or dict {hook_point: [M, d]}.
+        model, tokenizer: an already loaded LM for live streaming (else ``args.model_name_or_path``).
+
+    Every configuration error (bad argument, unknown hook point, resuming a directory written with
+    other arguments) is raised from the constructor, before any activation is computed.
+    """
+
+    def __init__(self, args: SAETrainingArguments, train_data: Optional[TrainData] = None,
+                 eval_data: Optional[Union[Tensor, dict]] = None, model=None, tokenizer=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.args = args
+        mp = args.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.out = os.path.abspath(args.output_dir)
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        self.log_dir = os.path.join(self.out, "logs")
+        _reset_single_process_accelerate_state()
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mp,
+            log_with=self._trackers(args.log_with),
+            project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
+        )
+        acc = self.accelerator
+        args.validate(num_processes=acc.num_processes)
+        self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
+        self.resume_from = self._check_output_dir()
+        self.lm, self.tokenizer = model, tokenizer
+        self._user_eval = eval_data
+        self.source, self.dims, self.base_model, self.dataset_name = self._build_source(train_data)
+        # Check every SAE configuration now (k <= n_latents etc.), before any work.
+        self.configs = {h: args.sae_config(d_in=self.dims[h], hook_point=h, base_model=self.base_model)
+                        for h in args.hook_points}
+        self.state = TrainerState()
+        self.init_info: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    def _trackers(self, names):
+        if isinstance(names, str):
+            names = [s for s in names.split(",") if s]
+        out = []
+        for n in names:
+            if n == "jsonl":
+                out.append(JSONLTracker(self.args.run_name, os.path.join(self.log_dir)))
+            elif n in ("tensorboard", "wandb"):
+                out.append(n)
+        return out or None
+
+    def _check_output_dir(self) -> Optional[str]:
+        """Validate output_dir against --resume / --overwrite_output_dir; return the checkpoint to resume."""
+        args = self.args
+        saved_args = os.path.join(self.out, "train_args.json")
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if args.overwrite_output_dir and not args.resume:
+            return None  # wiped in _prepare_output_dir
+        if existing and not args.resume:
+            raise ValueError(f"--output_dir {self.out} already holds checkpoints of a run; pass --resume to "
+                             "continue it, --overwrite_output_dir to start over, or choose a new --output_dir")
+        if not args.resume:
+            return None
+        if os.path.isfile(saved_args):
+            with open(saved_args) as f:
+                before = json.load(f)
+            now = args.to_dict()
+            diff = {k: (before.get(k), now[k]) for k in now
+                    if k not in RESUME_FREE_FIELDS and before.get(k) != now[k]}
+            if diff:
+                lines = "; ".join(f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise ValueError(f"cannot resume {self.out}: it was made by a different configuration ({lines}). "
+                                 "Rerun with the original arguments, or use a new --output_dir.")
+        found = ckpt.newest_valid(self.ckpt_root)
+        if found is None and existing:
+            logger.warning("no valid checkpoint in %s (all incomplete); starting afresh", self.ckpt_root)
+        return found
+
+    def _build_source(self, train_data):
+        """(source, {hook: d}, base_model, dataset name); validates hook points against the data/model."""
+        args, acc = self.args, self.accelerator
+        hps = list(args.hook_points)
+        rank, world = acc.process_index, acc.num_processes
+        if train_data is not None:
+            if isinstance(train_data, Tensor):
+                train_data = _as_hook_dict(train_data, hps)
+            if isinstance(train_data, dict):
+                data = _as_hook_dict(train_data, hps)
+                self._init_iter = lambda: iter([self._tensor_sample(data)])
+                src = TensorSource(data, self.micro, rank, world, seed=args.seed)
+                return src, {h: data[h].shape[1] for h in hps}, None, "in-memory tensors"
+            first, rest = self._peek(train_data, hps)
+            if iter(train_data) is train_data:
+                # one-shot iterator: the peeked batch stays part of the data and is the init sample
+                train_data = itertools.chain([first], rest)
+                self._init_iter = lambda: iter([first])
+            else:
+                self._init_iter = lambda: (_as_hook_dict(x, hps) for x in train_data)
+            src = IterableSource(train_data, hps, self.micro, rank, world, presharded=False)
+            return src, {h: first[h].shape[1] for h in hps}, None, "in-memory iterable"
+        if args.activations is not None:
+            path = args.activations
+            if is_cache_dir(path):
+                src = CacheSource(path, hps, self.micro, rank, world, seed=args.seed)
+                meta = src.metadata
+                self._init_iter = self._cache_init_iter
+                self._cache_scales = {h: m.get("input_scale") for h, m in zip(hps, src.ds.metas)}
+                return (src, dict(zip(hps, src.ds.dims)), meta.get("model"),
+                        meta.get("source_id") or meta.get("source") or path)
+            data, meta = load_activation_file(path, hps)
+            self._init_iter = lambda: iter([self._tensor_sample(data)])
+            src = TensorSource(data, self.micro, rank, world, seed=args.seed)
+            return src, {h: data[h].shape[1] for h in hps}, meta.get("base_model"), meta.get("dataset", path)
+        # live: stream from the LM
+        from ..data.models import DEFAULT_MODEL_HUB_ID, is_default_model, load_model
+        from ..hooks import hook_point_dim, resolve_hook_point
+
+        if self.lm is None:
+            self.lm, self.tokenizer = load_model(args.model_name_or_path, device=acc.device)
+        for h in hps:
+            resolve_hook_point(self.lm, h)  # ValueError naming the valid hook points
+        from ..data.stream import ActivationStream
+
+        stream = ActivationStream(self.lm, self.tokenizer, hps, args.dataset, split="train",
+                                  batch_tokens=self.micro, window=args.context_length,
+                                  batch_windows=args.lm_batch_size, seed=args.seed, process_index=rank,
+                                  shuffle_buffer_tokens=args.shuffle_buffer_tokens,
+                                  num_processes=world, drop_last=True)
+        src = IterableSource(stream, hps, self.micro, rank, world, presharded=True)
+        self._init_iter = self._live_init_iter
+        base = DEFAULT_MODEL_HUB_ID if is_default_model(args.model_name_or_path) else args.model_name_or_path
+        dataset = "kjv (hf_sae embedded corpus)" if args.dataset == "default" else args.dataset
+        return src, {h: hook_point_dim(self.lm, h) for h in hps}, base, dataset
+
+    @staticmethod
+    def _peek(data, hps):
+        it = iter(data)
+        try:
+            first = _as_hook_dict(next(it), hps)
+        except StopIteration:
+            raise ValueError("the training data is empty") from None
+        return first, it
+
+    def _tensor_sample(self, data: dict) -> dict:
+        n = next(iter(data.values())).shape[0]
+        g = torch.Generator().manual_seed(self.args.seed + 12345)
+        rows = torch.randperm(n, generator=g)[:self.args.init_tokens]
+        return {h: t[rows] for h, t in data.items()}
+
+    def _cache_init_iter(self):
+        from ..data.cache import CachedActivations
+
+        ds = CachedActivations(self.args.activations, hook_point=list(self.args.hook_points),
+                               batch_size=self.args.init_tokens, shuffle=True, seed=self.args.seed + 1)
+        return (_as_hook_dict(x, self.args.hook_points) for x in ds)
+
+    def _live_init_iter(self):
+        from ..data.stream import ActivationStream
+
+        a = self.args
+        return iter(ActivationStream(self.lm, self.tokenizer, a.hook_points, a.dataset, split="train",
+                                     batch_tokens=min(4096, a.init_tokens), window=a.context_length,
+                                     batch_windows=a.lm_batch_size, shuffle_buffer_tokens=0,
+                                     max_tokens=a.init_tokens, seed=a.seed))
+
+    def _eval_data(self) -> Optional[dict[str, Tensor]]:
+        """Held-out activations {hook: [M, d]} (main process), or None when there are none."""
+        args, hps = self.args, list(self.args.hook_points)
+        if args.eval_tokens == 0:
+            return None
+        if self._user_eval is not None:
+            data = _as_hook_dict(self._user_eval, hps) if isinstance(self._user_eval, (Tensor, dict)) else None
+            if data is None:
+                raise ValueError("eval_data must be a [M, d] tensor or a dict {hook_point: [M, d]}")
+            return {h: v[:args.eval_tokens] for h, v in data.items()}
+        if args.eval_activations is not None:
+            p = args.eval_activations
+            if is_cache_dir(p):
+                from ..data.cache import CachedActivations
+
+                ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
+            data, _ = load_activation_file(p, hps)
+            return {h: v[:args.eval_tokens] for h, v in data.items()}
+        if args.activations is None and self.lm is not None:
+            from ..data.stream import ActivationStream
+
+            try:
+                stream = ActivationStream(self.lm, self.tokenizer, hps, args.dataset, split="validation",
+                                          batch_tokens=min(4096, args.eval_tokens), window=args.context_length,
+                                          batch_windows=args.lm_batch_size, shuffle_buffer_tokens=0,
+                                          max_tokens=args.eval_tokens, seed=args.seed)
+                return take_tokens(iter(stream), args.eval_tokens)
+            except (ValueError, FileNotFoundError) as e:
+                logger.warning("no held-out split for dataset %r (%s); skipping held-out evaluation", args.dataset, e)
+                return None
+        logger.warning("no held-out activations (give --eval_activations); skipping held-out evaluation")
+        return None
+
+    # ------------------------------------------------------------------ model, optimizer, state
+    def _build_saes(self, configs: dict[str, SAEConfig]) -> dict[str, SparseAutoencoder]:
+        torch.manual_seed(self.args.seed)
+        return {h: SparseAutoencoder(configs[h]) for h in self.args.hook_points}
+
+    def _initialize(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Data-dependent init on a sample (fresh runs only); input_scale is made equal on every process."""
+        args, acc = self.args, self.accelerator
+        sample = take_tokens(self._init_iter(), args.init_tokens)
+        g = torch.Generator().manual_seed(args.seed + 777)
+        for h, sae in saes.items():
+            # a cache measured E||x||^2 over all its tokens: a better estimate than the sample's
+            cache_scale = getattr(self, "_cache_scales", {}).get(h)
+            info = initialize_sae(sae, sample[h], tied_init=args.tied_init, b_dec_init=args.b_dec_init,
+                                  normalize_input=args.normalize_input, input_scale=cache_scale, generator=g)
+            self.init_info[h] = info
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            scales = broadcast_object_list([{h: s.config.input_scale for h, s in saes.items()}], from_process=0)[0]
+            for h, s in saes.items():
+                s.config.input_scale = scales[h]
+
+    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> torch.optim.Optimizer:
+        args = self.args
+        groups = []
+        for h, sae in saes.items():
+            peak = args.lr if args.lr is not None else default_lr(sae.config.n_latents)
+            groups.append({"params": list(sae.parameters()), "lr": peak, "peak_lr": peak, "hook_point": h})
+        return torch.optim.Adam(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for h in self.args.hook_points:
+            out[f"{h}/tokens_since_fired"] = self.since_fired[h].cpu()
+            out[f"{h}/fire_counts"] = self.total_fires[h].cpu()
+        return out
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write an atomic checkpoint of the current state (all processes must call this)."""
+        acc, st = self.accelerator, self.state
+        name = ckpt.checkpoint_name(st.tokens)
+        tmp = os.path.join(self.ckpt_root, ".tmp-" + name)
+        if acc.is_main_process:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            ckpt.clean_temporaries(self.ckpt_root)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        final = os.path.join(self.ckpt_root, name)
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            state = {"step": st.step, "tokens": st.tokens, "micro_batches": st.micro_batches,
+                     "num_processes": acc.num_processes, "history": st.history,
+                     "sae_configs": {h: self.configs[h].to_dict() for h in self.args.hook_points},
+                     "init_info": self.init_info, "args": self.args.to_dict()}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, default=float)
+            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
+            ckpt.seal(tmp)
+            ckpt.publish(tmp, final)
+            ckpt.apply_retention(self.ckpt_root, self.args.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.accelerator.load_state(path)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state["num_processes"] != self.accelerator.num_processes:
+            # same global batch either way, but the data order of iterable sources is per process
+            logger.warning("checkpoint %s was written by %d processes, resuming with %d: the weights continue "
+                           "exactly, the data order does not", path, state["num_processes"],
+                           self.accelerator.num_processes)
+        self.state = TrainerState(step=state["step"], tokens=state["tokens"], micro_batches=state["micro_batches"],
+                                  history=state["history"])
+        self.init_info = state.get("init_info", {})
+        tensors = load_file(os.path.join(path, "trainer_tensors.safetensors"))
+        dev = self.accelerator.device
+        for h in self.args.hook_points:
+            self.since_fired[h] = tensors[f"{h}/tokens_since_fired"].to(dev)
+            self.total_fires[h] = tensors[f"{h}/fire_counts"].to(dev)
+
+    def _prepare_output_dir(self) -> None:
+        acc, args = self.accelerator, self.args
+        if acc.is_main_process:
+            if args.overwrite_output_dir and not args.resume:
+                for p in (self.ckpt_root, self.log_dir):
+                    shutil.rmtree(p, ignore_errors=True)
+            os.makedirs(self.out, exist_ok=True)
+            if self.resume_from is None:
+                args.to_json_file(os.path.join(self.out, "train_args.json"))
+            else:
+                truncate_jsonl(os.path.join(self.log_dir, "metrics.jsonl"), self._resume_step)
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict]:
+        """Held-out FVU / L0 / dead fraction / MSE per hook point (main process; {} elsewhere)."""
+        acc = self.accelerator
+        results: dict[str, dict] = {}
+        if acc.is_main_process and self.eval_data is not None:
+            for h, sae in self._saes().items():
+                was = sae.training
+                sae.eval()
+                stats = ReconstructionStats(n_latents=sae.config.n_latents)
+                x_all = self.eval_data[h]
+                for i in range(0, x_all.shape[0], 4096):
+                    x = x_all[i:i + 4096].to(acc.device)
+                    out = sae(x)
+                    if out.latent_indices is not None:
+                        stats.update(x, out.reconstruction, latent_values=out.latent_values,
+                                     latent_indices=out.latent_indices)
+                    else:
+                        stats.update(x, out.reconstruction, latents=out.latents)
+                results[h] = stats.compute()
+                sae.train(was)
+        acc.wait_for_everyone()
+        return results
+
+    def _saes(self) -> dict[str, SparseAutoencoder]:
+        bundle = self.accelerator.unwrap_model(self.model)
+        return dict(zip(bundle.hook_points, bundle.saes))
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict[str, SparseAutoencoder]:
+        """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
+        args, acc = self.args, self.accelerator
+        self.since_fired, self.total_fires = {}, {}
+        if self.resume_from is not None:
+            with open(os.path.join(self.resume_from, "trainer_state.json")) as f:
+                saved = json.load(f)
+            self._resume_step = saved["step"]
+            self.configs = {h: SAEConfig.from_dict(saved["sae_configs"][h]) for h in args.hook_points}
+            saes = self._build_saes(self.configs)
+        else:
+            saes = self._build_saes(self.configs)
+            self._initialize(saes)
+        self._prepare_output_dir()
+        for h, sae in saes.items():
+            n = sae.config.n_latents
+            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+            if acc.is_main_process:
+                print(f"[hf_sae] resumed from {self.resume_from} at step {self.state.step} "
+                      f"({self.state.tokens} tokens)", flush=True)
+        self.eval_data = self._eval_data() if acc.is_main_process else None
+        acc.init_trackers(args.run_name, config=_flat_hparams(args))
+
+        try:
+            self._loop()
+            return self._finish()
+        finally:
+            acc.end_training()
+
+    def _loop(self) -> None:
+        args, acc, st = self.args, self.accelerator, self.state
+        A, P = args.gradient_accumulation_steps, acc.num_processes
+        hps = list(args.hook_points)
+        data = self.source.iterate(start=st.micro_batches)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.train_tokens, initial=min(st.tokens, args.train_tokens), unit="tok",
+                   unit_scale=True, dynamic_ncols=True, desc="train SAE", mininterval=1.0,
+                   disable=not (acc.is_main_process and args.progress_bar))
+        window = _Window()
+        t_last = time.perf_counter()
+        tokens_last = st.tokens
+        while st.tokens < args.train_tokens:
+            batches, ok = [], 1
+            try:
+                for _ in range(A):
+                    batches.append(next(data))
+            except DataExhausted as e:
+                ok = 0
+                logger.warning("%s", e)
+            if P > 1:
+                ok = int(acc.gather(torch.tensor([ok], device=acc.device)).min())
+            if not ok:
+                logger.warning("training data ran out at %d tokens (asked for %d)", st.tokens, args.train_tokens)
+                break
+            self._step(batches, window)
+            st.micro_batches += A
+            prev = st.tokens
+            st.tokens += args.batch_size
+            st.step += 1
+            bar.update(min(st.tokens, args.train_tokens) - min(prev, args.train_tokens))
+            last = st.tokens >= args.train_tokens
+            if st.step % args.log_every_steps == 0 or last:
+                now = time.perf_counter()
+                rec = window.flush(acc, hps)
+                rec["tokens_per_s"] = (st.tokens - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, st.tokens
+                for h in hps:
+                    rec[f"{h}/dead_fraction"] = self._dead_fraction(h)
+                rec["lr"] = self.optimizer.param_groups[0]["lr"]
+                self._record(rec)
+                h0 = hps[0]
+                bar.set_postfix(fvu=f"{rec[f'{h0}/fvu']:.4f}", l0=f"{rec[f'{h0}/l0']:.1f}",
+                                dead=f"{100 * rec[f'{h0}/dead_fraction']:.1f}%", refresh=False)
+            if _crossed(prev, st.tokens, args.eval_every_tokens) and not last:
+                self._record({f"{h}/eval/{k}": v for h, m in self.evaluate().items() for k, v in m.items()
+                              if isinstance(v, (int, float))})
+            if _crossed(prev, st.tokens, args.checkpoint_every_tokens) and not last:
+                self.save_checkpoint()
+        bar.close()
+
+    def _step(self, batches: list[dict[str, Tensor]], window: "_Window") -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (see the module docstring)."""
+        args, acc, st = self.args, self.accelerator, self.state
+        saes = self._saes()
+        dead = {h: self.since_fired[h] >= saes[h].config.dead_tokens_threshold for h in saes}
+        fires = {h: torch.zeros_like(self.total_fires[h]) for h in saes}
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(st.tokens, group["peak_lr"], args.train_tokens, args.warmup_tokens,
+                                args.lr_schedule, args.lr_min_ratio)
+        for mb in batches:
+            mb = {h: x.to(acc.device, non_blocking=True) for h, x in mb.items()}
+            with acc.accumulate(self.model):
+                outs = self.model(mb, dead)
+                loss = sum(o.loss for o in outs)
+                acc.backward(loss)
+                for h, o in zip(saes, outs):
+                    if o.latent_indices is not None:
+                        ls = latent_sums(o.latent_values.detach(), o.latent_indices, n_latents=len(fires[h]))
+                    else:
+                        ls = latent_sums(latents=o.latents.detach())
+                    fires[h] += ls["fire_counts"].to(fires[h].device)
+                    window.add(h, o, ls)
+                if acc.sync_gradients:
+                    for h, sae in saes.items():
+                        if args.project_decoder_grad:
+                            sae.remove_parallel_grad_()
+                        if args.max_grad_norm > 0:
+                            gn = acc.clip_grad_norm_(sae.parameters(), args.max_grad_norm)
+                            window.add_scalar(h, "grad_norm", float(gn))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if args.normalize_decoder:
+                        for sae in saes.values():
+                            sae.normalize_decoder_()
+        if acc.num_processes > 1:  # every process must agree on which latents are dead
+            flat = acc.reduce(torch.cat([fires[h] for h in saes]), reduction="sum")
+            fires = dict(zip(saes, flat.split([len(fires[h]) for h in saes])))
+        for h in saes:
+            fired = fires[h] > 0
+            self.since_fired[h] = torch.where(fired, torch.zeros_like(self.since_fired[h]),
+                                              self.since_fired[h] + args.batch_size)
+            self.total_fires[h] += fires[h]
+
+    def _dead_fraction(self, h: str) -> float:
+        thr = self.configs[h].dead_tokens_threshold
+        return float((self.since_fired[h] >= thr).double().mean())
+
+    def _record(self, rec: dict) -> None:
+        st = self.state
+        rec = {"step": st.step, "tokens": st.tokens, **rec}
+        st.history.append(rec)
+        self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=st.step)
+
+    def _finish(self) -> dict[str, SparseAutoencoder]:
+        """Final evaluation, a final checkpoint, and the exported SAE folders + reports."""
+        args, acc, st = self.args, self.accelerator, self.state
+        final = self.evaluate()
+        if final:
+            self._record({f"{h}/eval/{k}": v for h, m in final.items() for k, v in m.items()
+                          if isinstance(v, (int, float))})
+        if args.checkpoint_every_tokens >= 0:
+            self.save_checkpoint()
+        saes = self._saes()
+        last_train = next((r for r in reversed(st.history) if "tokens_per_s" in r), {})
+        if acc.is_main_process:
+            for h, sae in saes.items():
+                info = {
+                    "dataset": self.dataset_name,
+                    "tokens_trained": st.tokens,
+                    "steps": st.step,
+                    "batch_size": args.batch_size,
+                    "num_processes": acc.num_processes,
+                    "lr": self.optimizer.param_groups[list(saes).index(h)]["peak_lr"],
+                    "lr_schedule": args.lr_schedule,
+                    "seed": args.seed,
+                    "recipe": {"tied_init": args.tied_init, "auxk": args.use_auxk, "b_dec_init": args.b_dec_init,
+                               "normalize_input": args.normalize_input, "normalize_decoder": args.normalize_decoder,
+                               "project_decoder_grad": args.project_decoder_grad, "multi_topk": args.multi_topk},
+                    "init": self.init_info.get(h, {}),
+                    "final_metrics": {
+                        **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
+                        **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
+                    },
+                }
+                sae.config.training_info = info
+                self.configs[h] = sae.config
+                folder = os.path.join(self.out, h)
+                sae.save_pretrained(folder)
+                write_report(folder, h, st.history, {"base_model": sae.config.base_model, **info})
+        acc.wait_for_everyone()
+        return saes
+
+
+class _Window:
+    """Running means of training metrics between two log records."""
+
+    _FIELDS = ("loss", "fvu", "auxk_loss", "l1_loss", "l0_loss", "afa_loss", "multi_topk_fvu")
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add_scalar(self, h: str, name: str, value: float) -> None:
+        key = f"{h}/{name}"
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def add(self, h: str, out, ls: dict) -> None:
+        for name in self._FIELDS:
+            v = getattr(out, name, None)
+            if v is not None:
+                self.add_scalar(h, name, float(v.detach()))
+        self.add_scalar(h, "l0", float(ls["sum_l0"]) / max(ls["count"], 1))
+
+    def flush(self, acc, hook_points) -> dict:
+        keys = sorted(self.sums)
+        vals = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            vals = acc.reduce(vals, reduction="mean")
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, vals.tolist()))
+
+
+def _reset_single_process_accelerate_state() -> None:
+    """Accelerate keeps one global state per process; a second trainer in the same (single) process may
+    need other settings (mixed precision, accumulation steps), so forget the previous ones. Distributed
+    state (the process group) is never touched."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _flat_hparams(args: SAETrainingArguments) -> dict:
+    out = {}
+    for k, v in args.to_dict().items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(args: SAETrainingArguments, train_data: Optional[TrainData] = None,
+          eval_data: Optional[Union[Tensor, dict]] = None, model=None, tokenizer=None) -> dict[str, SparseAutoencoder]:
+    """Train (or with ``args.resume`` resume) SAEs; returns {hook_point: SparseAutoencoder}.
+
+    Shortcut for ``SAETrainer(args, train_data, eval_data, model, tokenizer).train()``.
+    """
+    return SAETrainer(args, train_data=train_data, eval_data=eval_data, model=model, tokenizer=tokenizer).train()
