@@ -89,6 +89,46 @@ def batchtopk(pre: Tensor, sae, x_centered: Tensor) -> Latents:
     return Latents(dense=acts * (acts > threshold.to(acts.dtype)))
 
 
+def batchtopk_sparse(pre: Tensor, sae, x_centered: Tensor) -> Latents:
+    """:func:`batchtopk` in sparse form, for the fused sparse step: in training the same kept set and
+    the same threshold update, returned as a padded code of width = the most latents one token keeps
+    (padded slots hold value 0). At inference, the sparse form of :func:`batchtopk`.
+
+    The batch-wide top-(k*N) is found among per-token candidates (each token's top ``c`` pre-activations,
+    c = 4k at first): exact as soon as no token has a non-candidate at or above the kept threshold,
+    otherwise c grows (x4, up to n). Costs a per-row top-c instead of a flat top-k over N*n values.
+    """
+    if not sae.training:
+        return batchtopk(pre, sae, x_centered).to_sparse()
+    N, n = pre.shape
+    n_keep = min(sae.config.k * N, N * n)
+    cap = min(n, 4 * sae.config.k)
+    while True:
+        cand_values, cand_idx = pre.topk(cap, dim=-1, sorted=False)
+        acts = cand_values.relu()
+        kept_values, kept = acts.flatten().topk(n_keep, sorted=False)
+        t = kept_values.min()
+        # A token's non-candidates are <= its smallest candidate m; they cannot be kept when relu(m) < t,
+        # and do not matter when relu(m) == 0 (they are zeros).
+        m = acts.min(-1).values
+        if cap == n or bool(((m < t) | (m == 0)).all()):
+            break
+        cap = min(n, 4 * cap)
+    keep = torch.zeros(N * cap, dtype=torch.bool, device=pre.device).index_fill_(0, kept, True).view(N, cap)
+    width = max(1, int(keep.sum(-1).max()))
+    # kept slots first (their acts >= 0 > -1), then distinct non-kept candidates as padding
+    _, slot = torch.where(keep, acts, acts.new_tensor(-1.0)).topk(width, dim=-1, sorted=False)
+    values = (acts * keep).gather(-1, slot)
+    with torch.no_grad():
+        threshold = sae.batchtopk_threshold
+        positive = kept_values[kept_values > 0]
+        if positive.numel():
+            batch_min = positive.min().to(threshold.dtype)
+            mom = sae.config.batchtopk_threshold_momentum
+            threshold.copy_(torch.where(threshold < 0, batch_min, mom * threshold + (1 - mom) * batch_min))
+    return Latents(values=values, indices=cand_idx.gather(-1, slot))
+
+
 def relu(pre: Tensor, sae, x_centered: Tensor) -> Latents:
     """ReLU SAE (the L1 baseline): z = ReLU(pre)."""
     return Latents(dense=pre.relu())
@@ -202,14 +242,18 @@ class ActivationSpec:
     k_sparse: bool
     penalty: Optional[Callable[..., Tensor]] = None
     penalty_coef: Optional[str] = None  # the SAEConfig field weighting the penalty
+    sparse_fn: Optional[Callable[..., Latents]] = None
+    """The same activation as a sparse code (values = ReLU(pre) * keep, indices). The fused step of
+    ``modeling_sae`` calls it under no_grad to choose the selection, then recomputes the values with a
+    sparse backward (``hf_sae.kernels``). None: the activation has no sparse form."""
 
 
 ACTIVATIONS: dict[str, ActivationSpec] = {
-    "topk": ActivationSpec(topk, k_sparse=True),
-    "batchtopk": ActivationSpec(batchtopk, k_sparse=False),
+    "topk": ActivationSpec(topk, k_sparse=True, sparse_fn=topk),
+    "batchtopk": ActivationSpec(batchtopk, k_sparse=False, sparse_fn=batchtopk_sparse),
     "relu": ActivationSpec(relu, k_sparse=False, penalty=l1_penalty, penalty_coef="l1_coef"),
     "jumprelu": ActivationSpec(jumprelu, k_sparse=False, penalty=l0_penalty, penalty_coef="l0_coef"),
-    "topafa": ActivationSpec(topafa, k_sparse=True),
+    "topafa": ActivationSpec(topafa, k_sparse=True, sparse_fn=topafa),
 }
 
 

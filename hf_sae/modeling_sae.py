@@ -372,7 +372,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if latents.is_sparse:
             out.latent_values = latents.values.reshape(*lead, -1)
             out.latent_indices = latents.indices.reshape(*lead, -1)
-        if not latents.is_sparse or return_dense:
+        if not latents.is_sparse or return_dense or not self.activation.k_sparse:  # batchtopk: dense on both paths
             out.latents = latents.to_dense(cfg.n_latents).reshape(*lead, cfg.n_latents)
         return out
 

@@ -1,0 +1,218 @@
+"""Sparse kernels of the TopK-family training step, and the one place that picks their backend.
+
+After the encoder's dense matmul and the top-k, a TopK step only touches k latents per token. Two
+autograd-aware functions cover everything that follows the top-k without a dense [N, n] tensor:
+
+* :func:`sparse_decode` -- x^ = sum_j values[:, j] * W_dec[indices[:, j]] (a gather-sum); backward:
+  k-wide dot products for d values and a scatter-add of values x grad into the used rows of W_dec.
+* :func:`encode_selected` -- the pre-activations ``W_enc[idx] . (x - b_dec) + b_enc[idx]`` at a
+  selection chosen beforehand (under ``no_grad``) from the dense pre-activations; backward: the
+  pre-activation gradient has w non-zeros per row, so dW_enc and db_enc are scatter-adds into the
+  selected rows, db_dec = -db_enc @ W_enc, and dx (only if needed) a gather-sum.
+
+Backends (chosen by :func:`resolve_backend`): ``torch`` (``reference.py``: embedding_bag and MKL /
+cuSPARSE sparse products), ``triton`` (``triton_kernels.py``; CUDA tensors, or any tensors with
+``TRITON_INTERPRET=1``), ``dense`` (materialises the dense code; the reference of the reference).
+``auto`` = Triton on CUDA when importable, else torch. The environment variable ``HF_SAE_KERNEL``
+overrides the config's ``kernel`` field everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+ENV_VAR = "HF_SAE_KERNEL"
+BACKENDS = ("auto", "torch", "triton", "dense")
+
+__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "triton_available", "sparse_decode", "encode_selected", "topk_among",
+           "get_ops"]
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    try:
+        importlib.import_module("triton")
+    except Exception:  # ImportError, or a broken install raising at import
+        return False
+    return True
+
+
+def resolve_backend(backend: Optional[str] = "auto", device: Optional[torch.device] = None) -> str:
+    """The backend that will run: ``torch``, ``triton`` or ``dense``.
+
+    Args:
+        backend: the requested one (``auto``/``torch``/``triton``/``dense``, e.g. ``SAEConfig.kernel``);
+            the environment variable ``HF_SAE_KERNEL`` overrides it when set.
+        device: where the tensors live (``auto`` picks Triton only for CUDA).
+    Raises:
+        ValueError: unknown backend, or ``triton`` requested where it cannot run.
+    """
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    choice = env or (backend or "auto")
+    if choice not in BACKENDS:
+        source = f"environment variable {ENV_VAR}" if env else "kernel"
+        raise ValueError(f"Unknown kernel backend {choice!r} (from {source}); choose one of {BACKENDS}.")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError("kernel='triton' but the triton package is not importable; install triton or use "
+                             "kernel='torch'.")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"kernel='triton' needs CUDA tensors (got {device}); on CPU use kernel='torch', or set "
+                             "TRITON_INTERPRET=1 (before importing triton) to run the kernels in the interpreter.")
+    return choice
+
+
+def get_ops(backend: str) -> ModuleType:
+    """The module implementing the primitives for a resolved backend (``torch`` or ``triton``)."""
+    if backend == "triton":
+        return importlib.import_module(".triton_kernels", __name__)
+    if backend in ("torch", "dense"):
+        return reference
+    raise ValueError(f"get_ops: backend must be resolved to 'torch', 'triton' or 'dense', got {backend!r}")
+
+
+def _check_code(values: Tensor, indices: Tensor, n: int, name: str) -> None:
+    if values.ndim != 2 or indices.shape != values.shape:
+        raise ValueError(f"{name}: values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, w].")
+    if indices.dtype != torch.long:
+        raise ValueError(f"{name}: indices must be int64, got {indices.dtype}; use indices.long().")
+    # Range check on CPU only: on CUDA it would synchronise every call (indices come from topk there).
+    if indices.numel() and not indices.is_cuda and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"{name}: indices out of range [0, {n}) (min {int(indices.min())}, max {int(indices.max())}).")
+
+
+# ------------------------------------------------------------------------------------ decode
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x^ [N, d] = gather_sum(indices, values, W_dec); sparse backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, ops):
+        values = values.contiguous()
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.ops = ops
+        return ops.decode_forward(indices, values, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W_dec = ctx.saved_tensors
+        need_v, _, need_w, _ = ctx.needs_input_grad
+        g_values, g_W = ctx.ops.decode_backward(indices, values, W_dec, grad.contiguous(), need_v, need_w)
+        return g_values, None, g_W, None
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, backend: Optional[str] = "auto") -> Tensor:
+    """Sparse decode without b_dec: out[i] = sum_j values[i, j] * W_dec[indices[i, j]].
+
+    Args:
+        values: [N, w] latent values (padded slots 0), any float dtype (cast to W_dec's).
+        indices: [N, w] int64 latent ids in [0, n).
+        W_dec: [n, d] decoder.
+        backend: ``auto``/``torch``/``triton``/``dense`` (``HF_SAE_KERNEL`` overrides).
+    Returns:
+        [N, d] in W_dec's dtype. Differentiable w.r.t. values ([N, w] gradient) and W_dec (a dense
+        [n, d] gradient whose only non-zero rows are the used ones); never forms a dense [N, n].
+    """
+    _check_code(values, indices, W_dec.shape[0], "sparse_decode")
+    resolved = resolve_backend(backend, W_dec.device)
+    values = values.to(W_dec.dtype)
+    if resolved == "dense":
+        return reference.densify(indices, values, W_dec.shape[0]) @ W_dec
+    return _SparseDecode.apply(values, indices, W_dec, get_ops(resolved))
+
+
+# ------------------------------------------------------------------------------------ encoder
+
+
+class _EncodeSelected(torch.autograd.Function):
+    """pre_values [N, w] (given) as a function of x, W_enc, b_enc, b_dec at the selection ``indices``."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre_values, ops):
+        ctx.save_for_backward(x, W_enc, b_dec, indices)
+        ctx.ops = ops
+        return pre_values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_enc, b_dec, indices = ctx.saved_tensors
+        need_x, need_W, need_b, need_bdec = ctx.needs_input_grad[:4]
+        grad = grad.contiguous()
+        ops = ctx.ops
+        g_W = g_b = g_bdec = g_x = None
+        if need_W or need_b or need_bdec:
+            g_W, g_b = ops.encoder_backward(indices, grad, x, b_dec, W_enc.shape[0], need_W)
+        if need_x or need_bdec:
+            if need_x:
+                g_x = ops.decode_forward(indices, grad, W_enc)  # d pre / d x = W_enc rows
+                if need_bdec:
+                    g_bdec = -g_x.sum(0)
+            else:
+                g_bdec = -(g_b @ W_enc)  # sum_i sum_j g[i,j] W_enc[idx[i,j]] = segment_sum(g) @ W_enc
+        if not need_b:
+            g_b = None
+        return g_x, g_W, g_b, g_bdec, None, None, None
+
+
+def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor, pre_values: Tensor,
+                    backend: Optional[str] = "auto") -> Tensor:
+    """Differentiable encoder pre-activations at a selection made beforehand.
+
+    ``pre_values`` must equal ``(F.linear(x - b_dec, W_enc, b_enc)).gather(1, indices)`` (computed
+    once under ``no_grad`` together with the selection); this returns them with the exact gradient
+    of that expression, computed sparsely.
+
+    Args:
+        x: [N, d] inputs (normalized units). W_enc: [n, d]. b_enc: [n]. b_dec: [d].
+        indices: [N, w] int64 selected latents per row (duplicates allowed; their gradients add up).
+        pre_values: [N, w] the pre-activations at ``indices``.
+        backend: ``auto``/``torch``/``triton``/``dense``.
+    Returns:
+        [N, w] tensor equal to ``pre_values``; backward gives dx (if x requires grad), dW_enc (dense [n, d],
+        non-zero only in selected rows), db_enc [n] and db_dec [d] without a dense [N, n].
+    """
+    _check_code(pre_values, indices, W_enc.shape[0], "encode_selected")
+    if x.ndim != 2 or x.shape[0] != indices.shape[0] or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"encode_selected: x {tuple(x.shape)} must be [N={indices.shape[0]}, d={W_enc.shape[1]}].")
+    resolved = resolve_backend(backend, W_enc.device)
+    if resolved == "dense":
+        return torch.nn.functional.linear(x - b_dec, W_enc, b_enc).gather(1, indices)
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, indices, pre_values.to(W_enc.dtype), get_ops(resolved))
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def topk_among(pre: Tensor, column_mask: Tensor, k: int) -> Tensor:
+    """Indices [N, k] (into [0, n)) of the k largest entries of each row of ``pre`` [N, n] among the
+    columns where ``column_mask`` [n] (bool) is True -- AuxK's top-k_aux over dead latents.
+
+    Same selection as ``pre.masked_fill(~column_mask, -inf).topk(k)`` but runs the top-k on the
+    gathered [N, n_true] columns (cheaper when few columns are allowed). Needs 1 <= k <= n_true.
+    """
+    cols = column_mask.nonzero().squeeze(1)
+    if not 1 <= k <= cols.numel():
+        raise ValueError(f"topk_among: k={k} must be in [1, {cols.numel()}] (the number of allowed columns).")
+    if cols.numel() == pre.shape[1]:
+        return pre.topk(k, dim=-1, sorted=False).indices
+    local = pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices
+    return cols[local]

@@ -1,0 +1,149 @@
+"""Triton kernels of the sparse TopK step (GPU path), one beside each function of ``reference.py``.
+
+Same signatures and semantics as :mod:`hf_sae.kernels.reference` (``decode_forward``,
+``decode_backward``, ``encoder_backward``); the tests run both on the same inputs, on CPU under
+``TRITON_INTERPRET=1`` (set before this module is imported: ``triton.jit`` reads it at decoration).
+
+Layout: every kernel runs one program per (token i, block of BLOCK_J code slots) and walks the d
+dimension in BLOCK_D chunks; gradients of the tables (W_dec, W_enc, b_enc) are written with atomic
+adds into only the selected rows. Accumulation is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_BLOCK_J = 16
+_BLOCK_D = 128
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(w: int, d: int) -> tuple[int, int]:
+    bj = min(_BLOCK_J, triton.next_power_of_2(max(1, w)))
+    bd = min(_BLOCK_D, triton.next_power_of_2(max(1, d)))
+    return bj, bd
+
+
+@triton.jit
+def _decode_fwd_kernel(idx_ptr, coef_ptr, table_ptr, out_ptr, W, D,
+                       ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[i, dblock] = sum_j coef[i, j] * table[idx[i, j], dblock]
+    i = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    for j0 in range(0, W, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        jmask = offs_j < W
+        lat = tl.load(idx_ptr + i * W + offs_j, mask=jmask, other=0)
+        c = tl.load(coef_ptr + i * W + offs_j, mask=jmask, other=0.0).to(ACC)
+        t = tl.load(table_ptr + lat[:, None] * D + offs_d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(c[:, None] * t.to(ACC), axis=0)
+    tl.store(out_ptr + i * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _decode_bwd_kernel(idx_ptr, coef_ptr, table_ptr, grad_ptr, gcoef_ptr, gtable_ptr, W, D,
+                       NEED_COEF: tl.constexpr, NEED_TABLE: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # gcoef[i, j] = table[idx[i, j]] . grad[i];   gtable[idx[i, j]] += coef[i, j] * grad[i]
+    i = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = offs_j < W
+    lat = tl.load(idx_ptr + i * W + offs_j, mask=jmask, other=0)
+    c = tl.load(coef_ptr + i * W + offs_j, mask=jmask, other=0.0).to(ACC)
+    dot = tl.zeros([BLOCK_J], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        m2 = jmask[:, None] & dmask[None, :]
+        g = tl.load(grad_ptr + i * D + offs_d, mask=dmask, other=0.0).to(ACC)
+        if NEED_COEF:
+            t = tl.load(table_ptr + lat[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(ACC)
+            dot += tl.sum(t * g[None, :], axis=1)
+        if NEED_TABLE:
+            tl.atomic_add(gtable_ptr + lat[:, None] * D + offs_d[None, :], c[:, None] * g[None, :], mask=m2)
+    if NEED_COEF:
+        tl.store(gcoef_ptr + i * W + offs_j, dot.to(gcoef_ptr.dtype.element_ty), mask=jmask)
+
+
+@triton.jit
+def _encoder_bwd_kernel(idx_ptr, grad_ptr, x_ptr, bdec_ptr, gW_ptr, gb_ptr, W, D,
+                        NEED_W: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # gW[idx[i, j]] += grad[i, j] * (x[i] - b_dec);   gb[idx[i, j]] += grad[i, j]
+    i = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = offs_j < W
+    lat = tl.load(idx_ptr + i * W + offs_j, mask=jmask, other=0)
+    g = tl.load(grad_ptr + i * W + offs_j, mask=jmask, other=0.0).to(ACC)
+    tl.atomic_add(gb_ptr + lat, g, mask=jmask)
+    if NEED_W:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs_d < D
+            xc = (tl.load(x_ptr + i * D + offs_d, mask=dmask, other=0.0).to(ACC)
+                  - tl.load(bdec_ptr + offs_d, mask=dmask, other=0.0).to(ACC))
+            tl.atomic_add(gW_ptr + lat[:, None] * D + offs_d[None, :], g[:, None] * xc[None, :],
+                          mask=jmask[:, None] & dmask[None, :])
+
+
+def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
+    """Sparse decode (Triton): out[i] = sum_j coef[i, j] * table[idx[i, j]]. [N, w], [N, w], [n, d] -> [N, d]."""
+    idx, coef, table = idx.contiguous(), coef.contiguous(), table.contiguous()
+    N, w = idx.shape
+    d = table.shape[1]
+    out = torch.empty(N, d, dtype=table.dtype, device=table.device)
+    if N == 0:
+        return out
+    if w == 0:
+        return out.zero_()
+    bj, bd = _blocks(w, d)
+    _decode_fwd_kernel[(N, triton.cdiv(d, bd))](idx, coef, table, out, w, d,
+                                               ACC=_tl_acc(_acc_dtype(table)), BLOCK_J=bj, BLOCK_D=bd)
+    return out
+
+
+def decode_backward(idx: Tensor, coef: Tensor, table: Tensor, grad: Tensor, need_coef: bool = True,
+                    need_table: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of :func:`decode_forward` (Triton): (d coef [N, w], d table [n, d]); None where not needed."""
+    idx, coef, table, grad = idx.contiguous(), coef.contiguous(), table.contiguous(), grad.contiguous()
+    N, w = idx.shape
+    n, d = table.shape
+    acc = _acc_dtype(table)
+    g_coef = torch.zeros(N, w, dtype=acc, device=table.device) if need_coef else None
+    g_table = torch.zeros(n, d, dtype=acc, device=table.device) if need_table else None
+    if N and w and (need_coef or need_table):
+        bj, bd = _blocks(w, d)
+        dummy = grad  # any pointer for outputs that are not written
+        _decode_bwd_kernel[(N, triton.cdiv(w, bj))](
+            idx, coef, table, grad, g_coef if need_coef else dummy, g_table if need_table else dummy, w, d,
+            NEED_COEF=need_coef, NEED_TABLE=need_table, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
+    return (g_coef.to(coef.dtype) if need_coef else None, g_table.to(table.dtype) if need_table else None)
+
+
+def encoder_backward(idx: Tensor, grad: Tensor, x: Tensor, b_dec: Tensor, n: int,
+                     need_W: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Sparse encoder backward (Triton): (d W_enc [n, d] or None, d b_enc [n]) for
+    pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]], given grad [N, w]."""
+    idx, grad, x, b_dec = idx.contiguous(), grad.contiguous(), x.contiguous(), b_dec.contiguous()
+    N, w = idx.shape
+    d = x.shape[1]
+    acc = _acc_dtype(x)
+    g_b = torch.zeros(n, dtype=acc, device=x.device)
+    g_W = torch.zeros(n, d, dtype=acc, device=x.device) if need_W else None
+    if N and w:
+        bj, bd = _blocks(w, d)
+        _encoder_bwd_kernel[(N, triton.cdiv(w, bj))](
+            idx, grad, x, b_dec, g_W if need_W else g_b, g_b, w, d,
+            NEED_W=need_W, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
+    return (g_W.to(x.dtype) if need_W else None), g_b.to(grad.dtype)
