@@ -1,0 +1,244 @@
+"""Visual report of an evaluation: PNG plots + one self-contained ``report.html`` beside them.
+
+``write_report(results, out_dir, zf_points=None)`` takes the JSON-ready ``results`` dict produced by
+:func:`hf_sae.evaluation.run.run_eval` (sections ``reconstruction``, ``downstream``, ``probes``,
+``n2g``, ``ablation``, ``afa``; each optional) and writes one PNG per plot and the HTML page that
+shows the tables and plots. Returns the list of written paths.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(rows, header=None) -> str:
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _save(fig, path: Path, written: list) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    written.append(path)
+    return path.name
+
+
+def _plot_reconstruction(rec: dict, out: Path, written: list) -> list:
+    plt = _plt()
+    imgs = []
+    hist = rec.get("histograms", {})
+    if "l0" in hist:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar(hist["l0"]["values"], hist["l0"]["counts"], width=1.0, color="#4477aa")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"L0 histogram (mean {rec['l0']:.2f})")
+        imgs.append(("L0 per token", _save(fig, out / "l0_histogram.png", written)))
+    if "density_log10" in hist:
+        h = hist["density_log10"]
+        e = h["edges"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar(e[:-1], h["counts"], width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color="#228833")
+        ax.set_xlabel("log10(firing density)")
+        ax.set_ylabel("latents")
+        ax.set_title(f"Latent firing density ({h['n_dead']} dead latents not shown)")
+        imgs.append(("Firing density", _save(fig, out / "firing_density.png", written)))
+    return imgs
+
+
+def _plot_downstream(ds: dict, out: Path, written: list) -> list:
+    plt = _plt()
+    names, vals = [], []
+    for key, label in (("ce_clean", "clean"), ("ce_spliced", "SAE spliced"), ("ce_mean_ablation", "mean ablation"),
+                       ("ce_zero_ablation", "zero ablation")):
+        if key in ds:
+            names.append(label)
+            vals.append(ds[key])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, vals, color=["#4477aa", "#ee6677", "#ccbb44", "#aa3377"][: len(vals)])
+    ax.set_ylabel("next-token CE (nats)")
+    ax.set_title(f"Downstream loss (Δ = {ds['delta_loss']:.4f}, KL = {ds['kl']:.4f})")
+    return [("Downstream loss", _save(fig, out / "downstream.png", written))]
+
+
+def _plot_probes(pr: dict, out: Path, written: list) -> list:
+    plt = _plt()
+    per_task = pr.get("per_task", {})
+    if not per_task:
+        return []
+    tasks = list(per_task)
+    methods = sorted({m for t in per_task.values() for m in t}, key=lambda m: (m != "sae", m))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(tasks)), 3.6))
+    width = 0.8 / (len(methods) + 1)
+    for i, m in enumerate(methods):
+        ax.bar([j + i * width for j in range(len(tasks))], [per_task[t].get(m, float("nan")) for t in tasks],
+               width=width, label=m)
+    priors = pr.get("prior_per_task", {})
+    if priors:
+        ax.bar([j + len(methods) * width for j in range(len(tasks))], [priors.get(t, float("nan")) for t in tasks],
+               width=width, label="prior (no feature)", color="#bbbbbb")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=30, ha="right")
+    ax.set_ylabel("test BCE of best 1-D probe (nats)")
+    ax.set_title("Probe feature recovery (lower is better)")
+    ax.legend(fontsize=8)
+    return [("Probe losses", _save(fig, out / "probes.png", written))]
+
+
+def _plot_n2g(n2g: dict, out: Path, written: list) -> list:
+    plt = _plt()
+    lat = [x for x in n2g.get("latents", []) if x.get("n_fires_test", 0) > 0]
+    if not lat:
+        return []
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter([x["recall"] for x in lat], [x["precision"] for x in lat], s=14, alpha=0.7)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("recall (held-out)")
+    ax.set_ylabel("precision (held-out)")
+    ax.set_title(f"N2G explanations (mean F1 {n2g['summary']['f1']:.3f})")
+    return [("N2G precision / recall", _save(fig, out / "n2g.png", written))]
+
+
+def _plot_ablation(ab: dict, out: Path, written: list) -> list:
+    plt = _plt()
+    vals = [x["sparsity"] for x in ab.get("latents", []) if x["sparsity"] == x["sparsity"]]
+    if not vals:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(vals, bins=30, color="#aa3377")
+    ax.set_xlabel("(Σ|Δ|)² / ΣΔ² / V  per latent")
+    ax.set_ylabel("latents")
+    ax.set_title(f"Ablation sparsity (mean {ab['summary']['ablation_sparsity']:.4g})")
+    return [("Ablation sparsity", _save(fig, out / "ablation_sparsity.png", written))]
+
+
+def _plot_afa(afa: dict, out: Path, written: list, zf_points) -> list:
+    plt = _plt()
+    imgs = []
+    if zf_points is not None and len(zf_points[0]):
+        xn, zn = zf_points
+        xn, zn = [float(v) for v in xn], [float(v) for v in zn]
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        ax.scatter(xn, zn, s=3, alpha=0.3)
+        hi = max(max(xn), max(zn))
+        ax.plot([0, hi], [0, hi], "k--", lw=1, label="||z~|| = ||x - b_dec||")
+        ax.set_xlabel("||x - b_dec||  (normalized units)")
+        ax.set_ylabel("||z~||")
+        ax.set_title("ZF plot")
+        ax.legend(fontsize=8)
+        imgs.append(("ZF plot", _save(fig, out / "afa_zf_plot.png", written)))
+    h = afa.get("gap_histogram")
+    if h:
+        e = h["edges"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar(e[:-1], h["counts"], width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color="#66ccee")
+        ax.set_xlabel("(||x - b||² - ||z~||²) / ||x - b||²")
+        ax.set_ylabel("tokens")
+        ax.set_title("AFA relative gap")
+        imgs.append(("AFA relative gap", _save(fig, out / "afa_gap.png", written)))
+    return imgs
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
+font-size:0.9em}th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}h2{border-bottom:1px solid #ddd}
+.small{color:#666;font-size:0.85em}"""
+
+
+def _scalars(d: dict) -> list:
+    return [(k, v) for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+
+
+def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> list:
+    """Write PNG plots and ``report.html`` for ``results`` into ``out_dir``; return written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list = []
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hf_sae evaluation</title>"
+             f"<style>{_CSS}</style></head><body>", "<h1>SAE evaluation report</h1>"]
+    meta = results.get("meta", {})
+    if meta:
+        parts.append(_table(_scalars(meta), ["", ""]))
+    summary = results.get("summary", {})
+    if summary:
+        parts.append("<h2>Summary</h2>" + _table(list(summary.items()), ["metric", "value"]))
+
+    def section(title, key, plotter, extra=""):
+        data = results.get(key)
+        if not data:
+            return
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        scal = _scalars(data.get("summary", data))
+        if scal:
+            parts.append(_table(scal, ["metric", "value"]))
+        for caption, name in plotter(data):
+            parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption class='small'>"
+                         f"{html.escape(caption)}</figcaption></figure>")
+        if extra:
+            parts.append(extra)
+
+    section("Reconstruction", "reconstruction", lambda d: _plot_reconstruction(d, out, written))
+    section("Downstream loss", "downstream", lambda d: _plot_downstream(d, out, written))
+    pr = results.get("probes")
+    if pr:
+        rows = [(t, *(m.get(k, float("nan")) for k in ("sae", "raw_basis", "random_directions")),
+                 pr.get("prior_per_task", {}).get(t, float("nan"))) for t, m in pr.get("per_task", {}).items()]
+        extra = _table(rows, ["task", "SAE", "raw basis", "random directions", "prior"])
+        if pr.get("skipped"):
+            extra += _table(list(pr["skipped"].items()), ["skipped task", "reason"])
+        section("Probe feature recovery", "probes", lambda d: _plot_probes(d, out, written), extra)
+    n2g = results.get("n2g")
+    if n2g:
+        rows = []
+        for x in n2g.get("latents", [])[:100]:
+            pats = ", ".join(repr(p.get("text", p.get("code"))) for p in x["patterns"][:6])
+            rows.append((x["latent"], x["precision"], x["recall"], x["f1"], x["n_fires_test"], pats))
+        section("N2G explainability", "n2g", lambda d: _plot_n2g(d, out, written),
+                _table(rows, ["latent", "precision", "recall", "F1", "test fires", "patterns"]))
+    ab = results.get("ablation")
+    if ab:
+        rows = [(x["latent"], x["row"], x["position"], x["value"], x["sparsity"], x["effect_l2"])
+                for x in ab.get("latents", [])[:100]]
+        section("Ablation sparsity", "ablation", lambda d: _plot_ablation(d, out, written),
+                _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]))
+    section("AFA diagnostic", "afa", lambda d: _plot_afa(d, out, written, zf_points))
+    timings = results.get("timings_s")
+    if timings:
+        parts.append("<h2>Timings (s)</h2>" + _table(list(timings.items()), ["stage", "seconds"]))
+    parts.append("<h2>Raw results</h2><details><summary>JSON</summary><pre>"
+                 + html.escape(json.dumps(results, indent=1, default=str)[:200_000]) + "</pre></details>")
+    parts.append("</body></html>")
+    page = out / "report.html"
+    page.write_text("\n".join(parts), encoding="utf-8")
+    written.append(page)
+    return written

@@ -1,0 +1,131 @@
+"""Supervised feature dictionaries (Makelov et al. 2024; SAGE step 2).
+
+At one location, with activations ``a`` [N, d] of prompts whose attributes ``i`` take values
+``v_i``, the supervised feature of value ``v`` of attribute ``i`` is the conditional mean offset::
+
+    u_{i,v} = E[a | attr_i = v] - E[a]                                   [d]
+
+and the supervised reconstruction of a prompt with values ``(v_1, ..., v_m)`` is::
+
+    a_hat = E[a] + sum_i u_{i, v_i}                                      [d]
+
+(exact when the activation is an additive function of the attributes and the attributes are
+balanced). Changing attribute ``i`` from ``A`` to ``B`` is the supervised edit
+``a - u_{i,A} + u_{i,B}``. A value never seen when fitting gets ``u = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["SupervisedDictionary", "fit_dictionaries"]
+
+
+@dataclass
+class SupervisedDictionary:
+    """Supervised features of one location.
+
+    Attributes:
+        location: the location key (e.g. ``layers.12.resid_pre@END``).
+        mean: E[a], Tensor [d] (activation units).
+        features: ``{attribute: {value: u_{attribute,value} [d]}}``.
+        counts: ``{attribute: {value: number of fitting prompts with that value}}``.
+    """
+
+    location: str
+    mean: Tensor
+    features: dict[str, dict[str, Tensor]]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, acts: Tensor, attributes: Mapping[str, Sequence], location: str = "") -> "SupervisedDictionary":
+        """Fit ``u_{i,v}`` from activations ``acts`` [N, d] and ``attributes`` ``{i: [v per prompt]}``.
+
+        Means are taken in float64 and stored in ``acts``' dtype.
+        """
+        if not isinstance(acts, Tensor) or acts.dim() != 2 or acts.shape[0] < 1:
+            shape = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
+            raise ValueError(f"SupervisedDictionary.fit: acts must be a [N, d] tensor with N >= 1, got {shape}")
+        if not torch.isfinite(acts).all():
+            raise ValueError(f"SupervisedDictionary.fit({location}): activations contain NaN/Inf")
+        if not attributes:
+            raise ValueError("SupervisedDictionary.fit: no attributes given")
+        n = acts.shape[0]
+        x = acts.double()
+        mean = x.mean(0)
+        features: dict[str, dict[str, Tensor]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        for attr, values in attributes.items():
+            values = [str(v) for v in values]
+            if len(values) != n:
+                raise ValueError(f"attribute {attr!r} has {len(values)} values for {n} activations")
+            features[attr], counts[attr] = {}, {}
+            for v in sorted(set(values)):
+                mask = torch.tensor([w == v for w in values], device=acts.device)
+                features[attr][v] = (x[mask].mean(0) - mean).to(acts.dtype)
+                counts[attr][v] = int(mask.sum())
+        return cls(location=location, mean=mean.to(acts.dtype), features=features, counts=counts)
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.features)
+
+    def feature(self, attribute: str, value) -> Tensor:
+        """u_{attribute,value} [d]; zeros for a value not seen when fitting."""
+        if attribute not in self.features:
+            raise ValueError(f"dictionary at {self.location} has no attribute {attribute!r}; it has {self.attributes}")
+        u = self.features[attribute].get(str(value))
+        return u if u is not None else torch.zeros_like(self.mean)
+
+    def _stack(self, attribute: str, values: Sequence) -> Tensor:
+        return torch.stack([self.feature(attribute, v) for v in values]) if len(values) else self.mean.new_zeros(0, self.mean.numel())
+
+    def reconstruct(self, attributes: Mapping[str, Sequence]) -> Tensor:
+        """Supervised reconstructions [N, d]: ``E[a] + sum_i u_{i, v_i}`` for each prompt.
+
+        ``attributes`` must give every attribute of the dictionary (``{i: [v per prompt]}``).
+        """
+        missing = [a for a in self.features if a not in attributes]
+        if missing:
+            raise ValueError(f"reconstruct at {self.location}: attributes {missing} are missing")
+        lengths = {len(attributes[a]) for a in self.features}
+        if len(lengths) != 1:
+            raise ValueError(f"reconstruct at {self.location}: attribute lists have different lengths {lengths}")
+        n = lengths.pop()
+        out = self.mean.expand(n, -1).clone()
+        for a in self.features:
+            out = out + self._stack(a, list(attributes[a]))
+        return out
+
+    def edit(self, acts: Tensor, attribute: str, old_values: Sequence, new_values: Sequence) -> Tensor:
+        """Supervised edit [N, d]: ``acts - u_{i, old} + u_{i, new}`` for attribute ``i``."""
+        if acts.dim() != 2 or acts.shape[0] != len(old_values) or len(old_values) != len(new_values):
+            raise ValueError(f"edit at {self.location}: acts {tuple(acts.shape)}, {len(old_values)} old and "
+                             f"{len(new_values)} new values must agree in N")
+        delta = self._stack(attribute, list(new_values)) - self._stack(attribute, list(old_values))
+        return acts + delta.to(acts.dtype)
+
+    def feature_matrix(self, attribute: str) -> tuple[list[str], Tensor]:
+        """(values, U [n_values, d]) of one attribute, values sorted."""
+        if attribute not in self.features:
+            raise ValueError(f"dictionary at {self.location} has no attribute {attribute!r}")
+        vals = list(self.features[attribute])
+        return vals, torch.stack([self.features[attribute][v] for v in vals])
+
+    def to_dict(self) -> dict:
+        """JSON-able summary: feature norms per value and counts."""
+        return {
+            "location": self.location,
+            "mean_norm": float(self.mean.float().norm()),
+            "feature_norms": {a: {v: float(u.float().norm()) for v, u in f.items()} for a, f in self.features.items()},
+            "counts": self.counts,
+        }
+
+
+def fit_dictionaries(acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence]) -> dict[str, SupervisedDictionary]:
+    """Fit one :class:`SupervisedDictionary` per location: ``{key: acts [N, d]}`` -> ``{key: dictionary}``."""
+    return {k: SupervisedDictionary.fit(v, attributes, location=k) for k, v in acts.items()}

@@ -1,0 +1,268 @@
+"""The SAGE pipeline end to end, and the ``hf-sae sage`` command (``add_sage_args`` / ``run_sage``).
+
+Per task:
+
+1. build the task (``n_fit + n_eval`` prompts; the first ``n_fit`` fit dictionaries and choose
+   probe thresholds, the rest are held out for every reported LD and accuracy);
+2. report the model's clean LD and the LD of every corrupted counterpart;
+3. cross-sections: attribution patching over residual / head / MLP locations at every task
+   position (on ``n_attribution`` fitting prompts), keep the top locations of each node kind and
+   confirm them with real activation patching;
+4. supervised dictionaries at those locations, and the sufficiency/necessity of the supervised
+   reconstruction;
+5. for each SAE: evaluate it at the locations it covers: its own residual stream at every task
+   position (direct) and the ``n_sublayer`` best-scoring sublayer locations of the block its
+   stream feeds (recomputed from the reconstruction), see :mod:`.evaluate_sae`.
+
+Example::
+
+    hf-sae sage --sae runs/sae-l12 --tasks ioi gender --out sage_out
+    python -m hf_sae.evaluation.sage.run --fresh-sae layers.12.resid_pre --tasks ioi
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...hooks import model_parts, parse_hook_point
+from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
+from .dictionaries import fit_dictionaries
+from .evaluate_sae import _fidelity, evaluate_sae, residual_stream_index, sufficiency_necessity
+from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff, patched_logit_diff
+from .report import write_report
+from .tasks import TASKS, Task, make_task
+
+__all__ = ["add_sage_args", "run_sage", "run_sage_pipeline", "run_task", "attribution_grid"]
+
+
+def attribution_grid(model: nn.Module, task: Task, attr: AttributionResult) -> dict:
+    """Scores arranged for a heatmap: rows = layers, columns = ``resid@P``, ``heads@P`` (the head
+    with the largest |score|, signed), ``mlp@P`` for each task position P."""
+    parts = model_parts(model)
+    cols = []
+    for p in task.position_names:
+        cols += [f"resid@{p}", f"heads@{p}", f"mlp@{p}"]
+    grid = {}
+    for a, scores in attr.scores.items():
+        m = [[0.0] * len(cols) for _ in range(parts.n_layers)]
+        for loc in attr.locations:
+            kind = {"resid_pre": "resid", "attn_z": "heads", "mlp_out": "mlp"}.get(parse_hook_point(loc.hook)[1])
+            if kind is None:
+                continue
+            c = cols.index(f"{kind}@{loc.position}")
+            v = scores[loc.key]
+            if abs(v) > abs(m[loc.layer][c]):
+                m[loc.layer][c] = v
+        grid[a] = m
+    return {"columns": cols, "n_layers": parts.n_layers, "scores": grid}
+
+
+def _sublayer_candidates(attr: AttributionResult, block: int, n: int) -> list[Location]:
+    comb = attr.combined()
+    cands = [l for l in attr.locations if l.layer == block and parse_hook_point(l.hook)[1] in ("attn_z", "mlp_out")]
+    return sorted(cands, key=lambda l: -comb[l.key])[:n]
+
+
+def run_task(
+    model: nn.Module,
+    tokenizer,
+    task_name: str,
+    saes: Mapping[str, object] | None = None,
+    n_fit: int = 96,
+    n_eval: int = 64,
+    n_attribution: int = 32,
+    kinds: Sequence[str] = NODE_KINDS,
+    top_per_kind: Mapping[str, int] | None = None,
+    n_confirm: int | None = None,
+    n_sublayer: int = 4,
+    edit_steps: Sequence[int] = (1, 2, 4, 8, 16),
+    n_control: int | None = 32,
+    control: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run the SAGE pipeline for one task; returns a JSON-able dict (see the module docstring).
+
+    Keys: ``task``, ``description``, ``n_fit``, ``n_eval``, ``ld_clean`` (mean clean LD on the eval
+    prompts, logits), ``ld_clean_std``, ``ld_clean_positive_fraction``, ``corrupted`` ({attr:
+    {ld_clean_metric, ld_own}}), ``attribution`` (top scores), ``attribution_grid``,
+    ``cross_section`` (the kept locations), ``patching`` (activation patching of the kept
+    locations), ``attribution_scores_of_confirmed``, ``supervised`` ({location: sufficiency,
+    necessity, fidelity}), ``saes`` ({name: :func:`evaluate_sae` result}), ``seconds``.
+    """
+    t0 = time.time()
+    top_per_kind = dict(top_per_kind or {"resid": 4, "head": 4, "mlp": 2})
+    task = make_task(task_name, tokenizer, n_prompts=n_fit + n_eval, seed=seed)
+    fit, ev = task.split(n_fit)
+    out: dict = {"task": task_name, "description": task.description, "n_fit": n_fit, "n_eval": n_eval,
+                 "attributes": list(task.attribute_names), "positions": list(task.position_names),
+                 "example_prompts": {"clean": ev.clean.prompts[:3],
+                                     **{a: ev.corrupted[a].prompts[:3] for a in task.attribute_names}}}
+
+    with torch.no_grad():
+        ld = logit_diff(model, ev.clean, batch_size=batch_size)
+    out.update(ld_clean=float(ld.mean()), ld_clean_std=float(ld.std()) if len(ld) > 1 else 0.0,
+               ld_clean_positive_fraction=float((ld > 0).float().mean()))
+    out["corrupted"] = {}
+    for a in task.attribute_names:
+        out["corrupted"][a] = {
+            "ld_clean_metric": mean_logit_diff(model, ev.corrupted[a].as_counterfactual_of(ev.clean), batch_size),
+            "ld_own": mean_logit_diff(model, ev.corrupted[a], batch_size),
+        }
+
+    # Cross-sections: attribution patching on fitting prompts, confirmation on held-out ones.
+    locations = enumerate_locations(model, task, kinds=kinds)
+    attr = attribution_patching(model, fit.select(range(min(n_attribution, n_fit))), locations,
+                                batch_size=batch_size, progress=progress)
+    out["attribution"] = attr.to_dict(top_k=30)
+    out["attribution_grid"] = attribution_grid(model, task, attr)
+    top: list[Location] = []
+    for kind, k in top_per_kind.items():
+        if kind in kinds and k > 0:
+            top += attr.top(k, [kind])
+    out["cross_section"] = [l.key for l in top]
+    confirm = top if n_confirm is None else top[:n_confirm]
+    cache = PrefixCache(model, ev.clean, batch_size)
+    ld_corr = {a: v["ld_clean_metric"] for a, v in out["corrupted"].items()}
+    out["patching"] = activation_patching(model, ev, confirm, ld_clean=out["ld_clean"], ld_corrupted=ld_corr,
+                                          batch_size=batch_size, progress=progress, cache=cache)
+    out["attribution_scores_of_confirmed"] = {a: {l.key: attr.scores[a][l.key] for l in confirm}
+                                              for a in task.attribute_names}
+
+    # Supervised dictionaries at the cross-section, scored on held-out prompts.
+    acts_fit = location_activations(model, fit.clean, top, batch_size=batch_size)
+    dicts = fit_dictionaries(acts_fit, fit.clean.attributes)
+    acts_ev = location_activations(model, ev.clean, top, batch_size=batch_size)
+    out["supervised"] = {}
+    for loc in top:
+        a = acts_ev[loc.key]
+        ld_ablate = patched_logit_diff(model, ev.clean, {loc: a.mean(0, keepdim=True).expand_as(a)},
+                                       batch_size=batch_size, cache=cache)
+        rec = dicts[loc.key].reconstruct(ev.clean.attributes)
+        sn = sufficiency_necessity(model, ev.clean, loc, a, rec, out["ld_clean"], ld_ablate, batch_size, cache)
+        out["supervised"][loc.key] = {"ld_mean_ablation": ld_ablate, "denominator": out["ld_clean"] - ld_ablate,
+                                      **sn, **_fidelity(a, rec)}
+
+    # SAEs.
+    out["saes"] = {}
+    for name, sae in (saes or {}).items():
+        hook = sae.config.hook_point
+        locs = [Location(hook, p) for p in task.position_names]
+        j = residual_stream_index(hook)
+        if j is not None and j < model_parts(model).n_layers:
+            locs += _sublayer_candidates(attr, j, n_sublayer)
+        out["saes"][name] = evaluate_sae(
+            model, sae, fit, ev, locs, dictionaries=dicts, edit_steps=edit_steps, n_control=n_control,
+            control=control, batch_size=batch_size, progress=progress, cache=cache,
+        )
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def run_sage_pipeline(model: nn.Module, tokenizer, tasks: Sequence[str] = ("ioi", "gender"),
+                      saes: Mapping[str, object] | None = None, model_name: str = "", **kwargs) -> dict:
+    """Run :func:`run_task` for each task; returns ``{"model", "settings", "tasks": {name: result}}``."""
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown SAGE task {t!r}; available: {sorted(TASKS)}")
+    settings = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in kwargs.items()}
+    settings["saes"] = {n: getattr(s.config, "hook_point", None) for n, s in (saes or {}).items()}
+    return {"model": model_name, "settings": settings,
+            "tasks": {t: run_task(model, tokenizer, t, saes=saes, **kwargs) for t in tasks}}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_sage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``hf-sae sage`` options to ``parser`` (returns it)."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="HF causal LM: 'smollm2-135m' (embedded, offline), a local folder or a Hub id")
+    parser.add_argument("--sae", nargs="*", default=[], metavar="PATH",
+                        help="SAE folder(s) saved by hf_sae (config.hook_point must be set); "
+                             "'PATH::SUBFOLDER' loads a subfolder of a multi-hook-point folder/repo")
+    parser.add_argument("--fresh-sae", nargs="*", default=[], metavar="HOOK",
+                        help="also evaluate an untrained TopK SAE (8x, k=32) at these hook points (a baseline/smoke test)")
+    parser.add_argument("--tasks", nargs="+", default=["ioi", "gender"], choices=sorted(TASKS))
+    parser.add_argument("--n-fit", type=int, default=96, help="prompts for dictionaries / probe thresholds")
+    parser.add_argument("--n-eval", type=int, default=64, help="held-out prompts for every reported number")
+    parser.add_argument("--n-attribution", type=int, default=32, help="fitting prompts used for attribution patching")
+    parser.add_argument("--kinds", nargs="+", default=list(NODE_KINDS), choices=list(NODE_KINDS),
+                        help="node kinds searched for cross-sections")
+    parser.add_argument("--top-resid", type=int, default=4, help="residual locations kept in the cross-section")
+    parser.add_argument("--top-head", type=int, default=4, help="attention-head locations kept")
+    parser.add_argument("--top-mlp", type=int, default=2, help="MLP locations kept")
+    parser.add_argument("--n-confirm", type=int, default=None,
+                        help="how many kept locations to confirm by activation patching (default all)")
+    parser.add_argument("--n-sublayer", type=int, default=4,
+                        help="sublayer locations per residual SAE (best attribution scores in the block it feeds)")
+    parser.add_argument("--edit-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="numbers of SAE latents edited at which controllability is measured")
+    parser.add_argument("--n-control", type=int, default=32, help="eval prompts used for controllability")
+    parser.add_argument("--no-control", action="store_true", help="skip the controllability edits")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="sage_out", help="output folder (sage.json, PNGs, index.html)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _load_saes(paths: Sequence[str], fresh: Sequence[str], model: nn.Module, device) -> dict:
+    from ... import SAEConfig, SparseAutoencoder
+
+    saes = {}
+    for p in paths:
+        path, _, sub = str(p).partition("::")
+        if not Path(path).expanduser().exists() and path.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"SAE folder {path} does not exist")
+        sae = SparseAutoencoder.from_pretrained(path, subfolder=sub) if sub else SparseAutoencoder.from_pretrained(path)
+        if not sae.config.hook_point:
+            raise ValueError(f"SAE {p} has no config.hook_point; SAGE needs to know where it reads activations")
+        saes[Path(path).name + (f"/{sub}" if sub else "")] = sae.to(device).eval()
+    d_model = model_parts(model).d_model
+    for hook in fresh:
+        parse_hook_point(hook)
+        torch.manual_seed(0)
+        cfg = SAEConfig(d_in=d_model, expansion_factor=8, activation="topk", k=32, hook_point=hook)
+        saes[f"fresh@{hook}"] = SparseAutoencoder(cfg).to(device).eval()
+    return saes
+
+
+def run_sage(args: argparse.Namespace) -> dict:
+    """Entry point of ``hf-sae sage``: load the model and SAEs, run, write the report; returns the paths."""
+    from ...data.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    saes = _load_saes(args.sae, args.fresh_sae, model, args.device)
+    result = run_sage_pipeline(
+        model, tokenizer, tasks=args.tasks, saes=saes, model_name=str(args.model),
+        n_fit=args.n_fit, n_eval=args.n_eval, n_attribution=args.n_attribution, kinds=args.kinds,
+        top_per_kind={"resid": args.top_resid, "head": args.top_head, "mlp": args.top_mlp},
+        n_confirm=args.n_confirm, n_sublayer=args.n_sublayer, edit_steps=args.edit_steps,
+        n_control=args.n_control, control=not args.no_control, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    paths = write_report(result, args.out)
+    for name, t in result["tasks"].items():
+        print(f"[sage] {name}: clean LD {t['ld_clean']:.3f} (eval n={t['n_eval']}, "
+              f"{100 * t['ld_clean_positive_fraction']:.0f}% > 0); cross-section {t['cross_section']}")
+    print(f"[sage] report: {paths['html']}  json: {paths['json']}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m hf_sae.evaluation.sage.run ...``"""
+    parser = add_sage_args(argparse.ArgumentParser(prog="hf-sae sage", description=__doc__.split("\n\n")[0]))
+    return run_sage(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
