@@ -271,7 +271,7 @@ def test_probe_fit_hand_value_and_sparse_equals_dense():
     bt = b_s.clone().requires_grad_(True)
     z = v[:, 0].double() * wt + bt
     torch.nn.functional.binary_cross_entropy_with_logits(z, yy.double()).backward()
-    assert abs(float(wt.grad)) < 1e-6 and abs(float(bt.grad)) < 1e-6
+    assert abs(float(wt.grad)) < 1e-4 and abs(float(bt.grad)) < 1e-4     # vs ~0.1 at the start
     assert float(probe_loss_sparse(v, torch.zeros(400, 1, dtype=torch.long), yy, w_s, b_s)[0]) == pytest.approx(float(l_s[0]), abs=1e-9)
 
 
@@ -433,7 +433,8 @@ def test_afa_hand_values_and_streaming():
 def test_afa_from_sae_matches_modeling_loss():
     sae = _sae(d=16, n=64, k=4)
     x = torch.randn(50, 16)
-    out = sae(x)
+    with torch.no_grad():
+        out = sae(x)
     s = AFAStats()
     s.update_from_sae(sae, x, out)
     # the model's own afa_loss is mean((||z~|| - ||x - b||)^2): the same quantity
@@ -526,21 +527,17 @@ def test_hf_sae_eval_smollm2(tmp_path, smollm2):
         sae.b_dec.copy_(run_with_capture(model, ids, ["layers.3.resid_post"])["layers.3.resid_post"][0, 1:].mean(0))
     sae.save_pretrained(tmp_path / "sae")
     t = time.perf_counter()
-    import hf_sae.evaluation.run as run_mod
-
-    orig = run_mod.run_eval
-    res = orig(_eval_args(tmp_path / "sae", tmp_path / "out",
-                          ["--n-tokens", "2000", "--window", "128", "--downstream-tokens", "256",
-                           "--probe-tokens", "2000", "--n2g-latents", "8", "--ablation-latents", "4",
-                           "--ablation-context", "32"]), model=model, tokenizer=tok)
+    main([str(tmp_path / "sae"), "--out", str(tmp_path / "out"), "--no-progress", "--n-tokens", "4000",
+          "--window", "128", "--downstream-tokens", "256", "--probe-tokens", "4000", "--n2g-latents", "8",
+          "--ablation-latents", "4", "--ablation-context", "32"])   # the model comes from config.base_model
     elapsed = time.perf_counter() - t
     assert elapsed < 120
     out = tmp_path / "out"
     data = json.loads((out / "metrics.json").read_text())
-    assert data["meta"]["n_tokens"] == 2000 and data["reconstruction"]["l0"] == pytest.approx(32.0)
+    assert data["meta"]["n_tokens"] == 4000 and data["reconstruction"]["l0"] == pytest.approx(32.0)
     ds = data["downstream"]
     assert 1.0 < ds["ce_clean"] < 6.0 and ds["ce_zero_ablation"] > ds["ce_clean"]
     assert ds["kl"] > 0
     assert (out / "report.html").is_file() and (out / "probes.png").is_file()
     assert len(data["probes"]["per_task"]) >= 8
-    assert callable(main)
+    assert data["meta"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -207,7 +207,7 @@ def _sparse_loss_sums(w, b, lat, val, y_e, n0, p0):
 
 
 def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, l2: float = 1e-4,
-                      iters: int = 30, tol: float = 1e-5):
+                      iters: int = 30, tol: float = 1e-9):
     """Fit one 1-D logistic probe per latent from a sparse code, all latents at once.
 
     Args:
@@ -216,6 +216,8 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
         n_latents: n.
         l2: penalty ``l2/2 * w_std^2`` on the weight of the standardised feature (f / rms(f)).
         iters: Newton iterations (each with step halving so the objective never increases).
+        tol: stop when every latent's Newton decrement (predicted decrease of the summed
+            objective) is below ``tol * M``.
     Returns:
         ``(w [n], b [n], loss [n])`` float64: weight on the *raw* latent value, bias, and the train
         binary cross-entropy (nats/token, without the penalty).
@@ -259,19 +261,20 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
         h_wb = zeros.clone().index_add_(0, lat, s * val_s)
         h_bb = zeros.clone().index_add_(0, lat, s) + n0 * pb * (1 - pb) + 1e-12
         dw, db = _solve_step(g_w, g_b, h_ww, h_wb, h_bb)
-        t = torch.ones_like(w)
+        active = 0.5 * (g_w * dw + g_b * db) > tol * M    # Newton decrement: predicted decrease
+        if not active.any():
+            break
+        t = active.double()
         for _ in range(12):
             new = objective(w - t * dw, b - t * db)
-            bad = ~(new <= obj)
+            bad = active & ~(new <= obj)
             if not bad.any():
                 break
             t = torch.where(bad, t * 0.5, t)
-        accept = new <= obj
+        accept = active & (new <= obj)
         w = torch.where(accept, w - t * dw, w)
         b = torch.where(accept, b - t * db, b)
         obj = torch.where(accept, new, obj)
-        if float((t * dw).abs().max()) < tol and float((t * db).abs().max()) < tol:
-            break
     loss = _sparse_loss_sums(w, b, lat, val_s, y_e, n0, p0) / M
     return w / rms, b, loss
 
@@ -288,7 +291,7 @@ def probe_loss_sparse(values: Tensor, indices: Tensor, labels: Tensor, w: Tensor
     return _sparse_loss_sums(w, b, lat, val, y_e, M - cnt, float(y.sum()) - pos) / M
 
 
-def fit_probes_dense(features: Tensor, labels: Tensor, l2: float = 1e-4, iters: int = 30, tol: float = 1e-5,
+def fit_probes_dense(features: Tensor, labels: Tensor, l2: float = 1e-4, iters: int = 30, tol: float = 1e-9,
                      chunk: int = 256):
     """Fit one 1-D logistic probe per column of dense ``features`` [M, F] (see :func:`fit_probes_sparse`).
 
@@ -331,22 +334,25 @@ def fit_probes_dense(features: Tensor, labels: Tensor, l2: float = 1e-4, iters: 
             h_wb = sf.sum(0).double()
             h_bb = s.sum(0).double() + 1e-12
             dw, db = _solve_step(g_w, g_b, h_ww, h_wb, h_bb)
-            t = torch.ones_like(w)
+            # Newton decrement: the predicted decrease of the objective; ~0 once converged
+            active = 0.5 * (g_w * dw + g_b * db) > tol * M
+            if not active.any():
+                break
+            t = active.double()
+            slack = 1e-6 * obj.abs() + 1e-9 * M   # float32 sums are noisy at this level
             for _ in range(12):
                 w_new, b_new = w - t * dw, b - t * db
                 z_new = f * w_new.float() + b_new.float()
                 new = total(z_new) + 0.5 * lam * w_new * w_new
-                bad = ~(new <= obj)
+                bad = active & ~(new <= obj + slack)
                 if not bad.any():
                     break
                 t = torch.where(bad, t * 0.5, t)
-            accept = new <= obj
+            accept = active & (new <= obj + slack)
             w = torch.where(accept, w_new, w)
             b = torch.where(accept, b_new, b)
-            z = torch.where(accept.float().bool(), z_new, z)
+            z = torch.where(accept, z_new, z)
             obj = torch.where(accept, new, obj)
-            if float((t * dw).abs().max()) < tol and float((t * db).abs().max()) < tol:
-                break
         losses.append(total(z) / M)
         ws.append(w / sd)
         bs.append(b - w * mu / sd)

@@ -356,23 +356,22 @@ def evaluate_sae(
     dictionaries = dict(dictionaries or {})
     directions = _decoder_directions(sae)
     clean_ev = eval_task.clean
-    ld_clean = mean_logit_diff(model, clean_ev, batch_size=batch_size)
     cache = cache if cache is not None else PrefixCache(model, clean_ev, batch_size)
+    ld_clean = mean_logit_diff(model, clean_ev, batch_size=batch_size, cache=cache)
     d_in = int(sae.config.d_in) if hasattr(sae.config, "d_in") else directions.shape[1]
 
     # Activations: true values (fit + eval), and for sublayer locations the recomputed values and the
     # residual stream feeding the block at the location's position (for latent probes).
-    acts_fit = location_activations(model, fit_task.clean, covered, batch_size=batch_size)
-    acts_ev = location_activations(model, clean_ev, covered, batch_size=batch_size)
+    feeder = {l.key: Location(hook, l.position) for l in covered}
+    needed = list({l.key: l for l in covered + list(feeder.values())}.values())
+    acts_fit = location_activations(model, fit_task.clean, needed, batch_size=batch_size)
+    acts_ev = location_activations(model, clean_ev, needed, batch_size=batch_size)
     sub = [l for l in covered if modes[l.key] == "sublayer"]
     recomputed = recompute_sublayers(model, sae, clean_ev, sub, keep_first_position, batch_size) if sub else {}
-    feeder = {l.key: Location(hook, l.position) for l in covered}
-    feed_locs = list({f.key: f for f in feeder.values()}.values())
-    resid_fit = location_activations(model, fit_task.clean, feed_locs, batch_size=batch_size)
-    resid_ev = location_activations(model, clean_ev, feed_locs, batch_size=batch_size)
     with torch.no_grad():
-        z_fit = {k: sae.encode(v) for k, v in resid_fit.items()}
-        z_ev = {k: sae.encode(v) for k, v in resid_ev.items()}
+        feed_keys = {f.key for f in feeder.values()}
+        z_fit = {k: sae.encode(acts_fit[k]) for k in feed_keys}
+        z_ev = {k: sae.encode(acts_ev[k]) for k in feed_keys}
 
     ctrl_task = eval_task if n_control is None or n_control >= len(eval_task) else eval_task.select(range(n_control))
     ctrl_cache = None
@@ -419,7 +418,7 @@ def _control(model, sae, directions, task: Task, loc: Location, d: SupervisedDic
     """Sparse controllability at a direct location, for every attribute (see module docstring)."""
     clean = task.clean
     a = location_activations(model, clean, [loc], batch_size=batch_size)[loc.key]
-    ld_clean = mean_logit_diff(model, clean, batch_size=batch_size)
+    ld_clean = mean_logit_diff(model, clean, batch_size=batch_size, cache=cache)
     with torch.no_grad():
         z = sae.encode(a)
         base = sae.decode(z)

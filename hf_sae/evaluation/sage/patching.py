@@ -150,6 +150,7 @@ class PrefixCache:
         self.model, self.prompts, self.batch_size = model, prompts, batch_size
         self.parts = model_parts(model)
         self.batches: list[list[tuple[tuple, dict]]] = []
+        self.clean_logits: list[Tensor] = []  # [b, V] END logits of each recorded mini-batch
         self.enabled = True
         self._record()
 
@@ -180,9 +181,10 @@ class PrefixCache:
                     h.remove()
             if any(x is None for x in inputs) or not torch.allclose(mine, ref, atol=1e-3, rtol=1e-3):
                 self.enabled = False
-                self.batches = []
+                self.batches, self.clean_logits = [], []
                 return
             self.batches.append(inputs)
+            self.clean_logits.append(ref)
 
     def _run_blocks(self, inputs, start: int, h: Tensor | None, only_last_input: bool = False) -> Tensor:
         blocks = self.parts.blocks
@@ -233,10 +235,10 @@ def logit_diff(model: nn.Module, prompts: TaskPrompts, batch_size: int = 64,
     spliced in while each mini-batch ``rows`` runs (see :func:`patch_functions`). Runs under
     ``torch.no_grad()`` unless the caller enables gradients outside; only the END logits are
     computed. With a :class:`PrefixCache` of the same ``prompts`` (and batch size), the forward
-    starts at the first block a replacement touches.
+    starts at the first block a replacement touches (no replacement: the recorded clean logits).
     """
     device = next(model.parameters()).device
-    start = _start_layer(replacements or {}) if replacements else None
+    start = _start_layer(replacements or {}) if replacements else len(cache.parts.blocks) if cache else None
     use_cache = cache is not None and cache.enabled and start is not None
     if use_cache and (cache.prompts is not prompts or cache.batch_size != batch_size):
         raise ValueError("logit_diff: the PrefixCache was recorded for other prompts or another batch size")
@@ -245,8 +247,11 @@ def logit_diff(model: nn.Module, prompts: TaskPrompts, batch_size: int = 64,
         ids = prompts.input_ids[rows].to(device)
         end = prompts.positions["END"][rows].to(device)
         reps = {h: (lambda a, f=f, r=rows: f(a, r)) for h, f in (replacements or {}).items()}
-        with splice(model, reps) if reps else nullcontext():
-            logits = cache.end_logits(b, start, end) if use_cache else _end_logits(model, ids, end)
+        if use_cache and not reps:
+            logits = cache.clean_logits[b]
+        else:
+            with splice(model, reps) if reps else nullcontext():
+                logits = cache.end_logits(b, start, end) if use_cache else _end_logits(model, ids, end)
         ar = torch.arange(len(end), device=device)
         ld = logits[ar, prompts.answer_ids[rows].to(device)] - logits[ar, prompts.wrong_ids[rows].to(device)]
         out.append(ld if ld.dtype == torch.float64 else ld.float())
