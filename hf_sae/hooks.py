@@ -1,18 +1,15 @@
 """Hook points of Hugging Face causal LMs: names, resolution, capture and splice.
 
-A *hook point* is a string naming one activation of the language model:
+A *hook point* is a string naming one activation of the language model (B = batch,
+T = sequence length):
 
-======================  ================================================================  =====================
-name                    value                                                             shape
-======================  ================================================================  =====================
-``embed``               the residual stream entering block 0 (see below)                  [B, T, d_model]
-``layers.{i}.resid_pre``   hidden states entering block ``i``                             [B, T, d_model]
-``layers.{i}.attn_z``      input of block ``i``'s attention output projection             [B, T, n_heads*d_head]
-                           (per-head outputs concatenated, head-major)
-``layers.{i}.attn_out``    what block ``i``'s attention adds to the residual stream       [B, T, d_model]
-``layers.{i}.mlp_out``     what block ``i``'s MLP adds to the residual stream             [B, T, d_model]
-``layers.{i}.resid_post``  hidden states leaving block ``i``                              [B, T, d_model]
-======================  ================================================================  =====================
+    embed                   residual stream entering block 0 (see below)        [B, T, d_model]
+    layers.{i}.resid_pre    hidden states entering block i                      [B, T, d_model]
+    layers.{i}.attn_z       input of block i's attention output projection      [B, T, n_heads*d_head]
+                            (per-head outputs concatenated, head-major)
+    layers.{i}.attn_out     what block i's attention adds to the residual       [B, T, d_model]
+    layers.{i}.mlp_out      what block i's MLP adds to the residual             [B, T, d_model]
+    layers.{i}.resid_post   hidden states leaving block i                       [B, T, d_model]
 
 Definitions, in the units of the model's own hidden states:
 
@@ -669,6 +666,10 @@ def capture(
     ask one capture for all hook points. Capture hooks run after splice hooks on the same
     module, so inside :func:`splice` they see the replaced value. All hooks (and the forward
     wrapper) are removed on exit, also on exceptions.
+
+    Positions masked out by ``attention_mask`` (padding) are captured too; drop them yourself.
+    With accelerate CPU/disk offload, an aborted forward skips the offload hooks of the modules
+    it was inside (their weights stay on the execution device until their next call).
     """
     sites = _resolve_many(model, hook_points)
     names = [s.name for s in sites]
