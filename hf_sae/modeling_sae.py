@@ -228,19 +228,22 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             return dense @ self.W_dec
         return sparse_decode_reference(values, indices, self.W_dec)
 
-    def _activate_fused(self, x: Tensor, dead_mask: Optional[Tensor]):
+    def _forward_fused(self, x: Tensor, dead_mask: Optional[Tensor]):
         """The fused sparse step (``hf_sae.kernels``) for activations with a sparse form: the dense
-        pre-activations [N, n] once under no_grad, the selections of the activation, AuxK and Multi-TopK
-        chosen from them, then the selected values with a sparse backward (no dense [N, n] in autograd).
+        pre-activations [N, n] once under no_grad; the selections of the activation, AuxK and Multi-TopK
+        chosen from them as the column blocks of one sparse code; the selected values with a sparse
+        encoder backward; one sparse decode of all blocks. No dense [N, n] tensor enters autograd.
 
-        Returns ``(latents, aux_code, multi_code)`` -- codes are ``(values [N, w], indices [N, w])`` or
-        None -- with the same values and gradients as the dense path; or None when the kernels are not
-        importable, the kernel resolves to "dense", or the activation is dense (batchtopk at inference).
+        Returns ``(latents, x_hat, e_hat, x_hat4)`` in normalized units -- x_hat [N, d] (with b_dec);
+        e_hat [N, d] AuxK's decode of the dead latents (no b_dec) or None; x_hat4 the Multi-TopK
+        reconstruction or None -- with the same values and gradients as the dense path. Returns None
+        when the kernels are not importable, the kernel resolves to "dense", or the activation is dense
+        (batchtopk at inference).
         """
         cfg = self.config
         sparse_fn = getattr(self.activation, "sparse_fn", None)
         kernels = _kernels() if sparse_fn is not None else None
-        if kernels is None or not hasattr(kernels, "encode_selected"):
+        if kernels is None or not hasattr(kernels, "decode_code"):
             return None
         if not (self.activation.k_sparse or self.training):
             return None
@@ -251,23 +254,26 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         with torch.no_grad():
             xc = x - self.b_dec
             pre = F.linear(xc, self.W_enc, self.b_enc)
-            code = sparse_fn(pre, self, xc)
-            picks = [code.indices]
+            selected = sparse_fn(pre, self, xc)
+            picks = [selected.indices]
             if k_aux:
                 picks.append(kernels.topk_among(pre, dead_mask.to(pre.device), k_aux))
             if cfg.multi_topk and self.training:
                 picks.append(pre.topk(4 * cfg.k, dim=-1, sorted=False).indices)
-            idx = torch.cat(picks, 1) if len(picks) > 1 else picks[0]
-            pre_sel = pre.gather(1, idx)
+            code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
+                                      [p.shape[1] for p in picks])
+            pre_sel = pre.gather(1, code.idx)
             del pre
-        sel = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, idx, pre_sel, backend=backend)
-        parts = sel.split([p.shape[1] for p in picks], dim=1)
-        # ReLU(pre) * keep with its gradient: code.values > 0 exactly where pre > 0 and the slot is kept.
-        latents = Latents(values=parts[0].where(code.values > 0, 0.0), indices=code.indices)
-        rest = [(v.relu(), i) for v, i in zip(parts[1:], picks[1:])]
-        aux_code = rest.pop(0) if k_aux else None
-        multi_code = rest.pop(0) if rest else None
-        return latents, aux_code, multi_code
+        parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel,
+                                        backend=backend).split(code.blocks, dim=1)
+        # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
+        main = parts[0].where(selected.values > 0, 0.0)
+        values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
+        decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend))
+        x_hat = decoded.pop(0) + self.b_dec
+        e_hat = decoded.pop(0) if k_aux else None
+        x_hat4 = decoded.pop(0) + self.b_dec if decoded else None
+        return Latents(values=main, indices=selected.indices), x_hat, e_hat, x_hat4
 
     # ---------------------------------------------------------------- public API
     def encode(self, x: Tensor) -> Tensor:
@@ -314,12 +320,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """
         cfg = self.config
         xn, lead = self._flatten_input(x)
-        fused = self._activate_fused(xn, dead_mask)
+        fused = self._forward_fused(xn, dead_mask)
         if fused is None:
             pre, latents = self._activate(xn)
+            x_hat = self._decode_normalized(latents)
         else:
-            pre, (latents, aux_code, multi_code) = None, fused
-        x_hat = self._decode_normalized(latents)
+            pre, (latents, x_hat, e_hat, x_hat4) = None, fused
 
         total_var = (xn - xn.mean(0)).square().sum().clamp_min(_EPS)
         err = (x_hat - xn).square()
@@ -330,7 +336,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if fused is None:
             auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
         else:
-            auxk = self._auxk_from_code(aux_code, xn, x_hat)
+            auxk = self._auxk_from_decoded(e_hat, xn, x_hat)
         if cfg.aux_coef:
             loss = loss + cfg.aux_coef * auxk
 
@@ -357,10 +363,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if cfg.multi_topk and self.training:
             if fused is None:
                 v4, i4 = pre.topk(4 * cfg.k, dim=-1, sorted=False)
-                v4 = v4.relu()
-            else:
-                v4, i4 = multi_code
-            x_hat4 = self._decode_normalized(Latents(values=v4, indices=i4))
+                x_hat4 = self._decode_normalized(Latents(values=v4.relu(), indices=i4))
             multi = (x_hat4 - xn).square().sum() / total_var
             loss = loss + multi / 8
 
@@ -386,7 +389,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             return pre.new_zeros(())
         masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        return self._auxk_from_code((values.relu(), indices), x, x_hat)
+        return self._auxk_from_decoded(self._sparse_decode(values.relu(), indices), x, x_hat)
 
     def _auxk_width(self, dead_mask: Optional[Tensor]) -> int:
         """k_aux capped by the number of dead latents; 0 when dead_mask is None or none is dead."""
@@ -397,11 +400,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         return min(self.config.effective_k_aux, int(dead_mask.sum()))
 
-    def _auxk_from_code(self, code: Optional[tuple[Tensor, Tensor]], x: Tensor, x_hat: Tensor) -> Tensor:
-        """AuxK from the dead latents' code (values [N, k_aux] >= 0, indices [N, k_aux]); 0 for None."""
-        if code is None:
+    def _auxk_from_decoded(self, e_hat: Optional[Tensor], x: Tensor, x_hat: Tensor) -> Tensor:
+        """AuxK from e_hat [N, d], the decode (no b_dec) of the dead latents' top-k_aux code; 0 for None."""
+        if e_hat is None:
             return x.new_zeros(())
-        e_hat = self._sparse_decode(*code)
         e = x - x_hat.detach()
         denom = (e - e.mean(0)).square().sum().clamp_min(_EPS)
         return torch.nan_to_num((e_hat - e).square().sum() / denom, nan=0.0, posinf=0.0)

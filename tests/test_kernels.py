@@ -69,10 +69,20 @@ def test_reference_primitives_match_dense_formulas(dtype):
     torch.testing.assert_close(ref.gather_dot(idx, table, rows), ref.gather_dot_naive(idx, table, rows), **tol)
     torch.testing.assert_close(ref.scatter_outer(idx, coef, rows, 13), ref.scatter_outer_naive(idx, coef, rows, 13),
                                **tol)
-    # a precomputed transpose gives the same result
-    T = ref.code_transpose(idx, 13)
-    torch.testing.assert_close(ref.scatter_outer(idx, coef, rows, 13, T), ref.scatter_outer_naive(idx, coef, rows, 13),
-                               **tol)
+
+
+def test_sparse_code_transpose_groups_slots_by_latent():
+    idx = torch.tensor([[3, 0, 3], [1, 3, 0]])
+    c = ref.SparseCode(idx, 5, blocks=[2, 1])
+    offsets, order, latent = c.transpose()
+    assert offsets.tolist() == [0, 2, 3, 3, 6]  # latent 0: 2 slots, 1: 1, 2: none, 3: 3, 4: none
+    assert latent.tolist() == [0, 0, 1, 3, 3, 3]
+    assert torch.equal(idx.reshape(-1)[order], latent)
+    assert torch.equal(c.token(), order // 3)
+    # stacked rows: block 1 (column 2) reads rows N.. 2N-1
+    assert torch.equal(c.stacked_token(), order // 3 + 2 * (order % 3 == 2))
+    with pytest.raises(ValueError, match="must sum to the code width"):
+        ref.SparseCode(idx, 5, blocks=[2, 2])
 
 
 def test_reference_primitives_empty_code():
@@ -89,23 +99,39 @@ def test_reference_primitives_empty_code():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_kernels_match_reference(tk, dtype):
     idx, coef, table, rows = code(N=5, w=19, n=11, d=150, dtype=dtype)  # w, d straddle the block sizes
+    grads = [rows, torch.randn_like(rows)]
     b_dec = torch.randn(150, dtype=dtype)
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(tk.decode_forward(idx, coef, table), ref.decode_forward(idx, coef, table), **tol)
+    two_blocks = ref.SparseCode(idx, 11, blocks=[7, 12])
     for need in [(True, True), (True, False), (False, True)]:
-        got = tk.decode_backward(idx, coef, table, rows, *need)
-        want = ref.decode_backward(idx, coef, table, rows, *need)
+        got = tk.decode_backward(two_blocks, coef, table, grads, *need)
+        want = ref.decode_backward(two_blocks, coef, table, grads, *need)
         for g, w in zip(got, want):
             assert (g is None) == (w is None)
             if g is not None:
                 torch.testing.assert_close(g, w, **tol)
     for need_W in (True, False):
-        gW, gb = tk.encoder_backward(idx, coef, rows, b_dec, 11, need_W)
-        wW, wb = ref.encoder_backward(idx, coef, rows, b_dec, 11, need_W)
+        gW, gb = tk.encoder_backward(two_blocks, coef, rows, b_dec, need_W)
+        wW, wb = ref.encoder_backward(two_blocks, coef, rows, b_dec, need_W)
         torch.testing.assert_close(gb, wb, **tol)
         assert (gW is None) == (not need_W)
         if need_W:
             torch.testing.assert_close(gW, wW, **tol)
+
+
+def test_decode_backward_of_blocks_equals_autograd_of_dense_decode():
+    """Two blocks with their own output gradients: one sparse pass equals autograd through dense decodes."""
+    idx, coef, table, rows = code(N=5, w=7, n=11, d=6)
+    grads = [rows, torch.randn_like(rows)]
+    c = ref.SparseCode(idx, 11, blocks=[3, 4])
+    v = coef.clone().requires_grad_(True)
+    W = table.clone().requires_grad_(True)
+    outs = [ref.densify(idx[:, s], v[:, s], 11) @ W for s in c.block_slices()]
+    torch.autograd.backward(outs, grads)
+    g_v, g_W = ref.decode_backward(c, coef, table, grads)
+    torch.testing.assert_close(g_v, v.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_W, W.grad, atol=1e-12, rtol=0)
 
 
 # ------------------------------------------------------------------------------ autograd Functions

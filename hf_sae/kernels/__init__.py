@@ -1,20 +1,23 @@
 """Sparse kernels of the TopK-family training step, and the one place that picks their backend.
 
-After the encoder's dense matmul and the top-k, a TopK step only touches k latents per token. Two
-autograd-aware functions cover everything that follows the top-k without a dense [N, n] tensor:
+After the encoder's dense matmul and the top-k, a TopK step only touches k latents per token. The
+functions here cover everything that follows the top-k without a dense [N, n] tensor:
 
-* :func:`sparse_decode` -- x^ = sum_j values[:, j] * W_dec[indices[:, j]] (a gather-sum); backward:
-  k-wide dot products for d values and a scatter-add of values x grad into the used rows of W_dec.
+* :func:`sparse_decode` / :func:`decode_code` -- x^ = sum_j values[:, j] * W_dec[indices[:, j]] (a
+  gather-sum); backward: k-wide dot products for d values and a scatter-add of values x grad into the
+  used rows of W_dec. ``decode_code`` decodes several column blocks of one :class:`SparseCode` (the
+  activation's code, AuxK's, Multi-TopK's) with a single backward pass.
 * :func:`encode_selected` -- the pre-activations ``W_enc[idx] . (x - b_dec) + b_enc[idx]`` at a
   selection chosen beforehand (under ``no_grad``) from the dense pre-activations; backward: the
-  pre-activation gradient has w non-zeros per row, so dW_enc and db_enc are scatter-adds into the
+  pre-activation gradient has W non-zeros per row, so dW_enc and db_enc are scatter-adds into the
   selected rows, db_dec = -db_enc @ W_enc, and dx (only if needed) a gather-sum.
+* :func:`topk_among` -- AuxK's top-k restricted to the dead latents' columns.
 
-Backends (chosen by :func:`resolve_backend`): ``torch`` (``reference.py``: embedding_bag and MKL /
-cuSPARSE sparse products), ``triton`` (``triton_kernels.py``; CUDA tensors, or any tensors with
-``TRITON_INTERPRET=1``), ``dense`` (materialises the dense code; the reference of the reference).
-``auto`` = Triton on CUDA when importable, else torch. The environment variable ``HF_SAE_KERNEL``
-overrides the config's ``kernel`` field everywhere.
+Backends (chosen by :func:`resolve_backend`): ``torch`` (``reference.py``: embedding_bag and its
+per-sample-weight gradient, token-major for the decode and latent-major for the backward),
+``triton`` (``triton_kernels.py``; CUDA tensors, or any tensors with ``TRITON_INTERPRET=1``),
+``dense`` (materialises the dense code; the reference). ``auto`` = Triton on CUDA when importable,
+else torch. The environment variable ``HF_SAE_KERNEL`` overrides the config's ``kernel`` everywhere.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .reference import SparseCode
 
 ENV_VAR = "HF_SAE_KERNEL"
 BACKENDS = ("auto", "torch", "triton", "dense")
 
-__all__ = ["ENV_VAR", "BACKENDS", "resolve_backend", "triton_available", "sparse_decode", "encode_selected", "topk_among",
-           "get_ops"]
+__all__ = ["ENV_VAR", "BACKENDS", "SparseCode", "resolve_backend", "triton_available", "get_ops", "sparse_decode",
+           "decode_code", "encode_selected", "topk_among"]
 
 
 # ------------------------------------------------------------------------------------ dispatch
@@ -103,21 +107,43 @@ def _check_code(values: Tensor, indices: Tensor, n: int, name: str) -> None:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """x^ [N, d] = gather_sum(indices, values, W_dec); sparse backward (see module docstring)."""
+    """outputs[b] [N, d] = gather_sum(idx[:, block b], values[:, block b], W_dec) for every block of a
+    :class:`SparseCode`; one sparse backward for all blocks (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec, ops):
+    def forward(ctx, values, W_dec, code, ops):
         values = values.contiguous()
-        ctx.save_for_backward(values, indices, W_dec)
-        ctx.ops = ops
-        return ops.decode_forward(indices, values, W_dec)
+        ctx.save_for_backward(values, W_dec)
+        ctx.code, ctx.ops = code, ops
+        return tuple(ops.decode_forward(code.idx[:, cols], values[:, cols], W_dec) for cols in code.block_slices())
 
     @staticmethod
-    def backward(ctx, grad):
-        values, indices, W_dec = ctx.saved_tensors
-        need_v, _, need_w, _ = ctx.needs_input_grad
-        g_values, g_W = ctx.ops.decode_backward(indices, values, W_dec, grad.contiguous(), need_v, need_w)
-        return g_values, None, g_W, None
+    def backward(ctx, *grads):
+        values, W_dec = ctx.saved_tensors
+        need_v, need_w = ctx.needs_input_grad[:2]
+        g_values, g_W = ctx.ops.decode_backward(ctx.code, values, W_dec, grads, need_v, need_w)
+        return g_values, g_W, None, None
+
+
+def decode_code(values: Tensor, code: SparseCode, W_dec: Tensor, backend: Optional[str] = "auto") -> tuple[Tensor, ...]:
+    """Sparse decode (no b_dec) of every column block of ``code``.
+
+    Args:
+        values: [N, W] latent values for ``code.idx`` [N, W] (padded slots 0).
+        code: the batch's :class:`SparseCode` (its transpose is shared with :func:`encode_selected`).
+        W_dec: [n, d] decoder.
+        backend: ``auto``/``torch``/``triton``/``dense`` (``HF_SAE_KERNEL`` overrides).
+    Returns:
+        one [N, d] tensor per block, ``sum_j values[i, j] W_dec[idx[i, j]]`` over the block's columns.
+        Differentiable w.r.t. values and W_dec; the backward of all blocks is one sparse pass.
+    """
+    if values.shape != code.shape:
+        raise ValueError(f"decode_code: values {tuple(values.shape)} must match the code {tuple(code.shape)}.")
+    resolved = resolve_backend(backend, W_dec.device)
+    values = values.to(W_dec.dtype)
+    if resolved == "dense":
+        return tuple(reference.densify(code.idx[:, c], values[:, c], code.n) @ W_dec for c in code.block_slices())
+    return _SparseDecode.apply(values, W_dec, code, get_ops(resolved))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, backend: Optional[str] = "auto") -> Tensor:
@@ -133,47 +159,40 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, backend: Optio
         [n, d] gradient whose only non-zero rows are the used ones); never forms a dense [N, n].
     """
     _check_code(values, indices, W_dec.shape[0], "sparse_decode")
-    resolved = resolve_backend(backend, W_dec.device)
-    values = values.to(W_dec.dtype)
-    if resolved == "dense":
-        return reference.densify(indices, values, W_dec.shape[0]) @ W_dec
-    return _SparseDecode.apply(values, indices, W_dec, get_ops(resolved))
+    return decode_code(values, SparseCode(indices, W_dec.shape[0]), W_dec, backend)[0]
 
 
 # ------------------------------------------------------------------------------------ encoder
 
 
 class _EncodeSelected(torch.autograd.Function):
-    """pre_values [N, w] (given) as a function of x, W_enc, b_enc, b_dec at the selection ``indices``."""
+    """pre_values [N, W] (given) as a function of x, W_enc, b_enc, b_dec at the code's selection."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre_values, ops):
-        ctx.save_for_backward(x, W_enc, b_dec, indices)
-        ctx.ops = ops
+    def forward(ctx, x, W_enc, b_enc, b_dec, pre_values, code, ops):
+        ctx.save_for_backward(x, W_enc, b_dec)
+        ctx.code, ctx.ops = code, ops
         return pre_values.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, W_enc, b_dec, indices = ctx.saved_tensors
+        x, W_enc, b_dec = ctx.saved_tensors
         need_x, need_W, need_b, need_bdec = ctx.needs_input_grad[:4]
         grad = grad.contiguous()
-        ops = ctx.ops
+        code, ops = ctx.code, ctx.ops
         g_W = g_b = g_bdec = g_x = None
         if need_W or need_b or need_bdec:
-            g_W, g_b = ops.encoder_backward(indices, grad, x, b_dec, W_enc.shape[0], need_W)
-        if need_x or need_bdec:
-            if need_x:
-                g_x = ops.decode_forward(indices, grad, W_enc)  # d pre / d x = W_enc rows
-                if need_bdec:
-                    g_bdec = -g_x.sum(0)
-            else:
-                g_bdec = -(g_b @ W_enc)  # sum_i sum_j g[i,j] W_enc[idx[i,j]] = segment_sum(g) @ W_enc
+            g_W, g_b = ops.encoder_backward(code, grad, x, b_dec, need_W)
+        if need_x:
+            g_x = ops.decode_forward(code.idx, grad, W_enc)  # d pre / d x = the selected W_enc rows
+        if need_bdec:  # sum_i sum_j g[i,j] W_enc[idx[i,j]] = segment_sum(g) @ W_enc
+            g_bdec = -g_x.sum(0) if g_x is not None else -(g_b.to(W_enc.dtype) @ W_enc)
         if not need_b:
             g_b = None
         return g_x, g_W, g_b, g_bdec, None, None, None
 
 
-def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor, pre_values: Tensor,
+def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices, pre_values: Tensor,
                     backend: Optional[str] = "auto") -> Tensor:
     """Differentiable encoder pre-activations at a selection made beforehand.
 
@@ -183,20 +202,29 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
 
     Args:
         x: [N, d] inputs (normalized units). W_enc: [n, d]. b_enc: [n]. b_dec: [d].
-        indices: [N, w] int64 selected latents per row (duplicates allowed; their gradients add up).
-        pre_values: [N, w] the pre-activations at ``indices``.
+        indices: [N, W] int64 selected latents per row (duplicates allowed; their gradients add up), or
+            the batch's :class:`SparseCode` (shares its transpose with :func:`decode_code`).
+        pre_values: [N, W] the pre-activations at ``indices``.
         backend: ``auto``/``torch``/``triton``/``dense``.
     Returns:
-        [N, w] tensor equal to ``pre_values``; backward gives dx (if x requires grad), dW_enc (dense [n, d],
+        [N, W] tensor equal to ``pre_values``; backward gives dx (if x requires grad), dW_enc (dense [n, d],
         non-zero only in selected rows), db_enc [n] and db_dec [d] without a dense [N, n].
     """
-    _check_code(pre_values, indices, W_enc.shape[0], "encode_selected")
-    if x.ndim != 2 or x.shape[0] != indices.shape[0] or x.shape[1] != W_enc.shape[1]:
-        raise ValueError(f"encode_selected: x {tuple(x.shape)} must be [N={indices.shape[0]}, d={W_enc.shape[1]}].")
+    n = W_enc.shape[0]
+    if isinstance(indices, SparseCode):
+        code = indices
+        if code.shape != pre_values.shape or code.n != n:
+            raise ValueError(f"encode_selected: code {tuple(code.shape)} over {code.n} latents does not match "
+                             f"pre_values {tuple(pre_values.shape)} and W_enc {tuple(W_enc.shape)}.")
+    else:
+        _check_code(pre_values, indices, n, "encode_selected")
+        code = SparseCode(indices, n)
+    if x.ndim != 2 or x.shape[0] != code.shape[0] or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"encode_selected: x {tuple(x.shape)} must be [N={code.shape[0]}, d={W_enc.shape[1]}].")
     resolved = resolve_backend(backend, W_enc.device)
     if resolved == "dense":
-        return torch.nn.functional.linear(x - b_dec, W_enc, b_enc).gather(1, indices)
-    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, indices, pre_values.to(W_enc.dtype), get_ops(resolved))
+        return torch.nn.functional.linear(x - b_dec, W_enc, b_enc).gather(1, code.idx)
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, pre_values.to(W_enc.dtype), code, get_ops(resolved))
 
 
 # ------------------------------------------------------------------------------------ selection

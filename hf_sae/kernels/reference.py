@@ -2,29 +2,122 @@
 
 A k-sparse code is a pair ``(coef [N, w], idx [N, w])``: row i of the batch uses the latents
 ``idx[i, :]`` with weights ``coef[i, :]`` (padded slots carry weight 0). With a table ``T [n, d]``
-(a decoder or encoder matrix) and dense rows ``R [N, d]`` the three products a TopK training step
-needs are
+(a decoder or encoder matrix) and dense rows ``R [N, d]`` the products a TopK training step needs are
 
     gather_sum(idx, coef, T)[i]      = sum_j coef[i, j] * T[idx[i, j]]                 -> [N, d]
     gather_dot(idx, T, R)[i, j]      = T[idx[i, j]] . R[i]                              -> [N, w]
     scatter_outer(idx, coef, R, n)   = sum_{i, j} coef[i, j] * e_{idx[i, j]} R[i]^T    -> [n, d]
 
-(``gather_sum`` is the sparse decode, ``gather_dot`` the gradient of the decode w.r.t. the values,
-``scatter_outer`` the gradient w.r.t. the table; the encoder backward is ``scatter_outer`` again).
-Each costs O(N * w * d): none forms a dense [N, n] tensor. ``*_naive`` functions are the obvious
-dense formulations, kept for tests only.
+(the sparse decode, its gradient w.r.t. the values, and w.r.t. the table; the encoder backward is
+``scatter_outer`` again). Each costs O(N * w * d) and none forms a dense [N, n] tensor.
+
+How they run on CPU: ``gather_sum`` is ``embedding_bag`` over the tokens (token-major). The two
+backward products run latent-major: the code is transposed once (:class:`SparseCode`, a counting sort
+of the N*w slot ids) and every latent's slots become one bag of ``embedding_bag`` (for the scatter)
+or of its per-sample-weight gradient (for the dot products). That reads each used table row once,
+in order, and keeps the random accesses within the [N, d] rows, which stay in cache.
+
+``*_naive`` functions are the obvious dense formulations, kept for tests.
 """
 
 from __future__ import annotations
 
-import warnings
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows of the batch processed at once by the index_add fallback of scatter_outer (bounds [chunk, w, d]).
-_CHUNK_ELEMS = 1 << 22
+
+class SparseCode:
+    """The selected latents of one batch, shared by every sparse product of a training step.
+
+    ``idx`` [N, W] int64 is made of column ``blocks`` (e.g. the activation's k, AuxK's k_aux and
+    Multi-TopK's 4k columns). The latent-major transpose is computed on first use and cached, so the
+    decoder and encoder backward passes sort the slots once between them.
+
+    Args:
+        idx: [N, W] int64 latent ids in [0, n).
+        n: number of latents.
+        blocks: widths of the column blocks (sum W); default one block.
+    """
+
+    def __init__(self, idx: Tensor, n: int, blocks: Optional[Sequence[int]] = None):
+        self.idx = idx
+        self.n = int(n)
+        self.blocks = tuple(int(b) for b in blocks) if blocks is not None else (idx.shape[1],)
+        if sum(self.blocks) != idx.shape[1]:
+            raise ValueError(f"SparseCode: blocks {self.blocks} must sum to the code width {idx.shape[1]}.")
+        self._transpose = None
+        self._stacked = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.idx.shape
+
+    def block_slices(self) -> list[slice]:
+        """Column slices of the blocks."""
+        out, start = [], 0
+        for b in self.blocks:
+            out.append(slice(start, start + b))
+            start += b
+        return out
+
+    def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(offsets [n], order [N*W], latent [N*W]): the flattened slots sorted by latent (``order``
+        permutes them), the latent of each sorted slot, and where each latent's run of slots starts."""
+        if self._transpose is None:
+            flat = self.idx.reshape(-1)
+            key = flat.to(torch.int32) if self.n < 2**31 else flat
+            latent, order = _sort_ints(key)
+            counts = torch.bincount(latent, minlength=self.n)
+            offsets = torch.zeros(self.n, dtype=torch.long, device=flat.device)
+            torch.cumsum(counts[:-1], 0, out=offsets[1:])
+            self._transpose = (offsets, order, latent.long())
+        return self._transpose
+
+    def token(self) -> Tensor:
+        """[N*W] batch row of each sorted slot."""
+        _, order, _ = self.transpose()
+        return torch.div(order, max(1, self.idx.shape[1]), rounding_mode="floor")
+
+    def stacked_token(self) -> Tensor:
+        """[N*W] row of each sorted slot in the blocks' stacked rows [n_blocks * N, d]: token + N * block."""
+        if self._stacked is None:
+            _, order, _ = self.transpose()
+            W = max(1, self.idx.shape[1])
+            token = torch.div(order, W, rounding_mode="floor")
+            if len(self.blocks) > 1:
+                ends = torch.tensor(list(_cumsum(self.blocks))[:-1], device=order.device)
+                block = torch.bucketize(order % W, ends, right=True)
+                token = token + self.idx.shape[0] * block
+            self._stacked = token
+        return self._stacked
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total
+
+
+def _sort_ints(key: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort of a 1-D integer tensor. On CPU single-threaded: ATen's parallel radix sort is ~30x slower
+    than the serial one on 2 busy cores (barrier waits), and the serial one takes milliseconds."""
+    if key.is_cuda:
+        return key.sort()
+    old = torch.get_num_threads()
+    if old == 1:
+        return key.sort()
+    torch.set_num_threads(1)
+    try:
+        return key.sort()
+    finally:
+        torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ the three primitives
 
 
 def gather_sum(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
@@ -34,76 +127,99 @@ def gather_sum(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
     """
     if idx.shape[1] == 0:
         return table.new_zeros(idx.shape[0], table.shape[1])
-    return F.embedding_bag(idx, table, per_sample_weights=coef.to(table.dtype), mode="sum")
+    return F.embedding_bag(idx.contiguous(), table, per_sample_weights=coef.to(table.dtype).contiguous(), mode="sum")
 
 
-def _use_sparse_matmul(t: Tensor) -> bool:
-    # MKL sparse (CPU) and cuSPARSE handle float32/float64; other dtypes use the gather path.
-    return t.dtype in (torch.float32, torch.float64)
-
-
-def gather_dot(idx: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+def gather_dot(idx: Tensor, table: Tensor, rows: Tensor, code: Optional[SparseCode] = None) -> Tensor:
     """out[i, j] = table[idx[i, j]] . rows[i].
 
-    Args: idx [N, w] int64; table [n, d]; rows [N, d]. Returns [N, w] in rows' dtype.
+    Args: idx [N, w] int64; table [n, d]; rows [N, d]; code: ``SparseCode(idx, n)`` if already built.
+    Returns [N, w] in rows' dtype.
     """
     N, w = idx.shape
     if N == 0 or w == 0:
         return rows.new_zeros(N, w)
-    # The per-sample-weights gradient of embedding_bag is exactly these k-wide dot products; ATen runs
-    # it without forming the [N, w, d] gather (and it accepts duplicate ids in a row).
-    offsets = torch.arange(0, N * w, w, device=idx.device)
-    bag_of_slot = torch.arange(N, device=idx.device).repeat_interleave(w)
-    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        rows.to(table.dtype).contiguous(), table, idx.reshape(-1), offsets, bag_of_slot, 0, -1)
-    return out.view(N, w).to(rows.dtype)
+    code = code if code is not None else SparseCode(idx, table.shape[0])
+    return _gather_dot_sorted(code, table, rows.to(table.dtype), code.token()).view(N, w).to(rows.dtype)
 
 
-def code_transpose(idx: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The CSR structure of the transposed code (latent-major): (crow [n+1], token [N*w], order [N*w]).
-
-    ``order`` permutes the flattened slots so that they are sorted by latent; ``token[m]`` is the batch
-    row of sorted slot m. Reusable for every ``scatter_outer`` over the same ``idx``.
-    """
-    flat = idx.reshape(-1)
-    sorted_lat, order = flat.sort(stable=True)
-    counts = torch.bincount(sorted_lat, minlength=n)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    token = torch.div(order, idx.shape[1], rounding_mode="floor")
-    return crow, token, order
+def _gather_dot_sorted(code: SparseCode, table: Tensor, rows: Tensor, row_of_slot: Tensor) -> Tensor:
+    # Latent-major: bag l = the slots of latent l, its "output gradient" table[l]; the per-sample-weight
+    # gradient of that embedding_bag is table[l] . rows[row_of_slot] for every slot of the bag.
+    offsets, order, latent = code.transpose()
+    sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        table.contiguous(), rows.contiguous(), row_of_slot, offsets, latent, 0, -1)
+    return torch.empty_like(sorted_dots).index_put_((order,), sorted_dots)
 
 
-def scatter_outer(idx: Tensor, coef: Tensor, rows: Tensor, n: int, transpose=None) -> Tensor:
+def scatter_outer(idx: Tensor, coef: Tensor, rows: Tensor, n: int, code: Optional[SparseCode] = None) -> Tensor:
     """out[l] = sum over slots (i, j) with idx[i, j] == l of coef[i, j] * rows[i].
 
-    Args: idx [N, w] int64 in [0, n); coef [N, w]; rows [N, d]; n: table rows; transpose: the result
-    of :func:`code_transpose` for ``idx`` (computed when None). Returns a dense [n, d] (rows that no
-    slot uses are 0), in rows' dtype.
+    Args: idx [N, w] int64 in [0, n); coef [N, w]; rows [N, d]; n: table rows; code: ``SparseCode(idx, n)``
+    if already built. Returns a dense [n, d] (rows that no slot uses are 0) in rows' dtype.
     """
     N, w = idx.shape
-    d = rows.shape[1]
     if N == 0 or w == 0:
-        return rows.new_zeros(n, d)
-    coef = coef.to(rows.dtype)
-    if _use_sparse_matmul(rows):
-        crow, token, order = transpose if transpose is not None else code_transpose(idx, n)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            S = torch.sparse_csr_tensor(crow, token, coef.reshape(-1)[order], (n, N), check_invariants=False)
-        return S @ rows
-    out = rows.new_zeros(n, d)
-    chunk = max(1, _CHUNK_ELEMS // max(1, w * d))
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        src = (coef[s:e].unsqueeze(-1) * rows[s:e].unsqueeze(1)).reshape(-1, d)
-        out.index_add_(0, idx[s:e].reshape(-1), src)
-    return out
+        return rows.new_zeros(n, rows.shape[1])
+    code = code if code is not None else SparseCode(idx, n)
+    return _scatter_sorted(code, coef.to(rows.dtype), rows, code.token())
+
+
+def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: Tensor) -> Tensor:
+    # Latent-major: one bag per latent (empty bags give zero rows), weights = the slots' coefficients.
+    offsets, order, _ = code.transpose()
+    return F.embedding_bag(row_of_slot, rows.contiguous(), offsets, per_sample_weights=coef.reshape(-1)[order],
+                           mode="sum")
 
 
 def segment_sum(idx: Tensor, coef: Tensor, n: int) -> Tensor:
     """out[l] = sum of coef[i, j] over slots with idx[i, j] == l. idx, coef [N, w] -> [n]."""
     return coef.new_zeros(n).index_add_(0, idx.reshape(-1), coef.reshape(-1))
+
+
+# ------------------------------------------------------------------ the kernels of the step
+# (same signatures in triton_kernels.py)
+
+
+def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
+    """Sparse decode of one block: gather_sum(idx, coef, table) -> [N, d]."""
+    return gather_sum(idx, coef, table)
+
+
+def decode_backward(code: SparseCode, values: Tensor, table: Tensor, grads: Sequence[Tensor],
+                    need_values: bool = True, need_table: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Backward of decoding every block of ``code``: block b's output is
+    ``gather_sum(idx[:, b], values[:, b], table)`` and ``grads[b]`` [N, d] its gradient.
+
+    Returns (d values [N, W], d table [n, d]), None where not needed. One latent-major pass over all
+    blocks (their gradient rows stacked), sharing the code's transpose.
+    """
+    N, W = code.shape
+    if N == 0 or W == 0:
+        return (values.new_zeros(N, W) if need_values else None,
+                table.new_zeros(table.shape) if need_table else None)
+    rows = torch.cat([g.to(table.dtype) for g in grads], 0) if len(grads) > 1 else grads[0].to(table.dtype)
+    row_of_slot = code.stacked_token()
+    g_values = _gather_dot_sorted(code, table, rows, row_of_slot).view(N, W).to(values.dtype) if need_values else None
+    g_table = _scatter_sorted(code, values.to(table.dtype), rows, row_of_slot) if need_table else None
+    return g_values, g_table
+
+
+def encoder_backward(code: SparseCode, grad: Tensor, x: Tensor, b_dec: Tensor,
+                     need_W: bool = True) -> tuple[Optional[Tensor], Tensor]:
+    """Sparse encoder backward for pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]].
+
+    Args: code (idx [N, W]); grad [N, W] (d loss / d pre at the selection); x [N, d]; b_dec [d].
+    Returns: (d W_enc [n, d] or None, d b_enc [n]).
+    """
+    g_b = segment_sum(code.idx, grad, code.n)
+    g_W = None
+    if need_W:
+        if code.idx.numel() == 0:
+            g_W = x.new_zeros(code.n, x.shape[1])
+        else:
+            g_W = _scatter_sorted(code, grad.to(x.dtype), x - b_dec, code.token())
+    return g_W, g_b
 
 
 # ------------------------------------------------------------------ naive (dense) forms, for tests
@@ -127,33 +243,3 @@ def gather_dot_naive(idx: Tensor, table: Tensor, rows: Tensor) -> Tensor:
 def scatter_outer_naive(idx: Tensor, coef: Tensor, rows: Tensor, n: int) -> Tensor:
     """Dense reference of :func:`scatter_outer`: densify(idx, coef)^T @ rows."""
     return densify(idx, coef.to(rows.dtype), n).t() @ rows
-
-
-# ------------------------------------------------------------------ the three kernels of the step
-# (same signatures in triton_kernels.py)
-
-
-def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
-    """Sparse decode: gather_sum(idx, coef, table) -> [N, d]."""
-    return gather_sum(idx, coef, table)
-
-
-def decode_backward(idx: Tensor, coef: Tensor, table: Tensor, grad: Tensor, need_coef: bool = True,
-                    need_table: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """Backward of :func:`decode_forward` given grad [N, d]: (d coef [N, w], d table [n, d]) (None when
-    not needed)."""
-    g_coef = gather_dot(idx, table, grad).to(coef.dtype) if need_coef else None
-    g_table = scatter_outer(idx, coef, grad, table.shape[0]).to(table.dtype) if need_table else None
-    return g_coef, g_table
-
-
-def encoder_backward(idx: Tensor, grad: Tensor, x: Tensor, b_dec: Tensor, n: int,
-                     need_W: bool = True) -> tuple[Tensor | None, Tensor]:
-    """Sparse encoder backward for pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]].
-
-    Args: idx [N, w]; grad [N, w] (d loss / d pre at the selection); x [N, d]; b_dec [d]; n latents.
-    Returns: (d W_enc [n, d] or None, d b_enc [n]).
-    """
-    g_b = segment_sum(idx, grad, n)
-    g_W = scatter_outer(idx, grad, x - b_dec, n) if need_W else None
-    return g_W, g_b

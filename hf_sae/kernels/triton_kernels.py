@@ -113,31 +113,41 @@ def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
     return out
 
 
-def decode_backward(idx: Tensor, coef: Tensor, table: Tensor, grad: Tensor, need_coef: bool = True,
+def decode_backward(code, values: Tensor, table: Tensor, grads, need_values: bool = True,
                     need_table: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """Backward of :func:`decode_forward` (Triton): (d coef [N, w], d table [n, d]); None where not needed."""
-    idx, coef, table, grad = idx.contiguous(), coef.contiguous(), table.contiguous(), grad.contiguous()
-    N, w = idx.shape
+    """Backward of decoding every block of ``code`` (a :class:`~hf_sae.kernels.reference.SparseCode`;
+    block b's output is ``gather_sum(idx[:, b], values[:, b], table)``, ``grads[b]`` [N, d] its gradient).
+    Returns (d values [N, W], d table [n, d]); None where not needed. Triton, atomic adds into the table."""
+    N, W = code.shape
     n, d = table.shape
     acc = _acc_dtype(table)
-    g_coef = torch.zeros(N, w, dtype=acc, device=table.device) if need_coef else None
+    g_values = torch.zeros(N, W, dtype=acc, device=table.device) if need_values else None
     g_table = torch.zeros(n, d, dtype=acc, device=table.device) if need_table else None
-    if N and w and (need_coef or need_table):
-        bj, bd = _blocks(w, d)
-        dummy = grad  # any pointer for outputs that are not written
-        _decode_bwd_kernel[(N, triton.cdiv(w, bj))](
-            idx, coef, table, grad, g_coef if need_coef else dummy, g_table if need_table else dummy, w, d,
-            NEED_COEF=need_coef, NEED_TABLE=need_table, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
-    return (g_coef.to(coef.dtype) if need_coef else None, g_table.to(table.dtype) if need_table else None)
+    if N and W and (need_values or need_table):
+        table = table.contiguous()
+        for cols, grad in zip(code.block_slices(), grads):
+            idx = code.idx[:, cols].contiguous()
+            coef = values[:, cols].contiguous()
+            w = idx.shape[1]
+            if w == 0:
+                continue
+            g_blk = torch.zeros(N, w, dtype=acc, device=table.device) if need_values else None
+            bj, bd = _blocks(w, d)
+            grad = grad.contiguous()
+            _decode_bwd_kernel[(N, triton.cdiv(w, bj))](
+                idx, coef, table, grad, g_blk if need_values else grad, g_table if need_table else grad, w, d,
+                NEED_COEF=need_values, NEED_TABLE=need_table, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
+            if need_values:
+                g_values[:, cols] = g_blk
+    return (g_values.to(values.dtype) if need_values else None, g_table.to(table.dtype) if need_table else None)
 
 
-def encoder_backward(idx: Tensor, grad: Tensor, x: Tensor, b_dec: Tensor, n: int,
-                     need_W: bool = True) -> tuple[Tensor | None, Tensor]:
+def encoder_backward(code, grad: Tensor, x: Tensor, b_dec: Tensor, need_W: bool = True) -> tuple[Tensor | None, Tensor]:
     """Sparse encoder backward (Triton): (d W_enc [n, d] or None, d b_enc [n]) for
-    pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]], given grad [N, w]."""
-    idx, grad, x, b_dec = idx.contiguous(), grad.contiguous(), x.contiguous(), b_dec.contiguous()
+    pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]], given grad [N, W]."""
+    idx, grad, x, b_dec = code.idx.contiguous(), grad.contiguous(), x.contiguous(), b_dec.contiguous()
     N, w = idx.shape
-    d = x.shape[1]
+    n, d = code.n, x.shape[1]
     acc = _acc_dtype(x)
     g_b = torch.zeros(n, dtype=acc, device=x.device)
     g_W = torch.zeros(n, d, dtype=acc, device=x.device) if need_W else None

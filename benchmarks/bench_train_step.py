@@ -1,0 +1,152 @@
+"""Speed of one SAE training step (forward + backward) on CPU: the fused sparse path against the
+dense-autograd path and against the bound (one B x d x n encoder addmm + the top-k).
+
+Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 --n 16384 32768
+      --k 32 128 --dead 0 0.25 --repeats 3 --dense-repeats 1 --threads 2]
+
+For every (n, k, dead fraction) it prints: the bound, our step (``kernel="torch"``, the CPU ``auto``
+choice), the dense step (``kernel="dense"``: F.linear + top-k + dense [B, n] code + dense decoder,
+plain autograd), their ratios, and the peak RSS each step adds above what was resident before it
+(VmHWM after resetting it through /proc/self/clear_refs; Linux only). With dead latents the step
+includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
+decoder projection/renormalisation) is the same for both paths and is reported on its own.
+
+Times are the minimum over ``--repeats`` rounds; the cases of a configuration run round-robin in one
+process so that load from other processes hits them alike. The "step" includes freeing the old
+gradients (set to None) as a trainer's ``zero_grad`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from hf_sae import SAEConfig, SparseAutoencoder
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn) -> tuple[float, float]:
+    """(seconds, peak RSS added in MB) of one call of fn."""
+    base = _rss_mb("VmRSS")
+    ok = _reset_peak()
+    t = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t
+    peak = _rss_mb("VmHWM") - base if ok else float("nan")
+    return dt, peak
+
+
+def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
+               seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    x = torch.randn(B, d)
+    dead = None
+    if dead_frac > 0:
+        dead = torch.zeros(n, dtype=torch.bool)
+        dead[torch.randperm(n)[: int(round(dead_frac * n))]] = True
+    fused = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="torch"))
+    dense = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="dense"))
+    dense.load_state_dict(fused.state_dict())
+
+    def step(sae):
+        def go():
+            for p in sae.parameters():
+                p.grad = None
+            sae(x, dead_mask=dead).loss.backward()
+        return go
+
+    def bound():
+        pre = torch.addmm(fused.b_enc, x, fused.W_enc.t())
+        pre.topk(k, dim=-1, sorted=False)
+
+    opt = torch.optim.Adam(fused.parameters(), lr=1e-4)
+
+    def update():
+        fused.remove_parallel_grad_()
+        opt.step()
+        fused.normalize_decoder_()
+
+    cases = {"bound": bound, "fused": step(fused)}
+    times = {name: [] for name in list(cases) + ["dense"]}
+    peaks = {name: [] for name in times}
+    for fn in cases.values():
+        fn()  # warm-up (first-touch allocations, lazy inits)
+    step(fused)()
+    update()  # creates Adam's state before anything is measured
+    t_update = min(measure(update)[0] for _ in range(2))
+    for r in range(repeats):
+        for name, fn in cases.items():
+            dt, pk = measure(fn)
+            times[name].append(dt)
+            peaks[name].append(pk)
+        if r < dense_repeats:
+            if r == 0:
+                step(dense)()  # warm-up
+            dt, pk = measure(step(dense))
+            times["dense"].append(dt)
+            peaks["dense"].append(pk)
+        print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v),
+              file=sys.stderr, flush=True)
+    out = dict(n=n, k=k, dead=dead_frac, update=t_update)
+    for name in times:
+        out[name] = min(times[name]) if times[name] else float("nan")
+        out[name + "_med"] = statistics.median(times[name]) if times[name] else float("nan")
+        out[name + "_peak"] = max(peaks[name]) if peaks[name] else float("nan")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--n", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--k", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--dead", type=float, nargs="+", default=[0.0, 0.25], help="fractions of dead latents")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of the (slow) dense step")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.pop("HF_SAE_KERNEL", None)
+
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} tokens, "
+          f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds")
+    rows = []
+    for n in args.n:
+        for k in args.k:
+            for dead in args.dead:
+                print(f"n={n} k={k} dead={dead:.0%} ...", file=sys.stderr, flush=True)
+                rows.append(run_config(args.batch, args.d, n, k, dead, args.repeats, args.dense_repeats))
+    head = ("|     n |   k | dead | bound s | ours s | ours/bound | dense s | dense/ours | ours med s "
+            "| peak+ ours MB | peak+ dense MB | optimizer s |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        print(f"| {r['n']:5d} | {r['k']:3d} | {r['dead']:4.0%} | {r['bound']:7.3f} | {r['fused']:6.3f} "
+              f"| {r['fused'] / r['bound']:10.2f} | {r['dense']:7.3f} | {r['dense'] / r['fused']:10.1f} "
+              f"| {r['fused_med']:10.3f} | {r['fused_peak']:13.0f} | {r['dense_peak']:14.0f} | {r['update']:11.3f} |")
+
+
+if __name__ == "__main__":
+    main()
