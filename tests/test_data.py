@@ -258,6 +258,11 @@ def test_reader_process_sharding_and_workers(cached):
     assert torch.equal(torch.cat(list(r)), per[1])
     dl = torch.utils.data.DataLoader(r, batch_size=None, num_workers=2)
     assert torch.equal(torch.cat(list(dl)), per[1])
+    # an Accelerator (anything with process_index / num_processes) gives the same shard
+    from types import SimpleNamespace
+
+    acc = SimpleNamespace(process_index=2, num_processes=3)
+    assert torch.equal(torch.cat(list(CachedActivations(out, HOOKS[0], batch_size=200, accelerator=acc))), per[2])
     # resume mid-epoch
     r.set_epoch(0, skip_batches=2)
     assert torch.equal(torch.cat(list(r)), per[1][400:])
