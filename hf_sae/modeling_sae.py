@@ -143,6 +143,16 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             )
         return (model, info) if want_info else model
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Push this SAE with hf_sae's layout and model card (``hf_sae.hub.push_to_hub``: config, weights,
+        modeling code at the root, a card with a model-index of FVU/L0/dead fraction/delta-loss). Without
+        hf_sae installed (trust_remote_code), transformers' generic ``push_to_hub`` is used."""
+        try:
+            hub = importlib.import_module("hf_sae.hub")
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
     # ---------------------------------------------------------------- init and decoder geometry
     @torch.no_grad()
     def _init_weights(self, module):

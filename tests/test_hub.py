@@ -268,3 +268,16 @@ def test_card_metadata_only_holds_hub_ids(tmp_path):
     assert card.data.base_model is None and "`/models/smollm2-135m.gguf`" in card.text
     assert card.data.eval_results is None  # no metrics recorded: no model-index
     assert 'SAE.from_pretrained("me/local")' in card.text  # a single SAE lives at the root
+
+
+def test_model_push_to_hub_method_uses_hf_sae_layout_and_card(hub):
+    """`sae.push_to_hub(repo)` (the PreTrainedModel method) goes through hf_sae.hub: card + index + code."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    sae = _sae("layers.4.resid_post", "topk", 5, metrics={"fvu": 0.125, "l0": 32.0})
+    sae.push_to_hub("test-org/method-push")
+    files = set(hub.repos["test-org/method-push"].find("main").files)
+    assert {"config.json", "model.safetensors", "modeling_sae.py", "README.md", H.INDEX_FILE} <= files
+    card = ModelCard.load(hf_hub_download("test-org/method-push", "README.md"))
+    assert card.data.library_name == "hf_sae"
+    _same(SAE.from_pretrained("test-org/method-push"), sae)
