@@ -1,0 +1,177 @@
+"""``make quickstart``: train a TopK SAE on SmolLM2-135M in about ten minutes on a laptop-class CPU.
+
+    python -m hf_sae.quickstart --out quickstart_out
+
+What it does (everything offline, everything under ``--out``):
+
+1. loads the embedded SmolLM2-135M-Instruct (``hf_sae.data.models``);
+2. caches ``layers.6.resid_post`` activations of the embedded KJV corpus: ``--cache-tokens`` training
+   tokens and ``--eval-tokens`` held-out tokens (books Hebrews-Revelation) into ``cache/`` (position 0
+   and special tokens are dropped; the LM forward stops after block 6);
+3. trains a TopK SAE (n = 8 x 576 = 4608 latents, k = 32) with the full recipe of Gao et al. (tied init,
+   geometric-median b_dec, input normalisation, AuxK, decoder renormalisation + gradient projection,
+   Adam with warmup) for ``--train-tokens`` tokens: ``sae/layers.6.resid_post/`` (``save_pretrained``
+   folder + ``training_report.json`` + ``training_curves.png``), checkpoints and logs in ``sae/``;
+4. evaluates it on held-out text with ``hf_sae.evaluation`` (the same code as ``hf-sae eval``): FVU,
+   L0, dead latents, and the downstream loss increase when the reconstruction is spliced into the
+   LM: ``eval/metrics.json`` + ``eval/report.html``; prints a summary (``summary.json``).
+
+Why layer 6: SmolLM2-135M has 30 blocks. Block 6 (about 1/5 of the depth) is past the first blocks,
+whose residual stream mostly re-encodes the current token, but early enough that harvesting is
+cheap: the forward is cut right after block 6, so each token costs 7 of 30 blocks and no unembedding.
+
+Every stage is resumable: rerunning the command reuses the cache, resumes training from the newest
+checkpoint (or re-exports a finished run) and re-evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+HOOK_LAYER = 6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hf_sae.quickstart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
+    p.add_argument("--layer", type=int, default=HOOK_LAYER, help="block whose resid_post is used (default 6)")
+    p.add_argument("--n-latents", type=int, default=4608, help="SAE latents (default 4608 = 8 x 576)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    p.add_argument("--cache-tokens", type=int, default=300_000, help="training tokens cached (default 300k)")
+    p.add_argument("--train-tokens", type=int, default=600_000,
+                   help="training tokens (default 600k = 2 passes over the cache)")
+    p.add_argument("--batch-size", type=int, default=2048, help="tokens per optimizer step (default 2048)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam LR (default 1e-3)")
+    p.add_argument("--dead-tokens", type=int, default=150_000,
+                   help="a latent that has not fired for this many tokens is dead (AuxK revives it; default 150k)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
+    p.add_argument("--downstream-tokens", type=int, default=4096,
+                   help="tokens for the downstream loss (4 full LM forwards; default 4096)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores, os.cpu_count())")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _fmt_time(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the quickstart; returns the summary dict (also written to ``<out>/summary.json``)."""
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    from .data.cache import cache_activations
+    from .data.models import DEFAULT_MODEL, load_model
+    from .evaluation.run import add_eval_args, run_eval
+    from .training import SAETrainingArguments, SAETrainer
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    hook = f"layers.{args.layer}.resid_post"
+    progress = not args.no_progress
+    times: dict = {}
+    t0 = time.perf_counter()
+
+    print(f"[quickstart] 1/4 loading SmolLM2-135M (embedded, offline)", flush=True)
+    t = time.perf_counter()
+    model, tok = load_model(DEFAULT_MODEL)
+    times["load_model"] = time.perf_counter() - t
+
+    print(f"[quickstart] 2/4 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
+          f"held-out tokens -> {out / 'cache'}", flush=True)
+    t = time.perf_counter()
+    cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
+    with torch.no_grad():
+        cache_activations(model, tok, "default", [hook], cache_val, max_tokens=args.eval_tokens, dtype="float16",
+                          split="validation", progress=progress)
+        cache_activations(model, tok, "default", [hook], cache_train, max_tokens=args.cache_tokens,
+                          dtype="float16", split="train", progress=progress)
+    times["cache_activations"] = time.perf_counter() - t
+
+    print(f"[quickstart] 3/4 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
+          flush=True)
+    t = time.perf_counter()
+    targs = SAETrainingArguments(
+        hook_points=[hook], activations=str(cache_train), eval_activations=str(cache_val),
+        n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
+        lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
+        eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
+        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
+        log_with=["jsonl", "tensorboard"], run_name="quickstart",
+    )
+    trainer = SAETrainer(targs)
+    sae = trainer.train()[hook]
+    times["train"] = time.perf_counter() - t
+
+    print("[quickstart] 4/4 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
+    t = time.perf_counter()
+    eparser = add_eval_args(argparse.ArgumentParser())
+    eargs = eparser.parse_args([str(out / "sae" / hook), "--metrics", "reconstruction,downstream",
+                                "--n-tokens", str(args.eval_tokens), "--downstream-tokens",
+                                str(args.downstream_tokens), "--out", str(out / "eval")]
+                               + (["--no-progress"] if not progress else []))
+    sae.eval()
+    with torch.no_grad():
+        results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
+    times["evaluate"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+
+    rec, ds = results.get("reconstruction", {}), results.get("downstream", {})
+    info = sae.config.training_info
+    summary = {
+        "hook_point": hook, "base_model": sae.config.base_model, "n_latents": sae.config.n_latents,
+        "k": sae.config.k, "tokens_trained": info.get("tokens_trained"),
+        "heldout_fvu": rec.get("fvu"), "heldout_l0": rec.get("l0"),
+        "heldout_dead_fraction": rec.get("dead_fraction"),
+        "train_dead_fraction": info.get("final_metrics", {}).get("train_dead_fraction"),
+        "ce_clean": ds.get("ce_clean"), "ce_spliced": ds.get("ce_spliced"), "delta_loss": ds.get("delta_loss"),
+        "kl": ds.get("kl"), "frac_recovered_zero": ds.get("frac_recovered_zero"),
+        "frac_recovered_mean": ds.get("frac_recovered_mean"),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "torch_threads": torch.get_num_threads(),
+        "paths": {"sae": str(out / "sae" / hook), "curves": str(out / "sae" / hook / "training_curves.png"),
+                  "eval_report": str(out / "eval" / "report.html")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _print_summary(summary, args)
+    return summary
+
+
+def _print_summary(s: dict, args) -> None:
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        "",
+        f"hf_sae quickstart: TopK SAE on SmolLM2-135M {s['hook_point']} "
+        f"(n={s['n_latents']}, k={s['k']}, {s['tokens_trained']:,} training tokens)",
+        f"  held-out FVU (fraction of variance unexplained) {f(s['heldout_fvu'], '.4f')}",
+        f"  L0 (active latents per token)                   {f(s['heldout_l0'], '.1f')}",
+        f"  dead latents (never fired on held-out tokens)   {f(100 * s['heldout_dead_fraction'], '.2f')} %"
+        if s["heldout_dead_fraction"] is not None else "  dead latents                                    n/a",
+        f"  dead latents (no fire in the last {args.dead_tokens:,} training tokens) "
+        f"{f(100 * (s['train_dead_fraction'] or 0), '.2f')} %",
+        f"  LM loss clean -> SAE spliced in                 {f(s['ce_clean'], '.3f')} -> {f(s['ce_spliced'], '.3f')} "
+        f"nats/token (increase {f(s['delta_loss'], '+.3f')}, KL {f(s['kl'], '.3f')})",
+        f"  fraction of loss recovered (vs zero / mean ablation) {f(s['frac_recovered_zero'], '.3f')} / "
+        f"{f(s['frac_recovered_mean'], '.3f')}",
+        f"  time: {_fmt_time(s['seconds']['total'])} total (cache {_fmt_time(s['seconds']['cache_activations'])}, "
+        f"train {_fmt_time(s['seconds']['train'])}, eval {_fmt_time(s['seconds']['evaluate'])}), "
+        f"{s['torch_threads']} threads",
+        f"  SAE: {s['paths']['sae']}   curves: {s['paths']['curves']}   report: {s['paths']['eval_report']}",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
