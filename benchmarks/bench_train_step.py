@@ -7,7 +7,8 @@ Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 -
 For every (n, k, dead fraction) it prints: the bound, our step (``kernel="torch"``, the CPU ``auto``
 choice), the dense step (``kernel="dense"``: F.linear + top-k + dense [B, n] code + dense decoder,
 plain autograd), their ratios, and the peak RSS each step adds above what was resident before it
-(VmHWM after resetting it through /proc/self/clear_refs; Linux only). With dead latents the step
+(model, input and optimizer state; old gradients freed) -- VmHWM after resetting it through
+/proc/self/clear_refs, Linux only. With dead latents the step
 includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
 decoder projection/renormalisation) is the same for both paths and is reported on its own.
 
@@ -46,8 +47,10 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(fn) -> tuple[float, float]:
-    """(seconds, peak RSS added in MB) of one call of fn."""
+def measure(fn, prepare=None) -> tuple[float, float]:
+    """(seconds, peak RSS added in MB) of one call of fn; ``prepare`` runs first, untimed."""
+    if prepare is not None:
+        prepare()
     base = _rss_mb("VmRSS")
     ok = _reset_peak()
     t = time.perf_counter()
@@ -68,6 +71,11 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
     fused = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="torch"))
     dense = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="dense"))
     dense.load_state_dict(fused.state_dict())
+
+    def free_grads():
+        for sae in (fused, dense):
+            for p in sae.parameters():
+                p.grad = None
 
     def step(sae):
         def go():
@@ -97,13 +105,13 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
     t_update = min(measure(update)[0] for _ in range(2))
     for r in range(repeats):
         for name, fn in cases.items():
-            dt, pk = measure(fn)
+            dt, pk = measure(fn, free_grads)
             times[name].append(dt)
             peaks[name].append(pk)
         if r < dense_repeats:
             if r == 0:
                 step(dense)()  # warm-up
-            dt, pk = measure(step(dense))
+            dt, pk = measure(step(dense), free_grads)
             times["dense"].append(dt)
             peaks["dense"].append(pk)
         print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v),

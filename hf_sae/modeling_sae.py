@@ -265,13 +265,16 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             xc = x - self.b_dec
             pre = F.linear(xc, self.W_enc, self.b_enc)
             selected = sparse_fn(pre, self, xc)
-            picks = [selected.indices]
+            picks, supports = [selected.indices], [None]
             if k_aux:
-                picks.append(kernels.topk_among(pre, dead_mask.to(pre.device), k_aux))
+                aux, support = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True)
+                picks.append(aux)
+                supports.append(support)
             if cfg.multi_topk and self.training:
                 picks.append(pre.topk(4 * cfg.k, dim=-1, sorted=False).indices)
+                supports.append(None)
             code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
-                                      [p.shape[1] for p in picks])
+                                      [p.shape[1] for p in picks], supports)
             pre_sel = pre.gather(1, code.idx)
             del pre
         parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel,

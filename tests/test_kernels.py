@@ -83,6 +83,8 @@ def test_sparse_code_transpose_groups_slots_by_latent():
     assert torch.equal(c.stacked_token(), order // 3 + 2 * (order % 3 == 2))
     with pytest.raises(ValueError, match="must sum to the code width"):
         ref.SparseCode(idx, 5, blocks=[2, 2])
+    with pytest.raises(ValueError, match="supports for 2 blocks"):
+        ref.SparseCode(idx, 5, blocks=[2, 1], supports=[None])
 
 
 def test_reference_primitives_empty_code():
@@ -220,6 +222,9 @@ def test_topk_among_equals_masked_topk():
                        pre.topk(3, dim=-1).indices.sort(-1).values)
     with pytest.raises(ValueError, match="allowed columns"):
         kernels.topk_among(pre, mask, int(mask.sum()) + 1)
+    same, (cols, local) = kernels.topk_among(pre, mask, 5, return_support=True)
+    assert torch.equal(same, got) and torch.equal(cols[local], got) and bool(mask[cols].all())
+    assert kernels.topk_among(pre, torch.ones(40, dtype=torch.bool), 3, return_support=True)[1] is None
 
 
 class _Stub:

@@ -115,7 +115,14 @@ class _SparseDecode(torch.autograd.Function):
         values = values.contiguous()
         ctx.save_for_backward(values, W_dec)
         ctx.code, ctx.ops = code, ops
-        return tuple(ops.decode_forward(code.idx[:, cols], values[:, cols], W_dec) for cols in code.block_slices())
+        outs = []
+        for cols, support in zip(code.block_slices(), code.supports):
+            if support is not None and getattr(ops, "COMPACT_TABLES", False):
+                latents, local = support
+                outs.append(ops.decode_forward(local, values[:, cols], W_dec.index_select(0, latents)))
+            else:
+                outs.append(ops.decode_forward(code.idx[:, cols], values[:, cols], W_dec))
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -230,17 +237,22 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
 # ------------------------------------------------------------------------------------ selection
 
 
-def topk_among(pre: Tensor, column_mask: Tensor, k: int) -> Tensor:
+def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False):
     """Indices [N, k] (into [0, n)) of the k largest entries of each row of ``pre`` [N, n] among the
     columns where ``column_mask`` [n] (bool) is True -- AuxK's top-k_aux over dead latents.
 
     Same selection as ``pre.masked_fill(~column_mask, -inf).topk(k)`` but runs the top-k on the
     gathered [N, n_true] columns (cheaper when few columns are allowed). Needs 1 <= k <= n_true.
+    With ``return_support``, returns ``(indices, support)`` where support is ``(cols [n_true], local
+    [N, k])`` with ``indices == cols[local]`` (a :class:`SparseCode` block support), or None when every
+    column is allowed.
     """
     cols = column_mask.nonzero().squeeze(1)
     if not 1 <= k <= cols.numel():
         raise ValueError(f"topk_among: k={k} must be in [1, {cols.numel()}] (the number of allowed columns).")
     if cols.numel() == pre.shape[1]:
-        return pre.topk(k, dim=-1, sorted=False).indices
-    local = pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices
-    return cols[local]
+        indices, support = pre.topk(k, dim=-1, sorted=False).indices, None
+    else:
+        local = pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices
+        indices, support = cols[local], (cols, local)
+    return (indices, support) if return_support else indices

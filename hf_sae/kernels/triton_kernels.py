@@ -18,6 +18,7 @@ from torch import Tensor
 
 _BLOCK_J = 16
 _BLOCK_D = 128
+COMPACT_TABLES = False  # GPU gathers do not gain from compacting the table (see reference.SparseCode)
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
