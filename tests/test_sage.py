@@ -312,6 +312,21 @@ def test_identity_sae_is_perfectly_sufficient_and_necessary(llama, ioi):
     assert all(-1.0 <= p["cosine"] <= 1.0 for p in cos.values())
 
 
+def test_bad_inputs_raise_clear_errors(llama, ioi):
+    fit, ev = ioi.split(12)
+    sae = _identity_sae(32, None)
+    with pytest.raises(ValueError, match="hook_point"):
+        evaluate_sae(llama, sae, fit, ev, ["layers.1.resid_pre@END"], progress=False)
+    with pytest.raises(ValueError, match="no position 'NAME'"):
+        location_activations(llama, ev.clean, ["layers.1.resid_pre@NAME"])
+    with pytest.raises(ValueError, match="does not exist"):
+        location_activations(llama, ev.clean, ["layers.9.resid_pre@END"])
+    with pytest.raises(ValueError, match="n_first"):
+        ioi.split(24)
+    with pytest.raises(ValueError, match="no corrupted counterpart"):
+        attribution_patching(llama, ioi, [Location("layers.0.resid_pre", "END")], attributes=["gender"], progress=False)
+
+
 def test_supervised_sufficiency_exact_for_additive_activations():
     # When a = E[a] + u_x + u_y exactly (balanced design), the supervised reconstruction is exact.
     torch.manual_seed(0)

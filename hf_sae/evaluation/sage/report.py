@@ -90,30 +90,36 @@ def plot_patching(task_result: dict, path: Path) -> Path | None:
 
 
 def plot_sufficiency(task_result: dict, path: Path) -> Path | None:
-    """Bars: sufficiency of supervised reconstructions at the top locations, and of each SAE."""
-    rows = []
+    """Bars per location: sufficiency of the supervised reconstruction and of each SAE's.
+
+    The y axis is clipped to [-1, 2] (values beyond are drawn at the edge); exact values are in
+    the JSON and the HTML tables.
+    """
+    val: dict[tuple[str, str], float] = {}
     for key, r in task_result.get("supervised", {}).items():
-        rows.append((key, "supervised", r["sufficiency"]))
+        val[(key, "supervised")] = r["sufficiency"]
     for name, ev in task_result.get("saes", {}).items():
         for key, r in ev["locations"].items():
-            rows.append((key, f"supervised ({name})", r["supervised"]["sufficiency"]))
-            rows.append((key, f"SAE {name}", r["sae"]["sufficiency"]))
-    if not rows:
+            val.setdefault((key, "supervised"), r["supervised"]["sufficiency"])
+            val[(key, f"SAE {name}")] = r["sae"]["sufficiency"]
+    if not val:
         return None
     plt = _plt()
-    labels = list(dict.fromkeys(r[0] for r in rows))
-    series = list(dict.fromkeys(r[1] for r in rows))
-    val = {(r[0], r[1]): r[2] for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) * len(series)), 4))
+    labels = list(dict.fromkeys(k for k, _ in val))
+    series = list(dict.fromkeys(s for _, s in val))
+    fig, ax = plt.subplots(figsize=(min(18, max(6, 0.35 * len(labels) * len(series) + 2)), 4.2))
     w = 0.8 / len(series)
     for i, s in enumerate(series):
         ys = [val.get((l, s), float("nan")) for l in labels]
-        ax.bar([k + i * w for k in range(len(labels))], [0 if y != y else y for y in ys], width=w, label=s)
+        ys = [0.0 if y != y else min(2.0, max(-1.0, y)) for y in ys]
+        ax.bar([k + i * w for k in range(len(labels))], ys, width=w, label=s)
     ax.axhline(1, color="k", lw=0.6, ls="--")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylim(-1.05, 2.05)
     ax.set_xticks([k + 0.4 - w / 2 for k in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("sufficiency (LD recovered vs mean ablation)")
-    ax.set_title(f"{task_result['task']}: sufficiency of reconstructions")
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("sufficiency (1 = all LD recovered)")
+    ax.set_title(f"{task_result['task']}: sufficiency of reconstructions (vs mean ablation)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
