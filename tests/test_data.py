@@ -239,6 +239,15 @@ def test_reader_epochs_cover_every_row_once(cached):
     assert len({i // 700 for i in orders[0][:256]}) >= 2
     seq = torch.cat(list(CachedActivations(out, HOOKS[0], batch_size=1000, shuffle=False)))
     assert torch.equal(seq, full)
+    # a background prefetch thread yields the very same batches; stopping early ends the thread
+    pre = CachedActivations(out, HOOKS[0], batch_size=256, shuffle_buffer_shards=2, prefetch=2)
+    pre.set_epoch(1)
+    plain = CachedActivations(out, HOOKS[0], batch_size=256, shuffle_buffer_shards=2)
+    plain.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(pre, plain, strict=True))
+    it = iter(pre)
+    next(it)
+    it.close()
 
 
 def test_reader_process_sharding_and_workers(cached):
@@ -303,6 +312,8 @@ def test_corrupt_shards_raise_naming_the_file(cached, tmp_path):
         list(CachedActivations(c1, HOOKS[0], batch_size=500))
     with pytest.raises(CorruptShardError, match=r"shard-00002\.arrow is truncated"):
         list(CachedActivations(c1, HOOKS[0], verify=False))
+    with pytest.raises(CorruptShardError, match=r"shard-00002\.arrow is truncated"):
+        list(CachedActivations(c1, HOOKS[0], prefetch=3))
     # flipped bytes in the data region: same size, caught by the checksum
     c2 = _copy(out, tmp_path / "f")
     shard = c2 / HOOKS[0] / "shard-00003.arrow"

@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -575,6 +576,11 @@ def _find_meta(path: Path, hook_point):
     return [path / _hook_dir_name(h) for h in names], names
 
 
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 class CachedActivations(torch.utils.data.IterableDataset):
     """Fast shuffled batches of cached activations, read straight from memory-mapped Arrow shards.
 
@@ -596,6 +602,9 @@ class CachedActivations(torch.utils.data.IterableDataset):
     ``accelerator=`` (or its ``process_index``/``num_processes``) and do **not** pass the loader
     through ``accelerator.prepare`` (that would shard a second time).
 
+    ``prefetch=n`` prepares up to ``n`` batches ahead in a background thread, so reading overlaps
+    the consumer's work (useful when training runs on a GPU); errors are raised in the consumer.
+
     Call ``set_epoch(e)`` before each epoch for a new order (same seed and epoch -> same order
     on every process and run). ``verify=True`` checks every shard's sha256 once per process
     before its rows are used (in a background thread, one group ahead); ``False`` checks only
@@ -610,7 +619,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
     def __init__(self, path, hook_point=None, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                  shuffle_buffer_shards: int = 8, process_index: int = 0, num_processes: int = 1,
                  dtype: torch.dtype | None = torch.float32, return_tokens: bool = False, verify: bool = True,
-                 drop_last: bool = False, accelerator=None):
+                 drop_last: bool = False, accelerator=None, prefetch: int = 0):
         super().__init__()
         if accelerator is not None:
             process_index, num_processes = accelerator.process_index, accelerator.num_processes
@@ -620,6 +629,9 @@ class CachedActivations(torch.utils.data.IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if shuffle_buffer_shards < 1:
             raise ValueError(f"shuffle_buffer_shards must be >= 1, got {shuffle_buffer_shards}.")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+        self.prefetch = int(prefetch)
         self.path = Path(path)
         self.dirs, self.hook_points = _find_meta(self.path, hook_point)
         self._multi = not isinstance(hook_point, str) and hook_point is not None
@@ -783,6 +795,46 @@ class CachedActivations(torch.utils.data.IterableDataset):
         return item
 
     def __iter__(self):
+        if self.prefetch == 0:
+            yield from self._batches()
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                for item in self._batches():
+                    if not put(item):
+                        return
+                put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(_Failure(e))
+
+        t = threading.Thread(target=work, name="CachedActivations-prefetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            t.join()
+
+    def _batches(self):
         info = torch.utils.data.get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         P, rank, B = self.num_processes, self.process_index, self.batch_size
