@@ -541,3 +541,20 @@ def test_hf_sae_eval_smollm2(tmp_path, smollm2):
     assert (out / "report.html").is_file() and (out / "probes.png").is_file()
     assert len(data["probes"]["per_task"]) >= 8
     assert data["meta"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_run_eval_dense_activation_sae(tmp_path, tiny_lm, tiny_tokenizer):
+    """A ReLU (dense-code) SAE goes through the same driver: the code kept for probes/N2G/ablation is
+    each token's largest latents, the reconstruction statistics use the full dense code."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=32, n_latents=800, activation="relu", hook_point=HOOK)).eval()
+    args = _eval_args("relu-sae", tmp_path / "out",
+                      ["--n-tokens", "1500", "--window", "64", "--metrics", "reconstruction,probes,n2g,ablation",
+                       "--probe-tokens", "1500", "--probe-baselines", "", "--n2g-latents", "4",
+                       "--ablation-latents", "2", "--ablation-context", "32", "--split", "all", "--no-report"])
+    res = run_eval(args, sae=sae, model=tiny_lm, tokenizer=tiny_tokenizer)
+    assert res["meta"]["code_truncated_to"] == 256          # ~half of 800 random ReLU latents are active
+    assert 256 < res["reconstruction"]["l0"] < 800
+    assert "downstream" not in res and "afa" not in res
+    assert set(res["probes"]["summary"]) >= {"mean_probe_loss_sae"}
+    assert not (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "metrics.json").is_file()

@@ -36,6 +36,7 @@ __all__ = [
     "probe_loss_dense",
     "best_probe_sparse",
     "best_probe_dense",
+    "screen_features",
     "ProbeTaskResult",
     "summarize_probe_results",
     "run_probe_tasks",
@@ -191,7 +192,8 @@ def _solve_step(g_w, g_b, h_ww, h_wb, h_bb):
     return (h_bb * g_w - h_wb * g_b) / det, (h_ww * g_b - h_wb * g_w) / det
 
 
-def _sparse_entries(values: Tensor, indices: Tensor, labels: Tensor):
+def _sparse_entries(values: Tensor, indices: Tensor, labels=None):
+    """(token [E], latent [E], value [E] float64) of the non-zero entries of a code [M, w]."""
     M, w = values.shape
     nz = values != 0
     tok = torch.arange(M, device=values.device).unsqueeze(-1).expand(M, w)[nz]
@@ -207,7 +209,7 @@ def _sparse_loss_sums(w, b, lat, val, y_e, n0, p0):
 
 
 def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, l2: float = 1e-4,
-                      iters: int = 30, tol: float = 1e-9):
+                      iters: int = 30, tol: float = 1e-9, entries: Optional[tuple] = None):
     """Fit one 1-D logistic probe per latent from a sparse code, all latents at once.
 
     Args:
@@ -218,6 +220,8 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
         iters: Newton iterations (each with step halving so the objective never increases).
         tol: stop when every latent's Newton decrement (predicted decrease of the summed
             objective) is below ``tol * M``.
+        entries: the code's non-zero entries precomputed by ``_sparse_entries(values, indices)``
+            (saves the work when several tasks share one code).
     Returns:
         ``(w [n], b [n], loss [n])`` float64: weight on the *raw* latent value, bias, and the train
         binary cross-entropy (nats/token, without the penalty).
@@ -229,7 +233,7 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
     M = values.shape[0]
     y = labels.double()
     P = float(y.sum())
-    tok, lat, val = _sparse_entries(values, indices, labels)
+    tok, lat, val = entries if entries is not None else _sparse_entries(values, indices)
     dev = values.device
     n = n_latents
     ones = torch.ones_like(val)
@@ -254,12 +258,14 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
         p = torch.sigmoid(z)
         r, s = p - y_e, p * (1 - p)
         pb = torch.sigmoid(b)
-        zeros = torch.zeros(n, dtype=torch.float64, device=dev)
-        g_w = zeros.clone().index_add_(0, lat, r * val_s) + lam * w
-        g_b = zeros.clone().index_add_(0, lat, r) + n0 * pb - p0
-        h_ww = zeros.clone().index_add_(0, lat, s * val_s * val_s) + lam
-        h_wb = zeros.clone().index_add_(0, lat, s * val_s)
-        h_bb = zeros.clone().index_add_(0, lat, s) + n0 * pb * (1 - pb) + 1e-12
+        sv = s * val_s
+        per = torch.stack([r * val_s, r, sv * val_s, sv, s], dim=1)          # [E, 5]
+        acc = torch.zeros(n, 5, dtype=torch.float64, device=dev).index_add_(0, lat, per)
+        g_w = acc[:, 0] + lam * w
+        g_b = acc[:, 1] + n0 * pb - p0
+        h_ww = acc[:, 2] + lam
+        h_wb = acc[:, 3]
+        h_bb = acc[:, 4] + n0 * pb * (1 - pb) + 1e-12
         dw, db = _solve_step(g_w, g_b, h_ww, h_wb, h_bb)
         active = 0.5 * (g_w * dw + g_b * db) > tol * M    # Newton decrement: predicted decrease
         if not active.any():
@@ -279,11 +285,12 @@ def fit_probes_sparse(values: Tensor, indices: Tensor, labels: Tensor, n_latents
     return w / rms, b, loss
 
 
-def probe_loss_sparse(values: Tensor, indices: Tensor, labels: Tensor, w: Tensor, b: Tensor) -> Tensor:
+def probe_loss_sparse(values: Tensor, indices: Tensor, labels: Tensor, w: Tensor, b: Tensor,
+                      entries: Optional[tuple] = None) -> Tensor:
     """Binary cross-entropy (nats/token, float64 [n]) of the probes (w, b) [n] on a sparse code [M, width]."""
     M = values.shape[0]
     y = labels.double()
-    tok, lat, val = _sparse_entries(values, indices, labels)
+    tok, lat, val = entries if entries is not None else _sparse_entries(values, indices)
     n = w.shape[0]
     y_e = y.index_select(0, tok)
     cnt = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, lat, torch.ones_like(val))
@@ -395,24 +402,48 @@ class ProbeTaskResult:
 
 
 def best_probe_sparse(task: str, train_code, test_code, y_train: Tensor, y_test: Tensor, n_latents: int,
-                      l2: float = 1e-4) -> ProbeTaskResult:
+                      l2: float = 1e-4, train_entries=None, test_entries=None) -> ProbeTaskResult:
     """Fit all latents on train, pick the lowest train loss, report its test loss.
 
-    ``train_code``/``test_code`` are ``(values [M, w], indices [M, w])``."""
-    w, b, loss = fit_probes_sparse(*train_code, y_train, n_latents, l2=l2)
+    ``train_code``/``test_code`` are ``(values [M, w], indices [M, w])``; ``*_entries`` optionally
+    their precomputed non-zero entries (``_sparse_entries``)."""
+    w, b, loss = fit_probes_sparse(*train_code, y_train, n_latents, l2=l2, entries=train_entries)
     j = int(loss.argmin())
-    test = probe_loss_sparse(test_code[0], test_code[1], y_test, w, b)[j:j + 1]
+    test = probe_loss_sparse(test_code[0], test_code[1], y_test, w, b, entries=test_entries)[j:j + 1]
     return ProbeTaskResult(task, "sae", j, float(loss[j]), float(test[0]), _bce_of_prior(y_train, y_test),
                            int(y_train.numel()), int(y_test.numel()), float(y_test.double().mean()))
 
 
+def screen_features(features: Tensor, labels: Tensor, top: int) -> Tensor:
+    """Indices of the ``top`` columns of ``features`` [M, F] with the largest |correlation| with the
+    labels [M]. |corr| is the score test of a 1-D logistic probe at w = 0 (the loss decrease
+    predicted by the first Newton step is proportional to corr^2), computed in one pass."""
+    f = features.float()
+    yc = labels.float() - labels.float().mean()
+    mu = f.mean(0)
+    cov = (yc @ f) / f.shape[0]                        # E[(y - ybar) f] = E[(y - ybar)(f - mu)]
+    sd = (f.square().mean(0) - mu.square()).clamp_min(0).sqrt()
+    score = torch.where(sd > 0, cov.abs() / sd.clamp_min(1e-30), torch.zeros_like(cov))
+    return score.topk(min(top, score.numel())).indices
+
+
 def best_probe_dense(task: str, method: str, train_f: Tensor, test_f: Tensor, y_train: Tensor, y_test: Tensor,
-                     l2: float = 1e-4) -> ProbeTaskResult:
-    """Dense counterpart of :func:`best_probe_sparse` (features [M, F])."""
+                     l2: float = 1e-4, screen: Optional[int] = 64) -> ProbeTaskResult:
+    """Dense counterpart of :func:`best_probe_sparse` (features [M, F]).
+
+    With ``screen``, only the ``screen`` features most correlated with the train labels
+    (:func:`screen_features`) are fitted exactly (``None`` = fit all F; same result unless the best
+    probe is not among the most correlated features)."""
+    cols = None
+    if screen is not None and train_f.shape[1] > screen:
+        cols = screen_features(train_f, y_train, screen)
+        train_f = train_f.index_select(1, cols)
+        test_f = test_f.index_select(1, cols)
     w, b, loss = fit_probes_dense(train_f, y_train, l2=l2)
     j = int(loss.argmin())
     test = probe_loss_dense(test_f[:, j:j + 1], y_test, w[j:j + 1], b[j:j + 1])
-    return ProbeTaskResult(task, method, j, float(loss[j]), float(test[0]), _bce_of_prior(y_train, y_test),
+    feature = int(cols[j]) if cols is not None else j
+    return ProbeTaskResult(task, method, feature, float(loss[j]), float(test[0]), _bce_of_prior(y_train, y_test),
                            int(y_train.numel()), int(y_test.numel()), float(y_test.double().mean()))
 
 
@@ -447,7 +478,7 @@ def summarize_probe_results(rows: Sequence) -> dict:
 def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values: Tensor, code_indices: Tensor,
                     n_latents: int, x: Optional[Tensor] = None, baselines: Sequence[str] = ("raw_basis", "random_directions"),
                     n_random: Optional[int] = None, min_count: int = 20, seed: int = 0, l2: float = 1e-4,
-                    progress: bool = False) -> dict:
+                    screen: Optional[int] = 64, progress: bool = False) -> dict:
     """Run every task: best latent vs baselines.
 
     Args:
@@ -460,6 +491,8 @@ def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values:
         baselines: any of ``"raw_basis"`` (the d coordinates of x) and ``"random_directions"``
             (``n_random`` random unit directions, default d).
         min_count: tasks with fewer positives or negatives than this in train or test are skipped.
+        screen: baselines fit exactly only their ``screen`` features most correlated with the labels
+            (:func:`screen_features`; None = all). The SAE's latents are always all fitted.
     Returns:
         ``{"results": [ProbeTaskResult...], "skipped": {task: reason}, **summarize_probe_results}``.
     """
@@ -484,6 +517,10 @@ def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values:
             R = R / R.norm(dim=-1, keepdim=True)
             feats["random_directions"] = x.float() @ R.T.to(x.device)
     results, skipped = [], {}
+    code_tr = (code_values[tr], code_indices[tr])
+    code_te = (code_values[te], code_indices[te])
+    ent_tr, ent_te = _sparse_entries(*code_tr), _sparse_entries(*code_te)
+    feats = {m: (f[tr], f[te]) for m, f in feats.items()}
     for task, lab in tqdm(labels.items(), desc="probe tasks", disable=not progress):
         y = lab[keep].to(code_values.device)
         ytr, yte = y[tr], y[te]
@@ -492,10 +529,10 @@ def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values:
             skipped[task] = (f"too few examples (train pos/neg {counts[0]}/{counts[1]}, test pos/neg "
                              f"{counts[2]}/{counts[3]}; need >= {min_count})")
             continue
-        results.append(best_probe_sparse(task, (code_values[tr], code_indices[tr]),
-                                         (code_values[te], code_indices[te]), ytr, yte, n_latents, l2=l2))
-        for method, f in feats.items():
-            results.append(best_probe_dense(task, method, f[tr], f[te], ytr, yte, l2=l2))
+        results.append(best_probe_sparse(task, code_tr, code_te, ytr, yte, n_latents, l2=l2,
+                                         train_entries=ent_tr, test_entries=ent_te))
+        for method, (f_tr, f_te) in feats.items():
+            results.append(best_probe_dense(task, method, f_tr, f_te, ytr, yte, l2=l2, screen=screen))
     out = {"results": results, "skipped": skipped}
     out.update(summarize_probe_results(results) if results else {"mean_probe_loss": {}, "n_tasks": {},
                                                                  "mean_prior_loss": float("nan"), "per_task": {}})

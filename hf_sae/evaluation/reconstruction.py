@@ -75,8 +75,8 @@ def _flat_pair(x: Tensor, x_hat: Tensor, mask: Optional[Tensor] = None) -> tuple
         if mask.shape != x.shape[:-1]:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; expected {tuple(x.shape[:-1])} (x without its last dim).")
         x, x_hat = x[mask.bool()], x_hat[mask.bool()]
-    x = x.reshape(-1, d).double()
-    x_hat = x_hat.reshape(-1, d).double()
+    x = x.detach().reshape(-1, d).double()
+    x_hat = x_hat.detach().reshape(-1, d).double()
     if not (torch.isfinite(x).all() and torch.isfinite(x_hat).all()):
         raise ValueError("x or x_hat contains NaN/Inf; reconstruction metrics need finite activations.")
     return x, x_hat
@@ -90,7 +90,7 @@ def _flat_code(latent_values=None, latent_indices=None, latents=None, n_latents=
             raise ValueError("pass either dense `latents` or (`latent_values`, `latent_indices`), not both.")
         if n_latents is not None and latents.shape[-1] != n_latents:
             raise ValueError(f"dense latents have {latents.shape[-1]} columns; expected n_latents={n_latents}.")
-        z = latents
+        z = latents.detach()
         if mask is not None:
             z = z[mask.bool()]
         z = z.reshape(-1, z.shape[-1])
@@ -102,7 +102,7 @@ def _flat_code(latent_values=None, latent_indices=None, latents=None, n_latents=
     if latent_values.shape != latent_indices.shape:
         raise ValueError(f"latent_values {tuple(latent_values.shape)} and latent_indices "
                          f"{tuple(latent_indices.shape)} must have the same shape [..., w].")
-    v, i = latent_values, latent_indices
+    v, i = latent_values.detach(), latent_indices
     if mask is not None:
         v, i = v[mask.bool()], i[mask.bool()]
     w = v.shape[-1] if v.ndim else 1

@@ -34,6 +34,9 @@ import torch
 __all__ = ["ALL_METRICS", "add_eval_args", "run_eval", "main"]
 
 ALL_METRICS = ("reconstruction", "afa", "probes", "n2g", "downstream", "ablation")
+MAX_CODE_WIDTH = 256
+"""Dense-activation SAEs (relu, jumprelu, batchtopk at inference): the code kept in memory for probes,
+N2G and ablation holds each token's largest MAX_CODE_WIDTH latents (reconstruction metrics use all)."""
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -193,6 +196,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     probe_keep = _trim_mask(keep, args.probe_tokens) if "probes" in metrics else None
     n_probe = int(probe_keep.sum()) if probe_keep is not None else 0
     vals_chunks, idx_chunks, x_probe = [], [], []
+    code_truncated = False
     n_seen = 0
     sae_time = 0.0
     for s in tqdm(range(0, N, args.batch_size), desc="activations", disable=not progress):
@@ -206,12 +210,14 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         out = sae(x)
         if out.latent_values is not None:
             v, i = out.latent_values, out.latent_indices
+            stats.update(x, out.reconstruction, latent_values=v, latent_indices=i)
         else:
-            from hf_sae.activations import dense_to_sparse
-
-            sp = dense_to_sparse(out.latents)
-            v, i = sp.values, sp.indices
-        stats.update(x, out.reconstruction, latent_values=v, latent_indices=i)
+            stats.update(x, out.reconstruction, latents=out.latents)
+            if need_codes:  # dense activation: keep the largest MAX_CODE_WIDTH latents per token
+                width = min(MAX_CODE_WIDTH, out.latents.shape[-1])
+                v, i = out.latents.topk(width, dim=-1)
+                if int((out.latents != 0).sum(-1).max()) > width:
+                    code_truncated = True
         if "afa" in metrics:
             afa_stats.update_from_sae(sae, x, out)
         if need_codes:
@@ -231,6 +237,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
             "activation": cfg.activation, "k": cfg.k, "d_in": cfg.d_in, "n_latents": cfg.n_latents,
             "dataset": args.dataset, "split": args.split, "window": args.window, "n_tokens": rec["n_tokens"],
             "device": str(device), "seed": args.seed, "torch_threads": torch.get_num_threads(),
+            "code_truncated_to": MAX_CODE_WIDTH if code_truncated else None,
         },
     }
     if "reconstruction" in metrics:
@@ -248,7 +255,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         afa.update(decoder_cosine_stats(sae.W_dec.detach().cpu()))
         afa["gap_histogram"] = afa_stats.histogram()
         results["afa"] = afa
-        timings["afa"] = time.perf_counter() - t + 0.0
+        timings["afa"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- probes
     if "probes" in metrics:
@@ -384,6 +391,10 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         zf = afa_stats.points if "afa" in metrics else None
         write_report(results, out_dir, zf_points=(zf[0].tolist(), zf[1].tolist()) if zf is not None else None)
     results["out_dir"] = str(out_dir)
+    if progress:
+        print(json.dumps(results["summary"], indent=1))
+    print(f"[hf-sae eval] {rec['n_tokens']} tokens in {timings['total']:.1f} s; wrote {out_dir / 'metrics.json'}"
+          + ("" if getattr(args, "no_report", False) else f" and {out_dir / 'report.html'}"))
     return results
 
 
@@ -391,11 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """``python -m hf_sae.evaluation.run SAE_PATH [options]`` (same as ``hf-sae eval``)."""
     parser = argparse.ArgumentParser(prog="hf-sae eval", description="Evaluate a sparse autoencoder (all metrics).")
     add_eval_args(parser)
-    args = parser.parse_args(argv)
-    res = run_eval(args)
-    print(json.dumps(res["summary"], indent=1))
-    print(f"wrote {res['out_dir']}/metrics.json" + ("" if args.no_report else " and report.html"))
-    return res
+    return run_eval(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
