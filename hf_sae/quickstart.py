@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens", type=int, default=600_000,
                    help="training tokens (default 600k = 2 passes over the cache)")
     p.add_argument("--batch-size", type=int, default=2048, help="tokens per optimizer step (default 2048)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam LR (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak Adam LR (default 3e-3, tuned for this short run)")
     p.add_argument("--dead-tokens", type=int, default=150_000,
                    help="a latent that has not fired for this many tokens is dead (AuxK revives it; default 150k)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
         eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
         log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
-        log_with=["jsonl", "tensorboard"], run_name="quickstart",
+        log_with=["auto"], run_name="quickstart",
     )
     trainer = SAETrainer(targs)
     sae = trainer.train()[hook]
@@ -124,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
     times["evaluate"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
+    cpu_seconds = time.process_time()
 
     rec, ds = results.get("reconstruction", {}), results.get("downstream", {})
     info = sae.config.training_info
@@ -137,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "kl": ds.get("kl"), "frac_recovered_zero": ds.get("frac_recovered_zero"),
         "frac_recovered_mean": ds.get("frac_recovered_mean"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
+        "cpu_seconds": round(cpu_seconds, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
         "paths": {"sae": str(out / "sae" / hook), "curves": str(out / "sae" / hook / "training_curves.png"),
                   "eval_report": str(out / "eval" / "report.html")},
@@ -166,7 +169,7 @@ def _print_summary(s: dict, args) -> None:
         f"{f(s['frac_recovered_mean'], '.3f')}",
         f"  time: {_fmt_time(s['seconds']['total'])} total (cache {_fmt_time(s['seconds']['cache_activations'])}, "
         f"train {_fmt_time(s['seconds']['train'])}, eval {_fmt_time(s['seconds']['evaluate'])}), "
-        f"{s['torch_threads']} threads",
+        f"{s['torch_threads']} threads, {_fmt_time(s['cpu_seconds'])} CPU time, load average {s['load_average_1min']}",
         f"  SAE: {s['paths']['sae']}   curves: {s['paths']['curves']}   report: {s['paths']['eval_report']}",
         "",
     ]

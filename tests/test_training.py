@@ -53,7 +53,7 @@ def small_args(tmp_path, **kw) -> SAETrainingArguments:
     base = dict(hook_points=[HP], n_latents=64, k=4, train_tokens=256 * 60, batch_size=256, lr=1e-2,
                 output_dir=str(tmp_path / "out"), eval_every_tokens=0, checkpoint_every_tokens=0, eval_tokens=2048,
                 log_with=["jsonl"], progress_bar=False, log_every_steps=10, init_tokens=2048,
-                dead_tokens_threshold=2560, seed=0)
+                dead_tokens_threshold=2560, seed=0, plot_report=False)
     base.update(kw)
     return SAETrainingArguments(**base)
 
@@ -141,6 +141,18 @@ def test_arguments_from_cli_json_and_yaml(tmp_path):
     assert (j.k, j.n_latents, j.lr_schedule) == (8, 128, "cosine")
     y = parse_args(["--config", str(tmp_path / "c.yaml"), "--k", "12"])  # flags override the file
     assert (y.k, y.n_latents, y.hook_points, y.use_auxk) == (12, 128, ["embed"], False)
+    # the `hf-sae train` wiring: a sub-parser gets the same flags; its --help renders
+    import argparse
+
+    from hf_sae.training import add_train_args
+    from hf_sae.training.arguments import arguments_from_namespace
+
+    top = argparse.ArgumentParser(prog="hf-sae")
+    sub = add_train_args(top.add_subparsers(dest="command").add_parser("train"))
+    assert "--dead_tokens_threshold" in sub.format_help()
+    ns = top.parse_args(["train", str(tmp_path / "c.yaml"), "--no_normalize_decoder", "--k", "2"])
+    z = arguments_from_namespace(ns)
+    assert (z.k, z.n_latents, z.normalize_decoder, z.tied_init) == (2, 128, False, True)
     (tmp_path / "bad.yaml").write_text("kk: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
         parse_args([str(tmp_path / "bad.yaml")])
@@ -217,7 +229,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     x, xe = synthetic(8192), synthetic(2048, seed=1)
     args = small_args(tmp, train_tokens=256 * 120, eval_every_tokens=256 * 40, checkpoint_every_tokens=256 * 40,
-                      save_total_limit=2)
+                      save_total_limit=2, plot_report=True)
     trainer = SAETrainer(args, train_data=x, eval_data=xe)
     saes = trainer.train()
     return trainer, saes, tmp / "out", xe
@@ -300,10 +312,25 @@ def test_auxk_and_dead_mask_follow_the_token_counters(tmp_path):
     assert hist[-1][f"{HP}/dead_fraction"] == 0.5
 
 
-def test_bf16_autocast_runs(tmp_path):
-    saes = train(small_args(tmp_path, mixed_precision="bf16", train_tokens=256 * 5), train_data=synthetic(2048))
+def test_bf16_autocast_and_multi_topk_run(tmp_path):
+    trainer = SAETrainer(small_args(tmp_path, mixed_precision="bf16", multi_topk=True, train_tokens=256 * 5,
+                                    log_every_steps=1), train_data=synthetic(2048))
+    saes = trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
     assert saes[HP].W_dec.dtype == torch.float32  # master weights stay fp32
     assert math.isfinite(saes[HP].config.training_info["final_metrics"]["train_fvu"])
+    assert all(r[f"{HP}/multi_topk_fvu"] > 0 for r in trainer.state.history if f"{HP}/fvu" in r)
+
+
+def test_auto_trackers():
+    from hf_sae.training.trainer import resolve_trackers
+
+    env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
+    try:
+        assert resolve_trackers(["auto"]) == ["jsonl", "tensorboard"]  # tensorboard is a dev dependency
+        assert resolve_trackers(["none"]) == [] and resolve_trackers(["jsonl", "auto"]) == ["jsonl", "tensorboard"]
+    finally:
+        os.environ.update(env)
 
 
 # ----------------------------------------------------------------------------------- checkpoints & resume
@@ -329,29 +356,18 @@ def test_invalid_checkpoints_are_skipped(tmp_path):
     assert [t for t, _ in ckpt.list_checkpoints(str(root))] == [300]
 
 
-def test_resume_refuses_a_directory_made_by_another_configuration(tmp_path):
+def test_resume_refuses_a_directory_made_by_another_configuration(trained):
+    trainer, _, out, _ = trained
     x = synthetic(2048)
-    train(small_args(tmp_path, train_tokens=256 * 4), train_data=x)
-    with pytest.raises(ValueError, match="--resume"):  # existing run, no --resume
-        SAETrainer(small_args(tmp_path, train_tokens=256 * 4), train_data=x)
+    kw = dict(train_tokens=256 * 120, eval_every_tokens=256 * 40, checkpoint_every_tokens=256 * 40,
+              save_total_limit=2)
+    with pytest.raises(ValueError, match="--resume"):  # an existing run, no --resume
+        SAETrainer(small_args(out.parent, **kw), train_data=x)
     with pytest.raises(ValueError, match=r"different configuration.*--k: was 4, now 8"):
-        SAETrainer(small_args(tmp_path, train_tokens=256 * 4, k=8, resume=True), train_data=x)
-
-
-def test_resume_from_a_middle_checkpoint_is_exact_in_process(tmp_path):
-    x = synthetic(4096)
-    kw = dict(train_tokens=256 * 30, checkpoint_every_tokens=256 * 10, save_total_limit=5)
-    full = train(small_args(tmp_path / "a", **kw), train_data=x)[HP]
-    # the same run, stopped after step 10 (its later checkpoints and outputs removed), then resumed
-    out = tmp_path / "a" / "out"
-    for t, p in ckpt.list_checkpoints(str(out / "checkpoints")):
-        if t > 256 * 10:
-            import shutil
-
-            shutil.rmtree(p)
-    resumed = train(small_args(tmp_path / "a", resume=True, **kw), train_data=x)[HP]
-    for name, p in full.state_dict().items():
-        assert torch.equal(p, resumed.state_dict()[name]), name
+        SAETrainer(small_args(out.parent, k=8, resume=True, **kw), train_data=x)
+    # the same configuration resumes the finished run: nothing left to train
+    again = SAETrainer(small_args(out.parent, resume=True, **kw), train_data=x)
+    assert again.resume_from.endswith(ckpt.checkpoint_name(256 * 120))
 
 
 def _script_cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -359,7 +375,7 @@ def _script_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--n_latents", "128", "--k", "8", "--batch_size", "256", "--train_tokens", str(256 * 150),
             "--checkpoint_every_tokens", str(256 * 15), "--save_total_limit", "2", "--eval_every_tokens", "0",
             "--log_with", "jsonl", "--progress_bar", "false", "--dead_tokens_threshold", "3000", "--seed", "3",
-            "--lr", "2e-3", "--output_dir", str(out), *extra]
+            "--lr", "2e-3", "--plot_report", "false", "--output_dir", str(out), *extra]
 
 
 def _env():

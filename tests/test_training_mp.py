@@ -25,7 +25,8 @@ def _cli(data: Path, out: Path) -> list[str]:
     return ["--activations", str(data), "--hook_points", HP, "--n_latents", "64", "--k", "4",
             "--batch_size", str(BATCH), "--train_tokens", str(BATCH * STEPS), "--checkpoint_every_tokens",
             str(BATCH * 10), "--eval_every_tokens", "0", "--log_with", "jsonl", "--progress_bar", "false",
-            "--dead_tokens_threshold", "1024", "--lr", "1e-2", "--seed", "1", "--output_dir", str(out)]
+            "--dead_tokens_threshold", "1024", "--lr", "1e-2", "--seed", "1", "--plot_report", "false",
+            "--output_dir", str(out)]
 
 
 def _worker(dump: str, argv: list[str]) -> None:

@@ -15,6 +15,7 @@ Command line (``HfArgumentParser``)::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,7 +29,7 @@ _K_SPARSE = ("topk", "batchtopk", "topafa")
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
     "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
-    "run_name", "lm_batch_size",
+    "run_name", "lm_batch_size", "plot_report",
 })
 
 
@@ -98,7 +99,7 @@ class SAETrainingArguments:
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     lr: Optional[float] = _help("Adam learning rate (default 2e-4 / sqrt(n / 2^14)).", default=None)
     lr_schedule: str = _help("constant or cosine (after the warmup).", default="constant")
-    lr_warmup_tokens: Optional[int] = _help("Linear LR warmup length (default 5% of train_tokens).", default=None)
+    lr_warmup_tokens: Optional[int] = _help("Linear LR warmup length (default: 5 percent of train_tokens).", default=None)
     lr_min_ratio: float = _help("Final LR / peak LR of the cosine schedule.", default=0.0)
     adam_beta1: float = _help("Adam beta1.", default=0.9)
     adam_beta2: float = _help("Adam beta2.", default=0.999)
@@ -116,10 +117,12 @@ class SAETrainingArguments:
     checkpoint_every_tokens: int = _help("Checkpoint period in tokens (0 = only at the end).", default=5_000_000)
     save_total_limit: int = _help("Checkpoints kept (oldest deleted first; >= 1).", default=2)
     log_every_steps: int = _help("Training-metric logging period in optimizer steps.", default=10)
-    log_with: list[str] = _help("Trackers: any of jsonl, tensorboard, wandb (wandb only when installed).",
-                                default_factory=lambda: ["jsonl", "tensorboard"])
+    log_with: list[str] = _help("Trackers: jsonl, tensorboard, wandb, none, or auto (= jsonl + tensorboard when "
+                                "installed + wandb when installed and WANDB_API_KEY/WANDB_MODE is set).",
+                                default_factory=lambda: ["auto"])
     run_name: str = _help("Tracker run name.", default="sae")
     progress_bar: bool = _help("Show a progress bar with tokens/s and ETA.", default=True)
+    plot_report: bool = _help("Draw training_curves.png beside training_report.json.", default=True)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -212,14 +215,16 @@ class SAETrainingArguments:
             bad("mixed_precision", "choose auto, no or bf16")
         if isinstance(self.log_with, str):
             self.log_with = [s for s in self.log_with.split(",") if s]
-        unknown = [t for t in self.log_with if t not in ("jsonl", "tensorboard", "wandb", "none")]
+        unknown = [t for t in self.log_with if t not in ("auto", "jsonl", "tensorboard", "wandb", "none")]
         if unknown:
-            bad("log_with", f"unknown tracker(s) {unknown}; choose from jsonl, tensorboard, wandb, none")
-        if "wandb" in self.log_with:
-            import importlib.util
+            bad("log_with", f"unknown tracker(s) {unknown}; choose from auto, jsonl, tensorboard, wandb, none")
+        import importlib.util
 
-            if importlib.util.find_spec("wandb") is None:
-                bad("log_with", "wandb is not installed: `pip install wandb`, or drop wandb from --log_with")
+        if "wandb" in self.log_with and importlib.util.find_spec("wandb") is None:
+            bad("log_with", "wandb is not installed: `pip install wandb`, or drop wandb from --log_with")
+        if "tensorboard" in self.log_with and not (importlib.util.find_spec("tensorboard")
+                                                   or importlib.util.find_spec("tensorboardX")):
+            bad("log_with", "tensorboard is not installed: `pip install tensorboard`, or use --log_with auto/jsonl")
         for path_field in ("activations", "eval_activations"):
             p = getattr(self, path_field)
             if p is not None and not os.path.exists(p):
@@ -270,26 +275,40 @@ def _load_config_file(path: str) -> dict:
     return data
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every :class:`SAETrainingArguments` field as a flag (the actions ``HfArgumentParser`` builds),
+    plus ``--config PATH`` and an optional positional ``.json``/``.yaml`` file, to ``parser``.
+
+    Defaults are suppressed in the namespace, so :func:`arguments_from_namespace` can tell flags given
+    on the command line (which override the file) from defaults.
+    """
+    for action in _parser()._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        action.default = argparse.SUPPRESS
+        parser._add_action(action)
+    parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
+    parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")
+    return parser
+
+
+def arguments_from_namespace(ns: argparse.Namespace) -> SAETrainingArguments:
+    """Build the arguments from a namespace parsed with :func:`add_arguments`: dataclass defaults, then
+    the config file (if any), then the flags given on the command line."""
+    given = vars(ns)
+    if given.get("config") and given.get("config_file"):
+        raise ValueError("give the config file either as --config PATH or as the first argument, not both")
+    path = given.get("config") or given.get("config_file")
+    values = _load_config_file(path) if path else {}
+    values.update({f.name: given[f.name] for f in fields(SAETrainingArguments) if f.name in given})
+    return SAETrainingArguments(**values)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> SAETrainingArguments:
     """Parse command-line arguments (``sys.argv[1:]`` by default) into :class:`SAETrainingArguments`.
 
-    ``argv`` may start with a single ``.json``/``.yaml`` path (all values from the file) or contain
-    ``--config PATH`` (values from the file, then the other flags override them).
+    ``argv`` may hold a ``.json``/``.yaml`` path (positional) or ``--config PATH``: values come from the
+    file and the other flags override them.
     """
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    config = None
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".json", ".yaml", ".yml")):
-        config = argv.pop(0)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a path")
-        config = argv[i + 1]
-        del argv[i:i + 2]
-    if config is not None:
-        parser.set_defaults(**_load_config_file(config))
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return args
+    parser = argparse.ArgumentParser(prog="train.py", description="Train sparse autoencoders (hf_sae).")
+    return arguments_from_namespace(add_arguments(parser).parse_args(argv))

@@ -1,4 +1,10 @@
-"""Command-line entry points of training: ``hf-sae train ...`` and ``python scripts/train.py ...``."""
+"""Command-line entry points of training: ``hf-sae train ...`` and ``python scripts/train.py ...``.
+
+``hf-sae`` wiring (the convention of hf_sae.cli)::
+
+    add_train_args(subparser)        # every training flag, --config PATH, optional positional config file
+    run_train(parsed_namespace)      # trains; returns the summary dict
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,23 @@ import logging
 from typing import Optional
 
 
-def train_main(argv: Optional[list[str]] = None) -> dict:
-    """Parse ``argv`` (default ``sys.argv[1:]``) as training arguments, train, and return a summary
-    ``{hook_point: {"path": folder, "final_metrics": {...}}}`` (also printed as JSON by the main process)."""
-    from .arguments import parse_args
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training arguments (see :class:`SAETrainingArguments`) to ``parser``; returns it."""
+    from .arguments import add_arguments
+
+    return add_arguments(parser)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """Train from a namespace parsed with :func:`add_train_args`; returns
+    ``{hook_point: {"path", "tokens_trained", "final_metrics"}}`` (printed as JSON by the main process)."""
+    from .arguments import arguments_from_namespace
     from .trainer import SAETrainer
 
     logging.basicConfig(level=logging.INFO, format="[hf_sae] %(levelname)s %(message)s")
     for noisy in ("accelerate", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = parse_args(argv)
-    trainer = SAETrainer(args)
+    trainer = SAETrainer(arguments_from_namespace(args))
     saes = trainer.train()
     summary = {h: {"path": f"{trainer.out}/{h}", "tokens_trained": sae.config.training_info.get("tokens_trained"),
                    "final_metrics": sae.config.training_info.get("final_metrics", {})}
@@ -28,14 +40,8 @@ def train_main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make ``parser`` (e.g. the ``train`` sub-parser of ``hf-sae``) forward its arguments to
-    :func:`train_main`. Create it with ``add_help=False`` so ``--help`` reaches the training parser."""
-    parser.add_argument("train_argv", nargs=argparse.REMAINDER,
-                        help="training arguments (see `hf-sae train --help`); a .json/.yaml file may come first")
-    return parser
-
-
-def run_train(args: argparse.Namespace) -> dict:
-    """Run training from a namespace produced by a parser set up with :func:`add_train_args`."""
-    return train_main(list(args.train_argv))
+def train_main(argv: Optional[list[str]] = None) -> dict:
+    """``python scripts/train.py ARGS``: parse ``argv`` (default ``sys.argv[1:]``) and train."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train sparse autoencoders (hf_sae): one SAE "
+                                     "per hook point, live or from cached activations.")
+    return run_train(add_train_args(parser).parse_args(argv))

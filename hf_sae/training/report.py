@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional
 
@@ -78,7 +77,7 @@ _PANELS = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active latents
            ("dead_fraction", "dead-latent fraction"))
 
 
-def write_report(out_dir: str, hook_point: str, history: list[dict], summary: dict) -> dict:
+def write_report(out_dir: str, hook_point: str, history: list[dict], summary: dict, plot: bool = True) -> dict:
     """Write ``training_report.json`` and ``training_curves.png`` for one hook point into ``out_dir``.
 
     Args:
@@ -86,6 +85,7 @@ def write_report(out_dir: str, hook_point: str, history: list[dict], summary: di
         hook_point: whose curves to draw (history keys are ``"{hook_point}/{metric}"``).
         history: records ``{"step", "tokens", "<hook>/loss", "<hook>/fvu", ..., "<hook>/eval/fvu", ...}``.
         summary: run-level facts (tokens trained, final metrics, configuration) stored as is.
+        plot: also draw ``training_curves.png`` (loss, FVU, L0, dead fraction against tokens).
     Returns the report dict.
     """
     prefix = hook_point + "/"
@@ -101,7 +101,8 @@ def write_report(out_dir: str, hook_point: str, history: list[dict], summary: di
     report = {"hook_point": hook_point, **summary, "curves": curves}
     with open(os.path.join(out_dir, "training_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
-    _plot(os.path.join(out_dir, "training_curves.png"), hook_point, curves)
+    if plot:
+        _plot(os.path.join(out_dir, "training_curves.png"), hook_point, curves)
     return report
 
 
@@ -112,6 +113,7 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
     for ax, (key, title) in zip(axes.flat, _PANELS):
         for name, style, label in ((key, "-", "train"), (f"eval/{key}", "o-", "held-out")):
             c = curves.get(name)
@@ -119,14 +121,9 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
                 ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("tokens")
-        if key in ("loss", "fvu") and all(v > 0 for n in (key, f"eval/{key}")
-                                          for v in curves.get(n, {}).get("value", [])
-                                          if not math.isnan(v)) and curves.get(key):
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"SAE training: {hook_point}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -130,7 +130,7 @@ class SAETrainer:
         if isinstance(names, str):
             names = [s for s in names.split(",") if s]
         out = []
-        for n in names:
+        for n in resolve_trackers(names):
             if n == "jsonl":
                 out.append(JSONLTracker(self.args.run_name, os.path.join(self.log_dir)))
             elif n in ("tensorboard", "wandb"):
@@ -381,6 +381,9 @@ class SAETrainer:
             os.makedirs(self.out, exist_ok=True)
             if self.resume_from is None:
                 args.to_json_file(os.path.join(self.out, "train_args.json"))
+                metrics = os.path.join(self.log_dir, "metrics.jsonl")
+                if os.path.exists(metrics):  # a fresh start: drop the log of an earlier (killed) attempt
+                    os.remove(metrics)
             else:
                 truncate_jsonl(os.path.join(self.log_dir, "metrics.jsonl"), self._resume_step)
         acc.wait_for_everyone()
@@ -560,8 +563,7 @@ class SAETrainer:
         if final:
             self._record({f"{h}/eval/{k}": v for h, m in final.items() for k, v in m.items()
                           if isinstance(v, (int, float))})
-        if args.checkpoint_every_tokens >= 0:
-            self.save_checkpoint()
+        self.save_checkpoint()  # lets --resume on a finished run re-export without training
         saes = self._saes()
         last_train = next((r for r in reversed(st.history) if "tokens_per_s" in r), {})
         if acc.is_main_process:
@@ -588,7 +590,8 @@ class SAETrainer:
                 self.configs[h] = sae.config
                 folder = os.path.join(self.out, h)
                 sae.save_pretrained(folder)
-                write_report(folder, h, st.history, {"base_model": sae.config.base_model, **info})
+                write_report(folder, h, st.history, {"base_model": sae.config.base_model, **info},
+                             plot=args.plot_report)
         acc.wait_for_everyone()
         return saes
 
@@ -621,6 +624,25 @@ class _Window:
             vals = acc.reduce(vals, reduction="mean")
         self.sums, self.counts = {}, {}
         return dict(zip(keys, vals.tolist()))
+
+
+def resolve_trackers(names) -> list[str]:
+    """Expand ``auto`` into the trackers available here: jsonl, tensorboard (when importable) and wandb
+    (when installed and configured through WANDB_API_KEY / WANDB_MODE, so it never prompts); ``none`` = no
+    tracker. Explicit names are kept as given."""
+    import importlib.util
+
+    out: list[str] = []
+    for n in names:
+        if n == "auto":
+            out.append("jsonl")
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                out.append("tensorboard")
+            if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+                out.append("wandb")
+        elif n != "none":
+            out.append(n)
+    return list(dict.fromkeys(out))
 
 
 def _reset_single_process_accelerate_state() -> None:
