@@ -12,9 +12,11 @@ plain autograd), their ratios, and the peak RSS each step adds above what was re
 includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
 decoder projection/renormalisation) is the same for both paths and is reported on its own.
 
-Times are the minimum over ``--repeats`` rounds; the cases of a configuration run round-robin in one
-process so that load from other processes hits them alike. The "step" includes freeing the old
-gradients (set to None) as a trainer's ``zero_grad`` does.
+The cases of a configuration run round-robin in one process so that load from other processes hits
+them alike; times are the minimum over ``--repeats`` rounds, ``ours/bound`` is the median over rounds
+of the ratio within a round, and ``ours/bound cpu`` the ratio of minimum process CPU times (steadier
+than wall time on a shared machine). The "step" includes freeing the old gradients (set to None) as a
+trainer's ``zero_grad`` does.
 """
 
 from __future__ import annotations
@@ -47,17 +49,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(fn, prepare=None) -> tuple[float, float]:
-    """(seconds, peak RSS added in MB) of one call of fn; ``prepare`` runs first, untimed."""
+def measure(fn, prepare=None) -> tuple[float, float, float]:
+    """(wall seconds, process CPU seconds, peak RSS added in MB) of one call of fn; ``prepare`` runs
+    first, untimed."""
     if prepare is not None:
         prepare()
     base = _rss_mb("VmRSS")
     ok = _reset_peak()
+    c = time.process_time()
     t = time.perf_counter()
     fn()
     dt = time.perf_counter() - t
+    cpu = time.process_time() - c
     peak = _rss_mb("VmHWM") - base if ok else float("nan")
-    return dt, peak
+    return dt, cpu, peak
 
 
 def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
@@ -97,7 +102,9 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
 
     cases = {"bound": bound, "fused": step(fused)}
     times = {name: [] for name in list(cases) + ["dense"]}
+    cpus = {name: [] for name in times}
     peaks = {name: [] for name in times}
+    ratios = []  # ours / bound within a round: both saw about the same load
     for fn in cases.values():
         fn()  # warm-up (first-touch allocations, lazy inits)
     step(fused)()
@@ -105,21 +112,24 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
     t_update = min(measure(update)[0] for _ in range(2))
     for r in range(repeats):
         for name, fn in cases.items():
-            dt, pk = measure(fn, free_grads)
+            dt, cpu, pk = measure(fn, free_grads)
             times[name].append(dt)
+            cpus[name].append(cpu)
             peaks[name].append(pk)
+        ratios.append(times["fused"][-1] / times["bound"][-1])
         if r < dense_repeats:
             if r == 0:
                 step(dense)()  # warm-up
-            dt, pk = measure(step(dense), free_grads)
+            dt, cpu, pk = measure(step(dense), free_grads)
             times["dense"].append(dt)
+            cpus["dense"].append(cpu)
             peaks["dense"].append(pk)
-        print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v),
-              file=sys.stderr, flush=True)
-    out = dict(n=n, k=k, dead=dead_frac, update=t_update)
+        print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v)
+              + f"  ours/bound={ratios[-1]:.2f}", file=sys.stderr, flush=True)
+    out = dict(n=n, k=k, dead=dead_frac, update=t_update, ratio=statistics.median(ratios))
     for name in times:
         out[name] = min(times[name]) if times[name] else float("nan")
-        out[name + "_med"] = statistics.median(times[name]) if times[name] else float("nan")
+        out[name + "_cpu"] = min(cpus[name]) if cpus[name] else float("nan")
         out[name + "_peak"] = max(peaks[name]) if peaks[name] else float("nan")
     return out
 
@@ -146,14 +156,18 @@ def main() -> None:
             for dead in args.dead:
                 print(f"n={n} k={k} dead={dead:.0%} ...", file=sys.stderr, flush=True)
                 rows.append(run_config(args.batch, args.d, n, k, dead, args.repeats, args.dense_repeats))
-    head = ("|     n |   k | dead | bound s | ours s | ours/bound | dense s | dense/ours | ours med s "
+    head = ("|     n |   k | dead | bound s | ours s | ours/bound | ours/bound cpu | dense s | dense/ours "
             "| peak+ ours MB | peak+ dense MB | optimizer s |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         print(f"| {r['n']:5d} | {r['k']:3d} | {r['dead']:4.0%} | {r['bound']:7.3f} | {r['fused']:6.3f} "
-              f"| {r['fused'] / r['bound']:10.2f} | {r['dense']:7.3f} | {r['dense'] / r['fused']:10.1f} "
-              f"| {r['fused_med']:10.3f} | {r['fused_peak']:13.0f} | {r['dense_peak']:14.0f} | {r['update']:11.3f} |")
+              f"| {r['ratio']:10.2f} | {r['fused_cpu'] / r['bound_cpu']:14.2f} | {r['dense']:7.3f} "
+              f"| {r['dense'] / r['fused']:10.1f} | {r['fused_peak']:13.0f} | {r['dense_peak']:14.0f} "
+              f"| {r['update']:11.3f} |")
+    print(f"# ours/bound: median over rounds of the within-round ratio; cpu: ratio of the minimum process CPU "
+          f"times; other times: minimum wall seconds. Load average at the end: {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores.")
 
 
 if __name__ == "__main__":

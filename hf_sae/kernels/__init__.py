@@ -22,6 +22,7 @@ else torch. The environment variable ``HF_SAE_KERNEL`` overrides the config's ``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -47,8 +48,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when the ``triton`` package imports."""
+    """True when the ``triton`` package imports (checked once per process)."""
     try:
         importlib.import_module("triton")
     except Exception:  # ImportError, or a broken install raising at import
