@@ -1,8 +1,15 @@
 """Shared fixtures. Real-model fixtures are session-scoped: SmolLM2 loads once per run."""
 import os
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET when it and the kernels are first imported, and other test modules
+# (transformers, hub) may import triton early: set it before anything else, so the Triton kernels run
+# in the interpreter on CPU-only machines. Dispatch "auto" still picks torch for CPU tensors.
+import torch  # noqa: E402  (the CPU build does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Nothing in the test suite may reach the network Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
