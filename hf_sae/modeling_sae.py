@@ -206,7 +206,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 f"SAE input has shape {tuple(x.shape)}; expected [..., {self.config.d_in}] (d_in of this SAE"
                 f"{', hook point ' + self.config.hook_point if self.config.hook_point else ''})."
             )
-        if not torch.isfinite(x).all():
+        # one reduction first (a NaN/Inf anywhere makes the sum non-finite); the full check only then
+        if not torch.isfinite(x.sum(dtype=torch.float32)) and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"SAE input contains {bad} NaN/Inf values; clean the activations before encoding.")
         lead = x.shape[:-1]
