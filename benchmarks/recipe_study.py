@@ -101,11 +101,12 @@ def main(argv=None) -> dict:
     p.add_argument("--n-latents", type=int, default=4608)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dead-tokens", type=int, default=200_000, help="dead = no fire in this many training tokens")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dead-tokens", type=int, default=100_000, help="dead = no fire in this many training tokens")
     p.add_argument("--eval-tokens", type=int, default=65536)
-    p.add_argument("--l1", default="0.004,0.008,0.016", help="comma list of ReLU L1 coefficients")
-    p.add_argument("--only", default="dead,relu", help="subset of: dead, relu")
+    p.add_argument("--l1", default="0.001,0.003,0.01,0.03", help="comma list of ReLU L1 coefficients")
+    p.add_argument("--only", default="dead,relu,switches",
+                   help="subset of: dead (recipe vs neither), relu (TopK vs ReLU+L1), switches (each alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rerun runs that have a result.json")
@@ -118,9 +119,8 @@ def main(argv=None) -> dict:
     only = set(ns.only.split(","))
     results: dict = {"config": vars(ns), "dead": [], "relu": []}
 
-    if "dead" in only:
-        for name, tied, auxk in (("topk_tied_auxk", True, True), ("topk_untied_noauxk", False, False),
-                                 ("topk_tied_noauxk", True, False), ("topk_untied_auxk", False, True)):
+    if "dead" in only:  # the recipe versus neither switch
+        for name, tied, auxk in (("topk_tied_auxk", True, True), ("topk_untied_noauxk", False, False)):
             results["dead"].append(run(name, work, train_dir, val_dir, ns, tied_init=tied, auxk=auxk))
     if "relu" in only:
         topk = run("topk_tied_auxk", work, train_dir, val_dir, ns, tied_init=True, auxk=True)
@@ -130,6 +130,9 @@ def main(argv=None) -> dict:
                                        l1_coef=c))
         pts = [(r["l0"], r["fvu"]) for r in results["relu"]]
         results["relu_fvu_at_topk_l0"] = interp_at_l0(pts, topk["l0"])
+    if "switches" in only:  # each switch alone
+        for name, tied, auxk in (("topk_tied_noauxk", True, False), ("topk_untied_auxk", False, True)):
+            results["dead"].append(run(name, work, train_dir, val_dir, ns, tied_init=tied, auxk=auxk))
 
     (work / "recipe_study.json").write_text(json.dumps(results, indent=2, default=float))
     print_tables(results, ns)

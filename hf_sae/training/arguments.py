@@ -159,8 +159,11 @@ class SAETrainingArguments:
             kw["expansion_factor"] = self.expansion_factor
         return kw
 
-    def validate(self, num_processes: int = 1) -> None:
-        """Raise ``ValueError`` naming the argument to change, before any work starts."""
+    def validate(self, num_processes: Optional[int] = 1) -> None:
+        """Raise ``ValueError`` naming the argument to change, before any work starts.
+
+        ``num_processes`` is used to check that ``batch_size`` splits evenly over processes and
+        accumulation steps (None = not known yet: check accumulation steps only)."""
 
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
@@ -191,7 +194,7 @@ class SAETrainingArguments:
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
         if self.multi_topk and self.activation != "topk":
             bad("multi_topk", "Multi-TopK needs --activation topk")
-        split = num_processes * self.gradient_accumulation_steps
+        split = (num_processes or 1) * self.gradient_accumulation_steps
         if self.batch_size % split:
             bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
                               f"{num_processes} x {self.gradient_accumulation_steps} = {split}")

@@ -115,12 +115,20 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
     for ax, (key, title) in zip(axes.flat, _PANELS):
-        for name, style, label in ((key, "-", "train"), (f"eval/{key}", "o-", "held-out")):
+        labels = (("train (no fire within dead_tokens_threshold)", "held-out (never fired)")
+                  if key == "dead_fraction" else ("train", "held-out"))
+        for name, style, label in ((key, "-", labels[0]), (f"eval/{key}", "o-", labels[1])):
             c = curves.get(name)
             if c and c["value"]:
                 ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("tokens")
+        values = [v for n in (key, f"eval/{key}") for v in curves.get(n, {}).get("value", []) if v == v]
+        if key in ("loss", "fvu") and values and min(values) > 0:
+            ax.set_yscale("log")
+        elif values:
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.set_ylim(bottom=0, top=max(values) * 1.1 if max(values) > 0 else 1)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

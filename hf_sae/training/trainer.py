@@ -100,6 +100,7 @@ class SAETrainer:
         from accelerate.utils import ProjectConfiguration
 
         self.args = args
+        args.validate(num_processes=None)  # before Accelerate starts (trackers, processes)
         mp = args.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
