@@ -185,7 +185,7 @@ def test_trust_remote_code_in_a_process_without_hf_sae(hub, tmp_path):
         import torch
         from transformers import AutoModel
 
-        io = torch.load({str(tmp_path / "io.pt")!r})
+        io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
         root = AutoModel.from_pretrained("test-org/remote-root", trust_remote_code=True)
         sub = AutoModel.from_pretrained("test-org/remote-sub", subfolder="layers.3.attn_out", trust_remote_code=True)
         assert "hf_sae" not in sys.modules
