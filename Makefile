@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-heavy quickstart clean
+.PHONY: install test test-fast quickstart clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
-
-test-heavy: $(STAMP)
-	$(VPY) -m pytest -m heavy $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
 	$(VPY) -m hf_sae.quickstart --out quickstart_out
