@@ -138,6 +138,7 @@ def test_gender_task(tokenizer):
     he, she = tokenizer.convert_tokens_to_ids(["he", "she"])
     for i, g in enumerate(c.attributes["gender"]):
         assert (int(c.answer_ids[i]), int(c.wrong_ids[i])) == ((he, she) if g == "male" else (she, he))
+    assert task.nested == {"name": "gender"} and task.select([0, 1]).nested == task.nested
     g = task.corrupted["gender"]
     assert all(a != b for a, b in zip(g.attributes["gender"], c.attributes["gender"]))
     assert torch.equal(g.answer_ids, c.wrong_ids)
@@ -176,6 +177,23 @@ def test_supervised_dictionary_hand_computed():
         SupervisedDictionary.fit(torch.tensor([[float("nan"), 0.0]]), {"x": ["p"]})
     with pytest.raises(ValueError, match="missing"):
         d.reconstruct({"x": ["p"]})
+
+
+def test_supervised_dictionary_nested_attribute_hand_computed():
+    # name is nested in gender: without nesting the gender part would be counted twice
+    a = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    attrs = {"gender": ["m", "m", "f", "f"], "name": ["m1", "m2", "f1", "f1"]}
+    d = SupervisedDictionary.fit(a, attrs, nested={"name": "gender"})
+    # E[a] = (1, 1.5); E[a|m] = (2, 0); E[a|f] = (0, 3)
+    assert torch.allclose(d.feature("gender", "m"), torch.tensor([1.0, -1.5]))
+    assert torch.allclose(d.feature("name", "m1"), torch.tensor([-1.0, 0.0]))  # (1, 0) - E[a|m]
+    assert torch.allclose(d.feature("name", "f1"), torch.tensor([0.0, 0.0]))
+    assert torch.allclose(d.reconstruct(attrs), torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]))
+    plain = SupervisedDictionary.fit(a, attrs)  # the plain formula double-counts gender here
+    assert torch.allclose(plain.reconstruct(attrs)[0], torch.tensor([2.0, -1.5]))
+    with pytest.raises(ValueError, match="not nested"):
+        SupervisedDictionary.fit(a, {"gender": ["m", "f", "f", "f"], "name": ["m1", "m1", "f1", "f1"]},
+                                 nested={"name": "gender"})
 
 
 # --------------------------------------------------------------------------- locations and patching

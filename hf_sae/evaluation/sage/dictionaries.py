@@ -12,6 +12,16 @@ and the supervised reconstruction of a prompt with values ``(v_1, ..., v_m)`` is
 (exact when the activation is an additive function of the attributes and the attributes are
 balanced). Changing attribute ``i`` from ``A`` to ``B`` is the supervised edit
 ``a - u_{i,A} + u_{i,B}``. A value never seen when fitting gets ``u = 0``.
+
+Nested attributes. When attribute ``j`` determines attribute ``p`` (every value of ``j`` occurs
+with one value of ``p``: a name determines its gender), ``E[a | j = w] - E[a]`` already contains
+``u_{p, p(w)}`` and the sum above would count it twice. For such a pair, declared as
+``nested={j: p}``, the child's feature is taken relative to its parent's mean::
+
+    u_{j,w} = E[a | j = w] - E[a | p = p(w)]
+
+so that ``E[a] + u_{p,p(w)} + u_{j,w} = E[a | j = w]``. Attributes not declared nested use the
+plain formula.
 """
 
 from __future__ import annotations
@@ -42,10 +52,13 @@ class SupervisedDictionary:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, acts: Tensor, attributes: Mapping[str, Sequence], location: str = "") -> "SupervisedDictionary":
+    def fit(cls, acts: Tensor, attributes: Mapping[str, Sequence], location: str = "",
+            nested: Mapping[str, str] | None = None) -> "SupervisedDictionary":
         """Fit ``u_{i,v}`` from activations ``acts`` [N, d] and ``attributes`` ``{i: [v per prompt]}``.
 
-        Means are taken in float64 and stored in ``acts``' dtype.
+        ``nested``: ``{child attribute: parent attribute}`` for attributes whose value determines
+        the parent's (see the module docstring); ``ValueError`` if a child value occurs with two
+        parent values. Means are taken in float64 and stored in ``acts``' dtype.
         """
         if not isinstance(acts, Tensor) or acts.dim() != 2 or acts.shape[0] < 1:
             shape = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
@@ -57,16 +70,31 @@ class SupervisedDictionary:
         n = acts.shape[0]
         x = acts.double()
         mean = x.mean(0)
+        nested = dict(nested or {})
+        for child, parent in nested.items():
+            if child not in attributes or parent not in attributes or child == parent:
+                raise ValueError(f"nested={nested}: {child!r} -> {parent!r} must name two different attributes "
+                                 f"among {list(attributes)}")
         features: dict[str, dict[str, Tensor]] = {}
         counts: dict[str, dict[str, int]] = {}
         for attr, values in attributes.items():
             values = [str(v) for v in values]
             if len(values) != n:
                 raise ValueError(f"attribute {attr!r} has {len(values)} values for {n} activations")
+            parent = [str(v) for v in attributes[nested[attr]]] if attr in nested else None
             features[attr], counts[attr] = {}, {}
             for v in sorted(set(values)):
                 mask = torch.tensor([w == v for w in values], device=acts.device)
-                features[attr][v] = (x[mask].mean(0) - mean).to(acts.dtype)
+                base = mean
+                if parent is not None:
+                    pv = {parent[i] for i in range(n) if values[i] == v}
+                    if len(pv) != 1:
+                        raise ValueError(f"attribute {attr!r}={v!r} occurs with {nested[attr]!r} values {sorted(pv)}; "
+                                         "it is not nested in that attribute")
+                    p_value = pv.pop()
+                    pmask = torch.tensor([w == p_value for w in parent], device=acts.device)
+                    base = x[pmask].mean(0)
+                features[attr][v] = (x[mask].mean(0) - base).to(acts.dtype)
                 counts[attr][v] = int(mask.sum())
         return cls(location=location, mean=mean.to(acts.dtype), features=features, counts=counts)
 
@@ -126,6 +154,7 @@ class SupervisedDictionary:
         }
 
 
-def fit_dictionaries(acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence]) -> dict[str, SupervisedDictionary]:
+def fit_dictionaries(acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence],
+                     nested: Mapping[str, str] | None = None) -> dict[str, SupervisedDictionary]:
     """Fit one :class:`SupervisedDictionary` per location: ``{key: acts [N, d]}`` -> ``{key: dictionary}``."""
-    return {k: SupervisedDictionary.fit(v, attributes, location=k) for k, v in acts.items()}
+    return {k: SupervisedDictionary.fit(v, attributes, location=k, nested=nested) for k, v in acts.items()}

@@ -378,7 +378,8 @@ def evaluate_sae(
     bar = tqdm(covered, desc=f"SAGE eval {hook}", disable=not progress)
     for loc in bar:
         key, mode = loc.key, modes[loc.key]
-        d = dictionaries.get(key) or SupervisedDictionary.fit(acts_fit[key], fit_task.clean.attributes, key)
+        d = dictionaries.get(key) or SupervisedDictionary.fit(acts_fit[key], fit_task.clean.attributes, key,
+                                                                   nested=fit_task.nested)
         dictionaries[key] = d
         a = acts_ev[key]
         ld_ablate = patched_logit_diff(model, clean_ev, {loc: a.mean(0, keepdim=True).expand_as(a)},

@@ -138,7 +138,7 @@ def run_task(
 
     # Supervised dictionaries at the cross-section, scored on held-out prompts.
     acts_fit = location_activations(model, fit.clean, top, batch_size=batch_size)
-    dicts = fit_dictionaries(acts_fit, fit.clean.attributes)
+    dicts = fit_dictionaries(acts_fit, fit.clean.attributes, nested=task.nested)
     acts_ev = location_activations(model, ev.clean, top, batch_size=batch_size)
     out["supervised"] = {}
     for loc in top:

@@ -21,8 +21,8 @@ replaces both S occurrences by another name, ``order`` swaps the two names of th
 LD = logit[IO] - logit[S].
 
 ``gender`` — pronoun gender: "Yesterday, Mary was late for work because" -> " she" (vs " he").
-Attributes ``gender`` (``male``/``female``) and ``name``. Corruptions: ``gender`` swaps the name for
-one of the other gender (answer and wrong pronoun swap), ``name`` swaps it for another name of the
+Attributes ``gender`` (``male``/``female``) and ``name`` (nested in gender: ``Task.nested``).
+Corruptions: ``gender`` swaps the name for one of the other gender (answer and wrong pronoun swap), ``name`` swaps it for another name of the
 same gender. LD = logit[correct pronoun] - logit[other pronoun].
 
 Prompts are right-padded to a common length; as the LMs here are causal, padding after a prompt
@@ -153,6 +153,10 @@ class Task:
         corrupted: ``{attribute: TaskPrompts [N]}``; prompt ``j`` of ``corrupted[a]`` is prompt ``j``
             of ``clean`` with attribute ``a`` changed (same template, same token indices).
         description: one-line description with the logit-difference definition.
+        nested: ``{child attribute: parent attribute}`` when a child's value determines the parent's
+            (gender task: ``{"name": "gender"}``); supervised dictionaries centre such a child on its
+            parent (see :mod:`.dictionaries`).
+        metadata: names, templates and seed the task was built from.
     """
 
     name: str
@@ -162,6 +166,7 @@ class Task:
     corrupted: dict[str, TaskPrompts]
     description: str = ""
     metadata: dict = field(default_factory=dict)
+    nested: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -176,6 +181,7 @@ class Task:
             corrupted={a: p.select(index) for a, p in self.corrupted.items()},
             description=self.description,
             metadata=dict(self.metadata),
+            nested=dict(self.nested),
         )
 
     def split(self, n_first: int) -> tuple["Task", "Task"]:
@@ -412,6 +418,7 @@ def make_gender_task(
         corrupted={a: _pack(corr[a], attrs, positions, pad) for a in attrs},
         description="pronoun gender; LD = logit[correct pronoun] - logit[other pronoun] at END",
         metadata={"male_names": males, "female_names": females, "templates": list(templates), "seed": seed},
+        nested={"name": "gender"},
     )
 
 
