@@ -47,13 +47,13 @@ Metrics, per location ``l`` (all LDs are means over the evaluation prompts, in l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...hooks import model_parts, parse_hook_point
+from ...hooks import parse_hook_point
 from .dictionaries import SupervisedDictionary
 from .patching import Location, PrefixCache, location_activations, mean_logit_diff, patched_logit_diff
 from .tasks import Task
@@ -67,6 +67,7 @@ __all__ = [
     "best_probe_latents",
     "greedy_latent_edit",
     "sufficiency_necessity",
+    "reconstruction_fidelity",
     "evaluate_sae",
 ]
 
@@ -304,7 +305,9 @@ def sufficiency_necessity(
             "necessity": _ratio(ld_clean - ld_nec, den)}
 
 
-def _fidelity(true: Tensor, approx: Tensor) -> dict[str, float]:
+def reconstruction_fidelity(true: Tensor, approx: Tensor) -> dict[str, float]:
+    """``{"fvu": sum||approx - true||^2 / sum||true - mean(true)||^2, "cosine": mean cos(approx, true)}``
+    for [N, d] tensors (the variance is over the N prompts at one location)."""
     true, approx = true.float(), approx.float()
     fvu = (approx - true).square().sum() / (true - true.mean(0)).square().sum().clamp_min(1e-12)
     cos = torch.nn.functional.cosine_similarity(true, approx, dim=-1).mean()
@@ -397,9 +400,9 @@ def evaluate_sae(
             "ld_mean_ablation": ld_ablate,
             "denominator": ld_clean - ld_ablate,
             "supervised": {**sufficiency_necessity(model, clean_ev, loc, a, sup_rec, ld_clean, ld_ablate, batch_size, cache),
-                           **_fidelity(a, sup_rec)},
+                           **reconstruction_fidelity(a, sup_rec)},
             "sae": {**sufficiency_necessity(model, clean_ev, loc, a, sae_rec, ld_clean, ld_ablate, batch_size, cache),
-                    **_fidelity(a, sae_rec)},
+                    **reconstruction_fidelity(a, sae_rec)},
             "probe": best_probe_latents(z_fit[feeder[key].key], fit_task.clean.attributes,
                                         z_ev[feeder[key].key], clean_ev.attributes),
             "cosine": best_cosine_latents(directions, d) if mode == "direct" else None,

@@ -33,7 +33,7 @@ from torch import nn
 from ...hooks import model_parts, parse_hook_point
 from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
 from .dictionaries import fit_dictionaries
-from .evaluate_sae import _fidelity, evaluate_sae, residual_stream_index, sufficiency_necessity
+from .evaluate_sae import reconstruction_fidelity, evaluate_sae, residual_stream_index, sufficiency_necessity
 from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff, patched_logit_diff
 from .report import write_report
 from .tasks import TASKS, Task, make_task
@@ -148,7 +148,7 @@ def run_task(
         rec = dicts[loc.key].reconstruct(ev.clean.attributes)
         sn = sufficiency_necessity(model, ev.clean, loc, a, rec, out["ld_clean"], ld_ablate, batch_size, cache)
         out["supervised"][loc.key] = {"ld_mean_ablation": ld_ablate, "denominator": out["ld_clean"] - ld_ablate,
-                                      **sn, **_fidelity(a, rec)}
+                                      **sn, **reconstruction_fidelity(a, rec)}
 
     # SAEs.
     out["saes"] = {}
