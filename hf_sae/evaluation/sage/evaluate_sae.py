@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...hooks import parse_hook_point
+from ..reconstruction import cosine_similarity, fvu
 from .dictionaries import SupervisedDictionary
 from .patching import Location, PrefixCache, location_activations, mean_logit_diff, patched_logit_diff
 from .tasks import Task
@@ -306,12 +307,9 @@ def sufficiency_necessity(
 
 
 def reconstruction_fidelity(true: Tensor, approx: Tensor) -> dict[str, float]:
-    """``{"fvu": sum||approx - true||^2 / sum||true - mean(true)||^2, "cosine": mean cos(approx, true)}``
-    for [N, d] tensors (the variance is over the N prompts at one location)."""
-    true, approx = true.float(), approx.float()
-    fvu = (approx - true).square().sum() / (true - true.mean(0)).square().sum().clamp_min(1e-12)
-    cos = torch.nn.functional.cosine_similarity(true, approx, dim=-1).mean()
-    return {"fvu": float(fvu), "cosine": float(cos)}
+    """``{"fvu", "cosine"}`` of ``approx`` vs ``true`` [N, d] (:mod:`hf_sae.evaluation.reconstruction`);
+    here the variance in the FVU is over the N prompts at one location."""
+    return {"fvu": fvu(true.float(), approx.float()), "cosine": cosine_similarity(true.float(), approx.float())}
 
 
 def evaluate_sae(
