@@ -42,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=HOOK_LAYER, help="block whose resid_post is used (default 6)")
     p.add_argument("--n-latents", type=int, default=4608, help="SAE latents (default 4608 = 8 x 576)")
     p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    p.add_argument("--cache-tokens", type=int, default=300_000, help="training tokens cached (default 300k)")
-    p.add_argument("--train-tokens", type=int, default=600_000,
-                   help="training tokens (default 600k = 2 passes over the cache)")
+    p.add_argument("--cache-tokens", type=int, default=600_000, help="training tokens cached (default 600k)")
+    p.add_argument("--train-tokens", type=int, default=1_200_000,
+                   help="training tokens (default 1.2M = 2 passes over the cache)")
     p.add_argument("--batch-size", type=int, default=2048, help="tokens per optimizer step (default 2048)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak Adam LR (default 3e-3, tuned for this short run)")
-    p.add_argument("--dead-tokens", type=int, default=150_000,
-                   help="a latent that has not fired for this many tokens is dead (AuxK revives it; default 150k)")
+    p.add_argument("--dead-tokens", type=int, default=300_000,
+                   help="a latent that has not fired for this many tokens is dead (AuxK revives it; default 300k)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
     p.add_argument("--downstream-tokens", type=int, default=4096,
                    help="tokens for the downstream loss (4 full LM forwards; default 4096)")
