@@ -245,8 +245,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         chosen from them as the column blocks of one sparse code; the selected values with a sparse
         encoder backward; one sparse decode of all blocks. No dense [N, n] tensor enters autograd.
 
+        AuxK's block keeps only as many columns as the most dead pre-activations > 0 in one row (at most
+        k_aux; the others are 0 after the ReLU and contribute nothing), so its width follows how often
+        dead latents come near firing rather than k_aux.
+
         Returns ``(latents, x_hat, e_hat, x_hat4)`` in normalized units -- x_hat [N, d] (with b_dec);
-        e_hat [N, d] AuxK's decode of the dead latents (no b_dec) or None; x_hat4 the Multi-TopK
+        e_hat [N, d] AuxK's decode of the dead latents (no b_dec; zeros when none of them is > 0) or None
+        when no latent is dead; x_hat4 the Multi-TopK
         reconstruction or None -- with the same values and gradients as the dense path. Returns None
         when the kernels are not importable, the kernel resolves to "dense", or the activation is dense
         (batchtopk at inference).
@@ -267,10 +272,16 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             pre = F.linear(xc, self.W_enc, self.b_enc)
             selected = sparse_fn(pre, self, xc)
             picks, supports = [selected.indices], [None]
+            aux_block = False
             if k_aux:
-                aux, support = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True)
-                picks.append(aux)
-                supports.append(support)
+                # Exact pruning: dead latents with pre <= 0 add nothing (value, dW_dec, gradient through
+                # the ReLU), so the block only needs the most positive dead pre-activations of one row.
+                aux, support = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True,
+                                                  positive_only=True)
+                if aux.shape[1]:
+                    picks.append(aux)
+                    supports.append(support)
+                    aux_block = True
             if cfg.multi_topk and self.training:
                 picks.append(pre.topk(4 * cfg.k, dim=-1, sorted=False).indices)
                 supports.append(None)
@@ -285,7 +296,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
         decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend))
         x_hat = decoded.pop(0) + self.b_dec
-        e_hat = decoded.pop(0) if k_aux else None
+        if aux_block:
+            e_hat = decoded.pop(0)
+        else:  # no dead pre-activation > 0 anywhere: AuxK's decode is 0 (its loss has no gradient)
+            e_hat = torch.zeros_like(x_hat) if k_aux else None
         x_hat4 = decoded.pop(0) + self.b_dec if decoded else None
         return Latents(values=main, indices=selected.indices), x_hat, e_hat, x_hat4
 

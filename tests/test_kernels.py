@@ -360,3 +360,64 @@ def test_fused_step_bfloat16_runs_and_matches_dense():
     torch.testing.assert_close(b.loss.float(), a.loss.float(), atol=2e-2, rtol=2e-2)
     for got, want in ((gb_enc, ga_enc), (gb_dec, ga_dec)):
         assert (got - want).norm() <= 0.05 * want.norm()
+
+
+# ------------------------------------------------------------------------------ AuxK slot pruning
+def test_topk_among_positive_only_keeps_every_positive_entry():
+    pre = torch.tensor([[0.5, -1.0, 2.0, 0.1, -0.2, 3.0],
+                        [-0.3, -1.0, -2.0, 0.0, -0.2, 1.0],
+                        [-0.3, 4.0, -2.0, 0.0, 5.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([True, True, True, True, True, False])  # column 5 is not allowed
+    idx, (cols, local) = kernels.topk_among(pre, mask, 4, return_support=True, positive_only=True)
+    assert idx.shape == (3, 3)  # row 0 has three allowed positives (0.5, 2.0, 0.1): 4 -> 3 columns
+    assert torch.equal(cols[local], idx)
+    assert [sorted(r) for r in idx[:1].tolist()] == [[0, 2, 3]]
+    assert {1, 4} <= set(idx[2].tolist())  # row 2's two positives, plus one non-positive filler
+    assert kernels.topk_among(pre, mask, 2, positive_only=True).shape == (3, 2)  # capped by k
+    none = kernels.topk_among(pre - 10, mask, 4, positive_only=True)
+    assert none.shape == (3, 0) and none.dtype == torch.long
+
+
+def _aux_widths(monkeypatch):
+    """Record the column blocks of every SparseCode the model decodes."""
+    seen, real = [], kernels.decode_code
+
+    def spy(values, code, W_dec, backend="auto"):
+        seen.append(code.blocks)
+        return real(values, code, W_dec, backend)
+
+    monkeypatch.setattr(kernels, "decode_code", spy)
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [3.0, 100.0])  # dead latents' b_enc lowered: few / no pre-activation > 0
+def test_fused_step_prunes_auxk_slots_exactly(backend, shift, monkeypatch):
+    x = torch.randn(21, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dead = torch.arange(64) % 3 == 0  # 22 dead latents, k_aux = 8
+    dense_sae, fast_sae = make_sae("topk", "dense"), make_sae("topk", backend)
+    for sae in (dense_sae, fast_sae):
+        with torch.no_grad():
+            sae.b_enc[dead] -= shift
+    with torch.no_grad():
+        pre = fast_sae._pre(x * 1.5)[:, dead]
+    positives = int((pre > 0).sum(1).max())
+    want, want_grads = step(dense_sae, x, dead)
+    widths = _aux_widths(monkeypatch)
+    got, got_grads = step(fast_sae, x, dead)
+    if shift == 3.0:
+        assert 0 < positives < 8 and float((pre > 0).float().mean()) < 0.05
+        assert widths == [(4, positives)]  # the AuxK block is pruned to the most positives in one row
+        assert float(got_grads["W_enc"][dead].abs().max()) > 0  # AuxK still trains the dead encoders
+    else:
+        assert positives == 0 and widths == [(4,)]  # no AuxK block at all
+        e = x * 1.5 - want.reconstruction.detach() * 1.5
+        no_pred = e.square().sum() / (e - e.mean(0)).square().sum()
+        torch.testing.assert_close(got.auxk_loss, no_pred, atol=1e-12, rtol=1e-10)
+        assert got.auxk_loss.grad_fn is None
+        assert torch.equal(got_grads["W_enc"][dead], torch.zeros_like(got_grads["W_enc"][dead]))
+    for field in ("loss", "fvu", "auxk_loss", "reconstruction"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-12, rtol=1e-10)
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-12, rtol=1e-9, msg=name)

@@ -239,22 +239,34 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
 # ------------------------------------------------------------------------------------ selection
 
 
-def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False):
+def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False, positive_only: bool = False):
     """Indices [N, k] (into [0, n)) of the k largest entries of each row of ``pre`` [N, n] among the
     columns where ``column_mask`` [n] (bool) is True -- AuxK's top-k_aux over dead latents.
 
     Same selection as ``pre.masked_fill(~column_mask, -inf).topk(k)`` but runs the top-k on the
     gathered [N, n_true] columns (cheaper when few columns are allowed). Needs 1 <= k <= n_true.
     With ``return_support``, returns ``(indices, support)`` where support is ``(cols [n_true], local
-    [N, k])`` with ``indices == cols[local]`` (a :class:`SparseCode` block support), or None when every
+    [N, w])`` with ``indices == cols[local]`` (a :class:`SparseCode` block support), or None when every
     column is allowed.
+
+    With ``positive_only`` the width is pruned to ``w = min(k, most allowed entries > 0 in one row)``
+    (possibly 0: indices [N, 0]): each row's top w then holds every positive entry of its top k, so a
+    ReLU'd decode of the selection equals the decode of the full top k exactly (AuxK: dead latents
+    whose pre-activation is <= 0 contribute nothing, not even a gradient through the ReLU).
     """
     cols = column_mask.nonzero().squeeze(1)
     if not 1 <= k <= cols.numel():
         raise ValueError(f"topk_among: k={k} must be in [1, {cols.numel()}] (the number of allowed columns).")
-    if cols.numel() == pre.shape[1]:
-        indices, support = pre.topk(k, dim=-1, sorted=False).indices, None
+    everything = cols.numel() == pre.shape[1]
+    sub = pre if everything else pre.index_select(1, cols)
+    if positive_only:
+        k = min(k, int((sub > 0).sum(1, dtype=torch.int32).max())) if sub.shape[0] else 0
+    if k == 0:
+        indices = pre.new_zeros(pre.shape[0], 0, dtype=torch.long)
+        support = None if everything else (cols, indices)
+    elif everything:
+        indices, support = sub.topk(k, dim=-1, sorted=False).indices, None
     else:
-        local = pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices
+        local = sub.topk(k, dim=-1, sorted=False).indices
         indices, support = cols[local], (cols, local)
     return (indices, support) if return_support else indices
