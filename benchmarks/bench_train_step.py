@@ -12,6 +12,13 @@ plain autograd), their ratios, and the peak RSS each step adds above what was re
 includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
 decoder projection/renormalisation) is the same for both paths and is reported on its own.
 
+On a GPU (``--device cuda``) the table compares, per (n, k, dead fraction) and ``--dtype`` (fp32, or
+bf16 parameters and inputs; the kernels accumulate in fp32): the bound (addmm + top-k), our step with
+the Triton kernels (table gradients latent-major ``sorted`` and token-major ``atomic``, see
+``hf_sae.kernels.triton_kernels``), our step with the torch ops on CUDA, and the dense-autograd step;
+times are CUDA-synchronised means over ``--iters`` steps, minimum over ``--repeats`` rounds; memory is
+the peak CUDA allocation each step adds (``torch.cuda.max_memory_allocated``).
+
 The cases of a configuration run round-robin in one process so that load from other processes hits
 them alike; times are the minimum over ``--repeats`` rounds, ``ours/bound`` is the median over rounds
 of the ratio within a round, and ``ours/bound cpu`` the ratio of minimum process CPU times (steadier
@@ -134,6 +141,90 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
     return out
 
 
+def run_config_cuda(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, iters: int,
+                    dtype: torch.dtype, seed: int = 0) -> dict:
+    """One (n, k, dead) configuration on CUDA: seconds per step (and peak MB added) of each case."""
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    x = torch.randn(B, d, device=dev, dtype=dtype)
+    dead = None
+    if dead_frac > 0:
+        dead = torch.zeros(n, dtype=torch.bool, device=dev)
+        dead[torch.randperm(n, device=dev)[: int(round(dead_frac * n))]] = True
+    saes = {}
+    for name, kernel in (("triton", "triton"), ("torch", "torch"), ("dense", "dense")):
+        saes[name] = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel=kernel)).to(dev, dtype)
+        if name != "triton":
+            saes[name].load_state_dict(saes["triton"].state_dict())
+    ref_sae = saes["triton"]
+
+    def step(sae, mode=None):
+        def go():
+            if mode is not None:
+                os.environ["HF_SAE_TRITON_TABLE_GRAD"] = mode
+            for p in sae.parameters():
+                p.grad = None
+            sae(x, dead_mask=dead).loss.backward()
+        return go
+
+    def bound():
+        pre = torch.addmm(ref_sae.b_enc, x, ref_sae.W_enc.t())
+        pre.topk(k, dim=-1, sorted=False)
+
+    cases = {"bound": bound, "triton_sorted": step(saes["triton"], "sorted"),
+             "triton_atomic": step(saes["triton"], "atomic"), "torch": step(saes["torch"]),
+             "dense": step(saes["dense"])}
+    times = {name: [] for name in cases}
+    peaks = {name: 0.0 for name in cases}
+    for fn in cases.values():  # warm-up: compilation, autotuning, allocator
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            for sae in saes.values():
+                for p in sae.parameters():
+                    p.grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / 1000 / iters)
+            peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated() - base) / 2**20)
+    os.environ.pop("HF_SAE_TRITON_TABLE_GRAD", None)
+    out = dict(n=n, k=k, dead=dead_frac)
+    for name in cases:
+        out[name] = min(times[name])
+        out[name + "_peak"] = peaks[name]
+    return out
+
+
+def main_cuda(args) -> None:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.dtype}, batch {args.batch} tokens, "
+          f"d={args.d}; seconds per step: mean of {args.iters} steps, min of {args.repeats} rounds")
+    rows = []
+    for n in args.n:
+        for k in args.k:
+            for dead in args.dead:
+                print(f"n={n} k={k} dead={dead:.0%} ...", file=sys.stderr, flush=True)
+                rows.append(run_config_cuda(args.batch, args.d, n, k, dead, args.repeats, args.iters, dtype))
+    head = ("|      n |   k | dead | bound ms | triton sorted ms | triton atomic ms | torch-on-cuda ms | dense ms "
+            "| sorted/bound | dense/sorted | peak+ sorted MB | peak+ dense MB |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        print(f"| {r['n']:6d} | {r['k']:3d} | {r['dead']:4.0%} | {1e3 * r['bound']:8.3f} | {1e3 * r['triton_sorted']:16.3f} "
+              f"| {1e3 * r['triton_atomic']:16.3f} | {1e3 * r['torch']:16.3f} | {1e3 * r['dense']:8.3f} "
+              f"| {r['triton_sorted'] / r['bound']:12.2f} | {r['dense'] / r['triton_sorted']:12.2f} "
+              f"| {r['triton_sorted_peak']:15.0f} | {r['dense_peak']:14.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4096)
@@ -144,7 +235,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of the (slow) dense step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="CUDA only: parameter/input dtype")
+    ap.add_argument("--iters", type=int, default=10, help="CUDA only: steps per timed round")
     args = ap.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda but torch sees no CUDA device")
+        return main_cuda(args)
     torch.set_num_threads(args.threads)
     os.environ.pop("HF_SAE_KERNEL", None)
 

@@ -4,12 +4,21 @@ Same signatures and semantics as :mod:`hf_sae.kernels.reference` (``decode_forwa
 ``decode_backward``, ``encoder_backward``); the tests run both on the same inputs, on CPU under
 ``TRITON_INTERPRET=1`` (set before this module is imported: ``triton.jit`` reads it at decoration).
 
-Layout: every kernel runs one program per (token i, block of BLOCK_J code slots) and walks the d
-dimension in BLOCK_D chunks; gradients of the tables (W_dec, W_enc, b_enc) are written with atomic
-adds into only the selected rows. Accumulation is float32 (float64 for float64 inputs).
+Layout: the token-major kernels run one program per (token i, block of BLOCK_J code slots) and walk
+the d dimension in BLOCK_D chunks. The table gradients (d W_dec, d W_enc) have two forms, chosen by
+the environment variable ``HF_SAE_TRITON_TABLE_GRAD`` (read at each call):
+
+* ``sorted`` (default): latent-major, one program per (latent, BLOCK_D columns) summing the latent's
+  slots in the order of the code's transpose (:meth:`SparseCode.transpose`, a sort of the N*W slot
+  ids); every row of the gradient is written once, no atomics, deterministic.
+* ``atomic``: token-major atomic adds into the selected rows (no sort; contention on popular latents).
+
+Accumulation is float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -98,6 +107,57 @@ def _encoder_bwd_kernel(idx_ptr, grad_ptr, x_ptr, bdec_ptr, gW_ptr, gb_ptr, W, D
                           mask=jmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _scatter_sorted_kernel(offsets_ptr, row_ptr, coef_ptr, rows_ptr, out_ptr, D,
+                           ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[l, dblock] = sum over the sorted slots s in [offsets[l], offsets[l + 1]) of coef[s] * rows[row[s], dblock]
+    lat = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    start = tl.load(offsets_ptr + lat)
+    end = tl.load(offsets_ptr + lat + 1)
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    for s0 in range(start, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < end
+        r = tl.load(row_ptr + offs_s, mask=smask, other=0)
+        c = tl.load(coef_ptr + offs_s, mask=smask, other=0.0).to(ACC)
+        t = tl.load(rows_ptr + r[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(c[:, None] * t.to(ACC), axis=0)
+    tl.store(out_ptr + lat * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+TABLE_GRAD_ENV = "HF_SAE_TRITON_TABLE_GRAD"
+
+
+def table_grad_mode() -> str:
+    """``sorted`` (default) or ``atomic``: how the table gradients are formed (see the module docstring)."""
+    mode = os.environ.get(TABLE_GRAD_ENV, "sorted").strip().lower() or "sorted"
+    if mode not in ("sorted", "atomic"):
+        raise ValueError(f"{TABLE_GRAD_ENV}={mode!r}: choose 'sorted' or 'atomic'.")
+    return mode
+
+
+_BLOCK_S = 16
+
+
+def scatter_sorted(code, coef: Tensor, rows: Tensor, row_of_slot: Tensor, acc: torch.dtype) -> Tensor:
+    """Latent-major scatter (Triton): out[l] = sum over slots (i, j) with idx[i, j] == l of
+    coef[i, j] * rows[row_of_slot(i, j)]. ``coef`` [N, W]; ``rows`` [R, d]; ``row_of_slot`` [N*W] in the
+    code's sorted slot order. Returns [n, d] in ``acc`` (rows of unused latents are 0)."""
+    offsets, order, _ = code.transpose()
+    n, d = code.n, rows.shape[1]
+    out = torch.empty(n, d, dtype=acc, device=rows.device)
+    if n == 0:
+        return out
+    bounds = torch.cat([offsets, offsets.new_full((1,), order.numel())])
+    coef_sorted = coef.reshape(-1).index_select(0, order).contiguous()
+    bd = min(_BLOCK_D, triton.next_power_of_2(max(1, d)))
+    _scatter_sorted_kernel[(n, triton.cdiv(d, bd))](bounds, row_of_slot.contiguous(), coef_sorted, rows.contiguous(),
+                                                    out, d, ACC=_tl_acc(acc), BLOCK_S=_BLOCK_S, BLOCK_D=bd)
+    return out
+
+
 def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
     """Sparse decode (Triton): out[i] = sum_j coef[i, j] * table[idx[i, j]]. [N, w], [N, w], [n, d] -> [N, d]."""
     idx, coef, table = idx.contiguous(), coef.contiguous(), table.contiguous()
@@ -118,12 +178,18 @@ def decode_backward(code, values: Tensor, table: Tensor, grads, need_values: boo
                     need_table: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """Backward of decoding every block of ``code`` (a :class:`~hf_sae.kernels.reference.SparseCode`;
     block b's output is ``gather_sum(idx[:, b], values[:, b], table)``, ``grads[b]`` [N, d] its gradient).
-    Returns (d values [N, W], d table [n, d]); None where not needed. Triton, atomic adds into the table."""
+    Returns (d values [N, W], d table [n, d]); None where not needed. d table: see ``table_grad_mode``."""
     N, W = code.shape
     n, d = table.shape
     acc = _acc_dtype(table)
+    want_table = need_table
+    sorted_table = need_table and N > 0 and W > 0 and table_grad_mode() == "sorted"
     g_values = torch.zeros(N, W, dtype=acc, device=table.device) if need_values else None
-    g_table = torch.zeros(n, d, dtype=acc, device=table.device) if need_table else None
+    g_table = torch.zeros(n, d, dtype=acc, device=table.device) if need_table and not sorted_table else None
+    if sorted_table:
+        rows = torch.cat([g.to(table.dtype) for g in grads], 0) if len(grads) > 1 else grads[0].to(table.dtype)
+        g_table = scatter_sorted(code, values, rows, code.stacked_token(), acc)
+        need_table = False
     if N and W and (need_values or need_table):
         table = table.contiguous()
         for cols, grad in zip(code.block_slices(), grads):
@@ -140,7 +206,7 @@ def decode_backward(code, values: Tensor, table: Tensor, grads, need_values: boo
                 NEED_COEF=need_values, NEED_TABLE=need_table, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
             if need_values:
                 g_values[:, cols] = g_blk
-    return (g_values.to(values.dtype) if need_values else None, g_table.to(table.dtype) if need_table else None)
+    return (g_values.to(values.dtype) if need_values else None, g_table.to(table.dtype) if want_table else None)
 
 
 def encoder_backward(code, grad: Tensor, x: Tensor, b_dec: Tensor, need_W: bool = True) -> tuple[Tensor | None, Tensor]:
@@ -150,6 +216,10 @@ def encoder_backward(code, grad: Tensor, x: Tensor, b_dec: Tensor, need_W: bool 
     N, w = idx.shape
     n, d = code.n, x.shape[1]
     acc = _acc_dtype(x)
+    if need_W and N and w and table_grad_mode() == "sorted":
+        g_b = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, idx.reshape(-1), grad.reshape(-1).to(acc))
+        g_W = scatter_sorted(code, grad, x - b_dec, code.token(), acc)
+        return g_W.to(x.dtype), g_b.to(grad.dtype)
     g_b = torch.zeros(n, dtype=acc, device=x.device)
     g_W = torch.zeros(n, d, dtype=acc, device=x.device) if need_W else None
     if N and w:
