@@ -154,6 +154,8 @@ def _gather_dot_sorted(code: SparseCode, table: Tensor, rows: Tensor, row_of_slo
     # Latent-major: bag l = the slots of latent l, its "output gradient" table[l]; the per-sample-weight
     # gradient of that embedding_bag is table[l] . rows[row_of_slot] for every slot of the bag.
     offsets, order, latent = code.transpose()
+    if table.is_cuda and table.dtype in (torch.bfloat16, torch.float16):  # no half kernel of this op on CUDA
+        table, rows = table.float(), rows.float()
     sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         table.contiguous(), rows.contiguous(), row_of_slot, offsets, latent, 0, -1)
     return torch.empty_like(sorted_dots).index_put_((order,), sorted_dots)
