@@ -8,10 +8,13 @@ Layout: the token-major kernels run one program per (token i, block of BLOCK_J c
 the d dimension in BLOCK_D chunks. The table gradients (d W_dec, d W_enc) have two forms, chosen by
 the environment variable ``HF_SAE_TRITON_TABLE_GRAD`` (read at each call):
 
-* ``sorted`` (default): latent-major, one program per (latent, BLOCK_D columns) summing the latent's
-  slots in the order of the code's transpose (:meth:`SparseCode.transpose`, a sort of the N*W slot
-  ids); every row of the gradient is written once, no atomics, deterministic.
-* ``atomic``: token-major atomic adds into the selected rows (no sort; contention on popular latents).
+* ``atomic`` (default): token-major atomic adds into the selected rows (no sort).
+* ``sorted``: latent-major, one program per (latent, BLOCK_D columns) summing the latent's slots in
+  the order of the code's transpose (:meth:`SparseCode.transpose`, a sort of the N*W slot ids);
+  every row is written once, without atomics, so the result is bit-reproducible run to run.
+
+On an H200 (benchmarks/RESULTS_speed_gpu.md) ``atomic`` was faster in bf16 everywhere and in fp32
+without dead latents; ``sorted`` won only in fp32 with AuxK at n <= 32768.
 
 Accumulation is float32 (float64 for float64 inputs).
 """
@@ -131,8 +134,8 @@ TABLE_GRAD_ENV = "HF_SAE_TRITON_TABLE_GRAD"
 
 
 def table_grad_mode() -> str:
-    """``sorted`` (default) or ``atomic``: how the table gradients are formed (see the module docstring)."""
-    mode = os.environ.get(TABLE_GRAD_ENV, "sorted").strip().lower() or "sorted"
+    """``atomic`` (default) or ``sorted``: how the table gradients are formed (see the module docstring)."""
+    mode = os.environ.get(TABLE_GRAD_ENV, "atomic").strip().lower() or "atomic"
     if mode not in ("sorted", "atomic"):
         raise ValueError(f"{TABLE_GRAD_ENV}={mode!r}: choose 'sorted' or 'atomic'.")
     return mode
