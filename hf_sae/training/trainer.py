@@ -451,6 +451,17 @@ class SAETrainer:
             return self._finish()
         finally:
             acc.end_training()
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the data, the held-out set and Accelerate's references once training is over, so that
+        several runs in one process (sweeps) do not keep each other's memory-mapped shards alive."""
+        import gc
+
+        self.source = self._init_iter = self.eval_data = self._user_eval = None
+        self.accelerator._models.clear()
+        self.accelerator._optimizers.clear()
+        gc.collect()
 
     def _loop(self) -> None:
         args, acc, st = self.args, self.accelerator, self.state
