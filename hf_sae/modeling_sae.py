@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .activations import Latents, get_activation, l1_penalty
+from .activations import Latents, get_activation
 from .configuration_sae import SAEConfig
 
 _EPS = 1e-12
@@ -271,36 +271,42 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             xc = x - self.b_dec
             pre = F.linear(xc, self.W_enc, self.b_enc)
             selected = sparse_fn(pre, self, xc)
-            picks, supports = [selected.indices], [None]
+            # The pre-activations at the selection, without a gather from pre: a main slot's value is
+            # ReLU(pre) * keep, i.e. pre itself wherever it is > 0 -- the only slots that keep a value
+            # and a gradient (the others are masked to 0 below).
+            picks, supports, pre_sel = [selected.indices], [None], [selected.values]
             aux_block = False
             if k_aux:
                 # Exact pruning: dead latents with pre <= 0 add nothing (value, dW_dec, gradient through
                 # the ReLU), so the block only needs the most positive dead pre-activations of one row.
-                aux, support = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True,
-                                                  positive_only=True)
+                aux, support, aux_pre = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True,
+                                                           positive_only=True, return_values=True)
                 if aux.shape[1]:
                     picks.append(aux)
                     supports.append(support)
+                    pre_sel.append(aux_pre)
                     aux_block = True
             if cfg.multi_topk and self.training:
-                picks.append(pre.topk(4 * cfg.k, dim=-1, sorted=False).indices)
+                multi_pre, multi = pre.topk(4 * cfg.k, dim=-1, sorted=False)
+                picks.append(multi)
                 supports.append(None)
+                pre_sel.append(multi_pre)
+            del pre
             code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
                                       [p.shape[1] for p in picks], supports)
-            pre_sel = pre.gather(1, code.idx)
-            del pre
+            pre_sel = torch.cat(pre_sel, 1) if len(pre_sel) > 1 else pre_sel[0]
         parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel,
                                         backend=backend).split(code.blocks, dim=1)
         # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
         main = parts[0].where(selected.values > 0, 0.0)
         values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
         decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend))
-        x_hat = decoded.pop(0) + self.b_dec
+        x_hat = decoded.pop(0).add_(self.b_dec)  # in place: the decode's output is not needed by its backward
         if aux_block:
             e_hat = decoded.pop(0)
         else:  # no dead pre-activation > 0 anywhere: AuxK's decode is 0 (its loss has no gradient)
             e_hat = torch.zeros_like(x_hat) if k_aux else None
-        x_hat4 = decoded.pop(0) + self.b_dec if decoded else None
+        x_hat4 = decoded.pop(0).add_(self.b_dec) if decoded else None
         return Latents(values=main, indices=selected.indices), x_hat, e_hat, x_hat4
 
     # ---------------------------------------------------------------- public API
@@ -355,11 +361,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         else:
             pre, (latents, x_hat, e_hat, x_hat4) = None, fused
 
-        total_var = (xn - xn.mean(0)).square().sum().clamp_min(_EPS)
-        err = (x_hat - xn).square()
-        fvu = err.sum() / total_var
+        # sums of squares as single fused passes over [N, d] (forward and backward)
+        total_var = F.mse_loss(xn, xn.mean(0).expand_as(xn), reduction="sum").clamp_min(_EPS)
+        err = F.mse_loss(x_hat, xn, reduction="sum")
+        fvu = err / total_var
         loss = fvu
-        mse = err.mean() / (cfg.input_scale ** 2)
+        mse = err / (xn.numel() * cfg.input_scale ** 2)
 
         if fused is None:
             auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
@@ -379,11 +386,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             coef = getattr(cfg, spec.penalty_coef)
             if coef:
                 loss = loss + coef * value
-        if l1 is None:  # reported for every activation
+        # decoder-row norms once for the L1 metric and AFA, with a graph only when AFA is in the loss
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.afa_coef)):
+            norms = self.decoder_norms()
+            afa = self.afa_loss(latents, xn, norms=norms)
+        if l1 is None:  # reported for every activation: l1_penalty's value, with the norms above
             with torch.no_grad():
-                l1 = l1_penalty(latents, pre, self)
-
-        afa = self.afa_loss(latents, xn)
+                weighted = latents.values * norms[latents.indices] if latents.is_sparse else latents.dense * norms
+                l1 = weighted.sum(-1).mean()
         if cfg.afa_coef:
             loss = loss + cfg.afa_coef * afa
 
@@ -433,12 +443,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if e_hat is None:
             return x.new_zeros(())
         e = x - x_hat.detach()
-        denom = (e - e.mean(0)).square().sum().clamp_min(_EPS)
-        return torch.nan_to_num((e_hat - e).square().sum() / denom, nan=0.0, posinf=0.0)
+        denom = F.mse_loss(e, e.mean(0).expand_as(e), reduction="sum").clamp_min(_EPS)
+        return torch.nan_to_num(F.mse_loss(e_hat, e, reduction="sum") / denom, nan=0.0, posinf=0.0)
 
-    def afa_loss(self, latents: Latents, x: Tensor) -> Tensor:
-        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (SPEC 1.3)."""
-        norms = self.decoder_norms()
+    def afa_loss(self, latents: Latents, x: Tensor, norms: Optional[Tensor] = None) -> Tensor:
+        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (SPEC 1.3).
+        ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
+        norms = self.decoder_norms() if norms is None else norms
         if latents.is_sparse:
             z_norm = (latents.values * norms[latents.indices]).norm(dim=-1)
         else:

@@ -374,6 +374,8 @@ def test_topk_among_positive_only_keeps_every_positive_entry():
     assert [sorted(r) for r in idx[:1].tolist()] == [[0, 2, 3]]
     assert {1, 4} <= set(idx[2].tolist())  # row 2's two positives, plus one non-positive filler
     assert kernels.topk_among(pre, mask, 2, positive_only=True).shape == (3, 2)  # capped by k
+    same, vals = kernels.topk_among(pre, mask, 4, positive_only=True, return_values=True)
+    assert torch.equal(same, idx) and torch.equal(vals, pre.gather(1, idx))
     none = kernels.topk_among(pre - 10, mask, 4, positive_only=True)
     assert none.shape == (3, 0) and none.dtype == torch.long
 

@@ -239,20 +239,25 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
 # ------------------------------------------------------------------------------------ selection
 
 
-def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False, positive_only: bool = False):
+def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False, positive_only: bool = False,
+               return_values: bool = False):
     """Indices [N, k] (into [0, n)) of the k largest entries of each row of ``pre`` [N, n] among the
     columns where ``column_mask`` [n] (bool) is True -- AuxK's top-k_aux over dead latents.
 
     Same selection as ``pre.masked_fill(~column_mask, -inf).topk(k)`` but runs the top-k on the
     gathered [N, n_true] columns (cheaper when few columns are allowed). Needs 1 <= k <= n_true.
-    With ``return_support``, returns ``(indices, support)`` where support is ``(cols [n_true], local
-    [N, w])`` with ``indices == cols[local]`` (a :class:`SparseCode` block support), or None when every
-    column is allowed.
 
-    With ``positive_only`` the width is pruned to ``w = min(k, most allowed entries > 0 in one row)``
-    (possibly 0: indices [N, 0]): each row's top w then holds every positive entry of its top k, so a
-    ReLU'd decode of the selection equals the decode of the full top k exactly (AuxK: dead latents
-    whose pre-activation is <= 0 contribute nothing, not even a gradient through the ReLU).
+    Args:
+        return_support: also return ``support``: ``(cols [n_true], local [N, w])`` with
+            ``indices == cols[local]`` (a :class:`SparseCode` block support), or None when every column
+            is allowed.
+        positive_only: prune the width to ``w = min(k, most allowed entries > 0 in one row)`` (possibly
+            0: indices [N, 0]). Each row's top w then holds every positive entry of its top k, so a
+            ReLU'd decode of the selection equals that of the full top k exactly (AuxK: dead latents
+            whose pre-activation is <= 0 contribute nothing, not even a gradient through the ReLU).
+        return_values: also return the selected entries ``pre.gather(1, indices)`` [N, w].
+    Returns:
+        ``indices``, or the tuple ``(indices[, support][, values])`` when any ``return_*`` is set.
     """
     cols = column_mask.nonzero().squeeze(1)
     if not 1 <= k <= cols.numel():
@@ -262,11 +267,11 @@ def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = 
     if positive_only:
         k = min(k, int((sub > 0).sum(1, dtype=torch.int32).max())) if sub.shape[0] else 0
     if k == 0:
-        indices = pre.new_zeros(pre.shape[0], 0, dtype=torch.long)
-        support = None if everything else (cols, indices)
-    elif everything:
-        indices, support = sub.topk(k, dim=-1, sorted=False).indices, None
+        local = pre.new_zeros(pre.shape[0], 0, dtype=torch.long)
+        values = pre.new_zeros(pre.shape[0], 0)
     else:
-        local = sub.topk(k, dim=-1, sorted=False).indices
-        indices, support = cols[local], (cols, local)
-    return (indices, support) if return_support else indices
+        values, local = sub.topk(k, dim=-1, sorted=False)
+    indices, support = (local, None) if everything else (cols[local], (cols, local))
+    if not (return_support or return_values):
+        return indices
+    return (indices,) + ((support,) if return_support else ()) + ((values,) if return_values else ())
