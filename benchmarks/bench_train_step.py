@@ -2,7 +2,7 @@
 dense-autograd path and against the bound (one B x d x n encoder addmm + the top-k).
 
 Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 --n 16384 32768
-      --k 32 128 --dead 0 0.25 --repeats 3 --dense-repeats 1 --threads 2]
+      --k 32 128 --dead 0 0.25 --dead-kind realistic random --repeats 3 --dense-repeats 1 --threads 2]
 
 For every (n, k, dead fraction) it prints: the bound, our step (``kernel="torch"``, the CPU ``auto``
 choice), the dense step (``kernel="dense"``: F.linear + top-k + dense [B, n] code + dense decoder,
@@ -11,6 +11,17 @@ plain autograd), their ratios, and the peak RSS each step adds above what was re
 /proc/self/clear_refs, Linux only. With dead latents the step
 includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
 decoder projection/renormalisation) is the same for both paths and is reported on its own.
+
+Dead latents come in two kinds (``--dead-kind``), both a random set of the given fraction of latents:
+
+* ``realistic``: dead latents are latents that do not fire. Their b_enc is lowered so that their
+  pre-activations are > 0 on 0.5% of the (token, dead latent) pairs -- in a trained SAE (SmolLM2-135M
+  layer 6, n = 4608, 30% dead) 0.55% are -- so they never reach the main top-k. AuxK then decodes only
+  the few dead pre-activations > 0 (its block is pruned to the most of them in one row, "aux w").
+* ``random`` (worst case): the random set of latents of the random-init SAE is only *declared* dead. These
+  latents fire in the main top-k as often as live ones, and every one of the k_aux AuxK slots of every
+  token has a positive pre-activation, so AuxK does its full k_aux-wide work. Unrealistic, kept as the
+  upper bound of AuxK's cost.
 
 On a GPU (``--device cuda``) the table compares, per (n, k, dead fraction) and ``--dtype`` (fp32, or
 bf16 parameters and inputs; the kernels accumulate in fp32): the bound (addmm + top-k), our step with
@@ -72,15 +83,55 @@ def measure(fn, prepare=None) -> tuple[float, float, float]:
     return dt, cpu, peak
 
 
+REALISTIC_POSITIVE = 0.005
+"""Fraction of (token, dead latent) pre-activations > 0 in the realistic case (0.55% measured in a trained SAE)."""
+
+
+def random_dead_mask(n: int, dead_frac: float, device=None) -> "torch.Tensor | None":
+    """bool [n] with round(dead_frac * n) random latents set (global RNG), or None for dead_frac = 0."""
+    if dead_frac <= 0:
+        return None
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    dead[torch.randperm(n, device=device)[: int(round(dead_frac * n))]] = True
+    return dead
+
+
+@torch.no_grad()
+def make_realistic(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor) -> None:
+    """Lower b_enc of the ``dead`` latents (in place) so that REALISTIC_POSITIVE of their pre-activations
+    on x [B, d] are > 0 (the empirical quantile over at most 1024 rows)."""
+    rows = x[:1024].to(sae.W_enc.dtype)
+    pre = torch.nn.functional.linear(rows - sae.b_dec, sae.W_enc[dead], sae.b_enc[dead]).float().flatten()
+    cut = pre.kthvalue(max(1, int(round((1 - REALISTIC_POSITIVE) * pre.numel())))).values
+    sae.b_enc[dead] -= cut.to(sae.b_enc.dtype)
+
+
+@torch.no_grad()
+def dead_stats(sae: SparseAutoencoder, x: torch.Tensor, dead: "torch.Tensor | None") -> dict:
+    """What AuxK sees on this batch: the fraction of (token, dead latent) pre-activations > 0, the width
+    of the fused step's AuxK block (min(k_aux, most positives in one row)) and the fraction of the main
+    top-k slots taken by dead latents."""
+    if dead is None:
+        return dict(pos_frac=float("nan"), aux_w=0, dead_in_topk=float("nan"))
+    pre = sae._pre(x.to(sae.W_enc.dtype))
+    top = pre.topk(sae.config.k, dim=-1, sorted=False).indices
+    positive = pre[:, dead] > 0
+    k_aux = min(sae.config.effective_k_aux, int(dead.sum()))
+    return dict(pos_frac=float(positive.float().mean()), aux_w=min(k_aux, int(positive.sum(1).max())),
+                dead_in_topk=float(dead[top].float().mean()))
+
+
 def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
-               seed: int = 0) -> dict:
+               kind: str = "random", seed: int = 0) -> dict:
     torch.manual_seed(seed)
     x = torch.randn(B, d)
-    dead = None
-    if dead_frac > 0:
-        dead = torch.zeros(n, dtype=torch.bool)
-        dead[torch.randperm(n)[: int(round(dead_frac * n))]] = True
+    dead = random_dead_mask(n, dead_frac)
     fused = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="torch"))
+    if dead is not None and kind == "realistic":
+        make_realistic(fused, x, dead)
+    stats = dead_stats(fused, x, dead)
+    print(f"  dead pre-activations > 0: {stats['pos_frac']:.2%}, AuxK block width {stats['aux_w']}, "
+          f"dead latents in the main top-k: {stats['dead_in_topk']:.2%}", file=sys.stderr, flush=True)
     dense = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="dense"))
     dense.load_state_dict(fused.state_dict())
 
@@ -133,7 +184,7 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
             peaks["dense"].append(pk)
         print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v)
               + f"  ours/bound={ratios[-1]:.2f}", file=sys.stderr, flush=True)
-    out = dict(n=n, k=k, dead=dead_frac, update=t_update, ratio=statistics.median(ratios))
+    out = dict(n=n, k=k, dead=dead_frac, kind=kind, update=t_update, ratio=statistics.median(ratios), **stats)
     for name in times:
         out[name] = min(times[name]) if times[name] else float("nan")
         out[name + "_cpu"] = min(cpus[name]) if cpus[name] else float("nan")
@@ -142,18 +193,17 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
 
 
 def run_config_cuda(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, iters: int,
-                    dtype: torch.dtype, seed: int = 0) -> dict:
-    """One (n, k, dead) configuration on CUDA: seconds per step (and peak MB added) of each case."""
+                    dtype: torch.dtype, kind: str = "random", seed: int = 0) -> dict:
+    """One (n, k, dead, kind) configuration on CUDA: seconds per step (and peak MB added) of each case."""
     dev = torch.device("cuda")
     torch.manual_seed(seed)
     x = torch.randn(B, d, device=dev, dtype=dtype)
-    dead = None
-    if dead_frac > 0:
-        dead = torch.zeros(n, dtype=torch.bool, device=dev)
-        dead[torch.randperm(n, device=dev)[: int(round(dead_frac * n))]] = True
+    dead = random_dead_mask(n, dead_frac, device=dev)
     saes = {}
     for name, kernel in (("triton", "triton"), ("torch", "torch"), ("dense", "dense")):
         saes[name] = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel=kernel)).to(dev, dtype)
+        if name == "triton" and dead is not None and kind == "realistic":
+            make_realistic(saes[name], x, dead)
         if name != "triton":
             saes[name].load_state_dict(saes["triton"].state_dict())
     ref_sae = saes["triton"]
@@ -197,7 +247,7 @@ def run_config_cuda(B: int, d: int, n: int, k: int, dead_frac: float, repeats: i
             times[name].append(start.elapsed_time(end) / 1000 / iters)
             peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated() - base) / 2**20)
     os.environ.pop("HF_SAE_TRITON_TABLE_GRAD", None)
-    out = dict(n=n, k=k, dead=dead_frac)
+    out = dict(n=n, k=k, dead=dead_frac, kind=kind)
     for name in cases:
         out[name] = min(times[name])
         out[name + "_peak"] = peaks[name]
@@ -209,20 +259,32 @@ def main_cuda(args) -> None:
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.dtype}, batch {args.batch} tokens, "
           f"d={args.d}; seconds per step: mean of {args.iters} steps, min of {args.repeats} rounds")
     rows = []
-    for n in args.n:
-        for k in args.k:
-            for dead in args.dead:
-                print(f"n={n} k={k} dead={dead:.0%} ...", file=sys.stderr, flush=True)
-                rows.append(run_config_cuda(args.batch, args.d, n, k, dead, args.repeats, args.iters, dtype))
-    head = ("|      n |   k | dead | bound ms | triton sorted ms | triton atomic ms | torch-on-cuda ms | dense ms "
-            "| atomic/bound | dense/atomic | peak+ atomic MB | peak+ dense MB |")
+    for n, k, dead, kind in _configs(args):
+        print(f"n={n} k={k} dead={_dead_label(dead, kind)} ...", file=sys.stderr, flush=True)
+        rows.append(run_config_cuda(args.batch, args.d, n, k, dead, args.repeats, args.iters, dtype, kind))
+    head = ("|      n |   k |          dead | bound ms | triton sorted ms | triton atomic ms | torch-on-cuda ms "
+            "| dense ms | atomic/bound | dense/atomic | peak+ atomic MB | peak+ dense MB |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        print(f"| {r['n']:6d} | {r['k']:3d} | {r['dead']:4.0%} | {1e3 * r['bound']:8.3f} | {1e3 * r['triton_sorted']:16.3f} "
+        print(f"| {r['n']:6d} | {r['k']:3d} | {_dead_label(r['dead'], r['kind']):>13} | {1e3 * r['bound']:8.3f} "
+              f"| {1e3 * r['triton_sorted']:16.3f} "
               f"| {1e3 * r['triton_atomic']:16.3f} | {1e3 * r['torch']:16.3f} | {1e3 * r['dense']:8.3f} "
               f"| {r['triton_atomic'] / r['bound']:12.2f} | {r['dense'] / r['triton_atomic']:12.2f} "
               f"| {r['triton_atomic_peak']:15.0f} | {r['dense_peak']:14.0f} |")
+
+
+def _dead_label(dead: float, kind: str) -> str:
+    return "0%" if dead <= 0 else f"{dead:.0%} {kind}"
+
+
+def _configs(args):
+    """(n, k, dead fraction, dead kind) of every row; dead = 0 has one row whatever the kinds."""
+    for n in args.n:
+        for k in args.k:
+            for dead in args.dead:
+                for kind in (args.dead_kind if dead > 0 else ["random"]):
+                    yield n, k, dead, kind
 
 
 def main() -> None:
@@ -232,6 +294,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--k", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--dead", type=float, nargs="+", default=[0.0, 0.25], help="fractions of dead latents")
+    ap.add_argument("--dead-kind", nargs="+", default=["realistic", "random"], choices=["realistic", "random"],
+                    help="realistic: dead latents do not fire (0.5%% of their pre-activations > 0); random: a "
+                         "random set of live latents declared dead (worst case for AuxK)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of the (slow) dense step")
     ap.add_argument("--threads", type=int, default=2)
@@ -249,20 +314,23 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} tokens, "
           f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds")
     rows = []
-    for n in args.n:
-        for k in args.k:
-            for dead in args.dead:
-                print(f"n={n} k={k} dead={dead:.0%} ...", file=sys.stderr, flush=True)
-                rows.append(run_config(args.batch, args.d, n, k, dead, args.repeats, args.dense_repeats))
-    head = ("|     n |   k | dead | bound s | ours s | ours/bound | ours/bound cpu | dense s | dense/ours "
-            "| peak+ ours MB | peak+ dense MB | optimizer s |")
+    for n, k, dead, kind in _configs(args):
+        print(f"n={n} k={k} dead={_dead_label(dead, kind)} ...", file=sys.stderr, flush=True)
+        rows.append(run_config(args.batch, args.d, n, k, dead, args.repeats, args.dense_repeats, kind))
+    head = ("|     n |   k |          dead | aux w | bound s | ours s | ours/bound | ours/bound cpu | dense s "
+            "| dense/ours | peak+ ours MB | peak+ dense MB | optimizer s |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        print(f"| {r['n']:5d} | {r['k']:3d} | {r['dead']:4.0%} | {r['bound']:7.3f} | {r['fused']:6.3f} "
+        print(f"| {r['n']:5d} | {r['k']:3d} | {_dead_label(r['dead'], r['kind']):>13} | {r['aux_w']:5d} "
+              f"| {r['bound']:7.3f} | {r['fused']:6.3f} "
               f"| {r['ratio']:10.2f} | {r['fused_cpu'] / r['bound_cpu']:14.2f} | {r['dense']:7.3f} "
               f"| {r['dense'] / r['fused']:10.1f} | {r['fused_peak']:13.0f} | {r['dense_peak']:14.0f} "
               f"| {r['update']:11.3f} |")
+    print("# dead: 'realistic' = dead latents that do not fire (b_enc lowered: 0.5% of their pre-activations > 0, "
+          "as in a trained SAE); 'random' = a random set of live latents declared dead (worst case: all k_aux "
+          "AuxK slots positive). aux w: width of the fused step's AuxK block (min(k_aux, most dead "
+          "pre-activations > 0 in one row)).")
     print(f"# ours/bound: median over rounds of the within-round ratio; cpu: ratio of the minimum process CPU "
           f"times; other times: minimum wall seconds. Load average at the end: {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores.")
