@@ -292,9 +292,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 supports.append(None)
                 pre_sel.append(multi_pre)
             del pre
-            code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
-                                      [p.shape[1] for p in picks], supports)
             pre_sel = torch.cat(pre_sel, 1) if len(pre_sel) > 1 else pre_sel[0]
+            # Slots whose pre-activation is <= 0 are padding: value 0 after the ReLU, no gradient. The
+            # torch ops skip them (AuxK's block is mostly padding beyond each row's few positives).
+            valid = pre_sel > 0 if backend == "torch" else None
+            if valid is not None and bool(valid.all()):
+                valid = None
+            code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
+                                      [p.shape[1] for p in picks], supports, valid)
         parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel,
                                         backend=backend).split(code.blocks, dim=1)
         # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.

@@ -87,6 +87,32 @@ def test_sparse_code_transpose_groups_slots_by_latent():
         ref.SparseCode(idx, 5, blocks=[2, 1], supports=[None])
 
 
+def test_valid_slots_are_skipped_exactly():
+    """A code's invalid slots (value 0, value gradient unused) are skipped by the torch ops: same decode,
+    same table and encoder gradients, value gradient 0 there."""
+    idx, coef, table, rows = code(N=6, w=5, n=13, d=20)
+    valid = coef > 0
+    coef = coef * valid
+    every = ref.SparseCode(idx, 13, blocks=[2, 3])
+    some = ref.SparseCode(idx, 13, blocks=[2, 3], valid=valid)
+    offsets, order, latent = some.active_transpose()
+    assert order.numel() == int(valid.sum()) < idx.numel()
+    assert bool(valid.reshape(-1)[order].all()) and torch.equal(idx.reshape(-1)[order], latent)
+    assert torch.equal(some.active_rows(), order // 5)
+    torch.testing.assert_close(ref.decode_forward(idx, coef, table, valid), ref.gather_sum(idx, coef, table),
+                               atol=1e-12, rtol=0)
+    grads = [rows, torch.randn_like(rows)]
+    gv_all, gW_all = ref.decode_backward(every, coef, table, grads)
+    gv, gW = ref.decode_backward(some, coef, table, grads)
+    torch.testing.assert_close(gW, gW_all, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gv, gv_all * valid, atol=1e-12, rtol=0)
+    b_dec = torch.randn(20, dtype=torch.float64)
+    for got, want in zip(ref.encoder_backward(some, coef, rows, b_dec), ref.encoder_backward(every, coef, rows, b_dec)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="valid"):
+        ref.SparseCode(idx, 13, valid=valid[:, :2])
+
+
 def test_reference_primitives_empty_code():
     idx = torch.zeros(4, 0, dtype=torch.long)
     coef = torch.zeros(4, 0)
@@ -375,17 +401,17 @@ def test_topk_among_positive_only_keeps_every_positive_entry():
     assert {1, 4} <= set(idx[2].tolist())  # row 2's two positives, plus one non-positive filler
     assert kernels.topk_among(pre, mask, 2, positive_only=True).shape == (3, 2)  # capped by k
     same, vals = kernels.topk_among(pre, mask, 4, positive_only=True, return_values=True)
-    assert torch.equal(same, idx) and torch.equal(vals, pre.gather(1, idx))
+    assert torch.equal(same, idx) and torch.equal(vals, pre.gather(1, idx).clamp(min=0))
     none = kernels.topk_among(pre - 10, mask, 4, positive_only=True)
     assert none.shape == (3, 0) and none.dtype == torch.long
 
 
 def _aux_widths(monkeypatch):
-    """Record the column blocks of every SparseCode the model decodes."""
+    """Record (column blocks, valid slots) of every SparseCode the model decodes."""
     seen, real = [], kernels.decode_code
 
     def spy(values, code, W_dec, backend="auto"):
-        seen.append(code.blocks)
+        seen.append((code.blocks, code.valid))
         return real(values, code, W_dec, backend)
 
     monkeypatch.setattr(kernels, "decode_code", spy)
@@ -409,10 +435,12 @@ def test_fused_step_prunes_auxk_slots_exactly(backend, shift, monkeypatch):
     got, got_grads = step(fast_sae, x, dead)
     if shift == 3.0:
         assert 0 < positives < 8 and float((pre > 0).float().mean()) < 0.05
-        assert widths == [(4, positives)]  # the AuxK block is pruned to the most positives in one row
+        assert [blocks for blocks, _ in widths] == [(4, positives)]  # pruned to the most positives in one row
+        if backend == "torch":  # the torch ops skip the padding slots (dead pre-activations <= 0)
+            assert widths[0][1] is not None and not bool(widths[0][1][:, 4:].all())
         assert float(got_grads["W_enc"][dead].abs().max()) > 0  # AuxK still trains the dead encoders
     else:
-        assert positives == 0 and widths == [(4,)]  # no AuxK block at all
+        assert positives == 0 and [blocks for blocks, _ in widths] == [(4,)]  # no AuxK block at all
         e = x * 1.5 - want.reconstruction.detach() * 1.5
         no_pred = e.square().sum() / (e - e.mean(0)).square().sum()
         torch.testing.assert_close(got.auxk_loss, no_pred, atol=1e-12, rtol=1e-10)

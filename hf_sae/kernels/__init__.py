@@ -119,11 +119,15 @@ class _SparseDecode(torch.autograd.Function):
         ctx.code, ctx.ops = code, ops
         outs = []
         for cols, support in zip(code.block_slices(), code.supports):
+            # the torch ops read only the valid slots of a block that has padding (see SparseCode)
+            kw = {}
+            if code.valid is not None and ops is reference and not bool(code.valid[:, cols].all()):
+                kw["valid"] = code.valid[:, cols]
             if support is not None and getattr(ops, "COMPACT_TABLES", False):
                 latents, local = support
-                outs.append(ops.decode_forward(local, values[:, cols], W_dec.index_select(0, latents)))
+                outs.append(ops.decode_forward(local, values[:, cols], W_dec.index_select(0, latents), **kw))
             else:
-                outs.append(ops.decode_forward(code.idx[:, cols], values[:, cols], W_dec))
+                outs.append(ops.decode_forward(code.idx[:, cols], values[:, cols], W_dec, **kw))
         return tuple(outs)
 
     @staticmethod
@@ -255,7 +259,10 @@ def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = 
             0: indices [N, 0]). Each row's top w then holds every positive entry of its top k, so a
             ReLU'd decode of the selection equals that of the full top k exactly (AuxK: dead latents
             whose pre-activation is <= 0 contribute nothing, not even a gradient through the ReLU).
-        return_values: also return the selected entries ``pre.gather(1, indices)`` [N, w].
+            Entries <= 0 are then treated as 0: ties among them are broken arbitrarily and their
+            ``values`` come back as 0.
+        return_values: also return the selected entries ``pre.gather(1, indices)`` [N, w] (clamped at 0
+            with ``positive_only``).
     Returns:
         ``indices``, or the tuple ``(indices[, support][, values])`` when any ``return_*`` is set.
     """
@@ -265,7 +272,10 @@ def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = 
     everything = cols.numel() == pre.shape[1]
     sub = pre if everything else pre.index_select(1, cols)
     if positive_only:
-        k = min(k, int((sub > 0).sum(1, dtype=torch.int32).max())) if sub.shape[0] else 0
+        # clamp (in place on our own copy) and count the non-zeros with a reduction: no [N, n_true] bool
+        sub = sub.clamp(min=0) if everything else sub.clamp_(min=0)
+        most = torch.linalg.vector_norm(sub, ord=0, dim=1).max() if sub.shape[0] else 0
+        k = min(k, int(most))
     if k == 0:
         local = pre.new_zeros(pre.shape[0], 0, dtype=torch.long)
         values = pre.new_zeros(pre.shape[0], 0)

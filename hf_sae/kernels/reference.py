@@ -43,10 +43,15 @@ class SparseCode:
         supports: per block, None or ``(cols [m], local [N, w_b])`` when the block only draws from the
             latents ``cols`` (AuxK: the dead ones) and ``idx[:, block] == cols[local]``. The CPU decode
             then gathers from the compacted table rows ``W[cols]`` (fewer pages touched: ~25% faster).
+        valid: optional [N, W] bool, False for slots that carry value 0 and whose value gradient is not
+            needed (a ReLU'd pre-activation <= 0: padding). The torch ops skip them (``active_*``); the
+            results are the same as with every slot (the skipped terms are exact zeros), except that the
+            value gradient of a skipped slot comes back as 0. Ops that ignore it stay exact.
     """
 
     def __init__(self, idx: Tensor, n: int, blocks: Optional[Sequence[int]] = None,
-                 supports: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None):
+                 supports: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None,
+                 valid: Optional[Tensor] = None):
         self.idx = idx
         self.n = int(n)
         self.blocks = tuple(int(b) for b in blocks) if blocks is not None else (idx.shape[1],)
@@ -55,8 +60,13 @@ class SparseCode:
         self.supports = tuple(supports) if supports is not None else (None,) * len(self.blocks)
         if len(self.supports) != len(self.blocks):
             raise ValueError(f"SparseCode: {len(self.supports)} supports for {len(self.blocks)} blocks.")
+        if valid is not None and valid.shape != idx.shape:
+            raise ValueError(f"SparseCode: valid {tuple(valid.shape)} must have the code's shape {tuple(idx.shape)}.")
+        self.valid = valid
         self._transpose = None
         self._stacked = None
+        self._active = None
+        self._active_rows = {}
 
     @property
     def shape(self) -> torch.Size:
@@ -91,15 +101,44 @@ class SparseCode:
     def stacked_token(self) -> Tensor:
         """[N*W] row of each sorted slot in the blocks' stacked rows [n_blocks * N, d]: token + N * block."""
         if self._stacked is None:
-            _, order, _ = self.transpose()
-            W = max(1, self.idx.shape[1])
-            token = torch.div(order, W, rounding_mode="floor")
-            if len(self.blocks) > 1:
-                ends = torch.tensor(list(_cumsum(self.blocks))[:-1], device=order.device)
-                block = torch.bucketize(order % W, ends, right=True)
-                token = token + self.idx.shape[0] * block
-            self._stacked = token
+            self._stacked = self._rows_of(self.transpose()[1], stacked=True)
         return self._stacked
+
+    def _rows_of(self, order: Tensor, stacked: bool) -> Tensor:
+        W = max(1, self.idx.shape[1])
+        token = torch.div(order, W, rounding_mode="floor")
+        if stacked and len(self.blocks) > 1:
+            ends = torch.tensor(list(_cumsum(self.blocks))[:-1], device=order.device)
+            block = torch.bucketize(order % W, ends, right=True)
+            token = token + self.idx.shape[0] * block
+        return token
+
+    def active_transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`transpose` restricted to the ``valid`` slots: (offsets [n], order [S], latent [S]) for the
+        S valid slots sorted by latent (the transpose itself when ``valid`` is None)."""
+        if self.valid is None:
+            return self.transpose()
+        if self._active is None:
+            flat = self.idx.reshape(-1)
+            key = flat.to(torch.int32) if self.n < 2**31 - 1 else flat
+            key = key.masked_fill(~self.valid.reshape(-1), self.n)  # invalid slots sort last
+            latent, order = _sort_ints(key)
+            S = int(self.valid.sum())
+            latent, order = latent[:S], order[:S]
+            counts = torch.bincount(latent, minlength=self.n)
+            offsets = torch.zeros(self.n, dtype=torch.long, device=flat.device)
+            torch.cumsum(counts[:-1], 0, out=offsets[1:])
+            self._active = (offsets, order, latent.long())
+        return self._active
+
+    def active_rows(self, stacked: bool = False) -> Tensor:
+        """[S] row of each slot of :meth:`active_transpose`: its token, or with ``stacked`` its row in the
+        blocks' stacked rows (see :meth:`stacked_token`)."""
+        if self.valid is None:
+            return self.stacked_token() if stacked else self.token()
+        if stacked not in self._active_rows:
+            self._active_rows[stacked] = self._rows_of(self.active_transpose()[1], stacked)
+        return self._active_rows[stacked]
 
 
 def _cumsum(xs):
@@ -150,15 +189,19 @@ def gather_dot(idx: Tensor, table: Tensor, rows: Tensor, code: Optional[SparseCo
     return _gather_dot_sorted(code, table, rows.to(table.dtype), code.token()).view(N, w).to(rows.dtype)
 
 
-def _gather_dot_sorted(code: SparseCode, table: Tensor, rows: Tensor, row_of_slot: Tensor) -> Tensor:
+def _gather_dot_sorted(code: SparseCode, table: Tensor, rows: Tensor, row_of_slot: Tensor,
+                       active: bool = False) -> Tensor:
     # Latent-major: bag l = the slots of latent l, its "output gradient" table[l]; the per-sample-weight
     # gradient of that embedding_bag is table[l] . rows[row_of_slot] for every slot of the bag.
-    offsets, order, latent = code.transpose()
+    # ``active``: only the code's valid slots (row_of_slot from active_rows); the others get 0.
+    offsets, order, latent = code.active_transpose() if active else code.transpose()
     if table.is_cuda and table.dtype in (torch.bfloat16, torch.float16):  # no half kernel of this op on CUDA
         table, rows = table.float(), rows.float()
     sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         table.contiguous(), rows.contiguous(), row_of_slot, offsets, latent, 0, -1)
-    return torch.empty_like(sorted_dots).index_put_((order,), sorted_dots)
+    if order.numel() == code.idx.numel():
+        return torch.empty_like(sorted_dots).index_put_((order,), sorted_dots)
+    return sorted_dots.new_zeros(code.idx.numel()).index_put_((order,), sorted_dots)
 
 
 def scatter_outer(idx: Tensor, coef: Tensor, rows: Tensor, n: int, code: Optional[SparseCode] = None) -> Tensor:
@@ -174,9 +217,12 @@ def scatter_outer(idx: Tensor, coef: Tensor, rows: Tensor, n: int, code: Optiona
     return _scatter_sorted(code, coef.to(rows.dtype), rows, code.token())
 
 
-def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: Tensor) -> Tensor:
+def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: Tensor, active: bool = False) -> Tensor:
     # Latent-major: one bag per latent (empty bags give zero rows), weights = the slots' coefficients.
-    offsets, order, _ = code.transpose()
+    # ``active``: only the code's valid slots (row_of_slot from active_rows).
+    offsets, order, _ = code.active_transpose() if active else code.transpose()
+    if order.numel() == 0:
+        return rows.new_zeros(code.n, rows.shape[1])
     return F.embedding_bag(row_of_slot, rows.contiguous(), offsets, per_sample_weights=coef.reshape(-1)[order],
                            mode="sum")
 
@@ -192,9 +238,15 @@ def segment_sum(idx: Tensor, coef: Tensor, n: int) -> Tensor:
 COMPACT_TABLES = True  # decode_forward of a block with a support gathers from the compacted table
 
 
-def decode_forward(idx: Tensor, coef: Tensor, table: Tensor) -> Tensor:
-    """Sparse decode of one block: gather_sum(idx, coef, table) -> [N, d]."""
-    return gather_sum(idx, coef, table)
+def decode_forward(idx: Tensor, coef: Tensor, table: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Sparse decode of one block: gather_sum(idx, coef, table) -> [N, d]. ``valid`` [N, w] bool: only
+    these slots are read (the others must have coef 0; same result, fewer rows gathered)."""
+    if valid is None or idx.shape[1] == 0:
+        return gather_sum(idx, coef, table)
+    counts = valid.sum(1)
+    offsets = torch.zeros_like(counts)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return F.embedding_bag(idx[valid], table, offsets, per_sample_weights=coef[valid].to(table.dtype), mode="sum")
 
 
 def decode_backward(code: SparseCode, values: Tensor, table: Tensor, grads: Sequence[Tensor],
@@ -210,9 +262,10 @@ def decode_backward(code: SparseCode, values: Tensor, table: Tensor, grads: Sequ
         return (values.new_zeros(N, W) if need_values else None,
                 table.new_zeros(table.shape) if need_table else None)
     rows = torch.cat([g.to(table.dtype) for g in grads], 0) if len(grads) > 1 else grads[0].to(table.dtype)
-    row_of_slot = code.stacked_token()
-    g_values = _gather_dot_sorted(code, table, rows, row_of_slot).view(N, W).to(values.dtype) if need_values else None
-    g_table = _scatter_sorted(code, values.to(table.dtype), rows, row_of_slot) if need_table else None
+    row_of_slot = code.active_rows(stacked=True)
+    g_values = (_gather_dot_sorted(code, table, rows, row_of_slot, active=True).view(N, W).to(values.dtype)
+                if need_values else None)
+    g_table = _scatter_sorted(code, values.to(table.dtype), rows, row_of_slot, active=True) if need_table else None
     return g_values, g_table
 
 
@@ -229,7 +282,7 @@ def encoder_backward(code: SparseCode, grad: Tensor, x: Tensor, b_dec: Tensor,
         if code.idx.numel() == 0:
             g_W = x.new_zeros(code.n, x.shape[1])
         else:
-            g_W = _scatter_sorted(code, grad.to(x.dtype), x - b_dec, code.token())
+            g_W = _scatter_sorted(code, grad.to(x.dtype), x - b_dec, code.active_rows(), active=True)
     return g_W, g_b
 
 
