@@ -300,12 +300,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 valid = None
             code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
                                       [p.shape[1] for p in picks], supports, valid)
-        parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel,
-                                        backend=backend).split(code.blocks, dim=1)
+        # W_enc's and W_dec's gradients reuse their memory from step to step on CPU (kernels.GradBuffer)
+        buffers = self.__dict__.setdefault("_grad_buffers", (kernels.GradBuffer(), kernels.GradBuffer()))
+        parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel, backend=backend,
+                                        grad_buffer=buffers[0]).split(code.blocks, dim=1)
         # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
         main = parts[0].where(selected.values > 0, 0.0)
         values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
-        decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend))
+        decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend, grad_buffer=buffers[1]))
         x_hat = decoded.pop(0).add_(self.b_dec)  # in place: the decode's output is not needed by its backward
         if aux_block:
             e_hat = decoded.pop(0)

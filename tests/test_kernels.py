@@ -410,9 +410,9 @@ def _aux_widths(monkeypatch):
     """Record (column blocks, valid slots) of every SparseCode the model decodes."""
     seen, real = [], kernels.decode_code
 
-    def spy(values, code, W_dec, backend="auto"):
+    def spy(values, code, W_dec, backend="auto", **kw):
         seen.append((code.blocks, code.valid))
-        return real(values, code, W_dec, backend)
+        return real(values, code, W_dec, backend, **kw)
 
     monkeypatch.setattr(kernels, "decode_code", spy)
     return seen
@@ -451,3 +451,32 @@ def test_fused_step_prunes_auxk_slots_exactly(backend, shift, monkeypatch):
     assert set(got_grads) == set(want_grads)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-12, rtol=1e-9, msg=name)
+
+
+def test_grad_buffers_reuse_memory_only_when_the_last_gradient_is_gone():
+    """W_enc/W_dec gradients are written into memory kept from the previous step once that step's
+    gradients were dropped; a gradient still referenced is never overwritten; accumulation stays exact."""
+    import copy
+
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(20, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    dead = torch.arange(64) % 3 == 0
+    fast, dense = make_sae("topk", "torch"), make_sae("topk", "dense")
+    fast(x1, dead_mask=dead).loss.backward()
+    dec_ptr, kept_enc = fast.W_dec.grad.data_ptr(), fast.W_enc.grad  # a caller keeps W_enc's gradient
+    kept_copy = kept_enc.clone()
+    fast.zero_grad(set_to_none=True)
+    fast(x2, dead_mask=dead).loss.backward()
+    enc_buf, dec_buf = (b._buf.data_ptr() for b in fast._grad_buffers)
+    assert fast.W_dec.grad.data_ptr() == dec_ptr == dec_buf  # reused: the last W_dec gradient was dropped
+    assert kept_enc.data_ptr() == enc_buf != fast.W_enc.grad.data_ptr()  # W_enc's was kept: a new tensor
+    assert torch.equal(kept_enc, kept_copy)  # ... and the kept gradient was not overwritten
+    dense(x2, dead_mask=dead).loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-9, msg=name)
+    fast(x1, dead_mask=dead).loss.backward()  # no zero_grad: accumulates into the buffer-backed gradients
+    dense(x1, dead_mask=dead).loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-9, msg=name)
+    clone = copy.deepcopy(fast)
+    assert all(b._buf is None for b in clone._grad_buffers)  # copies never carry the memory

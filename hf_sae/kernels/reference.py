@@ -22,6 +22,7 @@ in order, and keeps the random accesses within the [N, d] rows, which stay in ca
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -217,14 +218,31 @@ def scatter_outer(idx: Tensor, coef: Tensor, rows: Tensor, n: int, code: Optiona
     return _scatter_sorted(code, coef.to(rows.dtype), rows, code.token())
 
 
-def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: Tensor, active: bool = False) -> Tensor:
+def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: Tensor, active: bool = False,
+                    out: Optional[Tensor] = None) -> Tensor:
     # Latent-major: one bag per latent (empty bags give zero rows), weights = the slots' coefficients.
-    # ``active``: only the code's valid slots (row_of_slot from active_rows).
+    # ``active``: only the code's valid slots (row_of_slot from active_rows). ``out``: write into this
+    # [n, d] tensor (see can_scatter_into) instead of a new one.
     offsets, order, _ = code.active_transpose() if active else code.transpose()
     if order.numel() == 0:
-        return rows.new_zeros(code.n, rows.shape[1])
-    return F.embedding_bag(row_of_slot, rows.contiguous(), offsets, per_sample_weights=coef.reshape(-1)[order],
-                           mode="sum")
+        return rows.new_zeros(code.n, rows.shape[1]) if out is None else out.zero_()
+    weights = coef.reshape(-1)[order]
+    if out is None:
+        return F.embedding_bag(row_of_slot, rows.contiguous(), offsets, per_sample_weights=weights, mode="sum")
+    # The same sums as a CSR [n, R] (latent rows, one entry per slot) times rows [R, d], which MKL writes
+    # into ``out`` (beta = 0: out's old content is ignored, empty rows come out 0).
+    crow = torch.cat([offsets, offsets.new_full((1,), order.numel())])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state" / invariant-check notices
+        csr = torch.sparse_csr_tensor(crow, row_of_slot, weights.to(out.dtype), (code.n, rows.shape[0]))
+        return torch.addmm(out, csr, rows.to(out.dtype).contiguous(), beta=0, out=out)
+
+
+def can_scatter_into(like: Tensor) -> bool:
+    """Whether the torch ops can write a table gradient like ``like`` [n, d] into a given tensor (MKL's
+    sparse x dense product: CPU, float32/float64, torch built with MKL) instead of allocating it."""
+    return (like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+            and torch.backends.mkl.is_available())
 
 
 def segment_sum(idx: Tensor, coef: Tensor, n: int) -> Tensor:
@@ -250,39 +268,45 @@ def decode_forward(idx: Tensor, coef: Tensor, table: Tensor, valid: Optional[Ten
 
 
 def decode_backward(code: SparseCode, values: Tensor, table: Tensor, grads: Sequence[Tensor],
-                    need_values: bool = True, need_table: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                    need_values: bool = True, need_table: bool = True,
+                    table_out: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Backward of decoding every block of ``code``: block b's output is
     ``gather_sum(idx[:, b], values[:, b], table)`` and ``grads[b]`` [N, d] its gradient.
 
     Returns (d values [N, W], d table [n, d]), None where not needed. One latent-major pass over all
-    blocks (their gradient rows stacked), sharing the code's transpose.
+    blocks (their gradient rows stacked), sharing the code's transpose. ``table_out``: an [n, d] tensor
+    to write d table into (:func:`can_scatter_into` must hold; its content is overwritten).
     """
     N, W = code.shape
     if N == 0 or W == 0:
-        return (values.new_zeros(N, W) if need_values else None,
-                table.new_zeros(table.shape) if need_table else None)
+        g_table = None
+        if need_table:
+            g_table = table.new_zeros(table.shape) if table_out is None else table_out.zero_()
+        return values.new_zeros(N, W) if need_values else None, g_table
     rows = torch.cat([g.to(table.dtype) for g in grads], 0) if len(grads) > 1 else grads[0].to(table.dtype)
     row_of_slot = code.active_rows(stacked=True)
     g_values = (_gather_dot_sorted(code, table, rows, row_of_slot, active=True).view(N, W).to(values.dtype)
                 if need_values else None)
-    g_table = _scatter_sorted(code, values.to(table.dtype), rows, row_of_slot, active=True) if need_table else None
+    g_table = (_scatter_sorted(code, values.to(table.dtype), rows, row_of_slot, active=True, out=table_out)
+               if need_table else None)
     return g_values, g_table
 
 
 def encoder_backward(code: SparseCode, grad: Tensor, x: Tensor, b_dec: Tensor,
-                     need_W: bool = True) -> tuple[Optional[Tensor], Tensor]:
+                     need_W: bool = True, W_out: Optional[Tensor] = None) -> tuple[Optional[Tensor], Tensor]:
     """Sparse encoder backward for pre[i, idx[i, j]] = W_enc[idx[i, j]] . (x[i] - b_dec) + b_enc[idx[i, j]].
 
-    Args: code (idx [N, W]); grad [N, W] (d loss / d pre at the selection); x [N, d]; b_dec [d].
+    Args: code (idx [N, W]); grad [N, W] (d loss / d pre at the selection); x [N, d]; b_dec [d];
+    W_out: an [n, d] tensor to write d W_enc into (:func:`can_scatter_into` must hold).
     Returns: (d W_enc [n, d] or None, d b_enc [n]).
     """
     g_b = segment_sum(code.idx, grad, code.n)
     g_W = None
     if need_W:
         if code.idx.numel() == 0:
-            g_W = x.new_zeros(code.n, x.shape[1])
+            g_W = x.new_zeros(code.n, x.shape[1]) if W_out is None else W_out.zero_()
         else:
-            g_W = _scatter_sorted(code, grad.to(x.dtype), x - b_dec, code.active_rows(), active=True)
+            g_W = _scatter_sorted(code, grad.to(x.dtype), x - b_dec, code.active_rows(), active=True, out=W_out)
     return g_W, g_b
 
 
