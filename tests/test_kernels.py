@@ -113,6 +113,18 @@ def test_valid_slots_are_skipped_exactly():
         ref.SparseCode(idx, 13, valid=valid[:, :2])
 
 
+def test_scatter_into_a_given_table():
+    """The table-gradient scatter writes into a given tensor (old content, even NaN, ignored; unused rows
+    0), except above CSR_MAX_SLOTS_PER_LATENT slots per latent where it returns a new tensor."""
+    for N, w, n in ((6, 5, 13), (60, 2, 3)):  # 2.3 and 40 slots per latent
+        idx, coef, _, rows = code(N=N, w=w, n=n, d=7)
+        c = ref.SparseCode(idx, n)
+        out = torch.full((n, 7), float("nan"), dtype=torch.float64)
+        got = ref._scatter_sorted(c, coef, rows, c.token(), out=out)
+        assert (got.data_ptr() == out.data_ptr()) == (N * w <= ref.CSR_MAX_SLOTS_PER_LATENT * n)
+        torch.testing.assert_close(got, ref.scatter_outer_naive(idx, coef, rows, n), atol=1e-12, rtol=0)
+
+
 def test_reference_primitives_empty_code():
     idx = torch.zeros(4, 0, dtype=torch.long)
     coef = torch.zeros(4, 0)
