@@ -191,6 +191,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         coef = (g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(_EPS)
         g.sub_(coef * w)
 
+    def release_grad_buffers(self) -> None:
+        """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]
+        tensors on CPU, see ``hf_sae.kernels.GradBuffer``); the next fused step allocates it again."""
+        for buf in self.__dict__.get("_grad_buffers", ()):
+            buf.release()
+
     # ---------------------------------------------------------------- input handling
     def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         """Validate x [..., d], return (x_normalized [N, d], leading shape)."""

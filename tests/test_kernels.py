@@ -492,3 +492,10 @@ def test_grad_buffers_reuse_memory_only_when_the_last_gradient_is_gone():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-9, msg=name)
     clone = copy.deepcopy(fast)
     assert all(b._buf is None for b in clone._grad_buffers)  # copies never carry the memory
+    fast.release_grad_buffers()  # public way to free the kept memory; the next step allocates afresh
+    assert all(b._buf is None for b in fast._grad_buffers)
+    fast.zero_grad(set_to_none=True)
+    dense.zero_grad(set_to_none=True)
+    fast(x1, dead_mask=dead).loss.backward()
+    dense(x1, dead_mask=dead).loss.backward()
+    torch.testing.assert_close(fast.W_dec.grad, dense.W_dec.grad, atol=1e-12, rtol=1e-9)

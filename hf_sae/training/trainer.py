@@ -459,6 +459,10 @@ class SAETrainer:
         import gc
 
         self.source = self._init_iter = self.eval_data = self._user_eval = None
+        model = getattr(self, "model", None)
+        if model is not None:
+            for sae in self.accelerator.unwrap_model(model).saes:
+                sae.release_grad_buffers()
         self.accelerator._models.clear()
         self.accelerator._optimizers.clear()
         gc.collect()
