@@ -258,14 +258,11 @@ def main_cuda(args) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.dtype}, batch {args.batch} tokens, "
           f"d={args.d}; seconds per step: mean of {args.iters} steps, min of {args.repeats} rounds")
-    rows = []
-    for n, k, dead, kind in _configs(args):
-        print(f"n={n} k={k} dead={_dead_label(dead, kind)} ...", file=sys.stderr, flush=True)
-        rows.append(run_config_cuda(args.batch, args.d, n, k, dead, args.repeats, args.iters, dtype, kind))
+    rows = _run_all(args, lambda n, k, dead, kind: run_config_cuda(args.batch, args.d, n, k, dead, args.repeats,
+                                                                   args.iters, dtype, kind))
     head = ("|      n |   k |          dead | bound ms | triton sorted ms | triton atomic ms | torch-on-cuda ms "
             "| dense ms | atomic/bound | dense/atomic | peak+ atomic MB | peak+ dense MB |")
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    _print_header(head)
     for r in rows:
         print(f"| {r['n']:6d} | {r['k']:3d} | {_dead_label(r['dead'], r['kind']):>13} | {1e3 * r['bound']:8.3f} "
               f"| {1e3 * r['triton_sorted']:16.3f} "
@@ -276,6 +273,20 @@ def main_cuda(args) -> None:
 
 def _dead_label(dead: float, kind: str) -> str:
     return "0%" if dead <= 0 else f"{dead:.0%} {kind}"
+
+
+def _print_header(head: str) -> None:
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+
+
+def _run_all(args, run_one) -> list:
+    """run_one(n, k, dead, kind) for every configured row, announcing each on stderr."""
+    rows = []
+    for n, k, dead, kind in _configs(args):
+        print(f"n={n} k={k} dead={_dead_label(dead, kind)} ...", file=sys.stderr, flush=True)
+        rows.append(run_one(n, k, dead, kind))
+    return rows
 
 
 def _configs(args):
@@ -313,14 +324,11 @@ def main() -> None:
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} tokens, "
           f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds")
-    rows = []
-    for n, k, dead, kind in _configs(args):
-        print(f"n={n} k={k} dead={_dead_label(dead, kind)} ...", file=sys.stderr, flush=True)
-        rows.append(run_config(args.batch, args.d, n, k, dead, args.repeats, args.dense_repeats, kind))
+    rows = _run_all(args, lambda n, k, dead, kind: run_config(args.batch, args.d, n, k, dead, args.repeats,
+                                                              args.dense_repeats, kind))
     head = ("|     n |   k |          dead | aux w | bound s | ours s | ours/bound | ours/bound cpu | dense s "
             "| dense/ours | peak+ ours MB | peak+ dense MB | optimizer s |")
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    _print_header(head)
     for r in rows:
         print(f"| {r['n']:5d} | {r['k']:3d} | {_dead_label(r['dead'], r['kind']):>13} | {r['aux_w']:5d} "
               f"| {r['bound']:7.3f} | {r['fused']:6.3f} "
