@@ -121,6 +121,26 @@ def dead_stats(sae: SparseAutoencoder, x: torch.Tensor, dead: "torch.Tensor | No
                 dead_in_topk=float(dead[top].float().mean()))
 
 
+def _step_fn(sae, x, dead, table_grad_mode=None):
+    """One training step (old gradients dropped, forward with AuxK's dead mask, backward) as a closure;
+    ``table_grad_mode`` sets the Triton table-gradient form (``HF_SAE_TRITON_TABLE_GRAD``) first."""
+    def go():
+        if table_grad_mode is not None:
+            os.environ["HF_SAE_TRITON_TABLE_GRAD"] = table_grad_mode
+        for p in sae.parameters():
+            p.grad = None
+        sae(x, dead_mask=dead).loss.backward()
+    return go
+
+
+def _bound_fn(sae, x, k):
+    """The bound as a closure: one B x d x n encoder addmm and the top-k."""
+    def go():
+        pre = torch.addmm(sae.b_enc, x, sae.W_enc.t())
+        pre.topk(k, dim=-1, sorted=False)
+    return go
+
+
 def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
                kind: str = "random", seed: int = 0) -> dict:
     torch.manual_seed(seed)
@@ -141,15 +161,9 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
                 p.grad = None
 
     def step(sae):
-        def go():
-            for p in sae.parameters():
-                p.grad = None
-            sae(x, dead_mask=dead).loss.backward()
-        return go
+        return _step_fn(sae, x, dead)
 
-    def bound():
-        pre = torch.addmm(fused.b_enc, x, fused.W_enc.t())
-        pre.topk(k, dim=-1, sorted=False)
+    bound = _bound_fn(fused, x, k)
 
     opt = torch.optim.Adam(fused.parameters(), lr=1e-4)
 
@@ -209,17 +223,9 @@ def run_config_cuda(B: int, d: int, n: int, k: int, dead_frac: float, repeats: i
     ref_sae = saes["triton"]
 
     def step(sae, mode=None):
-        def go():
-            if mode is not None:
-                os.environ["HF_SAE_TRITON_TABLE_GRAD"] = mode
-            for p in sae.parameters():
-                p.grad = None
-            sae(x, dead_mask=dead).loss.backward()
-        return go
+        return _step_fn(sae, x, dead, mode)
 
-    def bound():
-        pre = torch.addmm(ref_sae.b_enc, x, ref_sae.W_enc.t())
-        pre.topk(k, dim=-1, sorted=False)
+    bound = _bound_fn(ref_sae, x, k)
 
     cases = {"bound": bound, "triton_sorted": step(saes["triton"], "sorted"),
              "triton_atomic": step(saes["triton"], "atomic"), "torch": step(saes["torch"]),
