@@ -12,7 +12,7 @@ Runs the same under every launcher:
 """
 import sys
 
-from hf_sae.training import train_main
+from hf_sae.training.cli import script_main
 
 if __name__ == "__main__":
-    train_main(sys.argv[1:])
+    sys.exit(script_main(sys.argv[1:]))

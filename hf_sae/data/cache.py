@@ -106,6 +106,9 @@ def _features(d: int, dtype_name: str, window: int | None = None):
 def _atomic_write_bytes(path: Path, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a cache is shared like any file the user writes
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

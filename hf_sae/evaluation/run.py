@@ -80,12 +80,7 @@ def _parse_metrics(spec: str) -> list:
 def _load_sae(path: str, subfolder: Optional[str], device):
     from hf_sae import SparseAutoencoder
 
-    p = Path(path).expanduser()
-    if (p.exists() or str(path).startswith((".", "/", "~"))):
-        target = p / subfolder if subfolder else p
-        if not (target / "config.json").is_file():
-            raise FileNotFoundError(f"no SAE at {target}: expected config.json + model.safetensors "
-                                    "(written by SparseAutoencoder.save_pretrained).")
+    p = Path(path).expanduser()  # a missing path or SAE raises an error listing what is there (from_pretrained)
     kw = {"subfolder": subfolder} if subfolder else {}
     sae = SparseAutoencoder.from_pretrained(str(p) if p.exists() else path, **kw)
     return sae.to(device).eval()

@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for action in _parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        action.default = argparse.SUPPRESS
+        action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")

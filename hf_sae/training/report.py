@@ -111,6 +111,7 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
@@ -123,6 +124,11 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
                 ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 (labels never overlap)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no record yet: the run was shorter than\none log interval (--log_every_steps)",
+                    ha="center", va="center", transform=ax.transAxes, color="#666")
         values = [v for n in (key, f"eval/{key}") for v in curves.get(n, {}).get("value", []) if v == v]
         if key in ("loss", "fvu") and values and min(values) > 0:
             ax.set_yscale("log")
