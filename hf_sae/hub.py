@@ -328,8 +328,10 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
                 f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}"
                 + (f" ({describe_dataset(dataset)})" if dataset and describe_dataset(dataset) != dataset else ""),
                 f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}",
-                f"- Metrics measured on split: "
-                + (", ".join(sorted({str(e.get('metrics_split')) for e in entries if e.get('metrics')})) or "–"),
+                "- Metrics measured on: " + (", ".join(sorted({
+                    f"split `{e.get('metrics_split') or 'not recorded'}`"
+                    + (f" of {describe_dataset(e.get('metrics_dataset'))}" if e.get("metrics_dataset") else "")
+                    for e in entries if e.get("metrics")})) or "no metrics recorded"),
                 f"- License: `{license}`" + ("" if license_confirmed else
                                               " (hf_sae's default, not confirmed by the uploader: check it matches "
                                               "the base model's and the data's terms)")]

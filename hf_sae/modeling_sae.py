@@ -487,3 +487,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
 SAEConfig.register_for_auto_class()
 SparseAutoencoder.register_for_auto_class("AutoModel")
+
+if __name__ == "hf_sae.modeling_sae":  # the installed library, not a copy loaded through trust_remote_code
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(SAEConfig.model_type, SAEConfig, exist_ok=True)
+    AutoModel.register(SAEConfig, SparseAutoencoder, exist_ok=True)

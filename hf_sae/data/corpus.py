@@ -197,7 +197,8 @@ def _dataset_texts(ds, split: str, text_column: str, source: str) -> Iterator[st
     split by document when it lacks it); a Dataset / IterableDataset is split by document."""
     split = split or "train"
     if isinstance(ds, dict):  # DatasetDict / IterableDatasetDict
-        if split in ds:
+        has_heldout = any(h in ds for h in HELDOUT_SPLITS)
+        if split in ds and (has_heldout or split.lower() not in TRAIN_SPLITS):
             ds, derive = ds[split], False
         elif split.lower() == "all":
             parts = list(ds.values())

@@ -34,6 +34,7 @@ from ..modeling_sae import SparseAutoencoder
 from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
 from .init import initialize_sae
+from .launch import OutputDirLock, check_launch
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
 from .sources import (CacheSource, DataExhausted, IterableSource, TensorSource, _as_hook_dict, is_cache_dir,
@@ -114,6 +115,7 @@ class SAETrainer:
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
         )
         acc = self.accelerator
+        check_launch(acc.num_processes)  # N processes asked for, N running -- else stop before any work
         args.validate(num_processes=acc.num_processes)
         self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
@@ -431,6 +433,14 @@ class SAETrainer:
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, SparseAutoencoder]:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
+        lock = OutputDirLock(self.out).acquire() if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, SparseAutoencoder]:
         args, acc = self.args, self.accelerator
         self.since_fired, self.total_fires = {}, {}
         if self.resume_from is not None:
