@@ -47,7 +47,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)")
     parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
     parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name")
-    parser.add_argument("--split", default="validation", help="split of the text source (default: validation)")
+    parser.add_argument("--split", default="validation", help="split of the text source (default: validation; a "
+                        "source without one holds out a fixed 5%% of its documents, never seen by training)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (sequence length)")
