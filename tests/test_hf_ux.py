@@ -24,7 +24,7 @@ import torch
 from hf_sae import SAE, SAEConfig
 from hf_sae import hub as H
 from hf_sae.cli import build_parser, main
-from hf_sae.data.corpus import HELDOUT_SPLITS, is_heldout, load_texts
+from hf_sae.data.corpus import load_texts
 
 REPO = Path(__file__).resolve().parents[1]
 HP = "layers.0.resid_post"
@@ -85,6 +85,8 @@ def test_resume_without_checkpoint_says_so(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------------ held-out data
 def _check_split(source, docs, **kw):
+    from hf_sae.data.corpus import is_heldout
+
     train = list(load_texts(source, split="train", **kw))
     val = list(load_texts(source, split="validation", **kw))
     assert val and train, (len(train), len(val))
@@ -392,9 +394,22 @@ def test_report_is_self_contained_and_explains_metrics(tmp_path):
 def test_training_curves_of_a_run_shorter_than_one_log_interval(tmp_path):
     from hf_sae.training.report import write_report
 
-    history = [{"step": 3, "tokens": 1_500_000, f"{HP}/eval/fvu": 0.3}]
+    import matplotlib.pyplot as plt
+
+    from hf_sae.training.report import curves_figure
+
+    history = [{"step": 3, "tokens": 1_500_000, f"{HP}/eval/fvu": 0.3},
+               {"step": 6, "tokens": 3_000_000, f"{HP}/eval/fvu": 0.2}]
     write_report(str(tmp_path), HP, history, {}, plot=True)
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    curves = json.loads((tmp_path / "training_report.json").read_text())["curves"]
+    fig = curves_figure(HP, curves)
+    fig.canvas.draw()
+    loss, fvu_ax = fig.axes[0], fig.axes[1]
+    assert any("shorter than" in t.get_text() for t in loss.texts)  # the empty panel says why
+    labels = [t.get_text() for t in fvu_ax.get_xticklabels() if t.get_text()]
+    assert labels and all(len(lab) <= 5 for lab in labels) and any(lab.endswith("M") for lab in labels), labels
+    plt.close(fig)
 
 
 def test_quickstart_reuses_an_evaluation_of_the_same_weights(tmp_path):

@@ -107,6 +107,16 @@ def write_report(out_dir: str, hook_point: str, history: list[dict], summary: di
 
 
 def _plot(path: str, hook_point: str, curves: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(hook_point, curves)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def curves_figure(hook_point: str, curves: dict):
+    """The 2x2 matplotlib figure of :func:`write_report` (loss, FVU, L0, dead fraction against tokens, with
+    1.2M-style tick labels; a panel without records says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,5 +149,4 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"SAE training: {hook_point}")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
