@@ -28,7 +28,6 @@ weights with the same settings (``eval/quickstart_stamp.json``); otherwise it re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -75,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainingArguments, SAETrainer
+    from .training.checkpoint import _sha256 as file_sha256
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t = time.perf_counter()
     eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
                  str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
-    stamp = {"sae_sha256": _file_sha256(out / "sae" / hook / "model.safetensors"), "eval_args": eval_argv}
+    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
     results = _reuse_eval(out / "eval", stamp)
     if results is not None:
         print("[quickstart] 4/4 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
@@ -157,14 +157,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 STAMP_FILE = "quickstart_stamp.json"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
