@@ -604,16 +604,17 @@ def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
 
 
 def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: str | None = None,
-                        token=None) -> tuple[str | None, str]:
+                        token=None) -> tuple[str | None, str | None]:
     """Why no SAE loads from ``repo_or_path`` (+ ``subfolder``): returns ``(fallback, message)``.
 
     ``fallback`` is ``""`` when the SAE asked for by ``subfolder`` is the one at the root (a single SAE pushed
     to the root, whose config names that hook point): load the root instead. Otherwise ``fallback`` is None
-    and ``message`` lists the SAEs (hook point -> ``subfolder=``) and files the repo or folder holds."""
+    and ``message`` lists the SAEs (hook point -> ``subfolder=``) and files the repo or folder holds
+    (``message`` is None when they cannot be listed)."""
     files = _repo_files(repo_or_path, revision, token)
     where = f"{repo_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-    if files is None:
-        return None, f"no SAE at {where}, and its contents could not be listed (offline, private or no such repo)."
+    if files is None:  # offline, private or no such repo: the original error says it best
+        return None, None
     folders = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith("/config.json")})
     hook_points: dict[str, str] = {}
     root_hp = None

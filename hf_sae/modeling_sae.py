@@ -134,6 +134,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             fallback, message = hub.explain_missing_sae(pretrained_model_name_or_path, kwargs.get("subfolder"),
                                                         kwargs.get("revision"), kwargs.get("token"))
             if fallback is None:
+                if message is None:
+                    raise
                 raise OSError(message) from err
             kwargs = {**kwargs, "subfolder": fallback}  # the SAE of that hook point lives at the root
             model, info = super().from_pretrained(
