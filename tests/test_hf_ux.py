@@ -257,6 +257,8 @@ def test_mistyped_local_path_never_reaches_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a))
     with pytest.raises(FileNotFoundError, match=r"runs/l7 does not exist; runs holds: l6"):
         SAE.from_pretrained("runs/l7")
+    with pytest.raises(FileNotFoundError, match=r"runs/corpus does not exist \(runs holds: l6\)"):
+        list(load_texts("runs/corpus"))  # not a `datasets` name to fetch
     assert not calls
 
 

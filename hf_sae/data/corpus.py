@@ -294,12 +294,20 @@ def load_texts(source="default", split: str = "train", text_column: str = "text"
         path = Path(src).expanduser()
         if path.exists():
             it = _local_texts(path, split, text_column)
-        elif src.startswith((".", "/", "~")) or src.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES):
-            raise FileNotFoundError(f"Text source {src} does not exist.")
+        elif _looks_local(src) or src.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES):
+            parent = next((p for p in path.parents if p.is_dir()), Path("."))
+            raise FileNotFoundError(f"Text source {src} does not exist ({parent} holds: "
+                                    f"{', '.join(sorted(c.name for c in parent.iterdir())[:20]) or 'nothing'}).")
         else:
             it = _hub_texts(src, split, text_column, streaming)
     it = (t for t in it if isinstance(t, str) and t.strip())
     return islice(it, max_texts) if max_texts is not None else it
+
+
+def _looks_local(src: str) -> bool:
+    from ..hub import looks_local  # one rule for "a local path, never a Hub id" (SAE folders and text sources)
+
+    return looks_local(src)
 
 
 def _special_ids(tokenizer) -> tuple[int | None, int | None]:
