@@ -437,3 +437,30 @@ def test_strings_from_yaml_are_coerced_to_the_field_type(tmp_path):
     assert args.lr == 1e-3 and args.adam_epsilon == 1e-8 and args.train_tokens == 200_000
     assert args.progress_bar is False and args.k == 16
     assert math.isclose(SAETrainingArguments(lr="3e-4").lr, 3e-4)
+
+
+def test_batch_size_one_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"--batch_size=1 .*at least 8 tokens per micro-batch"):
+        SAETrainingArguments(batch_size=1, train_tokens=100)
+    with pytest.raises(ValueError, match=r"--batch_size=16 .*gives 4 tokens per micro-batch"):
+        SAETrainingArguments(batch_size=16, train_tokens=100).validate(num_processes=4)
+
+
+def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, monkeypatch):
+    """A crash in the final evaluation (or export) loses no training: --resume redoes only those."""
+    calls = []
+
+    def broken_evaluate(self):
+        calls.append(self.state.step)
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(SAETrainer, "evaluate", broken_evaluate)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(_small(tmp_path, checkpoint_every_tokens=0), train_data=synthetic(4096), eval_data=synthetic(512))
+    assert calls == [20]
+    assert ckpt.newest_valid(str(tmp_path / "out" / "checkpoints")).endswith(ckpt.checkpoint_name(256 * 20))
+    monkeypatch.undo()
+    trainer = SAETrainer(_small(tmp_path, checkpoint_every_tokens=0, resume=True), train_data=synthetic(4096),
+                         eval_data=synthetic(512))
+    saes = trainer.train()
+    assert trainer.state.step == 20 and saes[HP].config.training_info["final_metrics"]["eval_fvu"] < 1
