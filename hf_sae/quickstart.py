@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainingArguments, SAETrainer
-    from .training.checkpoint import _sha256 as file_sha256
+    from ._io import sha256_file as file_sha256
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
