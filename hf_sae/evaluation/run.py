@@ -46,7 +46,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)")
     parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name")
+    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
+                        "save_to_disk folder, or a datasets name ('name' or 'name:config')")
     parser.add_argument("--split", default="validation", help="split of the text source (default: validation; a "
                         "source without one holds out a fixed 5%% of its documents, never seen by training)")
     parser.add_argument("--text-column", default="text")
