@@ -6,8 +6,11 @@ What each launcher does on a CPU machine (accelerate 1.x):
 - ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N scripts/train.py ...`` and
   ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N scripts/train.py ...``:
   N processes in one gloo process group (MULTI_CPU). These are the working forms.
-- ``torchrun --nproc_per_node N ...`` without ``ACCELERATE_USE_CPU``: N processes that each believe they
-  are alone (``WORLD_SIZE`` is N, Accelerate sees 1) -> :func:`check_launch` stops them.
+- ``torchrun --nproc_per_node N ...`` (or ``accelerate launch --multi_gpu``) without ``ACCELERATE_USE_CPU``
+  on a machine without GPUs: Accelerate alone would run N processes that each believe they are alone
+  (``WORLD_SIZE`` is N, Accelerate sees 1). The trainer asks Accelerate for CPU processes in that case
+  (:func:`launched_without_gpus`), so this works like the forms above; :func:`check_launch` stops any
+  other launch where ``WORLD_SIZE`` and Accelerate disagree.
 - ``accelerate launch --cpu --num_processes N ...`` (or without ``--cpu``, no GPU): Accelerate's simple
   launcher starts ONE process (its multi-CPU mode needs ``mpirun``), only exporting ``MASTER_PORT`` ->
   stopped too.
@@ -34,6 +37,20 @@ def working_command(n: int, argv: list[str] | None = None) -> str:
     if script.endswith("hf-sae") or os.path.basename(argv[0] if argv else "") == "hf-sae":
         script = "scripts/train.py " + " ".join(shlex.quote(a) for a in argv[2:])  # torchrun needs a script
     return f"ACCELERATE_USE_CPU=true torchrun --nproc_per_node {n} {script}"
+
+
+def launched_without_gpus(env: dict | None = None) -> bool:
+    """True when a multi-process launcher (``WORLD_SIZE`` > 1) started this process on a machine where torch
+    sees no GPU: the processes must then form a CPU (gloo) group, as ``ACCELERATE_USE_CPU=true`` asks."""
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    has_device = accel.is_available() if accel is not None and hasattr(accel, "is_available") \
+        else torch.cuda.is_available()
+    return not has_device
 
 
 def check_launch(num_processes: int, env: dict | None = None, argv: list[str] | None = None) -> None:

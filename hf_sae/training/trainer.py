@@ -36,7 +36,7 @@ from ..modeling_sae import SparseAutoencoder
 from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
 from .init import initialize_sae
-from .launch import OutputDirLock, check_launch
+from .launch import OutputDirLock, check_launch, launched_without_gpus
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
 from .sources import (CacheSource, DataExhausted, IterableSource, TensorSource, _as_hook_dict, is_cache_dir,
@@ -167,6 +167,7 @@ class SAETrainer:
         self.log_dir = os.path.join(self.out, "logs")
         _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(
+            cpu=launched_without_gpus(),  # torchrun on CPUs: one gloo group, as with ACCELERATE_USE_CPU=true
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mp,
             log_with=self._trackers(args.log_with),
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
