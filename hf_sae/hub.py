@@ -47,10 +47,19 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hooks import hook_point_sort_key, parse_hook_point
-from .modeling_sae import SparseAutoencoder
+
+if TYPE_CHECKING:
+    from .modeling_sae import SparseAutoencoder
+
+
+def _sae_class():
+    """The model class, imported on first use (``hf-sae push --help`` needs no transformers)."""
+    from .modeling_sae import SparseAutoencoder
+
+    return SparseAutoencoder
 
 INDEX_FILE = "sae_index.json"
 CODE_FILES = ("configuration_sae.py", "modeling_sae.py", "activations.py")
@@ -208,7 +217,7 @@ def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bo
     """-> ({hook point: sae}, at_root)."""
     if layout not in ("auto", "root", "subfolders"):
         raise ValueError(f"layout={layout!r} is invalid; use 'auto', 'root' or 'subfolders'.")
-    if isinstance(saes, SparseAutoencoder):
+    if isinstance(saes, _sae_class()):
         hp = saes.config.hook_point
         if hp is None:
             if layout == "subfolders":
@@ -223,7 +232,7 @@ def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bo
                         f"got {type(saes).__name__}")
     out = {}
     for hp, sae in saes.items():
-        if not isinstance(sae, SparseAutoencoder):
+        if not isinstance(sae, _sae_class()):
             raise TypeError(f"saes[{hp!r}] is a {type(sae).__name__}, not a SparseAutoencoder")
         hook_point_folder(hp)
         if sae.config.hook_point not in (None, hp):
@@ -539,7 +548,7 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{repo_or_path}: the folder {folder or '.'!r} of hook point {hp!r} has no "
                                     "config.json; the repo is incomplete.")
-        out[hp] = SparseAutoencoder.from_pretrained(path, **from_pretrained_kwargs)
+        out[hp] = _sae_class().from_pretrained(path, **from_pretrained_kwargs)
     return out
 
 
@@ -686,7 +695,7 @@ def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | Spars
             found.extend(subs)
         else:
             raise FileNotFoundError(f"{p} does not exist or is not a folder.")
-    saes = [SparseAutoencoder.from_pretrained(p) for p in found]
+    saes = [_sae_class().from_pretrained(p) for p in found]
     if len(saes) == 1:
         return saes[0]
     out = {}
