@@ -46,7 +46,7 @@ def _help(text: str, **kw):
 class SAETrainingArguments:
     """All settings of an SAE training run (see the module docstring for units).
 
-    The recipe switches of Gao et al. (SPEC 1.1) are on by default for the TopK family:
+    The recipe switches of Gao et al. (docs/FORMULAS.md §1) are on by default for the TopK family:
     ``tied_init``, ``auxk``, ``b_dec_init="geometric_median"``, ``normalize_input``,
     ``normalize_decoder``, ``project_decoder_grad``, LR scaled by 1/sqrt(n / 2^14), warmup.
     """
