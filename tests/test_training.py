@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 HP = "layers.0.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These SAEs are tiny: one intra-op thread is faster (and steadier on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_tokens: int, d: int = 16, n_true: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:

@@ -31,11 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..configuration_sae import KERNELS as BACKENDS  # one list of backend names, kept beside SAEConfig.kernel
 from . import reference
 from .reference import SparseCode
 
 ENV_VAR = "HF_SAE_KERNEL"
-BACKENDS = ("auto", "torch", "triton", "dense")
 
 __all__ = ["ENV_VAR", "BACKENDS", "SparseCode", "GradBuffer", "resolve_backend", "triton_available", "get_ops",
            "sparse_decode", "decode_code", "encode_selected", "topk_among"]
