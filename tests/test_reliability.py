@@ -31,12 +31,7 @@ HP = "layers.0.resid_post"
 STEPS = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_tokens: int, d: int = 16, seed: int = 0) -> torch.Tensor:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .._faults import fault_point
+from ..configuration_sae import input_scale_for
 from .._io import atomic_write_bytes, atomic_write_json, sha256_file
 from .stream import _as_hook_list, harvest, window_source
 
@@ -156,18 +157,7 @@ def _check_shard_schema(path: Path, table, meta: dict, info: dict) -> None:
                                    "the cache with the same `hf-sae cache` command")
 
 
-def norm_stats_to_input_scale(mean_sq_norm: float, d: int) -> float:
-    """The scalar ``s`` with ``E||s x||^2 = d``, i.e. ``sqrt(d / E||x||^2)``.
-
-    Args:
-        mean_sq_norm: ``E||x||^2`` in the activation's units squared (> 0, finite).
-        d: feature dimension.
-    """
-    if not (isinstance(d, int) and d > 0):
-        raise ValueError(f"d must be a positive int, got {d!r}.")
-    if not (math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
-        raise ValueError(f"mean_sq_norm must be finite and > 0, got {mean_sq_norm!r}.")
-    return math.sqrt(d / mean_sq_norm)
+norm_stats_to_input_scale = input_scale_for  # the one definition lives beside the SAE's config
 
 
 def _dtype_name(dtype) -> str:
