@@ -596,7 +596,8 @@ def check_local_sae_path(path, subfolder: str | None = None) -> None:
         raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id, which has the form 'org/name').")
     saes = sorted(c.parent.name for c in parent.glob("*/config.json"))
     raise FileNotFoundError(f"{path} does not exist; {parent} holds: {_listing(c.name for c in parent.iterdir())}"
-                            + (f" (SAE folders: {_listing(saes)})" if saes else "") + ".")
+                            + (f" (SAE folders: {_listing(saes)})" if saes else "")
+                            + ". An SAE folder holds config.json + model.safetensors (save_pretrained).")
 
 
 def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
