@@ -34,9 +34,14 @@ reconstruction (and its latents) up to float rounding:
      ``relu(pre) * 1[relu(pre) > t]`` is hf_sae's BatchTopK inference with ``batchtopk_threshold = t``
      (``t >= 0``); with ``t < 0`` (never estimated) it is ``relu(pre)``, converted as a ReLU SAE.
 
-What is *refused* (ValueError naming the fix): per-token input normalisation (OpenAI TopK's layer norm
-unless ``accept_layer_norm=True``, SAELens ``layer_norm`` / ``constant_norm_rescale``), gated SAEs, skip
-connections, transcoders, group-max activations, per-head SAEs, and any tensor the format does not define.
+(F8) **Per-token layer norm** (OpenAI TopK autoencoders, SAELens ``normalize_activations="layer_norm"``): the
+     source computes ``x' = (x - mu) / (sigma + 1e-5)`` (sigma the unbiased std of the token), runs the SAE on
+     ``x'`` and returns ``x^' sigma + mu``; hf_sae's ``input_norm="layer_norm"`` (eps 1e-5, unbiased) is that
+     computation, so the converted SAE takes and returns the LM's units.
+
+What is *refused* (ValueError naming the fix): SAELens ``constant_norm_rescale`` / ``covariance_whitening``,
+gated SAEs, skip connections, transcoders, group-max activations, per-head SAEs, and any tensor the format
+does not define.
 
 Format table (:data:`FORMATS`):
 
@@ -90,6 +95,8 @@ class RefOutput(NamedTuple):
     """[N, d] what to feed the converted hf_sae SAE to compare (x itself unless the source pre-normalizes)."""
     to_source_units: Callable[[Tensor], Tensor]
     """maps the hf_sae SAE's reconstruction of ``sae_input`` to the source's output units (identity mostly)."""
+    batch_mode: bool = False
+    """the source selects over the whole batch (BatchTopK top k*N): compare with the SAE in ``train()`` mode."""
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -123,6 +130,7 @@ class _Parts:
     rescale_by_decoder_norm: bool = False  # (F2): fold decoder norms (the source selects on / reports n_i * pre_i)
     theta_on_rescaled: bool = False  # theta is compared with n_i * pre_i (else with pre_i, and is rescaled by (F2))
     input_scale: float = 1.0
+    input_norm: str = "none"  # "layer_norm": (x - mu) / (sigma + 1e-5), unbiased sigma, undone on the output (F8)
     hook_point: str | None = None
     base_model: str | None = None
     info: dict = field(default_factory=dict)
@@ -200,15 +208,32 @@ def _torch_load(path: Path, what: str) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {first}). hf_sae only reads "
-            "plain state dicts (tensors, numbers, strings) and never unpickles code; re-save the checkpoint with "
-            "torch.save(model.state_dict(), path)."
-        ) from e
+        raise ValueError(_torch_load_problem(path, e)) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors).")
     return _strip_compile_prefix(obj)
+
+
+_TRUNCATED = re.compile(r"central directory|failed reading|ran out of input|unexpected end|EOF|truncated|"
+                        r"file read failed|invalid header|not a zip", re.I)
+
+
+def _torch_load_problem(path: Path, err: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused ``path``: a pickled object it will not
+    unpickle (named), or a truncated / corrupt file, each with its fix."""
+    text = f"{type(err).__name__}: {err}"
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", text)
+    if refused:
+        name = refused.group(1) or refused.group(2)
+        return (f"{path} pickles a {name} object, which torch.load(weights_only=True) refuses: hf_sae only reads plain "
+                "state dicts (tensors, numbers, strings) and never unpickles code. Re-save it with "
+                "torch.save(model.state_dict(), path).")
+    if isinstance(err, (EOFError, OSError)) or _TRUNCATED.search(text):
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return f"{path} is truncated or corrupt ({first}); download or copy it again."
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return (f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {first}); hf_sae only "
+            "reads plain state dicts: re-save it with torch.save(model.state_dict(), path).")
 
 
 def _int_cfg(path, cfg: dict, key: str, *alts: str, default=None) -> int:
@@ -300,8 +325,8 @@ def _build(p: _Parts, dtype: torch.dtype | None, fold_decoder_norms: bool = Fals
         cfg_kwargs["k"] = None
     info = {"converted_from": {k: v for k, v in p.info.items() if v is not None}}
     config = SAEConfig(d_in=W_enc.shape[1], n_latents=W_enc.shape[0], activation=p.activation,
-                       input_scale=float(p.input_scale), hook_point=p.hook_point, base_model=p.base_model,
-                       training_info=info, **cfg_kwargs)
+                       input_scale=float(p.input_scale), input_norm=p.input_norm, hook_point=p.hook_point,
+                       base_model=p.base_model, training_info=info, **cfg_kwargs)
     sae = SparseAutoencoder(config).to(dtype or torch.float32)
     with torch.no_grad():  # copy_ rounds the float64 results once to the target dtype
         sae.W_enc.copy_(W_enc)
@@ -330,10 +355,8 @@ def _read_saelens(path: Path, **_) -> Raw:
     sd = _read_safetensors(w_path, "a SAELens SAE folder holds cfg.json and sae_weights.safetensors")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     get = lambda k, *alts: next((src[a] for a in (k, *alts) for src in (cfg, meta) if src.get(a) is not None), None)  # noqa: E731
-    arch = cfg.get("architecture") or "standard"
+    arch = _saelens_architecture(cfg_path, cfg, get)
     act_fn = get("activation_fn", "activation_fn_str") or "relu"
-    if arch == "standard" and act_fn == "topk":  # SAELens < 6 stored TopK SAEs this way
-        arch = "topk"
     if arch not in _SAELENS_ARCHS:
         raise _fail(cfg_path, f"SAELens architecture {arch!r} is not supported (supported: {_SAELENS_ARCHS}; gated and "
                     "other architectures have no exact hf_sae equivalent).")
@@ -343,10 +366,13 @@ def _read_saelens(path: Path, **_) -> Raw:
     d_sae = _int_cfg(cfg_path, cfg, "d_sae")
     norm = cfg.get("normalize_activations")
     norm = {None: "none", False: "none", True: "expected_average_only_in"}.get(norm, norm)
-    if norm in ("layer_norm", "constant_norm_rescale"):
-        raise _fail(cfg_path, f"normalize_activations={norm!r} rescales every token by its own norm, which hf_sae's "
-                    "SAE cannot represent; normalize inputs yourself and convert a copy with it set to 'none'.")
-    if norm not in ("none", "expected_average_only_in"):
+    if norm == "constant_norm_rescale":
+        raise _fail(cfg_path, "normalize_activations='constant_norm_rescale' (x sqrt(d_in) / ||x|| per token) is not "
+                    "supported; hf_sae represents 'none', 'expected_average_only_in' and 'layer_norm'.")
+    if norm == "covariance_whitening":
+        raise _fail(cfg_path, "normalize_activations='covariance_whitening' needs a whitening matrix that is not part "
+                    "of the SAE's files; fold it with SAELens' fold_whitening and save again, then convert.")
+    if norm not in ("none", "expected_average_only_in", "layer_norm"):
         raise _fail(cfg_path, f"unknown normalize_activations={norm!r}")
     if get("hook_head_index") is not None:
         raise _fail(cfg_path, "per-head SAEs (hook_head_index set) are not supported.")
@@ -391,6 +417,32 @@ def _read_saelens(path: Path, **_) -> Raw:
     return Raw(path, "saelens", cfg, sd, extra)
 
 
+def _saelens_version(cfg: dict, meta: dict) -> tuple[int, ...] | None:
+    v = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    m = re.match(r"(\d+)\.(\d+)", str(v or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _saelens_architecture(cfg_path: Path, cfg: dict, get) -> str:
+    """The architecture as SAELens 6.54.12 decides it (``handle_config_defaulting``): a cfg written by SAELens >= 6
+    must name it; an older cfg (no version, or < 6) defaults to ``standard``, or ``topk`` when ``activation_fn``
+    (``activation_fn_str``) is ``topk`` with ``activation_fn_kwargs.k``. A cfg with SAELens 6's top-level ``k``
+    but no architecture is ambiguous: refused, as by sae_lens."""
+    arch = cfg.get("architecture")
+    if arch:
+        return arch
+    version = _saelens_version(cfg, cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {})
+    if version is not None and version >= (6, 0):
+        raise _fail(cfg_path, f"the config has no 'architecture' field, which SAELens {'.'.join(map(str, version))} "
+                    "configs must have (one of standard, topk, jumprelu, batchtopk, ...); add it.")
+    if cfg.get("k") is not None:
+        raise _fail(cfg_path, "the config has 'k' but no 'architecture' field, so it cannot tell a TopK SAE from a "
+                    "standard one; add \"architecture\": \"topk\" (or the right one).")
+    if get("activation_fn", "activation_fn_str") == "topk" and (get("activation_fn_kwargs") or {}).get("k"):
+        return "topk"  # SAELens < 6 stored TopK SAEs this way
+    return "standard"
+
+
 def _saelens_scale(raw: Raw, input_scale: float | None) -> float:
     if raw.extra["norm"] != "expected_average_only_in":
         if input_scale not in (None, 1.0):
@@ -413,6 +465,7 @@ def _saelens_to_parts(raw: Raw, *, input_scale: float | None = None, **_) -> _Pa
     arch = e["arch"]
     parts = _Parts(W_enc=sd["W_enc"].T, b_enc=sd["b_enc"], W_dec=W_dec, b_dec=sd["b_dec"], activation="relu",
                    b_dec_on_input=e["apply_b_dec_to_input"], input_scale=_saelens_scale(raw, input_scale),
+                   input_norm="layer_norm" if e["norm"] == "layer_norm" else "none",  # (F8)
                    hook_point=hook_point_from_transformerlens(e["hook_name"]), base_model=e["model_name"],
                    info={"format": "saelens", "architecture": arch, "hook_name": e["hook_name"],
                          "dataset": e["dataset"], "context_size": e["context_size"]})
@@ -435,11 +488,15 @@ def _saelens_to_parts(raw: Raw, *, input_scale: float | None = None, **_) -> _Pa
 
 
 def _ref_saelens(raw: Raw, x: Tensor, *, input_scale: float | None = None, **_) -> RefOutput:
-    """SAELens' inference forward (sae_lens/saes/*_sae.py), with the scaling factor folded as its
-    ``fold_activation_norm_scaling_factor`` does for ``expected_average_only_in``."""
+    """SAELens 6.54.12's inference forward (sae_lens/saes/*_sae.py: ``process_sae_in``, ``encode``, ``decode``),
+    with the scaling factor folded as its ``fold_activation_norm_scaling_factor`` does for
+    ``expected_average_only_in``, and its ``layer_norm`` run-time normalisation (saes/sae.py)."""
     sd, e = raw.sd, raw.extra
     s = _saelens_scale(raw, input_scale)
-    sae_in = s * x - sd["b_dec"] * float(e["apply_b_dec_to_input"])
+    xin = x
+    if e["norm"] == "layer_norm":
+        xin, mu, std = openai_layer_norm(x)  # the same formula as SAELens' run_time_activation_ln_in
+    sae_in = s * xin - sd["b_dec"] * float(e["apply_b_dec_to_input"])
     hidden_pre = sae_in @ sd["W_enc"] + sd["b_enc"]
     norms = sd["W_dec"].norm(dim=-1)
     rescale = e["rescale"] and e["arch"] in ("topk", "batchtopk")
@@ -458,6 +515,8 @@ def _ref_saelens(raw: Raw, x: Tensor, *, input_scale: float | None = None, **_) 
     if rescale:
         dec_acts = dec_acts / norms
     recon = (dec_acts @ sd["W_dec"] + sd["b_dec"]) / s
+    if e["norm"] == "layer_norm":
+        recon = recon * std + mu  # run_time_activation_ln_out
     return RefOutput(acts, recon, x, _identity)
 
 
@@ -469,12 +528,16 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, dataset_path: 
     ``jumprelu`` with ``threshold = exp(log_threshold)``; batchtopk -> ``jumprelu`` with the uniform inference
     threshold (SAELens' own inference form of BatchTopK). ``W_enc`` is transposed to [d_in, d_sae]. An
     ``input_scale`` s is folded (SAELens takes raw inputs): ``W_enc <- s W_enc``, ``b_dec <- b_dec / s``,
-    ``W_dec <- W_dec / s``. top-AFA has no SAELens equivalent (ValueError), nor does a BatchTopK SAE whose
-    threshold was never estimated.
+    ``W_dec <- W_dec / s``. ``input_norm="layer_norm"`` becomes ``normalize_activations="layer_norm"`` (F8; SAELens
+    fixes eps = 1e-5 and the unbiased std, so other settings are refused). top-AFA has no SAELens equivalent
+    (ValueError), nor does a BatchTopK SAE whose threshold was never estimated.
     """
     from safetensors.torch import save_file
 
     cfg = sae.config
+    if cfg.input_norm == "layer_norm" and (cfg.input_norm_eps != 1e-5 or not cfg.input_norm_unbiased):
+        raise ValueError(f"SAELens' layer_norm uses eps=1e-5 and the unbiased std; this SAE has input_norm_eps="
+                         f"{cfg.input_norm_eps}, input_norm_unbiased={cfg.input_norm_unbiased}, which it cannot express.")
     W_enc, b_enc, W_dec, b_dec = (t.detach().to(_F64).cpu() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     s = float(cfg.input_scale)
     W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
@@ -506,7 +569,7 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, dataset_path: 
     out = {
         "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents,
         "dtype": str(dtype).replace("torch.", ""), "device": "cpu", "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
+        "normalize_activations": "layer_norm" if cfg.input_norm == "layer_norm" else "none",
         "reshape_activations": "hook_z" if (cfg.hook_point or "").endswith("attn_z") else "none",
         **extra,
         "metadata": {
@@ -601,8 +664,22 @@ def _read_openai(path: Path, **_) -> Raw:
             raise FileNotFoundError(f"{path}: give the OpenAI autoencoder .pt file itself (found {len(pts)} .pt files).")
         path = pts[0]
     sd = _torch_load(path, "an OpenAI sparse_autoencoder state dict (.pt)")
+    # openai/sparse_autoencoder model.py (main, 2024): Autoencoder.state_dict() adds "activation" (class name) and
+    # "activation_state_dict"; nn.Module.state_dict() also recurses into the TopK child, whose own state_dict()
+    # adds "activation.k" and "activation.postact_fn" -- the released GPT-2 files carry all four.
     activation = sd.pop("activation", "ReLU")
     act_sd = sd.pop("activation_state_dict", {}) or {}
+    child = {key[len("activation."):]: sd.pop(key) for key in [k for k in sd if str(k).startswith("activation.")]}
+    if not isinstance(act_sd, dict):
+        raise _fail(path, f"activation_state_dict is a {type(act_sd).__name__}, expected a dict")
+    for key, value in child.items():
+        if key not in ("k", "postact_fn"):
+            raise _fail(path, f"unknown activation entry 'activation.{key}' (the TopK activation defines k and "
+                        "postact_fn)")
+        if key in act_sd and act_sd[key] != value:
+            raise _fail(path, f"activation.{key}={value!r} disagrees with activation_state_dict[{key!r}]="
+                        f"{act_sd[key]!r}; the file is inconsistent.")
+        act_sd.setdefault(key, value)
     if "decoder.linear.weight" in sd:  # tied decoder (TiedTranspose): decoder(z) = z @ encoder.weight
         tied = sd.pop("decoder.linear.weight")
         sd["decoder.weight"] = tied.T
@@ -631,27 +708,24 @@ def _read_openai(path: Path, **_) -> Raw:
 
 
 def _openai_ln(raw: Raw, layer_norm: bool | None) -> bool:
+    """Whether the autoencoder layer-normalizes its inputs: their ``from_state_dict`` turns it on exactly for
+    TopK autoencoders (``normalize = activation_class_name == "TopK"``); ``layer_norm=`` overrides."""
     return raw.extra["layer_norm"] if layer_norm is None else bool(layer_norm)
 
 
-def _openai_to_parts(raw: Raw, *, layer_norm: bool | None = None, accept_layer_norm: bool = False,
-                     hook_point: str | None = None, **_) -> _Parts:
+def _openai_to_parts(raw: Raw, *, layer_norm: bool | None = None, **_) -> _Parts:
+    """The layer norm is part of the converted SAE (F8: ``input_norm="layer_norm"``), so it takes and returns the
+    LM's activations. ``layer_norm=False`` converts the SAE behind it (inputs already normalized)."""
     ln = _openai_ln(raw, layer_norm)
-    if ln and not accept_layer_norm:
-        raise _fail(raw, "this OpenAI autoencoder layer-normalizes every input, (x - mean)/(std + 1e-5), and un-does it "
-                    "on the output (their from_state_dict does so for TopK autoencoders). That per-token normalisation "
-                    "is not part of hf_sae's SAE. Pass accept_layer_norm=True to convert the SAE behind it: it then "
-                    "takes and returns layer-normalized activations (use hf_sae.convert.openai_layer_norm).")
     sd, e = raw.sd, raw.extra
     return _Parts(W_enc=sd["encoder.weight"], b_enc=sd["latent_bias"], W_dec=sd["decoder.weight"].T, b_dec=sd["pre_bias"],
-                  activation="topk" if e["k"] else "relu", k=e["k"],
-                  info={"format": "openai", "file": raw.path.name,
-                        "input_normalization": "openai_layer_norm(eps=1e-5)" if ln else None})
+                  activation="topk" if e["k"] else "relu", k=e["k"], input_norm="layer_norm" if ln else "none",
+                  info={"format": "openai", "file": raw.path.name})
 
 
 def _ref_openai(raw: Raw, x: Tensor, *, layer_norm: bool | None = None, **_) -> RefOutput:
-    """openai/sparse_autoencoder model.py: optional LN preprocess, latents = act(enc(x - pre_bias) + latent_bias),
-    recons = dec(latents) + pre_bias, LN undone."""
+    """openai/sparse_autoencoder model.py (``Autoencoder.forward``): LN preprocess when ``normalize``, latents =
+    act(enc(x - pre_bias) + latent_bias), recons = dec(latents) + pre_bias, LN undone (``recons * std + mu``)."""
     sd, e = raw.sd, raw.extra
     ln = _openai_ln(raw, layer_norm)
     xn, mu, std = openai_layer_norm(x) if ln else (x, None, None)
@@ -662,9 +736,7 @@ def _ref_openai(raw: Raw, x: Tensor, *, layer_norm: bool | None = None, **_) -> 
     else:
         lat = pre.relu()
     rec = lat @ sd["decoder.weight"].T + sd["pre_bias"]
-    if ln:
-        return RefOutput(lat, rec * std + mu, xn, lambda r, std=std, mu=mu: r * std + mu)
-    return RefOutput(lat, rec, x, _identity)
+    return RefOutput(lat, rec * std + mu if ln else rec, x, _identity)
 
 
 # ============================================================================================ Gemma Scope
@@ -793,24 +865,42 @@ def _dl_hook(trainer: dict) -> str | None:
     return None
 
 
+def _dl_jumprelu_scaled(raw: Raw, dictionary_learning_version: str | None) -> bool:
+    """Whether ``JumpReluAutoEncoder`` latents carry the decoder-row norm. dictionary_learning 0.1.0 (PyPI) encodes
+    ``f = relu(pre 1[pre > threshold])`` and decodes ``f W_dec + b_dec``; the git versions before it (until "Fix
+    jumprelu training") multiplied f by ||W_dec,i|| and divided it out in decode (same reconstruction, latents
+    scaled). The version comes from ``dictionary_learning_version=`` or a ``dictionary_learning_version`` field of
+    config.json (top level or ``trainer``); without either, 0.1.0."""
+    version = dictionary_learning_version or raw.cfg.get("dictionary_learning_version") \
+        or raw.extra["trainer"].get("dictionary_learning_version")
+    if version is None:
+        return False
+    m = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?\S*", str(version))
+    if not m:
+        raise _fail(raw, f"dictionary_learning_version={version!r} is not a version like '0.1.0'")
+    return tuple(int(g or 0) for g in m.groups()) < (0, 1, 0)
+
+
 def _dl_use_threshold(raw: Raw, use_threshold: bool | None) -> bool:
     if use_threshold is None:  # each class's default encode()
         return raw.extra["cls"] == "BatchTopKSAE"
     return bool(use_threshold)
 
 
-def _dictionary_learning_to_parts(raw: Raw, *, use_threshold: bool | None = None,
-                                  apply_b_dec_to_input: bool = False, **_) -> _Parts:
+def _dictionary_learning_to_parts(raw: Raw, *, use_threshold: bool | None = None, apply_b_dec_to_input: bool = False,
+                                  dictionary_learning_version: str | None = None, **_) -> _Parts:
     sd, e = raw.sd, raw.extra
     cls = e["cls"]
     info = {"format": "dictionary_learning", "dict_class": cls, "layer": e["trainer"].get("layer"),
             "submodule_name": e["trainer"].get("submodule_name"), "dataset": e["buffer"].get("dataset")}
     base = e["trainer"].get("lm_name")
     hook = _dl_hook(e["trainer"])
-    if cls == "JumpReluAutoEncoder":  # latents f = relu(pre 1[pre > t]) ||W_dec,i||: (F1) when needed, (F2), (F3)
+    if cls == "JumpReluAutoEncoder":  # f = relu(pre 1[pre > t]) (times ||W_dec,i|| before 0.1.0): (F1), (F2), (F3)
+        scaled = _dl_jumprelu_scaled(raw, dictionary_learning_version)
+        info["latents_times_decoder_norm"] = scaled
         return _Parts(W_enc=sd["W_enc"].T, b_enc=sd["b_enc"], W_dec=sd["W_dec"], b_dec=sd["b_dec"],
                       activation="jumprelu", theta=sd["threshold"].clamp_min(0),
-                      b_dec_on_input=apply_b_dec_to_input, rescale_by_decoder_norm=True, hook_point=hook,
+                      b_dec_on_input=apply_b_dec_to_input, rescale_by_decoder_norm=scaled, hook_point=hook,
                       base_model=base, info=info)
     W_enc, b_enc, W_dec = sd["encoder.weight"], sd["encoder.bias"], sd["decoder.weight"].T
     if cls == "AutoEncoder":
@@ -824,22 +914,27 @@ def _dictionary_learning_to_parts(raw: Raw, *, use_threshold: bool | None = None
             return _Parts(W_enc, b_enc, W_dec, sd["b_dec"], "relu", hook_point=hook, base_model=base, info=info)
         return _Parts(W_enc, b_enc, W_dec, sd["b_dec"], "batchtopk", k=e["k"], batch_threshold=t, hook_point=hook,
                       base_model=base, info=info)
+    if cls == "BatchTopKSAE":  # top k*N over the batch: hf_sae's BatchTopK in train() mode (eval() uses the threshold)
+        return _Parts(W_enc, b_enc, W_dec, sd["b_dec"], "batchtopk", k=e["k"], batch_threshold=t, hook_point=hook,
+                      base_model=base, info=info)
     return _Parts(W_enc, b_enc, W_dec, sd["b_dec"], "topk", k=e["k"], hook_point=hook, base_model=base, info=info)
 
 
 def _ref_dictionary_learning(raw: Raw, x: Tensor, *, use_threshold: bool | None = None,
-                             apply_b_dec_to_input: bool = False, **_) -> RefOutput:
-    """dictionary_learning's dictionary classes (dictionary.py, trainers/top_k.py, batch_top_k.py): encode /
-    decode of each class, as its forward() calls them."""
+                             apply_b_dec_to_input: bool = False, dictionary_learning_version: str | None = None,
+                             **_) -> RefOutput:
+    """dictionary_learning 0.1.0's dictionary classes (dictionary.py, trainers/top_k.py, trainers/batch_top_k.py):
+    encode / decode of each class, as its forward() calls them; JumpReLU also as the versions before 0.1.0."""
     sd, e = raw.sd, raw.extra
     cls = e["cls"]
     if cls == "JumpReluAutoEncoder":
         xin = x - sd["b_dec"] if apply_b_dec_to_input else x
         pre = xin @ sd["W_enc"] + sd["b_enc"]
-        norms = sd["W_dec"].norm(dim=1)
-        f = torch.relu(pre * (pre > sd["threshold"])) * norms
-        rec = (f / norms) @ sd["W_dec"] + sd["b_dec"]
-        return RefOutput(f, rec, x, _identity)
+        f = torch.relu(pre * (pre > sd["threshold"]))
+        if not _dl_jumprelu_scaled(raw, dictionary_learning_version):
+            return RefOutput(f, f @ sd["W_dec"] + sd["b_dec"], x, _identity)
+        norms = sd["W_dec"].norm(dim=1)  # before 0.1.0: encode multiplied, decode divided
+        return RefOutput(f * norms, ((f * norms) / norms) @ sd["W_dec"] + sd["b_dec"], x, _identity)
     enc = lambda v: v @ sd["encoder.weight"].T + sd["encoder.bias"]  # noqa: E731
     dec = lambda f: f @ sd["decoder.weight"].T  # noqa: E731
     if cls == "AutoEncoder":
@@ -851,6 +946,10 @@ def _ref_dictionary_learning(raw: Raw, x: Tensor, *, use_threshold: bool | None 
     post_relu = torch.relu(enc(x - sd["b_dec"]))
     if _dl_use_threshold(raw, use_threshold):
         f = post_relu * (post_relu > sd["threshold"])
+    elif cls == "BatchTopKSAE":  # the k * N largest values over the flattened batch
+        v, i = post_relu.flatten().topk(e["k"] * x.shape[0])
+        f = torch.zeros_like(post_relu).flatten().scatter(-1, i, v).reshape(post_relu.shape)
+        return RefOutput(f, dec(f) + sd["b_dec"], x, _identity, batch_mode=True)
     else:
         v, i = post_relu.topk(e["k"], dim=-1)
         f = torch.zeros_like(post_relu).scatter(-1, i, v)
@@ -959,7 +1058,7 @@ def verify_conversion(sae: SparseAutoencoder, raw: Raw, *, n_inputs: int | None 
     size = sae.config.n_latents * sae.config.d_in
     x = _probe_inputs(sae, n_inputs or (256 if size <= 2**22 else 32), seed)
     ref = reference_forward(raw, x, **options)
-    model = copy.deepcopy(sae).to(_F64)
+    model = copy.deepcopy(sae).to(_F64).train(ref.batch_mode)
     with torch.no_grad():
         out = model(ref.sae_input, return_dense=True)
         rec = ref.to_source_units(out.reconstruction)
@@ -990,9 +1089,11 @@ def convert(path: str | Path, format: str = "auto", *, hook_point: str | None = 
         check: verify the result against the source's reference forward on probe inputs (float64, see
             :func:`verify_conversion`); ``"auto"`` does so when n_latents * d_in <= 2**26 (the float64 copy
             stays near 1 GB), True / False force it.
-        **options: format options — ``input_scale`` (SAELens ``expected_average_only_in``), ``accept_layer_norm``
-            and ``layer_norm`` (openai), ``dict_class``, ``use_threshold``, ``apply_b_dec_to_input``
-            (dictionary_learning).
+        **options: format options — ``input_scale`` (SAELens ``expected_average_only_in``), ``layer_norm``
+            (openai: False converts the SAE behind its layer norm; ``accept_layer_norm`` is accepted and ignored),
+            ``dict_class``, ``use_threshold``, ``apply_b_dec_to_input``, ``dictionary_learning_version``
+            (dictionary_learning; a BatchTopKSAE with ``use_threshold=False`` selects over the batch, which the
+            converted SAE does in ``train()`` mode, while ``eval()`` uses its threshold).
     Raises: FileNotFoundError (missing files), ValueError (bad/mismatched tensors, unsupported variants).
     """
     path = Path(path)
@@ -1064,7 +1165,12 @@ def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--input-scale", type=float, default=None,
                         help="SAELens expected_average_only_in: the dataset scaling factor")
     parser.add_argument("--accept-layer-norm", action="store_true",
-                        help="openai TopK: convert the SAE behind its per-token layer norm")
+                        help="(no longer needed: an OpenAI TopK autoencoder's layer norm is part of the converted SAE)")
+    parser.add_argument("--no-layer-norm", action="store_true",
+                        help="openai TopK: convert the SAE behind its layer norm (it then takes normalized inputs)")
+    parser.add_argument("--dictionary-learning-version", default=None,
+                        help="dictionary_learning JumpReLU: the library version that wrote ae.pt (default 0.1.0; "
+                             "versions before 0.1.0 scale latents by the decoder-row norms)")
     parser.add_argument("--dict-class", default=None, choices=_DL_CLASSES, help="dictionary_learning class")
     parser.add_argument("--use-threshold", default=None, choices=("yes", "no"),
                         help="dictionary_learning TopK/BatchTopK: encode with the stored threshold")
@@ -1074,7 +1180,18 @@ def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """``hf-sae convert``: foreign format -> hf_sae folder(s), or hf_sae folder -> SAELens folder."""
+    """``hf-sae convert``: foreign format -> hf_sae folder(s), or hf_sae folder -> SAELens folder. A refused or
+    unreadable checkpoint prints one line (``hf-sae convert: error: ...``) and returns 2."""
+    import sys
+
+    try:
+        return _run_convert(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"hf-sae convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _run_convert(args: argparse.Namespace) -> int:
     if args.to == "saelens":
         sae = SparseAutoencoder.from_pretrained(args.src)
         if args.hook_point:
@@ -1086,8 +1203,10 @@ def run_convert(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.input_scale is not None:
         options["input_scale"] = args.input_scale
-    if args.accept_layer_norm:
-        options["accept_layer_norm"] = True
+    if args.no_layer_norm:
+        options["layer_norm"] = False
+    if args.dictionary_learning_version:
+        options["dictionary_learning_version"] = args.dictionary_learning_version
     if args.dict_class:
         options["dict_class"] = args.dict_class
     if args.use_threshold is not None:
