@@ -63,12 +63,17 @@ class SAEOutput(ModelOutput):
     """scalar FVU with 4k latents (Multi-TopK), when enabled."""
 
 
-def _kernels():
-    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+def _optional(module: str):
+    """An hf_sae module if the package is importable (not under trust_remote_code), else None."""
     try:
-        return importlib.import_module("hf_sae.kernels")
+        return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _kernels():
+    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+    return _optional("hf_sae.kernels")
 
 
 def sparse_decode_reference(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -110,7 +115,25 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved SAE (local folder, Hub repo, ``subfolder=``). Unlike plain transformers, a
         checkpoint whose tensors are missing, extra or of the wrong shape for its config raises a
-        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file."""
+        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file.
+
+        With hf_sae installed, a folder written by another library (SAELens, sparsify, dictionary_learning,
+        Gemma Scope, OpenAI) or a ``hf_sae.pretrained.REGISTRY`` id (e.g. ``"gemma-scope-2b-pt-res"`` with
+        ``subfolder="layer_20/width_16k/average_l0_71"``) is converted on the fly and cached (see
+        ``hf_sae.pretrained``)."""
+        foreign = None if kwargs.get("output_loading_info") else _optional("hf_sae.pretrained")
+        if foreign is not None:
+            sae = foreign.maybe_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs)
+            if sae is not None:
+                return sae
+            try:
+                return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+            except OSError as err:  # no hf_sae config/weights there: perhaps another library's layout
+                return foreign.fallback_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs, err)
+        return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained_checked(cls, pretrained_model_name_or_path, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         where = str(pretrained_model_name_or_path)
