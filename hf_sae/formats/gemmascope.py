@@ -1,0 +1,58 @@
+"""Gemma Scope (Google DeepMind): ``params.npz`` JumpReLU SAEs, ``layer_{L}/width_{W}/average_l0_{X}`` folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ._common import Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _identity, _need_file
+
+def _read_gemmascope(path: Path, **_) -> Raw:
+    import numpy as np
+
+    file = path / "params.npz" if path.is_dir() else path
+    _need_file(file, "a Gemma Scope SAE is a params.npz file")
+    try:
+        with np.load(str(file), allow_pickle=False) as data:
+            sd = {(("W_" + k[2:]) if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data.files}
+    except Exception as e:
+        raise ValueError(f"{file} is not a readable .npz archive ({e}).") from e
+    sd = _f64(sd)
+    _check_keys(file, sd, {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}, what="Gemma Scope JumpReLU SAE")
+    if sd["W_enc"].ndim != 2:
+        raise _fail(file, f"W_enc must be [d_model, d_sae], got {list(sd['W_enc'].shape)}")
+    d, n = sd["W_enc"].shape
+    why = f"W_enc [{d}, {n}]"
+    _check_shape(file, sd, "W_dec", (n, d), why)
+    _check_shape(file, sd, "b_enc", (n,), why)
+    _check_shape(file, sd, "b_dec", (d,), why)
+    _check_shape(file, sd, "threshold", (n,), why)
+    return Raw(file, "gemmascope", {}, sd, {})
+
+
+def _gemmascope_hook(path: Path) -> str | None:
+    s = path.as_posix()
+    layer = re.search(r"layer_(\d+)", s)
+    kind = re.search(r"gemma-scope-[^/]*?-(res|mlp|att)(?:[-/]|$)", s)
+    if layer and kind:
+        return f"layers.{layer.group(1)}.{ {'res': 'resid_post', 'mlp': 'mlp_out', 'att': 'attn_z'}[kind.group(1)]}"
+    return None
+
+
+def _gemmascope_to_parts(raw: Raw, **_) -> Parts:
+    sd = raw.sd
+    return Parts(W_enc=sd["W_enc"].T, b_enc=sd["b_enc"], W_dec=sd["W_dec"], b_dec=sd["b_dec"], activation="jumprelu",
+                  theta=sd["threshold"].clamp_min(0), b_dec_on_input=False, hook_point=_gemmascope_hook(raw.path),
+                  info={"format": "gemmascope", "path": raw.path.as_posix()[-200:]})
+
+
+def _ref_gemmascope(raw: Raw, x: Tensor, **_) -> RefOutput:
+    """Gemma Scope's JumpReLUSAE (the tutorial): pre = x W_enc + b_enc; acts = 1[pre > threshold] relu(pre);
+    recon = acts W_dec + b_dec (no b_dec on the input)."""
+    sd = raw.sd
+    pre = x @ sd["W_enc"] + sd["b_enc"]
+    acts = (pre > sd["threshold"]) * pre.relu()
+    return RefOutput(acts, acts @ sd["W_dec"] + sd["b_dec"], x, _identity)
