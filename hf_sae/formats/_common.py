@@ -110,6 +110,18 @@ def _check_shape(path, sd: dict, key: str, shape: tuple[int, ...], why: str) -> 
     return t
 
 
+def _check_jumprelu_tensors(path, sd: dict, d_name: str, n_name: str) -> tuple[int, int]:
+    """(d, n) of a JumpReLU state dict in the W_enc [d, n] / W_dec [n, d] orientation (Gemma Scope, dictionary_learning
+    JumpReluAutoEncoder, SAELens), every tensor's shape checked against W_enc's."""
+    if sd["W_enc"].ndim != 2:
+        raise _fail(path, f"W_enc must be [{d_name}, {n_name}], got {list(sd['W_enc'].shape)}")
+    d, n = sd["W_enc"].shape
+    why = f"W_enc [{d}, {n}]"
+    for key, shape in (("W_dec", (n, d)), ("b_enc", (n,)), ("b_dec", (d,)), ("threshold", (n,))):
+        _check_shape(path, sd, key, shape, why)
+    return d, n
+
+
 def _f64(sd: dict) -> dict:
     return {k: (v.detach().to(_F64) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in sd.items()}
 

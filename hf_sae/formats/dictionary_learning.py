@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _identity, _read_json, _torch_load
+from ._common import (Parts, Raw, RefOutput, _check_jumprelu_tensors, _check_keys, _check_shape, _f64, _fail, _identity,
+                      _read_json, _torch_load)
 
 _DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 _DL_KEYS = {
@@ -44,14 +45,7 @@ def _read_dictionary_learning(path: Path, *, dict_class: str | None = None, **_)
             sd[key] = torch.tensor(sd[key])
     sd = _f64(sd)
     if cls == "JumpReluAutoEncoder":
-        if sd["W_enc"].ndim != 2:
-            raise _fail(file, f"W_enc must be [activation_dim, dict_size], got {list(sd['W_enc'].shape)}")
-        d, n = sd["W_enc"].shape
-        why = f"W_enc [{d}, {n}]"
-        _check_shape(file, sd, "W_dec", (n, d), why)
-        _check_shape(file, sd, "b_enc", (n,), why)
-        _check_shape(file, sd, "b_dec", (d,), why)
-        _check_shape(file, sd, "threshold", (n,), why)
+        d, n = _check_jumprelu_tensors(file, sd, "activation_dim", "dict_size")
     else:
         if sd["encoder.weight"].ndim != 2:
             raise _fail(file, f"encoder.weight must be [dict_size, activation_dim], got {list(sd['encoder.weight'].shape)}")

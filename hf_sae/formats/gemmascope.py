@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _identity, _need_file
+from ._common import Parts, Raw, RefOutput, _check_jumprelu_tensors, _check_keys, _f64, _identity, _need_file
+
 
 def _read_gemmascope(path: Path, **_) -> Raw:
     import numpy as np
@@ -22,14 +23,7 @@ def _read_gemmascope(path: Path, **_) -> Raw:
         raise ValueError(f"{file} is not a readable .npz archive ({e}).") from e
     sd = _f64(sd)
     _check_keys(file, sd, {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}, what="Gemma Scope JumpReLU SAE")
-    if sd["W_enc"].ndim != 2:
-        raise _fail(file, f"W_enc must be [d_model, d_sae], got {list(sd['W_enc'].shape)}")
-    d, n = sd["W_enc"].shape
-    why = f"W_enc [{d}, {n}]"
-    _check_shape(file, sd, "W_dec", (n, d), why)
-    _check_shape(file, sd, "b_enc", (n,), why)
-    _check_shape(file, sd, "b_dec", (d,), why)
-    _check_shape(file, sd, "threshold", (n,), why)
+    _check_jumprelu_tensors(file, sd, "d_model", "d_sae")
     return Raw(file, "gemmascope", {}, sd, {})
 
 
