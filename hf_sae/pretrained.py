@@ -36,10 +36,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._io import is_sealed, publish_dir, seal, tmp_name
 
 __all__ = ["Release", "REGISTRY", "resolve", "load_pretrained", "find_foreign_folders", "converted_cache_dir"]
 
@@ -165,19 +166,15 @@ def load_pretrained(name: str, subfolder: str | None = None, *, revision: str | 
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else "unversioned"
     target = (converted_cache_dir() / repo.replace("/", "--") / commit / (subfolder or "_root").strip("/")
               / _cache_key({"format": fmt, **kwargs}))
-    if (target / "config.json").is_file() and not force_download:
+    if is_sealed(target, verify_checksums=False) and not force_download:
         return SparseAutoencoder.from_pretrained(target)
     sae = convert(src, fmt, **kwargs)
     sae.config.training_info.setdefault("converted_from", {})["repo_id"] = repo
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:  # write beside, then rename: a reader never sees a half-written copy
-        sae.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_name(target)  # written beside, sealed, then swapped in: a reader never sees a partial copy
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_pretrained(tmp)
+    seal(tmp)
+    publish_dir(tmp, target)
     return sae
 
 
