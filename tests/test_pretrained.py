@@ -150,6 +150,15 @@ def test_load_all_on_a_sparsify_repo_and_a_dictionary_learning_subfolder(hub, tm
     _upload("EleutherAI/sae-llama-3-8b-32x", root)
     saes = H.load_all("EleutherAI/sae-llama-3-8b-32x")
     assert list(saes) == ["layers.0.resid_post", "layers.1.resid_post"]
+    import huggingface_hub.constants as hc
+
+    n = len(hub.requests)
+    hc.HF_HUB_OFFLINE = True
+    try:  # the listing comes from the cached snapshot, the SAEs from the converted copies
+        assert list(H.load_all("EleutherAI/sae-llama-3-8b-32x")) == list(saes)
+    finally:
+        hc.HF_HUB_OFFLINE = False
+    assert len(hub.requests) == n
     assert list(H.load_all("EleutherAI/sae-llama-3-8b-32x", "layers.1*")) == ["layers.1.resid_post"]
     one = SAE.from_pretrained("eleuther-llama-3-8b-32x", subfolder="layers.1")
     with torch.no_grad():
