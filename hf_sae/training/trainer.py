@@ -95,6 +95,43 @@ def check_activations(x: Tensor, d: int, what: str) -> None:
                          "remove or recompute those rows")
 
 
+def training_bytes(configs: dict[str, SAEConfig], micro_batch: int) -> int:
+    """Rough peak memory of training these SAEs: fp32 weights + gradients + Adam's two moments
+    (4 copies of 2nd + n + d values per SAE) and two [micro_batch, n] fp32 buffers (pre-activations and
+    their top-k / gradient work space)."""
+    total = 0
+    for c in configs.values():
+        n, d = c.n_latents, c.d_in
+        total += 4 * 4 * (2 * n * d + 2 * n + d) + 2 * 4 * micro_batch * n
+    return total
+
+
+def available_bytes(device) -> Optional[int]:
+    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable of /proc/meminfo), or None."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device) -> None:
+    """``ValueError`` naming ``--n_latents`` / ``--batch_size`` when training cannot fit, before allocating."""
+    need, have = training_bytes(configs, micro_batch), available_bytes(device)
+    if have is not None and need > have:
+        sizes = ", ".join(f"{h}: n_latents={c.n_latents} x d={c.d_in}" for h, c in configs.items())
+        raise ValueError(f"training needs about {need / 2**30:.1f} GiB ({sizes}; weights, gradients, Adam state and "
+                          f"[{micro_batch}, n] pre-activations per micro-batch) but {device} has "
+                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size")
+
+
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
@@ -143,6 +180,7 @@ class SAETrainer:
         # Check every SAE configuration now (k <= n_latents etc.), before any work.
         self.configs = {h: args.sae_config(d_in=self.dims[h], hook_point=h, base_model=self.base_model)
                         for h in args.hook_points}
+        check_memory(self.configs, self.micro, acc.device)
         self.state = TrainerState()
         self.init_info: dict = {}
 
@@ -692,7 +730,7 @@ def _export_atomically(folder: str, write) -> None:
     os.makedirs(tmp)
     write(tmp)
     fault_point("export.written")
-    publish_dir(tmp, folder)
+    publish_dir(tmp, folder, fault="export.between_renames")
 
 
 class _Window:
