@@ -159,7 +159,8 @@ def _torch_load(path: Path, what: str) -> dict:
 
 
 _TRUNCATED = re.compile(r"central directory|failed reading|ran out of input|unexpected end|EOF|truncated|"
-                        r"file read failed|invalid header|not a zip", re.I)
+                        r"file read failed|invalid header|not a zip|Unsupported operand|invalid load key|"
+                        r"could not find MARK", re.I)
 
 
 def _torch_load_problem(path: Path, err: Exception) -> str:
@@ -172,11 +173,12 @@ def _torch_load_problem(path: Path, err: Exception) -> str:
         return (f"{path} pickles a {name} object, which torch.load(weights_only=True) refuses: hf_sae only reads plain "
                 "state dicts (tensors, numbers, strings) and never unpickles code. Re-save it with "
                 "torch.save(model.state_dict(), path).")
+    # the specific line: what follows torch's "WeightsUnpickler error:" header, else the first line
+    detail = str(err).split("WeightsUnpickler error:", 1)[-1]
+    detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(err).__name__)
     if isinstance(err, (EOFError, OSError)) or _TRUNCATED.search(text):
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        return f"{path} is truncated or corrupt ({first}); download or copy it again."
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return (f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {first}); hf_sae only "
+        return f"{path} is truncated or corrupt ({detail}); download or copy it again."
+    return (f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {detail}); hf_sae only "
             "reads plain state dicts: re-save it with torch.save(model.state_dict(), path).")
 
 
