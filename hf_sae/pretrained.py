@@ -42,7 +42,7 @@ from typing import Any
 
 from ._io import is_sealed, publish_dir, seal, tmp_name
 
-__all__ = ["Release", "REGISTRY", "resolve", "load_pretrained", "find_foreign_folders", "converted_cache_dir"]
+__all__ = ["Release", "REGISTRY", "UnknownLayout", "resolve", "load_pretrained", "find_foreign_folders", "converted_cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,10 @@ _MARKERS = {"sae_weights.safetensors": "saelens", "sae.safetensors": "sparsify",
             "ae.pt": "dictionary_learning"}
 _FILES = ["cfg.json", "config.json", "sae_weights.safetensors", "sae.safetensors", "params.npz", "ae.pt", "*.pt",
           "*.pth"]
+
+
+class UnknownLayout(ValueError):
+    """The folder holds no SAE in a format :mod:`hf_sae.convert` knows (or does not exist)."""
 
 
 def converted_cache_dir() -> Path:
@@ -157,10 +161,13 @@ def load_pretrained(name: str, subfolder: str | None = None, *, revision: str | 
                                               local_files_only=local_files_only, force_download=force_download)
     src = root / subfolder if subfolder else root
     if not src.exists():
-        raise FileNotFoundError(f"{name}: no {subfolder!r} in {repo}" + (f" at revision {revision}" if revision else ""))
+        raise UnknownLayout(f"{name}: no {subfolder!r} in {repo}" + (f" at revision {revision}" if revision else ""))
     fmt = kwargs.pop("format", "auto")
     if fmt == "auto":
-        detect_format(src)  # ValueError naming the known layouts
+        try:
+            detect_format(src)
+        except ValueError as e:  # names the known layouts
+            raise UnknownLayout(str(e)) from e
     if local:
         return convert(src, fmt, **kwargs)
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else "unversioned"
@@ -202,14 +209,17 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 def fallback_load(name, subfolder: str | None, kwargs: dict, error: Exception):
     """After hf_sae's own loader failed on a Hub repo with ``error``: the foreign SAE there, or re-raise ``error``
-    when the folder is not in a known format either."""
-    if os.path.isdir(str(name)):
+    when the repo cannot be read or the folder is not in a known format either (a recognised folder that the
+    converter refuses raises the converter's error)."""
+    if os.path.exists(str(name)):
         raise error
     try:
         return load_pretrained(str(name), subfolder, **_hub_kwargs(kwargs))
-    except (ValueError, FileNotFoundError, OSError) as foreign_error:
-        if "known SAE format" in str(foreign_error) or isinstance(foreign_error, (FileNotFoundError, OSError)):
-            raise error from foreign_error
+    except UnknownLayout as foreign_error:
+        raise error from foreign_error
+    except Exception as foreign_error:
+        if isinstance(foreign_error, OSError) or type(foreign_error).__module__.startswith("huggingface_hub"):
+            raise error from foreign_error  # no such repo / revision / file, or offline without a cached copy
         raise
 
 

@@ -199,6 +199,10 @@ def test_a_repo_in_no_known_layout_keeps_the_original_error(hub, tmp_path):  # n
         SAE.from_pretrained("test-org/junk")
     with pytest.raises(ValueError, match="no SAE folder in another library's format"):
         H.load_all("test-org/junk")
+    with pytest.raises(OSError, match="test-org/does-not-exist"):  # hf_sae's own error, not the fallback's
+        SAE.from_pretrained("test-org/does-not-exist")
+    with pytest.raises(OSError, match="does not appear to have a file named"):
+        SAE.from_pretrained("test-org/junk", subfolder="no/such/folder")
 
 
 def test_local_foreign_folder_loads_directly(tmp_path):
