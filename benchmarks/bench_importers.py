@@ -1,12 +1,13 @@
 """Exactness of every importer at a released SAE's size: float32 checkpoints written in each library's own file
 layout (GPT-2-like d = 768), converted to a float32 hf_sae SAE, compared in the caller's units with the library's
-reference forward in float64 (``hf_sae.convert.reference_forward``, which follows each released version's code).
+reference forward in float64 (``hf_sae.convert.reference_forward``, which follows each released version's code);
+the converted SAE runs in float64 (the conversion's own exactness) and in float32.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_importers.py [--d 768] [--n 8192] [--tokens 512] [--out FILE]
 
-Prints (and writes, with --out) a Markdown table: per case, the max |error| of latents and reconstructions
-relative to the reference's largest value, whether ``allclose(atol=rtol=1e-4)`` holds, and the fraction of tokens
-whose set of active latents is identical.
+Prints (and writes, with --out) a Markdown table: per case and for the converted SAE in float64 and in float32, the
+max |error| of latents and reconstructions relative to the reference's largest value, whether
+``allclose(atol=rtol=1e-4)`` holds, and the fraction of tokens whose set of active latents is identical.
 """
 
 from __future__ import annotations
@@ -121,26 +122,32 @@ CASES = {
 }
 
 
-def measure(name, make, d, n, tokens, tmp: Path) -> dict:
-    g = torch.Generator().manual_seed(0)
-    path, opts = make(tmp / name.replace(" ", "_").replace("/", "_"), g, d, n)
-    t0 = time.perf_counter()
-    sae = C.convert(path, dtype=torch.float32, check=True, **opts)
-    seconds = time.perf_counter() - t0
-    # LM-like inputs: an offset direction plus noise, token norms spread over a decade
-    x = (_r(g, tokens, d) + 2 * _r(g, 1, d)) * torch.logspace(-0.5, 0.5, tokens)[:, None]
-    raw = C.read_checkpoint(path, **opts)
-    ref = C.reference_forward(raw, x.double(), **opts)
+def _compare(sae, x: torch.Tensor, ref) -> dict:
     with torch.no_grad():
-        out = sae.train(ref.batch_mode)(x, return_dense=True)
+        out = sae.train(ref.batch_mode)(x.to(sae.W_enc.dtype), return_dense=True)
     lat, rec = out.latents.double(), out.reconstruction.double()
-    same = ((lat != 0) == (ref.latents != 0)).all(-1).double().mean()
-    return {"case": name, "activation": sae.config.activation, "input_norm": sae.config.input_norm,
-            "latents": float((lat - ref.latents).abs().max() / ref.latents.abs().max()),
+    return {"latents": float((lat - ref.latents).abs().max() / ref.latents.abs().max()),
             "reconstruction": float((rec - ref.reconstruction).abs().max() / ref.reconstruction.abs().max()),
             "allclose": bool(torch.allclose(lat, ref.latents, atol=1e-4, rtol=1e-4)
                              and torch.allclose(rec, ref.reconstruction, atol=1e-4, rtol=1e-4)),
-            "same_support": float(same), "convert_s": seconds}
+            "same_support": float(((lat != 0) == (ref.latents != 0)).all(-1).double().mean())}
+
+
+def measure(name, make, d, n, tokens, tmp: Path) -> dict:
+    """The converted SAE in float64 (the conversion's exactness: same support expected) and cast to float32 (what
+    a user runs: threshold / top-k boundary cases may flip by one rounding), both against the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    path, opts = make(tmp / name.replace(" ", "_").replace("/", "_"), g, d, n)
+    t0 = time.perf_counter()
+    sae = C.convert(path, dtype=torch.float64, check=True, **opts)
+    seconds = time.perf_counter() - t0
+    # LM-like inputs: an offset direction plus noise, token norms spread over a decade
+    x = ((_r(g, tokens, d) + 2 * _r(g, 1, d)) * torch.logspace(-0.5, 0.5, tokens)[:, None]).double()
+    ref = C.reference_forward(C.read_checkpoint(path, **opts), x, **opts)
+    f64 = _compare(sae, x, ref)
+    f32 = _compare(sae.float(), x, ref)
+    return {"case": name, "activation": sae.config.activation, "input_norm": sae.config.input_norm,
+            **{f"f64_{k}": v for k, v in f64.items()}, **{f"f32_{k}": v for k, v in f32.items()}, "convert_s": seconds}
 
 
 def main(argv=None) -> None:
@@ -155,11 +162,18 @@ def main(argv=None) -> None:
         for name, make in CASES.items():
             rows.append(measure(name, make, args.d, args.n, args.tokens, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens; float32 SAE vs float64 reference, caller's units.", "",
-             "| case | hf_sae activation | input_norm | max rel. err latents | max rel. err reconstruction | "
-             "allclose 1e-4 | tokens with identical support | convert + check (s) |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['activation']} | {r['input_norm']} | {r['latents']:.1e} | {r['reconstruction']:.1e} | "
-              f"{'yes' if r['allclose'] else 'NO'} | {r['same_support']:.4f} | {r['convert_s']:.1f} |" for r in rows]
+    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens, float32 checkpoints; the converted SAE in float64 and in "
+             "float32 against the library's forward in float64, caller's units (max |error| / max |reference|).", "",
+             "| case | hf_sae activation | input_norm | float64: err latents / reconstruction, allclose 1e-4, same support | "
+             "float32: err latents / reconstruction, allclose 1e-4, same support | convert + check (s) |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(r, p):
+        return (f"{r[p + 'latents']:.1e} / {r[p + 'reconstruction']:.1e}, {'yes' if r[p + 'allclose'] else 'NO'}, "
+                f"{r[p + 'same_support']:.4f}")
+
+    lines += [f"| {r['case']} | {r['activation']} | {r['input_norm']} | {cell(r, 'f64_')} | {cell(r, 'f32_')} | "
+              f"{r['convert_s']:.1f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
