@@ -56,9 +56,11 @@ dictionary_learning  ae.pt + config.json                     AutoEncoder, AutoEn
                                                              BatchTopKSAE, JumpReluAutoEncoder
 ===================  =====================================  ==================================================
 
-Each entry has ``read`` (files -> raw config + tensors, validated), ``to_sae`` (raw -> hf_sae SAE) and
-``reference`` (the source library's own forward, written from its published math, on the raw tensors):
-:func:`convert` checks the converted SAE against ``reference`` on probe inputs unless ``check=False``.
+Each entry has ``read`` (files -> raw config + tensors, validated), ``to_parts`` (raw -> the parts :func:`_build`
+assembles) and ``reference`` (the source library's own forward, following its released version's code, on the
+raw tensors), side by side in one module per library under :mod:`hf_sae.formats`. :func:`convert` checks the
+converted SAE against ``reference`` on probe inputs unless ``check=False``. ``SparseAutoencoder.from_pretrained``
+and ``hf_sae.hub.load_all`` use this table for other libraries' Hub repos (:mod:`hf_sae.pretrained`).
 Pickled ``.pt`` files are read with ``torch.load(weights_only=True)``; ``.npz`` with ``allow_pickle=False``.
 """
 
