@@ -31,12 +31,14 @@ def _r(g, *shape, scale=1.0):
 
 def _saelens(folder: Path, g, d, n, arch, **cfg_extra):
     W_dec = _r(g, n, d) / d ** 0.5
-    sd = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1) - 0.2, "W_dec": W_dec, "b_dec": _r(g, d, scale=0.2)}
+    sd = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1) - 0.2, "W_dec": W_dec,
+          "b_dec": _r(g, d, scale=0.2)}
     if arch == "jumprelu":
         sd["threshold"] = _r(g, n).abs() * 0.5
-    cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.6.hook_resid_post",
-                                                           "model_name": "gpt2"}, **cfg_extra}
+    cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.6.hook_resid_post", "model_name": "gpt2"},
+           **cfg_extra}
     folder.mkdir(parents=True)
     save_file(sd, str(folder / "sae_weights.safetensors"))
     (folder / "cfg.json").write_text(json.dumps(cfg))
@@ -56,9 +58,9 @@ def _sparsify(folder: Path, g, d, n):
     W = _r(g, n, d) / d ** 0.5
     save_file({"encoder.weight": W * 2, "encoder.bias": _r(g, n, scale=0.1), "W_dec": W, "b_dec": _r(g, d, scale=0.2)},
               str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n,
-                                                "k": 32, "multi_topk": False, "skip_connection": False, "transcode": False,
-                                                "d_in": d}))
+    cfg = {"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n, "k": 32, "multi_topk": False,
+           "skip_connection": False, "transcode": False, "d_in": d}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
     return folder, {}
 
 
@@ -89,7 +91,8 @@ def _dl(folder: Path, g, d, n, cls, **opts):
     folder.mkdir(parents=True)
     W = _r(g, n, d) / d ** 0.5
     if cls == "JumpReluAutoEncoder":
-        sd = {"W_enc": W.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1), "W_dec": W * torch.rand(n, 1, generator=g) * 3,
+        sd = {"W_enc": W.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1),
+              "W_dec": W * torch.rand(n, 1, generator=g) * 3,
               "b_dec": _r(g, d, scale=0.2), "threshold": _r(g, n).abs() * 0.5}
     else:
         sd = {"encoder.weight": W * 2, "encoder.bias": _r(g, n, scale=0.1), "decoder.weight": W.T.contiguous(),
@@ -106,7 +109,8 @@ CASES = {
     "SAELens topk, rescale_acts_by_decoder_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32,
                                                                               rescale_acts_by_decoder_norm=True),
     "SAELens jumprelu": lambda f, g, d, n: _saelens(f, g, d, n, "jumprelu"),
-    "SAELens topk, layer_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32, normalize_activations="layer_norm"),
+    "SAELens topk, layer_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32,
+                                                            normalize_activations="layer_norm"),
     "SAELens pre-6 cfg (OpenAI v5 on the Hub), layer_norm": _saelens_pre6_oai,
     "sparsify 1.3.3 topk": _sparsify,
     "OpenAI TopK (real state_dict keys, layer norm)": lambda f, g, d, n: _openai(f, g, d, n, True),
@@ -162,9 +166,11 @@ def main(argv=None) -> None:
         for name, make in CASES.items():
             rows.append(measure(name, make, args.d, args.n, args.tokens, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens, float32 checkpoints; the converted SAE in float64 and in "
-             "float32 against the library's forward in float64, caller's units (max |error| / max |reference|).", "",
-             "| case | hf_sae activation | input_norm | float64: err latents / reconstruction, allclose 1e-4, same support | "
+    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens, float32 checkpoints; the converted SAE in float64 "
+             "and in float32 against the library's forward in float64, caller's units "
+             "(max |error| / max |reference|).", "",
+             "| case | hf_sae activation | input_norm | "
+             "float64: err latents / reconstruction, allclose 1e-4, same support | "
              "float32: err latents / reconstruction, allclose 1e-4, same support | convert + check (s) |",
              "|---|---|---|---|---|---|"]
 

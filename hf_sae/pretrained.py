@@ -13,20 +13,19 @@ resolve, with the hook point and base model filled in::
 
     SAE.from_pretrained("gemma-scope-2b-pt-res", subfolder="layer_20/width_16k/average_l0_71")
 
-=================================  ==========================================  ==========================================
-registry id                        Hub repo (format)                           subfolder  ->  hook point
-=================================  ==========================================  ==========================================
-gemma-scope-2b-pt-res              google/gemma-scope-2b-pt-res (params.npz)   ``layer_{L}/width_{W}/average_l0_{X}`` ->
-                                                                               ``layers.{L}.resid_post``
-gemma-scope-9b-pt-res              google/gemma-scope-9b-pt-res (params.npz)   as above
-eleuther-llama-3-8b-32x            EleutherAI/sae-llama-3-8b-32x (sparsify)    ``layers.{L}`` -> ``layers.{L}.resid_post``
-gpt2-small-resid-post-v5-32k       jbloom/GPT2-Small-OAI-v5-32k-resid-post-    ``v5_32k_layer_{L}.pt`` -> ``layers.{L}
-                                   SAEs (OpenAI's TopK SAEs, SAELens files)    .resid_post`` (layer norm included)
-gpt2-small-resid-post-v5-128k      jbloom/GPT2-Small-OAI-v5-128k-resid-post-   ``v5_128k_layer_{L}.pt`` -> as above
-                                   SAEs
-gpt2-small-res-jb                  jbloom/GPT2-Small-SAEs-Reformatted          ``blocks.{L}.hook_resid_pre`` ->
-                                   (SAELens)                                   ``layers.{L}.resid_pre``
-=================================  ==========================================  ==========================================
+=============================  =============================================  ========================================
+registry id                    Hub repo (format)                              subfolder -> hook point
+=============================  =============================================  ========================================
+gemma-scope-2b-pt-res          google/gemma-scope-2b-pt-res (params.npz)      layer_{L}/width_{W}/average_l0_{X}
+                                                                              -> layers.{L}.resid_post
+gemma-scope-9b-pt-res          google/gemma-scope-9b-pt-res (params.npz)      as above
+eleuther-llama-3-8b-32x        EleutherAI/sae-llama-3-8b-32x (sparsify)       layers.{L} -> layers.{L}.resid_post
+gpt2-small-resid-post-v5-32k   jbloom/GPT2-Small-OAI-v5-32k-resid-post-SAEs   v5_32k_layer_{L}.pt ->
+                               (OpenAI's TopK SAEs in SAELens files)          layers.{L}.resid_post (with its LN)
+gpt2-small-resid-post-v5-128k  jbloom/GPT2-Small-OAI-v5-128k-resid-post-SAEs  v5_128k_layer_{L}.pt -> as above
+gpt2-small-res-jb              jbloom/GPT2-Small-SAEs-Reformatted (SAELens)   blocks.{L}.hook_resid_pre ->
+                                                                              layers.{L}.resid_pre
+=============================  =============================================  ========================================
 """
 
 from __future__ import annotations
@@ -42,7 +41,8 @@ from typing import Any
 
 from ._io import is_sealed, publish_dir, seal, tmp_name
 
-__all__ = ["Release", "REGISTRY", "UnknownLayout", "resolve", "load_pretrained", "find_foreign_folders", "converted_cache_dir"]
+__all__ = ["Release", "REGISTRY", "UnknownLayout", "resolve", "load_pretrained", "find_foreign_folders",
+           "converted_cache_dir"]
 
 
 @dataclass(frozen=True)

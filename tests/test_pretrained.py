@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_hub import hub  # noqa: F401  (the fake-Hub fixture)
 
 from hf_sae import SAE
 from hf_sae import hub as H
 from hf_sae import pretrained as P
-
-from test_hub import hub  # noqa: F401  (the fake-Hub fixture)
 
 F64 = torch.float64
 D, N = 8, 24
@@ -107,7 +106,8 @@ def test_openai_v5_release_in_saelens_files_returns_lm_units(hub, tmp_path):  # 
     # (a folder named like the original .pt), a pre-6 SAELens cfg with topk and layer_norm
     folder = tmp_path / "oai" / "v5_32k_layer_6.pt"
     folder.mkdir(parents=True)
-    sd = {"W_enc": _rand(D, N, seed=11), "b_enc": _rand(N, seed=12, scale=0.2), "W_dec": _rand(N, D, seed=13, scale=0.4),
+    sd = {"W_enc": _rand(D, N, seed=11), "b_enc": _rand(N, seed=12, scale=0.2),
+          "W_dec": _rand(N, D, seed=13, scale=0.4),
           "b_dec": _rand(D, seed=14, scale=0.3)}
     save_file({k: v.float().contiguous() for k, v in sd.items()}, str(folder / "sae_weights.safetensors"))
     cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
@@ -135,7 +135,7 @@ def test_openai_v5_release_in_saelens_files_returns_lm_units(hub, tmp_path):  # 
     assert torch.equal(out.latents != 0, acts != 0)
 
 
-# ----------------------------------------------------------------------------------------- sparsify, dictionary_learning
+# ---------------------------------------------------------------------------------- sparsify, dictionary_learning
 def test_load_all_on_a_sparsify_repo_and_a_dictionary_learning_subfolder(hub, tmp_path):  # noqa: F811
     # EleutherAI/sae-llama-3-8b-32x: layers.{L}/{cfg.json, sae.safetensors}
     root = tmp_path / "eleuther"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,7 +81,8 @@ def _need_file(path: Path, what: str) -> Path:
 
 
 def _strip_compile_prefix(sd: dict) -> dict:
-    return {(k[len("_orig_mod."):] if isinstance(k, str) and k.startswith("_orig_mod.") else k): v for k, v in sd.items()}
+    prefix = "_orig_mod."
+    return {(k[len(prefix):] if isinstance(k, str) and k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 def _check_keys(path, sd: dict, required: set[str], optional: set[str] = frozenset(), what: str = "") -> None:
@@ -249,7 +251,8 @@ def _validated_hook(hook_point: str | None) -> str | None:
 
 def layer_norm_per_token(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """``((x - mu) / (std + eps), mu, std)`` per token with the unbiased std: OpenAI sparse_autoencoder's ``LN`` and
-    SAELens 6.54.12's ``layer_norm`` run-time normalisation (F8). Undo on the output with ``x^ * std + mu``. x: [..., d]."""
+    SAELens 6.54.12's ``layer_norm`` run-time normalisation (F8). Undo on the output with ``x^ * std + mu``.
+    x: [..., d]."""
     mu = x.mean(dim=-1, keepdim=True)
     xc = x - mu
     std = xc.std(dim=-1, keepdim=True)

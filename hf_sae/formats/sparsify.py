@@ -8,8 +8,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import (Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _hook_from_module_path, _identity,
-                      _int_cfg, _read_json, _read_safetensors)
+from ._common import (
+    Parts,
+    Raw,
+    RefOutput,
+    _check_keys,
+    _check_shape,
+    _f64,
+    _fail,
+    _hook_from_module_path,
+    _identity,
+    _int_cfg,
+    _read_json,
+    _read_safetensors,
+)
 
 _SPARSIFY_REFUSED = {"transcode": "transcoders map one hook point to another",
                      "skip_connection": "a linear skip connection is not part of hf_sae's SAE",
