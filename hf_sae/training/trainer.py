@@ -426,7 +426,6 @@ class SAETrainer:
     def train(self) -> dict[str, SparseAutoencoder]:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
         args, acc = self.args, self.accelerator
-        self.since_fired, self.total_fires = {}, {}
         if self.resume_from is not None:
             with open(os.path.join(self.resume_from, "trainer_state.json")) as f:
                 saved = json.load(f)
@@ -437,11 +436,7 @@ class SAETrainer:
             saes = self._build_saes(self.configs)
             self._initialize(saes)
         self._prepare_output_dir()
-        for h, sae in saes.items():
-            n = sae.config.n_latents
-            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        self._prepare(saes)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
@@ -456,6 +451,16 @@ class SAETrainer:
         finally:
             acc.end_training()
             self._release()
+
+    def _prepare(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Fresh dead-latent counters and the Accelerate-prepared model and optimizer of ``saes``."""
+        acc = self.accelerator
+        self.since_fired, self.total_fires = {}, {}
+        for h, sae in saes.items():
+            n = sae.config.n_latents
+            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
 
     def _release(self) -> None:
         """Drop the data, the held-out set and Accelerate's references once training is over, so that
