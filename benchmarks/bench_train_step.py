@@ -338,9 +338,11 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
             cpus["dense"].append(cpu)
             peaks["dense"].append(pk)
         print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v)
-              + f"  step/bound={ratios['step'][-1]:.2f}", file=sys.stderr, flush=True)
+              + f"  step/bound={ratios['step'][-1]:.2f}; cpu s: "
+              + "  ".join(f"{k_}={v[-1]:.3f}" for k_, v in cpus.items() if v), file=sys.stderr, flush=True)
     out = dict(n=n, k=k, dead=dead_frac, kind=kind, update=min(t_update), unfused=min(t_unfused), **stats)
     out["ratio"] = statistics.median(ratios["fused"])
+    print(f"  opt s: SAEAdam {min(t_update):.3f}, unfused {min(t_unfused):.3f}", file=sys.stderr, flush=True)
     for name in cases:
         out[name + "/bound"] = statistics.median(ratios[name])
         out[name + "/step"] = statistics.median(a / b for a, b in zip(times[name], times["step"]))
