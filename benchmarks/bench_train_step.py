@@ -59,11 +59,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
-import time
-
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -194,8 +194,8 @@ class PlainSparseStep:
 
     def _code(self, xc, idx):
         """ReLU of the pre-activations of latents idx [B, w] (with a graph)."""
-        pre = torch.einsum("bd,bwd->bw", xc, F.embedding(idx, self.W_enc)) + F.embedding(idx, self.b_enc[:, None])[..., 0]
-        return pre.relu()
+        pre = torch.einsum("bd,bwd->bw", xc, F.embedding(idx, self.W_enc))
+        return (pre + F.embedding(idx, self.b_enc[:, None])[..., 0]).relu()
 
     def __call__(self, x, dead=None):
         for p in self.params:
@@ -350,8 +350,6 @@ def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, d
         out[name] = min(times[name]) if times[name] else float("nan")
         out[name + "_cpu"] = min(cpus[name]) if cpus[name] else float("nan")
         out[name + "_peak"] = max(peaks[name]) if peaks[name] else float("nan")
-    import shutil
-
     shutil.rmtree(workdir, ignore_errors=True)
     return out
 

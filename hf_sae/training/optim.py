@@ -20,7 +20,8 @@ The state (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) and the paramete
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
