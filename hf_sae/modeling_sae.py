@@ -33,6 +33,21 @@ from .configuration_sae import SAEConfig
 _EPS = 1e-12
 
 
+def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 8 << 20) -> Tensor:
+    """[n, 1] dot products of the rows of a and b [n, d]; on CPU in row blocks of ``block_bytes`` through one
+    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included)."""
+    if a.device.type != "cpu":
+        return (a * b).sum(-1, keepdim=True)
+    rows = max(1, block_bytes // max(1, a.shape[-1] * a.element_size()))
+    out = a.new_empty(a.shape[0], 1)
+    buf = a.new_empty(min(rows, a.shape[0]), a.shape[-1])
+    for lo in range(0, a.shape[0], rows):
+        hi = min(a.shape[0], lo + rows)
+        prod = torch.mul(a[lo:hi], b[lo:hi], out=buf[:hi - lo])
+        torch.sum(prod, -1, keepdim=True, out=out[lo:hi])
+    return out
+
+
 @dataclass
 class SAEOutput(ModelOutput):
     """Output of :meth:`SparseAutoencoder.forward`. Leading dims ``...`` are the input's."""
@@ -214,8 +229,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if g is None:
             return
         w = self.W_dec
-        coef = (g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(_EPS)
-        g.sub_(coef * w)
+        coef = _row_dots(g, w).div_(_row_dots(w, w).clamp_min_(_EPS))
+        g.addcmul_(coef, w, value=-1)
 
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]
