@@ -155,6 +155,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if kwargs.get("subfolder"):
             where += f" (subfolder {kwargs['subfolder']!r})"
         try:
+            hub = importlib.import_module("hf_sae.hub")  # absent under trust_remote_code: plain errors then
+        except ImportError:
+            hub = None
+        if hub is not None:
+            hub.check_local_sae_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
@@ -164,7 +170,18 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                     f"The SAE weights file in {where} is corrupt or truncated ({err}). Re-save it, or re-download "
                     f"it with force_download=True."
                 ) from err
-            raise
+            if hub is None or not isinstance(err, OSError):
+                raise
+            fallback, message = hub.explain_missing_sae(pretrained_model_name_or_path, kwargs.get("subfolder"),
+                                                        kwargs.get("revision"), kwargs.get("token"))
+            if fallback is None:
+                if message is None:
+                    raise
+                raise OSError(message) from err
+            kwargs = {**kwargs, "subfolder": fallback}  # the SAE of that hook point lives at the root
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
         problems = []
         if info.get("missing_keys"):
             problems.append(f"missing tensors {sorted(info['missing_keys'])}")
@@ -556,3 +573,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
 SAEConfig.register_for_auto_class()
 SparseAutoencoder.register_for_auto_class("AutoModel")
+
+if __name__ == "hf_sae.modeling_sae":  # the installed library, not a copy loaded through trust_remote_code
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(SAEConfig.model_type, SAEConfig, exist_ok=True)
+    AutoModel.register(SAEConfig, SparseAutoencoder, exist_ok=True)
