@@ -34,7 +34,7 @@ def tiny_tokenizer():
     texts = list(islice(load_texts("default", split="validation"), 30))
     cnt = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(t))
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w, _ in cnt.most_common(600):
+    for w in [w for w, _ in cnt.most_common(600)] + ["Yes", "No"]:   # Yes/No: the autointerp tests' local LM
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre

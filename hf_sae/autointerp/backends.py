@@ -78,8 +78,10 @@ class LocalLM(Backend):
             raise ValueError(f"the tokenizer of {model} has no single token for Yes/No; use another model.")
 
     def _first_ids(self, word: str, vocab: dict) -> list[int]:
+        """[the id] when ``word`` is one token that decodes back to it (not <unk>), else []."""
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        return [ids[0]] if len(ids) == 1 else []
+        ok = len(ids) == 1 and self.tokenizer.decode(ids).strip() == word.strip()
+        return ids if ok else []
 
     def _prompts(self, chats: Sequence[list]) -> list[str]:
         tok = self.tokenizer
@@ -115,8 +117,10 @@ class LocalLM(Backend):
         prompts = self._prompts(chats)
         for s in range(0, len(prompts), self.batch_size):
             enc = self._encode(prompts[s:s + self.batch_size])
+            # left padding: positions count real tokens only (as generate() does), else RoPE shifts them
+            position_ids = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
-                logits = self.model(**enc, use_cache=False).logits[:, -1].float()
+                logits = self.model(**enc, position_ids=position_ids, use_cache=False).logits[:, -1].float()
             lp = logits.log_softmax(-1)
             yes, no = lp[:, self._yes].logsumexp(-1), lp[:, self._no].logsumexp(-1)
             out += torch.sigmoid(yes - no).tolist()

@@ -24,8 +24,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
 __all__ = ["SHARD_SIZE", "ASSETS", "write_data", "read_data", "shard_name", "write_site", "latent_record"]
 
 SHARD_SIZE = 256
@@ -77,31 +75,33 @@ class _Vocab:
         return j
 
 
-def _context(st, pos: int, ctx_acts, vocab: _Vocab, scale: float) -> dict:
+def _context(rows: list, T: int, before: int, after: int, pos: int, ctx_acts: list, vocab: _Vocab,
+             scale: float) -> dict:
     """One context: token indices ``t`` (into the shard vocabulary), activations ``v`` as integers 0..100
-    relative to ``scale`` (the latent's max), and the centre's activation ``a``."""
-    N, T = st.input_ids.shape
+    relative to ``scale`` (the latent's max), the centre's index ``c`` in ``t`` and its activation ``a``."""
     row, col = divmod(int(pos), T)
-    toks, vals = [], []
-    for o in range(-st.before, st.after + 1):
-        c = col + o
-        if 0 <= c < T:
-            toks.append(vocab(int(st.input_ids[row, c])))
-            vals.append(int(round(100 * max(float(ctx_acts[o + st.before]), 0.0) / scale)) if scale > 0 else 0)
-    return {"a": _r(ctx_acts[st.before], 4), "t": toks, "v": vals, "c": min(st.before, col)}
+    ids = rows[row]
+    lo, hi = max(0, col - before), min(T, col + after + 1)
+    toks = [vocab(t) for t in ids[lo:hi]]
+    acts = ctx_acts[lo - col + before: hi - col + before]
+    vals = [int(round(100 * a / scale)) if a > 0 and scale > 0 else 0 for a in acts]
+    return {"a": _r(ctx_acts[before], 4), "t": toks, "v": vals, "c": col - lo}
 
 
-def latent_record(st, j: int, vocab: _Vocab, extras: dict) -> dict:
-    """The shard entry of latent ``j`` (``extras``: logit effects, neighbours, N2G, by name)."""
+def latent_record(st, rows: list, j: int, vocab: _Vocab, extras: dict) -> dict:
+    """The shard entry of latent ``j`` (``rows``: ``st.input_ids.tolist()``; ``extras``: logit effects,
+    neighbours, N2G, by name)."""
+    T, b, a = st.input_ids.shape[1], st.before, st.after
     scale = float(st.act_max[j])
-    top = [_context(st, p, c, vocab, scale) for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j]) if p >= 0]
-    order = st.sample_act[j].argsort(descending=True).tolist() if st.sample_act.shape[1] else []
-    samples = [_context(st, int(st.sample_pos[j, o]), st.sample_ctx[j, o], vocab, scale)
-               for o in order if int(st.sample_pos[j, o]) >= 0]
-    hist = st.hist[j].tolist()
+    top = [_context(rows, T, b, a, p, c, vocab, scale)
+           for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j].float().tolist()) if p >= 0]
+    sp, sa, sc = st.sample_pos[j].tolist(), st.sample_act[j].tolist(), st.sample_ctx[j].float().tolist()
+    order = sorted((o for o in range(len(sp)) if sp[o] >= 0), key=lambda o: -sa[o])
+    samples = [_context(rows, T, b, a, sp[o], sc[o], vocab, scale) for o in order]
+    count = int(st.count[j])
     rec = {
-        "id": j, "count": int(st.count[j]), "density": _r(st.density[j], 5),
-        "mean": _r(st.act_sum[j] / max(int(st.count[j]), 1)), "max": _r(scale), "hist": hist,
+        "id": j, "count": count, "density": _r(count / max(st.n_tokens, 1), 5),
+        "mean": _r(float(st.act_sum[j]) / max(count, 1)), "max": _r(scale), "hist": st.hist[j].tolist(),
         "top": top, "samples": samples,
     }
     for name, fn in extras.items():
@@ -109,11 +109,9 @@ def latent_record(st, j: int, vocab: _Vocab, extras: dict) -> dict:
     return rec
 
 
-def _peak_tokens(st, j: int, tokenizer, m: int = 3) -> list[str]:
-    """The m most frequent tokens at which latent j's top activations peak."""
-    T = st.input_ids.shape[1]
-    ids = [int(st.input_ids[p // T, p % T]) for p in st.top_pos[j].tolist() if p >= 0]
-    return [tokenizer.decode([t]) for t, _ in Counter(ids).most_common(m)]
+def _peak_tokens(rec: dict, strings: list, m: int = 3) -> list[str]:
+    """The m most frequent tokens at which a latent's top activations peak."""
+    return [strings[t] for t, _ in Counter(c["t"][c["c"]] for c in rec["top"]).most_common(m)]
 
 
 def copy_assets(out: Path) -> None:
@@ -158,17 +156,18 @@ def write_site(st, out, tokenizer, *, meta: dict, logits=None, near=None, n2g: O
         extras["near"] = lambda j, vocab: [[int(i), _r(c, 3)] for c, i in zip(cv[j].tolist(), ci[j].tolist())]
     extras["n2g"] = lambda j, vocab: n2g.get(j)
 
+    ids_rows = st.input_ids.tolist()
     rows = []
     n_shards = (n + SHARD_SIZE - 1) // SHARD_SIZE
     for shard in tqdm(range(n_shards), desc="site", disable=not progress):
         vocab = _Vocab(tokenizer)
-        recs = [latent_record(st, j, vocab, extras) for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))]
+        recs = [latent_record(st, ids_rows, j, vocab, extras) for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))]
         write_data(out / "data" / shard_name(shard), "shard", shard, {"tok": vocab.strings, "latents": recs})
         for r in recs:
             j = r["id"]
             pats = [p.get("text", "") for p in (r["n2g"] or {}).get("patterns", [])]
             promoted = [vocab.strings[t] for t, _ in r.get("pos", [])[:3]]
-            rows.append([j, r["density"], r["mean"], r["max"], " | ".join(_peak_tokens(st, j, tokenizer)),
+            rows.append([j, r["density"], r["mean"], r["max"], " | ".join(_peak_tokens(r, vocab.strings)),
                          " | ".join(promoted), " | ".join(pats[:4]),
                          _r((r["n2g"] or {}).get("f1", float("nan")), 3)])
     index = {"columns": ["id", "density", "mean", "max", "top_tokens", "promoted", "n2g", "n2g_f1"], "rows": rows}
@@ -176,8 +175,9 @@ def write_site(st, out, tokenizer, *, meta: dict, logits=None, near=None, n2g: O
     write_data(out / "data" / "texts.js", "texts", None, list(texts))
     # the pool of random contexts (negatives for autointerp)
     vocab = _Vocab(tokenizer)
-    zeros = torch.zeros(st.width)
-    pool = [{**_context(st, int(p), zeros, vocab, 0.0), "active": act}
+    zeros = [0.0] * st.width
+    T = st.input_ids.shape[1]
+    pool = [{**_context(ids_rows, T, st.before, st.after, p, zeros, vocab, 0.0), "active": act}
             for p, act in zip(st.pool_pos.tolist(), st.pool_active)]
     write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
     meta = {**meta, "n_latents": n, "n_tokens": st.n_tokens, "shard_size": SHARD_SIZE, "n_shards": n_shards,
