@@ -310,3 +310,50 @@ def test_site_in_chromium_from_static_server(site, driver, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ shipped with the SAE
+def test_push_to_hub_ships_the_browser(site, tmp_path):
+    import huggingface_hub.constants as hc
+    from hub_server import FakeHub
+
+    from hf_sae import hub as H
+
+    out, _, sae = site
+    with pytest.raises(FileNotFoundError, match="not a feature-browser site"):
+        H.save_for_hub({HOOK: sae}, tmp_path / "bad", dashboards={HOOK: tmp_path})
+    with pytest.raises(ValueError, match="not among the SAEs pushed"):
+        H.save_for_hub({HOOK: sae}, tmp_path / "bad", dashboards={"layers.1.resid_post": out})
+    assert not (tmp_path / "bad").exists()               # refused before anything was written
+
+    server = FakeHub(tmp_path / "server").start()
+    mp = pytest.MonkeyPatch()
+    try:
+        for k, v in (("HF_ENDPOINT", server.url), ("HF_TOKEN", "hf_fake_token_for_tests"), ("NO_PROXY", "127.0.0.1")):
+            mp.setenv(k, v)
+        mp.setattr(hc, "ENDPOINT", server.url)
+        mp.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        mp.setattr(hc, "HF_HUB_OFFLINE", False)
+        mp.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        mp.setattr(hc, "HF_HUB_DISABLE_XET", True)
+        H.push_to_hub({HOOK: sae}, "org/tiny-saes", layout="subfolders", dashboards={HOOK: out})
+        files = set(server.repos["org/tiny-saes"].find("main").files)
+        site_files = {f"dashboard/{HOOK}/{p.relative_to(out).as_posix()}" for p in out.rglob("*") if p.is_file()}
+        assert site_files <= files and f"{HOOK}/config.json" in files
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        card = Path(hf_hub_download("org/tiny-saes", "README.md")).read_text()
+        assert f"(dashboard/{HOOK}/index.html)" in card and "## Feature browser" in card
+        index = json.loads(Path(hf_hub_download("org/tiny-saes", H.INDEX_FILE)).read_text())
+        assert index["hook_points"][HOOK]["dashboard"] == f"dashboard/{HOOK}"
+        # a second push of the same SAE without the browser keeps the card's link (the index remembers it)
+        H.push_to_hub({HOOK: sae}, "org/tiny-saes", layout="subfolders")
+        card = Path(hf_hub_download("org/tiny-saes", "README.md", force_download=True)).read_text()
+        assert f"(dashboard/{HOOK}/index.html)" in card
+        # downloaded, the browser is the same bytes
+        local = Path(snapshot_download("org/tiny-saes", allow_patterns=["dashboard/*"]))
+        assert (local / "dashboard" / HOOK / "data" / "index.js").read_bytes() == (out / "data" / "index.js").read_bytes()
+        assert H.load_sae("org/tiny-saes", HOOK).config.n_latents == 300   # loading ignores the browser folder
+    finally:
+        mp.undo()
+        server.stop()

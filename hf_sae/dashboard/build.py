@@ -136,6 +136,7 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
                           batch_size=batch_size, n2g_latents=chosen, n2g_tokens=n2g_tokens,
                           max_code_width=MAX_CODE_WIDTH, seed=seed, device=device, progress=progress)
     timings["collect"] = time.perf_counter() - t
+    timings["of_which_lm_forward"] = st.lm_seconds
 
     t = time.perf_counter()
     W_dec = sae.W_dec.detach()

@@ -22,6 +22,7 @@ are those of ``hf_sae.data.corpus.token_mask`` (position 0 and special tokens ne
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -60,6 +61,7 @@ class FeatureStats:
     n2g_acts: Optional[Tensor] = None   # float32 [n2g_rows, T, len(n2g_latents)]
     pool_pos: Optional[Tensor] = None   # int64 [P] centre of each pool context
     pool_active: list = field(default_factory=list)  # P lists of latents active in the context window
+    lm_seconds: float = 0.0      # of the pass, time spent in the LM forward (the rest is SAE + bookkeeping)
 
     @property
     def width(self) -> int:
@@ -193,7 +195,9 @@ def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, 
         B = b_ids.shape[0]
         if not b_keep.any():
             continue
+        t_lm = time.perf_counter()
         acts = run_with_capture(model, b_ids.to(device), [hook])[hook]
+        st.lm_seconds += time.perf_counter() - t_lm
         x = acts[b_keep.to(acts.device)].float()
         v, i = sparse_codes(sae, x, max_code_width)
         v, i = v.cpu(), i.cpu()
