@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--n-latents", type=int, default=32768)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--n-tokens", type=int, default=200_000)
+    p.add_argument("--split", default="train", help="KJV split (validation has only ~36k tokens; default train)")
     p.add_argument("--sae", default=None, help="a trained SAE folder instead of a fresh one")
     p.add_argument("--n2g-latents", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
@@ -46,7 +47,7 @@ def main() -> None:
         sae = SparseAutoencoder(SAEConfig(d_in=576, n_latents=args.n_latents, k=args.k, hook_point="layers.6.resid_post",
                                           base_model=DEFAULT_MODEL))
     t = time.perf_counter()
-    info = build_dashboard(sae.eval(), args.out, model=model, tokenizer=tok, n_tokens=args.n_tokens,
+    info = build_dashboard(sae.eval(), args.out, model=model, tokenizer=tok, n_tokens=args.n_tokens, split=args.split,
                            batch_size=args.batch_size, n2g_latents=args.n2g_latents, progress=True)
     info.update(wall_s=round(time.perf_counter() - t, 1), n_latents=sae.config.n_latents, torch_threads=torch.get_num_threads(),
                 load_average_1min=round(os.getloadavg()[0], 2), cpus=os.cpu_count(), python=platform.python_version(),

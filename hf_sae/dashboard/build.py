@@ -125,6 +125,9 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
     src = argparse.Namespace(dataset=dataset, split=split, text_column=text_column, window=window)
     ids = _collect_windows(src, tokenizer, n_tokens)
     keep = _trim_mask(corpus.token_mask(ids, tokenizer), n_tokens)
+    if int(keep.sum()) < n_tokens:
+        print(f"[hf-sae dashboard] warning: {dataset!r}/{split} has only {int(keep.sum())} usable tokens "
+              f"(< n_tokens {n_tokens}); building the browser over {int(keep.sum())}.", flush=True)
     ids, keep = ids[: int(keep.any(-1).nonzero().max()) + 1], keep[: int(keep.any(-1).nonzero().max()) + 1]
     n = cfg.n_latents
     g = torch.Generator().manual_seed(seed)
