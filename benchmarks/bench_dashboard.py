@@ -44,14 +44,32 @@ def main() -> None:
         sae = SparseAutoencoder.from_pretrained(args.sae)
     else:
         torch.manual_seed(0)
-        sae = SparseAutoencoder(SAEConfig(d_in=576, n_latents=args.n_latents, k=args.k, hook_point="layers.6.resid_post",
-                                          base_model=DEFAULT_MODEL))
+        sae = SparseAutoencoder(
+            SAEConfig(
+                d_in=576, n_latents=args.n_latents, k=args.k, hook_point="layers.6.resid_post", base_model=DEFAULT_MODEL
+            )
+        )
     t = time.perf_counter()
-    info = build_dashboard(sae.eval(), args.out, model=model, tokenizer=tok, n_tokens=args.n_tokens, split=args.split,
-                           batch_size=args.batch_size, n2g_latents=args.n2g_latents, progress=True)
-    info.update(wall_s=round(time.perf_counter() - t, 1), n_latents=sae.config.n_latents, torch_threads=torch.get_num_threads(),
-                load_average_1min=round(os.getloadavg()[0], 2), cpus=os.cpu_count(), python=platform.python_version(),
-                torch=torch.__version__)
+    info = build_dashboard(
+        sae.eval(),
+        args.out,
+        model=model,
+        tokenizer=tok,
+        n_tokens=args.n_tokens,
+        split=args.split,
+        batch_size=args.batch_size,
+        n2g_latents=args.n2g_latents,
+        progress=True,
+    )
+    info.update(
+        wall_s=round(time.perf_counter() - t, 1),
+        n_latents=sae.config.n_latents,
+        torch_threads=torch.get_num_threads(),
+        load_average_1min=round(os.getloadavg()[0], 2),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
     print(json.dumps(info))
 
 

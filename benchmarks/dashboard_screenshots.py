@@ -19,7 +19,9 @@ import browser  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("site")
-    p.add_argument("--latent", type=int, default=None, help="latent page to capture (default: the densest listed first)")
+    p.add_argument(
+        "--latent", type=int, default=None, help="latent page to capture (default: the densest listed first)"
+    )
     p.add_argument("--out", default="docs/screenshots")
     p.add_argument("--prefix", default="quickstart")
     args = p.parse_args()

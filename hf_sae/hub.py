@@ -611,7 +611,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "INDEX_FILE", "DASHBOARD_DIR", "CODE_FILES", "CARD_METRICS", "template_path", "hook_point_folder", "collect_metrics",
+    "INDEX_FILE", "DASHBOARD_DIR", "CODE_FILES", "CARD_METRICS", "template_path", "hook_point_folder",
+    "collect_metrics",
     "render_model_card", "card_metrics", "save_for_hub", "push_to_hub", "repo_hook_points", "load_all",
     "load_sae", "add_push_args", "run_push",
 ]

@@ -14,9 +14,18 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                  "--window-size=1280,900", "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+    "--hide-scrollbars",
+)
 
 
 def _which(*names: str):
@@ -34,8 +43,10 @@ def missing() -> str | None:
     except ImportError:
         return "selenium is not installed: pip install selenium (part of hf_sae's dev extra: pip install -e '.[dev]')"
     if _which("chromium", "/usr/bin/chromium") is None or _which("chromedriver", "/usr/bin/chromedriver") is None:
-        return ("Debian's chromium and chromedriver are not installed: apt-get install -y chromium chromium-driver "
-                "(.ci/run does this before make test)")
+        return (
+            "Debian's chromium and chromedriver are not installed: apt-get install -y chromium chromium-driver "
+            "(.ci/run does this before make test)"
+        )
     return None
 
 
@@ -52,8 +63,9 @@ def chromium():
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={profile}")
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=_which("chromedriver", "/usr/bin/chromedriver")),
-                              options=opts)
+    driver = webdriver.Chrome(
+        service=Service(executable_path=_which("chromedriver", "/usr/bin/chromedriver")), options=opts
+    )
     driver.set_page_load_timeout(60)
     try:
         yield driver
@@ -68,7 +80,8 @@ def wait_for(driver, css: str, timeout: float = 30.0, min_count: int = 1):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(
-        lambda d: (lambda els: els if len(els) >= min_count else False)(d.find_elements(By.CSS_SELECTOR, css)))
+        lambda d: (lambda els: els if len(els) >= min_count else False)(d.find_elements(By.CSS_SELECTOR, css))
+    )
 
 
 def console_errors(driver) -> list[str]:

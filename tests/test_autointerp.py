@@ -12,12 +12,21 @@ import threading
 from collections import Counter
 
 import pytest
+import test_dashboard
 import torch
 
-from test_dashboard import PLANTED_LATENT, PLANTED_WORD, planted_sae, tiny_lm, tiny_tokenizer  # noqa: F401
+from hf_sae.autointerp.explain import (
+    accuracy,
+    auroc,
+    clean_explanation,
+    detection_prompt,
+    explain_prompt,
+    render_context,
+)
 
-from hf_sae.autointerp.explain import (accuracy, auroc, clean_explanation, detection_prompt, explain_prompt,
-                                       render_context)
+PLANTED_LATENT, PLANTED_WORD = test_dashboard.PLANTED_LATENT, test_dashboard.PLANTED_WORD
+planted_sae = test_dashboard.planted_sae
+tiny_tokenizer, tiny_lm = test_dashboard.tiny_tokenizer, test_dashboard.tiny_lm  # fixtures
 
 
 # ------------------------------------------------------------------------------------------ metrics and prompts
@@ -25,8 +34,8 @@ def test_auroc_and_accuracy_by_hand():
     scores, labels = [0.9, 0.8, 0.3, 0.6, 0.2, 0.6], [1, 1, 1, 0, 0, 0]
     # positives 0.9, 0.8, 0.3 vs negatives 0.6, 0.2, 0.6: wins 3 + 3 + 1 = 7 of 9
     assert auroc(scores, labels) == pytest.approx(7 / 9)
-    assert accuracy(scores, labels) == pytest.approx(3 / 6)      # 0.9, 0.8 right; 0.3 wrong; 0.6, 0.6 wrong; 0.2 right
-    assert auroc([0.5, 0.5], [1, 0]) == 0.5                      # a tie counts one half
+    assert accuracy(scores, labels) == pytest.approx(3 / 6)  # 0.9, 0.8 right; 0.3 wrong; 0.6, 0.6 wrong; 0.2 right
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5  # a tie counts one half
     assert math.isnan(auroc([0.1], [1])) and math.isnan(accuracy([], []))
 
 
@@ -63,7 +72,7 @@ class StubLM:
             marked = re.findall(r"<<(.+?)>>", excerpt)
             yes = bool(marked) and all(m == word for m in marked)
         else:
-            yes = word in excerpt     # the tiny word-level tokenizer decodes tokens without spaces
+            yes = word in excerpt  # the tiny word-level tokenizer decodes tokens without spaces
         return ("Yes", 0.9) if yes else ("No", 0.1)
 
     def server(self):
@@ -87,11 +96,22 @@ class StubLM:
                 content, p_yes = stub.answer(body)
                 choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
                 if body.get("logprobs"):
-                    choice["logprobs"] = {"content": [{"token": content[:3], "logprob": 0.0, "top_logprobs": [
-                        {"token": "Yes", "logprob": math.log(p_yes)}, {"token": "No", "logprob": math.log(1 - p_yes)},
-                        {"token": "Maybe", "logprob": -9.0}]}]}
-                data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                   "choices": [choice]}).encode()
+                    choice["logprobs"] = {
+                        "content": [
+                            {
+                                "token": content[:3],
+                                "logprob": 0.0,
+                                "top_logprobs": [
+                                    {"token": "Yes", "logprob": math.log(p_yes)},
+                                    {"token": "No", "logprob": math.log(1 - p_yes)},
+                                    {"token": "Maybe", "logprob": -9.0},
+                                ],
+                            }
+                        ]
+                    }
+                data = json.dumps(
+                    {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -119,8 +139,8 @@ def test_openai_backend_retries_and_logprobs(stub):
     tok = [" Jesus", " wept", " Moses"]
     yes = detection_prompt('The word "Jesus"', {"t": [0, 1], "v": [0, 0], "c": 0}, tok)
     no = detection_prompt('The word "Jesus"', {"t": [2, 1], "v": [0, 0], "c": 0}, tok)
-    assert b.yes_probability([yes, no]) == pytest.approx([0.9, 0.1])   # from top_logprobs (Maybe ignored)
-    assert stub.requests == 3                                           # the first answer was a 503, retried
+    assert b.yes_probability([yes, no]) == pytest.approx([0.9, 0.1])  # from top_logprobs (Maybe ignored)
+    assert stub.requests == 3  # the first answer was a 503, retried
     assert b.generate([explain_prompt([{"t": [0, 1], "v": [100, 0], "c": 0}], tok)]) == ['The word "Jesus".']
     dead = OpenAIChat("http://127.0.0.1:9/v1", "stub", retries=1, backoff=0.0, timeout=5)
     with pytest.raises(BackendError, match="did not answer after 2 attempts"):
@@ -130,13 +150,22 @@ def test_openai_backend_retries_and_logprobs(stub):
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, tiny_lm, tiny_tokenizer):  # noqa: F811
+def site(tmp_path_factory, tiny_lm, tiny_tokenizer):
     from hf_sae.dashboard import build_dashboard
 
     out = tmp_path_factory.mktemp("ai_site")
     sae = planted_sae(tiny_lm, tiny_tokenizer, n=64, k=4)
-    build_dashboard(sae, out, model=tiny_lm, tokenizer=tiny_tokenizer, n_tokens=4000, window=64, n2g_latents=0,
-                    texts=["Jesus wept"], progress=False)
+    build_dashboard(
+        sae,
+        out,
+        model=tiny_lm,
+        tokenizer=tiny_tokenizer,
+        n_tokens=4000,
+        window=64,
+        n2g_latents=0,
+        texts=["Jesus wept"],
+        progress=False,
+    )
     return out
 
 
@@ -145,8 +174,27 @@ def test_autointerp_cli_with_stub_server_and_cache(site, stub, tmp_path):
     from hf_sae.dashboard.site import read_data
 
     ids = [PLANTED_LATENT, 3, 11, 20]
-    argv = ["autointerp", str(site), "--backend", "openai", "--api-base", stub.url, "--model", "stub",
-            "--latent-ids", *map(str, ids), "--n-explain", "3", "--n-detect", "4", "--n-fuzz", "2", "--no-progress", "--api-key-env", ""]
+    argv = [
+        "autointerp",
+        str(site),
+        "--backend",
+        "openai",
+        "--api-base",
+        stub.url,
+        "--model",
+        "stub",
+        "--latent-ids",
+        *map(str, ids),
+        "--n-explain",
+        "3",
+        "--n-detect",
+        "4",
+        "--n-fuzz",
+        "2",
+        "--no-progress",
+        "--api-key-env",
+        "",
+    ]
     assert main(argv) == 0
     res = json.loads((site / "autointerp.json").read_text())
     planted = res["latents"][str(PLANTED_LATENT)]
@@ -183,7 +231,7 @@ def test_autointerp_bad_inputs(tmp_path):
         make_backend("magic")
 
 
-def test_local_backend_matches_its_logits(tmp_path, tiny_lm, tiny_tokenizer, site):  # noqa: F811
+def test_local_backend_matches_its_logits(tmp_path, tiny_lm, tiny_tokenizer, site):
     from hf_sae.autointerp.backends import LocalLM
     from hf_sae.autointerp.run import autointerp_site
 
@@ -193,8 +241,8 @@ def test_local_backend_matches_its_logits(tmp_path, tiny_lm, tiny_tokenizer, sit
     chats = [[{"role": "user", "content": "Jesus said unto them"}], [{"role": "user", "content": "the"}]]
     ids_of = tiny_tokenizer.convert_tokens_to_ids
     assert b._yes == [ids_of("Yes")] and b._no == sorted([ids_of("No"), ids_of("no")])  # "yes" is <unk>: left out
-    p = b.yes_probability(chats)          # a batch of two prompts of different lengths (left padding)
-    for chat, got in zip(chats, p):       # by hand: P(Yes)/(P(Yes)+P(No)) for one unpadded prompt
+    p = b.yes_probability(chats)  # a batch of two prompts of different lengths (left padding)
+    for chat, got in zip(chats, p):  # by hand: P(Yes)/(P(Yes)+P(No)) for one unpadded prompt
         text = b._prompts([chat])[0]
         ids = tiny_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():

@@ -8,47 +8,21 @@ import http.server
 import json
 import os
 import threading
-from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 import pytest
+import test_evaluation
 import torch
-import transformers as T
 
 from hf_sae import SAEConfig, SparseAutoencoder
+
+# the fixtures of test_evaluation: a random 2-layer Llama and a word-level tokenizer of the KJV's frequent words
+tiny_tokenizer = test_evaluation.tiny_tokenizer
+tiny_lm = test_evaluation.tiny_lm
 
 HOOK = "layers.0.resid_pre"
 PLANTED_WORD = "Jesus"
 PLANTED_LATENT = 7
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    """Word-level tokenizer over the 600 most frequent words of the shipped KJV validation text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from hf_sae.data.corpus import load_texts
-
-    pre = pre_tokenizers.Whitespace()
-    texts = list(islice(load_texts("default", split="validation"), 30))
-    cnt = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(t))
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in [w for w, _ in cnt.most_common(600)] + ["Yes", "No"]:   # Yes/No: the autointerp tests' local LM
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                     unk_token="<unk>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_tokenizer):
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return T.LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 def planted_sae(lm, tokenizer, n=300, k=6, seed=0):
@@ -58,8 +32,8 @@ def planted_sae(lm, tokenizer, n=300, k=6, seed=0):
     sae = SparseAutoencoder(SAEConfig(d_in=32, n_latents=n, k=k, hook_point=HOOK, base_model="tiny")).eval()
     e = lm.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(PLANTED_WORD)]
     with torch.no_grad():
-        sae.W_enc[PLANTED_LATENT] = 50 * e / e.norm() ** 2   # 50 on the word, |50 cos| elsewhere
-        sae.b_enc[PLANTED_LATENT] = -40.0                     # so that it fires (> 0) on the word alone
+        sae.W_enc[PLANTED_LATENT] = 50 * e / e.norm() ** 2  # 50 on the word, |50 cos| elsewhere
+        sae.b_enc[PLANTED_LATENT] = -40.0  # so that it fires (> 0) on the word alone
         sae.W_dec[PLANTED_LATENT] = e / e.norm()
     return sae
 
@@ -70,8 +44,16 @@ def site(tmp_path_factory, tiny_lm, tiny_tokenizer):
 
     out = tmp_path_factory.mktemp("site")
     sae = planted_sae(tiny_lm, tiny_tokenizer)
-    info = build_dashboard(sae, out, model=tiny_lm, tokenizer=tiny_tokenizer, n_tokens=3000, window=64,
-                           texts=["Jesus wept and the disciples saw him", "In the beginning"], progress=False)
+    info = build_dashboard(
+        sae,
+        out,
+        model=tiny_lm,
+        tokenizer=tiny_tokenizer,
+        n_tokens=3000,
+        window=64,
+        texts=["Jesus wept and the disciples saw him", "In the beginning"],
+        progress=False,
+    )
     return out, info, sae
 
 
@@ -79,8 +61,9 @@ def _windows(tokenizer, n_tokens, window=64):
     from hf_sae.data import corpus
     from hf_sae.evaluation.run import _trim_mask
 
-    ids = corpus.tokenize_windows(corpus.load_texts("default", split="validation"), tokenizer, window=window,
-                                  max_windows=80)
+    ids = corpus.tokenize_windows(
+        corpus.load_texts("default", split="validation"), tokenizer, window=window, max_windows=80
+    )
     keep = _trim_mask(corpus.token_mask(ids, tokenizer), n_tokens)
     rows = int(keep.any(-1).nonzero().max()) + 1
     return ids[:rows], keep[:rows]
@@ -94,11 +77,25 @@ def test_collect_features_matches_brute_force(tiny_lm, tiny_tokenizer):
     sae = planted_sae(tiny_lm, tiny_tokenizer, n=64, k=4)
     ids, keep = _windows(tiny_tokenizer, 1500)
     K, before, after = 5, 3, 2
-    st = collect_features(sae, tiny_lm, ids, keep, HOOK, top_k=K, n_samples=4, before=before, after=after,
-                          batch_size=3, n2g_latents=[1, PLANTED_LATENT], n2g_tokens=400, n_pool=20, seed=1)
+    st = collect_features(
+        sae,
+        tiny_lm,
+        ids,
+        keep,
+        HOOK,
+        top_k=K,
+        n_samples=4,
+        before=before,
+        after=after,
+        batch_size=3,
+        n2g_latents=[1, PLANTED_LATENT],
+        n2g_tokens=400,
+        n_pool=20,
+        seed=1,
+    )
     x = run_with_capture(tiny_lm, ids, [HOOK])[HOOK]
     with torch.no_grad():
-        dense = sae.encode(x) * keep.unsqueeze(-1)                      # [N, T, n]; not-kept positions never fire
+        dense = sae.encode(x) * keep.unsqueeze(-1)  # [N, T, n]; not-kept positions never fire
     N, T, n = dense.shape
     flat = dense.reshape(N * T, n)
     assert st.n_tokens == 1500 == int(keep.sum())
@@ -107,8 +104,11 @@ def test_collect_features_matches_brute_force(tiny_lm, tiny_tokenizer):
     assert torch.allclose(st.act_max, flat.max(0).values)
     assert torch.equal(st.hist.sum(1), st.count)
     lat = (flat > 0).nonzero()[:, 1]
-    ref = torch.zeros_like(st.hist).view(-1).index_add_(0, lat * st.hist.shape[1] + torch.bucketize(flat[flat > 0], HIST_EDGES),
-                                                        torch.ones_like(lat))
+    ref = (
+        torch.zeros_like(st.hist)
+        .view(-1)
+        .index_add_(0, lat * st.hist.shape[1] + torch.bucketize(flat[flat > 0], HIST_EDGES), torch.ones_like(lat))
+    )
     assert torch.equal(st.hist.view(-1), ref)
     for j in range(n):
         fires = int(st.count[j])
@@ -120,7 +120,7 @@ def test_collect_features_matches_brute_force(tiny_lm, tiny_tokenizer):
                 continue
             r, c = divmod(p, T)
             assert float(dense[r, c, j]) == pytest.approx(a)
-            for o in range(-before, after + 1):           # the context row is the latent's activation there
+            for o in range(-before, after + 1):  # the context row is the latent's activation there
                 want = float(dense[r, c + o, j]) if 0 <= c + o < T else 0.0
                 assert float(ctx[o + before]) == pytest.approx(want, rel=2e-3, abs=2e-3)
         sp = st.sample_pos[j][st.sample_pos[j] >= 0]
@@ -135,7 +135,7 @@ def test_collect_features_matches_brute_force(tiny_lm, tiny_tokenizer):
     # pool: each context's active set is exactly the latents firing in its window
     for p, active in zip(st.pool_pos.tolist(), st.pool_active):
         r_, c_ = divmod(p, T)
-        win = dense[r_, max(0, c_ - before): c_ + after + 1]
+        win = dense[r_, max(0, c_ - before) : c_ + after + 1]
         assert active == sorted((win > 0).any(0).nonzero().squeeze(-1).tolist())
 
 
@@ -190,8 +190,16 @@ def test_site_files(site, tiny_tokenizer):
     from hf_sae.dashboard.site import SHARD_SIZE, read_data, shard_name
 
     out, info, sae = site
-    for f in ("index.html", "app.js", "style.css", "data/meta.js", "data/index.js", "data/texts.js", "data/pool.js",
-              "build_info.json"):
+    for f in (
+        "index.html",
+        "app.js",
+        "style.css",
+        "data/meta.js",
+        "data/index.js",
+        "data/texts.js",
+        "data/pool.js",
+        "build_info.json",
+    ):
         assert (out / f).is_file(), f
     html = (out / "index.html").read_text() + (out / "app.js").read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
@@ -199,12 +207,15 @@ def test_site_files(site, tiny_tokenizer):
     assert meta["n_latents"] == 300 and meta["n_tokens"] == 3000 == info["n_tokens"]
     index = read_data(out / "data" / "index.js")
     assert [r[0] for r in index["rows"]] == list(range(300))
-    assert info["site_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "build_info.json") \
+    assert (
+        info["site_bytes"]
+        == sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "build_info.json")
         or info["site_bytes"] > 0
+    )
     shard = read_data(out / "data" / shard_name(PLANTED_LATENT // SHARD_SIZE))
     rec = shard["latents"][PLANTED_LATENT % SHARD_SIZE]
     assert rec["id"] == PLANTED_LATENT and rec["top"]
-    for c in rec["top"]:       # every top context is centred on the planted word, at 100 % of ... its own value
+    for c in rec["top"]:  # every top context is centred on the planted word, at 100 % of ... its own value
         assert shard["tok"][c["t"][c["c"]]] == PLANTED_WORD and c["v"][c["c"]] > 0
     assert rec["top"][0]["v"][rec["top"][0]["c"]] == 100
     row = index["rows"][PLANTED_LATENT]
@@ -217,7 +228,7 @@ def test_site_files(site, tiny_tokenizer):
     assert rec["n2g"]["precision"] == pytest.approx(1.0)
     texts = read_data(out / "data" / "texts.js")
     assert texts[0]["tokens"][1] == PLANTED_WORD and texts[0]["latents"][1][0][0] == PLANTED_LATENT
-    assert texts[0]["latents"][0] == []          # BOS never fires
+    assert texts[0]["latents"][0] == []  # BOS never fires
 
 
 def test_cli_dashboard(tmp_path, tiny_lm, tiny_tokenizer):
@@ -227,8 +238,23 @@ def test_cli_dashboard(tmp_path, tiny_lm, tiny_tokenizer):
     sae.save_pretrained(tmp_path / "sae")
     tiny_lm.save_pretrained(tmp_path / "lm")
     tiny_tokenizer.save_pretrained(tmp_path / "lm")
-    rc = main(["dashboard", str(tmp_path / "sae"), "--model", str(tmp_path / "lm"), "--n-tokens", "500",
-               "--window", "32", "--out", str(tmp_path / "site"), "--no-progress", "--text", "Jesus said"])
+    rc = main(
+        [
+            "dashboard",
+            str(tmp_path / "sae"),
+            "--model",
+            str(tmp_path / "lm"),
+            "--n-tokens",
+            "500",
+            "--window",
+            "32",
+            "--out",
+            str(tmp_path / "site"),
+            "--no-progress",
+            "--text",
+            "Jesus said",
+        ]
+    )
     assert rc == 0
     info = json.loads((tmp_path / "site" / "build_info.json").read_text())
     assert info["n_latents"] == 32 and info["n_tokens"] == 500
@@ -259,7 +285,7 @@ def _check_site(driver, url, shots: Path, tag: str):
     driver.get(url)
     browser.wait_for(driver, "body[data-ready='1']")
     rows = browser.wait_for(driver, "tr.latent-row")
-    assert len(rows) == 50                                  # first page of 300 latents
+    assert len(rows) == 50  # first page of 300 latents
     assert "page 1 / 6" in driver.find_element(By.ID, "page-info").text
     browser.screenshot(driver, shots / f"dashboard_index_{tag}.png")
     # sorting by id ascending lists latent 0 first
@@ -297,6 +323,7 @@ def test_site_in_chromium_from_disk(site, driver, tmp_path):
 
 def test_site_in_chromium_from_static_server(site, driver, tmp_path):
     out, _, _ = site
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -324,7 +351,7 @@ def test_push_to_hub_ships_the_browser(site, tmp_path):
         H.save_for_hub({HOOK: sae}, tmp_path / "bad", dashboards={HOOK: tmp_path})
     with pytest.raises(ValueError, match="not among the SAEs pushed"):
         H.save_for_hub({HOOK: sae}, tmp_path / "bad", dashboards={"layers.1.resid_post": out})
-    assert not (tmp_path / "bad").exists()               # refused before anything was written
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
     server = FakeHub(tmp_path / "server").start()
     mp = pytest.MonkeyPatch()
@@ -352,8 +379,10 @@ def test_push_to_hub_ships_the_browser(site, tmp_path):
         assert f"(dashboard/{HOOK}/index.html)" in card
         # downloaded, the browser is the same bytes
         local = Path(snapshot_download("org/tiny-saes", allow_patterns=["dashboard/*"]))
-        assert (local / "dashboard" / HOOK / "data" / "index.js").read_bytes() == (out / "data" / "index.js").read_bytes()
-        assert H.load_sae("org/tiny-saes", HOOK).config.n_latents == 300   # loading ignores the browser folder
+        assert (local / "dashboard" / HOOK / "data" / "index.js").read_bytes() == (
+            out / "data" / "index.js"
+        ).read_bytes()
+        assert H.load_sae("org/tiny-saes", HOOK).config.n_latents == 300  # loading ignores the browser folder
     finally:
         mp.undo()
         server.stop()

@@ -7,5 +7,13 @@ or any OpenAI-compatible chat endpoint, with a cache of answers. ``hf-sae autoin
 from .backends import Backend, Cached, LocalLM, OpenAIChat, make_backend
 from .run import add_autointerp_args, autointerp_site, run_autointerp
 
-__all__ = ["Backend", "Cached", "LocalLM", "OpenAIChat", "make_backend", "add_autointerp_args", "autointerp_site",
-           "run_autointerp"]
+__all__ = [
+    "Backend",
+    "Cached",
+    "LocalLM",
+    "OpenAIChat",
+    "make_backend",
+    "add_autointerp_args",
+    "autointerp_site",
+    "run_autointerp",
+]

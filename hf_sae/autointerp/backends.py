@@ -28,9 +28,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 __all__ = ["Backend", "LocalLM", "OpenAIChat", "Cached", "make_backend", "BackendError"]
 
@@ -92,8 +93,14 @@ class LocalLM(Backend):
     def _encode(self, prompts: list[str]):
         tok = self.tokenizer
         tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
-                  max_length=self.max_prompt_tokens)
+        enc = tok(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+        )
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def generate(self, chats: Sequence[list], max_tokens: int = 48) -> list[str]:
@@ -102,11 +109,12 @@ class LocalLM(Backend):
         out = []
         prompts = self._prompts(chats)
         for s in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[s:s + self.batch_size])
+            enc = self._encode(prompts[s : s + self.batch_size])
             with torch.no_grad():
-                gen = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
+                gen = self.model.generate(
+                    **enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
             out += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return out
 
@@ -116,7 +124,7 @@ class LocalLM(Backend):
         out = []
         prompts = self._prompts(chats)
         for s in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[s:s + self.batch_size])
+            enc = self._encode(prompts[s : s + self.batch_size])
             # left padding: positions count real tokens only (as generate() does), else RoPE shifts them
             position_ids = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
@@ -139,8 +147,16 @@ class OpenAIChat(Backend):
         retries: further attempts after a connection error, a 429 or a 5xx answer (backoff 0.5 s x 2^i).
     """
 
-    def __init__(self, api_base: str, model: str, api_key: Optional[str] = None, concurrency: int = 4,
-                 retries: int = 4, timeout: float = 120.0, backoff: float = 0.5):
+    def __init__(
+        self,
+        api_base: str,
+        model: str,
+        api_key: Optional[str] = None,
+        concurrency: int = 4,
+        retries: int = 4,
+        timeout: float = 120.0,
+        backoff: float = 0.5,
+    ):
         if not api_base.startswith(("http://", "https://")):
             raise ValueError(f"api_base must be an http(s) URL like http://127.0.0.1:8000/v1, got {api_base!r}.")
         self.url = api_base.rstrip("/") + "/chat/completions"
@@ -162,11 +178,13 @@ class OpenAIChat(Backend):
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read()[:200]!r}"
                 if e.code != 429 and e.code < 500:
-                    raise BackendError(f"{self.url} refused the request ({last}); check --api-model / --api-key.") from e
+                    raise BackendError(
+                        f"{self.url} refused the request ({last}); check --api-model / --api-key."
+                    ) from e
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as e:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+                time.sleep(self.backoff * 2**attempt)
         raise BackendError(f"{self.url} did not answer after {self.retries + 1} attempts (last: {last}).")
 
     def _map(self, fn, items):
@@ -187,8 +205,16 @@ class OpenAIChat(Backend):
 
     def yes_probability(self, chats: Sequence[list]) -> list[float]:
         def one(chat):
-            r = self._post({"model": self.model, "messages": chat, "max_tokens": 1, "temperature": 0,
-                            "logprobs": True, "top_logprobs": 10})
+            r = self._post(
+                {
+                    "model": self.model,
+                    "messages": chat,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "logprobs": True,
+                    "top_logprobs": 10,
+                }
+            )
             try:
                 choice = r["choices"][0]
                 text = choice["message"]["content"] or ""
@@ -254,15 +280,24 @@ class Cached(Backend):
         return self._run("yes", chats, None, self.inner.yes_probability)
 
 
-def make_backend(kind: str = "local", model: Optional[str] = None, api_base: Optional[str] = None,
-                 api_key: Optional[str] = None, cache: Optional[str] = None, batch_size: int = 8,
-                 concurrency: int = 4, device: str = "cpu") -> Backend:
+def make_backend(
+    kind: str = "local",
+    model: Optional[str] = None,
+    api_base: Optional[str] = None,
+    api_key: Optional[str] = None,
+    cache: Optional[str] = None,
+    batch_size: int = 8,
+    concurrency: int = 4,
+    device: str = "cpu",
+) -> Backend:
     """``kind``: ``local`` (``model``: a folder or ``default``) or ``openai`` (``api_base`` and ``model`` required)."""
     if kind == "local":
         b: Backend = LocalLM(model or "default", batch_size=batch_size, device=device)
     elif kind == "openai":
         if not api_base or not model:
-            raise ValueError("the openai backend needs --api-base URL (e.g. http://127.0.0.1:8000/v1) and --model NAME.")
+            raise ValueError(
+                "the openai backend needs --api-base URL (e.g. http://127.0.0.1:8000/v1) and --model NAME."
+            )
         b = OpenAIChat(api_base, model, api_key=api_key, concurrency=concurrency)
     else:
         raise ValueError(f"unknown backend {kind!r}; choose 'local' or 'openai'.")

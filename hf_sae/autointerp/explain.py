@@ -17,13 +17,20 @@ EleutherAI's delphi): the prompts, the detection and fuzzing tests, and their me
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-__all__ = ["explain_prompt", "detection_prompt", "fuzzing_prompt", "auroc", "accuracy", "render_context",
-           "clean_explanation"]
+__all__ = [
+    "explain_prompt",
+    "detection_prompt",
+    "fuzzing_prompt",
+    "auroc",
+    "accuracy",
+    "render_context",
+    "clean_explanation",
+]
 
-SYSTEM = ("You are a meticulous AI researcher studying the features of a language model. "
-          "Answer briefly and precisely.")
+SYSTEM = "You are a meticulous AI researcher studying the features of a language model. Answer briefly and precisely."
 
 
 def render_context(ctx: dict, tok: Sequence[str], marks: Optional[set] = None) -> str:
@@ -45,21 +52,27 @@ def firing_marks(ctx: dict) -> set:
 
 def explain_prompt(contexts: Sequence[dict], tok: Sequence[str]) -> list:
     lines = "\n".join(f"{i + 1}. {render_context(c, tok, firing_marks(c))}" for i, c in enumerate(contexts))
-    user = ("A feature of a language model fires on the tokens marked <<like this>> in these text excerpts:\n"
-            f"{lines}\n\nWhat do the marked tokens have in common? Answer with one short phrase, no more than "
-            "ten words, and nothing else.")
+    user = (
+        "A feature of a language model fires on the tokens marked <<like this>> in these text excerpts:\n"
+        f"{lines}\n\nWhat do the marked tokens have in common? Answer with one short phrase, no more than "
+        "ten words, and nothing else."
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def detection_prompt(explanation: str, ctx: dict, tok: Sequence[str]) -> list:
-    user = (f"A feature of a language model fires on: {explanation}\n\nText: {render_context(ctx, tok)}\n\n"
-            "Does the feature fire somewhere in this text? Answer Yes or No.")
+    user = (
+        f"A feature of a language model fires on: {explanation}\n\nText: {render_context(ctx, tok)}\n\n"
+        "Does the feature fire somewhere in this text? Answer Yes or No."
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def fuzzing_prompt(explanation: str, ctx: dict, tok: Sequence[str], marks: set) -> list:
-    user = (f"A feature of a language model fires on: {explanation}\n\nText: {render_context(ctx, tok, marks)}\n\n"
-            "Are the tokens marked <<like this>> the ones the feature fires on? Answer Yes or No.")
+    user = (
+        f"A feature of a language model fires on: {explanation}\n\nText: {render_context(ctx, tok, marks)}\n\n"
+        "Are the tokens marked <<like this>> the ones the feature fires on? Answer Yes or No."
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 

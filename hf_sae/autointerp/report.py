@@ -8,8 +8,12 @@ from pathlib import Path
 
 __all__ = ["plot_autointerp", "autointerp_section", "write_autointerp_report"]
 
-_COLUMNS = (("detection_accuracy", "detection acc."), ("detection_auroc", "detection AUROC"),
-            ("baseline_detection_accuracy", "shuffled acc."), ("fuzzing_accuracy", "fuzzing acc."))
+_COLUMNS = (
+    ("detection_accuracy", "detection acc."),
+    ("detection_auroc", "detection AUROC"),
+    ("baseline_detection_accuracy", "shuffled acc."),
+    ("fuzzing_accuracy", "fuzzing acc."),
+)
 
 
 def _f(v) -> str:
@@ -44,14 +48,18 @@ def autointerp_section(results: dict, out: Path, latent_link: str = "") -> str:
     """HTML: the summary table, the plot and the per-latent table (``latent_link`` prefixes latent links)."""
     img = plot_autointerp(results, out)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_f(v)}</td></tr>" for k, v in results["summary"].items())
-    parts = [f"<p>LM: <code>{html.escape(results['backend'])}</code></p><table>{rows}</table>",
-             f"<figure><img src='{img}' alt='detection accuracy'></figure>",
-             "<table><tr><th>latent</th><th>explanation</th>"
-             + "".join(f"<th>{h}</th>" for _, h in _COLUMNS) + "</tr>"]
+    parts = [
+        f"<p>LM: <code>{html.escape(results['backend'])}</code></p><table>{rows}</table>",
+        f"<figure><img src='{img}' alt='detection accuracy'></figure>",
+        "<table><tr><th>latent</th><th>explanation</th>" + "".join(f"<th>{h}</th>" for _, h in _COLUMNS) + "</tr>",
+    ]
     for j, r in sorted(results["latents"].items(), key=lambda kv: int(kv[0])):
         cell = f"<a href='{latent_link}{j}'>{j}</a>" if latent_link else j
-        parts.append(f"<tr><td>{cell}</td><td>{html.escape(r['explanation'])}</td>"
-                     + "".join(f"<td>{_f(r.get(k))}</td>" for k, _ in _COLUMNS) + "</tr>")
+        parts.append(
+            f"<tr><td>{cell}</td><td>{html.escape(r['explanation'])}</td>"
+            + "".join(f"<td>{_f(r.get(k))}</td>" for k, _ in _COLUMNS)
+            + "</tr>"
+        )
     parts.append("</table>")
     return "\n".join(parts)
 
@@ -60,7 +68,10 @@ def write_autointerp_report(results: dict, site) -> Path:
     site = Path(site)
     body = autointerp_section(results, site, latent_link="index.html#latent/")
     page = site / "autointerp.html"
-    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>hf_sae autointerp</title>"
-                    "<link rel='icon' href='data:,'><link rel='stylesheet' href='style.css'></head><body><main>"
-                    "<h1>Automatic interpretation</h1>" + body + "</main></body></html>", encoding="utf-8")
+    page.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>hf_sae autointerp</title>"
+        "<link rel='icon' href='data:,'><link rel='stylesheet' href='style.css'></head><body><main>"
+        "<h1>Automatic interpretation</h1>" + body + "</main></body></html>",
+        encoding="utf-8",
+    )
     return page

@@ -20,12 +20,21 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .backends import Backend, make_backend
-from .explain import (accuracy, auroc, clean_explanation, detection_prompt, explain_prompt, fuzzing_prompt,
-                      firing_marks, wrong_marks)
+from .explain import (
+    accuracy,
+    auroc,
+    clean_explanation,
+    detection_prompt,
+    explain_prompt,
+    firing_marks,
+    fuzzing_prompt,
+    wrong_marks,
+)
 
 __all__ = ["autointerp_site", "add_autointerp_args", "run_autointerp", "main"]
 
@@ -47,8 +56,10 @@ class _Site:
 
         self.path = Path(path)
         if not is_site(self.path):
-            raise FileNotFoundError(f"{self.path} is not a feature-browser site (no index.html + data/meta.js); "
-                                    "build one with `hf-sae dashboard SAE --out DIR` first.")
+            raise FileNotFoundError(
+                f"{self.path} is not a feature-browser site (no index.html + data/meta.js); "
+                "build one with `hf-sae dashboard SAE --out DIR` first."
+            )
         self.read = read_data
         self.meta = read_data(self.path / "data" / "meta.js")
         self._shards: dict = {}
@@ -77,9 +88,19 @@ def _derangement(n: int, rng: random.Random) -> list[int]:
     return out
 
 
-def autointerp_site(site, backend: Backend, *, latents: Optional[Sequence[int]] = None, n_latents: int = 50,
-                    n_explain: int = 10, n_detect: int = 5, n_fuzz: int = 5, seed: int = 0,
-                    baseline: bool = True, progress: bool = True) -> dict:
+def autointerp_site(
+    site,
+    backend: Backend,
+    *,
+    latents: Optional[Sequence[int]] = None,
+    n_latents: int = 50,
+    n_explain: int = 10,
+    n_detect: int = 5,
+    n_fuzz: int = 5,
+    seed: int = 0,
+    baseline: bool = True,
+    progress: bool = True,
+) -> dict:
     """Explain and score latents of the site at ``site`` with ``backend``; write the outputs (module doc).
 
     Args:
@@ -116,8 +137,10 @@ def autointerp_site(site, backend: Backend, *, latents: Optional[Sequence[int]] 
             raise ValueError(f"latents {bad} do not exist: the site has latents 0..{n_total - 1}.")
         chosen = sorted(int(j) for j in latents)
     if len(chosen) < (2 if baseline else 1):
-        raise ValueError(f"only {len(chosen)} latents of the site fire often enough to be explained; "
-                         "build the site over more tokens (--n-tokens) or pass --no-baseline.")
+        raise ValueError(
+            f"only {len(chosen)} latents of the site fire often enough to be explained; "
+            "build the site over more tokens (--n-tokens) or pass --no-baseline."
+        )
     pool = site.pool()
 
     # ------------------------------------------------------------------ explanations
@@ -130,8 +153,16 @@ def autointerp_site(site, backend: Backend, *, latents: Optional[Sequence[int]] 
         pos = held[:n_detect]
         silent = [c for c in pool["contexts"] if j not in c["active"]]
         neg = rng.sample(silent, min(len(silent), len(pos)))
-        items.append({"latent": j, "tok": tok, "shown": shown, "pos": pos, "neg": neg,
-                      "fuzz": (held + rec["top"][n_explain:])[:n_fuzz] if n_fuzz else []})
+        items.append(
+            {
+                "latent": j,
+                "tok": tok,
+                "shown": shown,
+                "pos": pos,
+                "neg": neg,
+                "fuzz": (held + rec["top"][n_explain:])[:n_fuzz] if n_fuzz else [],
+            }
+        )
     t = time.perf_counter()
     if progress:
         print(f"[hf-sae autointerp] explaining {len(items)} latents with {backend.name}", flush=True)
@@ -153,7 +184,9 @@ def autointerp_site(site, backend: Backend, *, latents: Optional[Sequence[int]] 
 
     t = time.perf_counter()
     if progress:
-        print(f"[hf-sae autointerp] detection: {sum(len(it['pos']) + len(it['neg']) for it in items)} prompts", flush=True)
+        print(
+            f"[hf-sae autointerp] detection: {sum(len(it['pos']) + len(it['neg']) for it in items)} prompts", flush=True
+        )
     owner, labels, scores = detection(lambda i: items[i]["explanation"])
     base = None
     if baseline:
@@ -178,37 +211,59 @@ def autointerp_site(site, backend: Backend, *, latents: Optional[Sequence[int]] 
     for i, it in enumerate(items):
         da, dr = per_item(i, owner, labels, scores)
         fa, fr = per_item(i, fz_owner, fz_labels, fz_scores)
-        r = {"explanation": it["explanation"], "raw_answer": it["raw"], "detection_accuracy": da,
-             "detection_auroc": dr, "fuzzing_accuracy": fa, "fuzzing_auroc": fr,
-             "n_detect": len(it["pos"]) + len(it["neg"]), "n_fuzz": 2 * len(it["fuzz"])}
+        r = {
+            "explanation": it["explanation"],
+            "raw_answer": it["raw"],
+            "detection_accuracy": da,
+            "detection_auroc": dr,
+            "fuzzing_accuracy": fa,
+            "fuzzing_auroc": fr,
+            "n_detect": len(it["pos"]) + len(it["neg"]),
+            "n_fuzz": 2 * len(it["fuzz"]),
+        }
         if base is not None:
             ba, br = per_item(i, *base)
-            r.update(baseline_explanation=items[perm[i]]["explanation"], baseline_detection_accuracy=ba,
-                     baseline_detection_auroc=br)
+            r.update(
+                baseline_explanation=items[perm[i]]["explanation"],
+                baseline_detection_accuracy=ba,
+                baseline_detection_auroc=br,
+            )
         out_latents[str(it["latent"])] = {k: _finite(v) for k, v in r.items()}
     summary = {
         "n_latents": len(items),
-        "detection_accuracy": accuracy(scores, labels), "detection_auroc": auroc(scores, labels),
+        "detection_accuracy": accuracy(scores, labels),
+        "detection_auroc": auroc(scores, labels),
         "mean_latent_detection_accuracy": _mean([r["detection_accuracy"] for r in out_latents.values()]),
         "mean_latent_detection_auroc": _mean([r["detection_auroc"] for r in out_latents.values()]),
-        "fuzzing_accuracy": accuracy(fz_scores, fz_labels), "fuzzing_auroc": auroc(fz_scores, fz_labels),
+        "fuzzing_accuracy": accuracy(fz_scores, fz_labels),
+        "fuzzing_auroc": auroc(fz_scores, fz_labels),
     }
     if base is not None:
-        summary.update(baseline_detection_accuracy=accuracy(base[2], base[1]),
-                       baseline_detection_auroc=auroc(base[2], base[1]))
+        summary.update(
+            baseline_detection_accuracy=accuracy(base[2], base[1]), baseline_detection_auroc=auroc(base[2], base[1])
+        )
     cache = getattr(backend, "hits", None)
     results = {
-        "backend": backend.name, "site": str(site.path), "hook_point": site.meta.get("hook_point"),
+        "backend": backend.name,
+        "site": str(site.path),
+        "hook_point": site.meta.get("hook_point"),
         "settings": {"n_explain": n_explain, "n_detect": n_detect, "n_fuzz": n_fuzz, "seed": seed},
         "summary": {k: _finite(v) for k, v in summary.items()},
         "latents": out_latents,
-        "timings_s": {"explain": round(t_explain, 2), "score": round(t_score, 2),
-                      "total": round(time.perf_counter() - t0, 2)},
+        "timings_s": {
+            "explain": round(t_explain, 2),
+            "score": round(t_score, 2),
+            "total": round(time.perf_counter() - t0, 2),
+        },
         "cache": {"hits": backend.hits, "misses": backend.misses} if cache is not None else None,
     }
     (site.path / "autointerp.json").write_text(json.dumps(results, indent=1))
-    write_data(site.path / "data" / "autointerp.js", "autointerp", None,
-               {"backend": backend.name, "summary": results["summary"], "latents": out_latents})
+    write_data(
+        site.path / "data" / "autointerp.js",
+        "autointerp",
+        None,
+        {"backend": backend.name, "summary": results["summary"], "latents": out_latents},
+    )
     set_meta_flag(site.path, autointerp=True)
     from .report import write_autointerp_report
 
@@ -224,8 +279,11 @@ def add_eval_section(results: dict, eval_dir) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the --out folder of an `hf-sae eval` run.")
     metrics = json.loads(path.read_text())
-    metrics["autointerp"] = {"summary": results["summary"], "backend": results["backend"],
-                             "latents": results["latents"]}
+    metrics["autointerp"] = {
+        "summary": results["summary"],
+        "backend": results["backend"],
+        "latents": results["latents"],
+    }
     for k, v in results["summary"].items():
         if k != "n_latents":
             metrics.setdefault("summary", {})[f"autointerp_{k}"] = v
@@ -236,23 +294,37 @@ def add_eval_section(results: dict, eval_dir) -> Path:
 
 def add_autointerp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("site", help="folder of a feature-browser site (written by `hf-sae dashboard`)")
-    parser.add_argument("--backend", choices=("local", "openai"), default="local",
-                        help="local: a HF causal LM (default: the embedded SmolLM2-135M-Instruct); "
-                             "openai: an OpenAI-compatible chat endpoint")
-    parser.add_argument("--model", default=None,
-                        help="local: a model folder (default: the embedded SmolLM2); openai: the model name sent")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "openai"),
+        default="local",
+        help="local: a HF causal LM (default: the embedded SmolLM2-135M-Instruct); "
+        "openai: an OpenAI-compatible chat endpoint",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local: a model folder (default: the embedded SmolLM2); openai: the model name sent",
+    )
     parser.add_argument("--api-base", default=None, help="openai: base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="openai: environment variable holding the API key (default OPENAI_API_KEY; unset = none)")
+    parser.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="openai: environment variable holding the API key (default OPENAI_API_KEY; unset = none)",
+    )
     parser.add_argument("--latents", type=int, default=50, help="number of random latents to explain (default 50)")
     parser.add_argument("--latent-ids", type=int, nargs="+", default=None, help="explain these latents instead")
     parser.add_argument("--n-explain", type=int, default=10, help="top contexts shown to the explainer (default 10)")
-    parser.add_argument("--n-detect", type=int, default=5, help="firing and as many silent contexts per latent (default 5)")
+    parser.add_argument(
+        "--n-detect", type=int, default=5, help="firing and as many silent contexts per latent (default 5)"
+    )
     parser.add_argument("--n-fuzz", type=int, default=3, help="contexts per latent for fuzzing (default 3; 0 = none)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the shuffled-explanation baseline")
     parser.add_argument("--batch-size", type=int, default=8, help="local: prompts per forward (default 8)")
     parser.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight (default 4)")
-    parser.add_argument("--cache", default=None, help="answer cache (default SITE/autointerp_cache.jsonl; 'none' = off)")
+    parser.add_argument(
+        "--cache", default=None, help="answer cache (default SITE/autointerp_cache.jsonl; 'none' = off)"
+    )
     parser.add_argument("--eval-dir", default=None, help="also add the scores to this `hf-sae eval` output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -264,28 +336,48 @@ def run_autointerp(args: argparse.Namespace) -> int:
     from hf_sae.dashboard.site import is_site
 
     if not is_site(args.site):  # before loading any model
-        raise FileNotFoundError(f"{args.site} is not a feature-browser site (no index.html + data/meta.js); "
-                                "build one with `hf-sae dashboard SAE --out DIR` first.")
+        raise FileNotFoundError(
+            f"{args.site} is not a feature-browser site (no index.html + data/meta.js); "
+            "build one with `hf-sae dashboard SAE --out DIR` first."
+        )
     if args.eval_dir and not (Path(args.eval_dir) / "metrics.json").is_file():
         raise FileNotFoundError(f"--eval-dir {args.eval_dir} has no metrics.json; pass an `hf-sae eval --out` folder.")
     cache = None if args.cache == "none" else (args.cache or str(Path(args.site) / "autointerp_cache.jsonl"))
-    backend = make_backend(args.backend, model=args.model, api_base=args.api_base,
-                           api_key=os.environ.get(args.api_key_env) if args.api_key_env else None, cache=cache,
-                           batch_size=args.batch_size, concurrency=args.concurrency, device=args.device)
-    res = autointerp_site(args.site, backend, latents=args.latent_ids, n_latents=args.latents,
-                          n_explain=args.n_explain, n_detect=args.n_detect, n_fuzz=args.n_fuzz, seed=args.seed,
-                          baseline=not args.no_baseline, progress=not args.no_progress)
+    backend = make_backend(
+        args.backend,
+        model=args.model,
+        api_base=args.api_base,
+        api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+        cache=cache,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        device=args.device,
+    )
+    res = autointerp_site(
+        args.site,
+        backend,
+        latents=args.latent_ids,
+        n_latents=args.latents,
+        n_explain=args.n_explain,
+        n_detect=args.n_detect,
+        n_fuzz=args.n_fuzz,
+        seed=args.seed,
+        baseline=not args.no_baseline,
+        progress=not args.no_progress,
+    )
     s = res["summary"]
 
     def f(k):
         v = s.get(k)
         return "n/a" if v is None else f"{v:.3f}"
 
-    print(f"[hf-sae autointerp] {s['n_latents']} latents with {res['backend']}: detection accuracy "
-          f"{f('detection_accuracy')} (AUROC {f('detection_auroc')}) vs shuffled explanations "
-          f"{f('baseline_detection_accuracy')} (AUROC {f('baseline_detection_auroc')}); fuzzing accuracy "
-          f"{f('fuzzing_accuracy')} (AUROC {f('fuzzing_auroc')}); {res['timings_s']['total']:.0f} s; "
-          f"wrote {Path(args.site) / 'autointerp.json'} and {Path(args.site) / 'autointerp.html'}")
+    print(
+        f"[hf-sae autointerp] {s['n_latents']} latents with {res['backend']}: detection accuracy "
+        f"{f('detection_accuracy')} (AUROC {f('detection_auroc')}) vs shuffled explanations "
+        f"{f('baseline_detection_accuracy')} (AUROC {f('baseline_detection_auroc')}); fuzzing accuracy "
+        f"{f('fuzzing_accuracy')} (AUROC {f('fuzzing_auroc')}); {res['timings_s']['total']:.0f} s; "
+        f"wrote {Path(args.site) / 'autointerp.json'} and {Path(args.site) / 'autointerp.html'}"
+    )
     if args.eval_dir:
         print(f"[hf-sae autointerp] added to {add_eval_section(res, args.eval_dir)}")
     return 0

@@ -17,8 +17,9 @@ import argparse
 import json
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -32,8 +33,9 @@ DEFAULT_TEXTS = (
 )
 
 
-def _text_view(sae, model, tokenizer, hook: str, texts: Sequence[str], max_code_width: int, device,
-               per_token: int = 5) -> list[dict]:
+def _text_view(
+    sae, model, tokenizer, hook: str, texts: Sequence[str], max_code_width: int, device, per_token: int = 5
+) -> list[dict]:
     """[{text, tokens, latents}] with each token's ``per_token`` strongest latents ([[latent, act], ...]);
     position 0 (BOS) and special tokens get none."""
     from hf_sae.data.corpus import token_mask
@@ -55,8 +57,11 @@ def _text_view(sae, model, tokenizer, hook: str, texts: Sequence[str], max_code_
         lat = i.gather(-1, tj)
         rows = []
         for t in range(ids.shape[1]):
-            rows.append([[int(a), round(float(b), 3)] for a, b in zip(lat[t].tolist(), tv[t].tolist()) if b > 0]
-                        if keep[0, t] else [])
+            rows.append(
+                [[int(a), round(float(b), 3)] for a, b in zip(lat[t].tolist(), tv[t].tolist()) if b > 0]
+                if keep[0, t]
+                else []
+            )
         out.append({"text": text, "tokens": [tokenizer.decode([int(t)]) for t in ids[0].tolist()], "latents": rows})
     return out
 
@@ -66,12 +71,32 @@ def _peak_rss_mb() -> float:
 
 
 @torch.no_grad()
-def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optional[str] = None,
-                    hook_point: Optional[str] = None, dataset: str = "default", split: str = "validation",
-                    text_column: str = "text", n_tokens: int = 20_000, window: int = 128, batch_size: int = 8,
-                    top_k: int = 10, n_samples: int = 10, before: int = 8, after: int = 3,
-                    n2g_latents: int = 512, n2g_tokens: int = 20_000, texts: Sequence[str] = DEFAULT_TEXTS,
-                    seed: int = 0, device="cpu", sae_label: Optional[str] = None, progress: bool = True) -> dict:
+def build_dashboard(
+    sae,
+    out,
+    *,
+    model=None,
+    tokenizer=None,
+    model_name: Optional[str] = None,
+    hook_point: Optional[str] = None,
+    dataset: str = "default",
+    split: str = "validation",
+    text_column: str = "text",
+    n_tokens: int = 20_000,
+    window: int = 128,
+    batch_size: int = 8,
+    top_k: int = 10,
+    n_samples: int = 10,
+    before: int = 8,
+    after: int = 3,
+    n2g_latents: int = 512,
+    n2g_tokens: int = 20_000,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    seed: int = 0,
+    device="cpu",
+    sae_label: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
     """Build the feature browser of ``sae`` into ``out``; returns a summary dict (paths, sizes, timings,
     peak resident memory) also written to ``out/build_info.json``.
 
@@ -111,7 +136,9 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
     cfg = sae.config
     hook = hook_point or cfg.hook_point
     if not hook:
-        raise ValueError("the SAE's config has no hook_point; pass hook_point= (--hook-point), e.g. layers.6.resid_post.")
+        raise ValueError(
+            "the SAE's config has no hook_point; pass hook_point= (--hook-point), e.g. layers.6.resid_post."
+        )
     model_name = model_name or cfg.base_model or DEFAULT_MODEL
     if model is None or tokenizer is None:
         model, tokenizer = load_model(model_name, device=device)
@@ -126,8 +153,11 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
     ids = _collect_windows(src, tokenizer, n_tokens)
     keep = _trim_mask(corpus.token_mask(ids, tokenizer), n_tokens)
     if int(keep.sum()) < n_tokens:
-        print(f"[hf-sae dashboard] warning: {dataset!r}/{split} has only {int(keep.sum())} usable tokens "
-              f"(< n_tokens {n_tokens}); building the browser over {int(keep.sum())}.", flush=True)
+        print(
+            f"[hf-sae dashboard] warning: {dataset!r}/{split} has only {int(keep.sum())} usable tokens "
+            f"(< n_tokens {n_tokens}); building the browser over {int(keep.sum())}.",
+            flush=True,
+        )
     ids, keep = ids[: int(keep.any(-1).nonzero().max()) + 1], keep[: int(keep.any(-1).nonzero().max()) + 1]
     n = cfg.n_latents
     g = torch.Generator().manual_seed(seed)
@@ -135,9 +165,24 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    st = collect_features(sae, model, ids, keep, hook, top_k=top_k, n_samples=n_samples, before=before, after=after,
-                          batch_size=batch_size, n2g_latents=chosen, n2g_tokens=n2g_tokens,
-                          max_code_width=MAX_CODE_WIDTH, seed=seed, device=device, progress=progress)
+    st = collect_features(
+        sae,
+        model,
+        ids,
+        keep,
+        hook,
+        top_k=top_k,
+        n_samples=n_samples,
+        before=before,
+        after=after,
+        batch_size=batch_size,
+        n2g_latents=chosen,
+        n2g_tokens=n2g_tokens,
+        max_code_width=MAX_CODE_WIDTH,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
     timings["collect"] = time.perf_counter() - t
     timings["of_which_lm_forward"] = st.lm_seconds
 
@@ -154,24 +199,41 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
         n_ids = ids[:r]
         base = max(len(tokenizer), int(ids.max()) + 1)
         train_rows = torch.arange(r) % 2 == 0
-        exps = n2g_evaluate(n_ids, keep[:r], train_rows, st.n2g_acts, st.n2g_latents, vocab_size=base,
-                            progress=progress)
+        exps = n2g_evaluate(
+            n_ids, keep[:r], train_rows, st.n2g_acts, st.n2g_latents, vocab_size=base, progress=progress
+        )
         n2g = {e.latent: e.to_dict(tokenizer, base) for e in exps if e.patterns}
     timings["n2g"] = time.perf_counter() - t
 
     t = time.perf_counter()
     text_view = _text_view(sae, model, tokenizer, hook, list(texts), MAX_CODE_WIDTH, device)
-    meta = {"title": sae_label or f"{model_name} {hook}", "model": model_name, "hook_point": hook,
-            "activation": cfg.activation, "k": cfg.k, "d_in": cfg.d_in, "dataset": dataset, "split": split,
-            "n2g_latents": len(chosen), "n2g_tokens": int(keep[: st.n2g_rows].sum()) if st.n2g_rows else 0}
+    meta = {
+        "title": sae_label or f"{model_name} {hook}",
+        "model": model_name,
+        "hook_point": hook,
+        "activation": cfg.activation,
+        "k": cfg.k,
+        "d_in": cfg.d_in,
+        "dataset": dataset,
+        "split": split,
+        "n2g_latents": len(chosen),
+        "n2g_tokens": int(keep[: st.n2g_rows].sum()) if st.n2g_rows else 0,
+    }
     write_site(st, out, tokenizer, meta=meta, logits=logits, near=near, n2g=n2g, texts=text_view, progress=progress)
     timings["write_site"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     info = {
-        "out": str(out), "index_html": str((out / "index.html").resolve()), "n_latents": n, "n_tokens": st.n_tokens,
-        "n_windows": int(ids.shape[0]), "window": window, "site_bytes": site_size(out),
-        "n_files": sum(1 for f in out.rglob("*") if f.is_file()), "n2g_explained": len(n2g),
-        "dead_latents": int((st.count == 0).sum()), "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "out": str(out),
+        "index_html": str((out / "index.html").resolve()),
+        "n_latents": n,
+        "n_tokens": st.n_tokens,
+        "n_windows": int(ids.shape[0]),
+        "window": window,
+        "site_bytes": site_size(out),
+        "n_files": sum(1 for f in out.rglob("*") if f.is_file()),
+        "n2g_explained": len(n2g),
+        "dead_latents": int((st.count == 0).sum()),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=1))
@@ -181,23 +243,50 @@ def build_dashboard(sae, out, *, model=None, tokenizer=None, model_name: Optiona
 def add_dashboard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``hf-sae dashboard`` arguments."""
     parser.add_argument("sae_path", help="folder (or Hub id) of a saved SparseAutoencoder")
-    parser.add_argument("--subfolder", default=None, help="subfolder holding the SAE (one hook point of a multi-SAE repo)")
-    parser.add_argument("--model", default=None, help="causal LM (default: the SAE's base_model, else the embedded SmolLM2)")
+    parser.add_argument(
+        "--subfolder", default=None, help="subfolder holding the SAE (one hook point of a multi-SAE repo)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="causal LM (default: the SAE's base_model, else the embedded SmolLM2)"
+    )
     parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name")
-    parser.add_argument("--split", default="validation", help="split of the text source (default: validation, held out)")
+    parser.add_argument(
+        "--dataset",
+        default="default",
+        help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name",
+    )
+    parser.add_argument(
+        "--split", default="validation", help="split of the text source (default: validation, held out)"
+    )
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--n-tokens", type=int, default=20_000, help="kept tokens read (default 20000)")
     parser.add_argument("--window", type=int, default=128, help="tokens per LM window (default 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
     parser.add_argument("--top-k", type=int, default=10, help="top-activating contexts per latent (default 10)")
-    parser.add_argument("--samples", type=int, default=10, help="random firing contexts per latent, shown by quantile (default 10)")
-    parser.add_argument("--context", type=int, nargs=2, default=(8, 3), metavar=("BEFORE", "AFTER"),
-                        help="context tokens shown before and after the activating token (default 8 3)")
-    parser.add_argument("--n2g-latents", type=int, default=512, help="latents given an N2G explanation (default 512; all if fewer)")
-    parser.add_argument("--n2g-tokens", type=int, default=20_000, help="tokens the N2G explanations use (default 20000)")
-    parser.add_argument("--text", action="append", default=None, dest="texts",
-                        help="a text for the 'which latents fire' view (repeat; default: four built-in sentences)")
+    parser.add_argument(
+        "--samples", type=int, default=10, help="random firing contexts per latent, shown by quantile (default 10)"
+    )
+    parser.add_argument(
+        "--context",
+        type=int,
+        nargs=2,
+        default=(8, 3),
+        metavar=("BEFORE", "AFTER"),
+        help="context tokens shown before and after the activating token (default 8 3)",
+    )
+    parser.add_argument(
+        "--n2g-latents", type=int, default=512, help="latents given an N2G explanation (default 512; all if fewer)"
+    )
+    parser.add_argument(
+        "--n2g-tokens", type=int, default=20_000, help="tokens the N2G explanations use (default 20000)"
+    )
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        dest="texts",
+        help="a text for the 'which latents fire' view (repeat; default: four built-in sentences)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="output folder (default: ./dashboard_<sae folder name>)")
@@ -210,14 +299,33 @@ def run_dashboard(args: argparse.Namespace) -> int:
 
     sae = _load_sae(args.sae_path, args.subfolder, torch.device(args.device))
     out = Path(args.out) if args.out else Path(f"dashboard_{Path(str(args.sae_path)).name or 'sae'}")
-    info = build_dashboard(sae, out, model_name=args.model, hook_point=args.hook_point, dataset=args.dataset,
-                           split=args.split, text_column=args.text_column, n_tokens=args.n_tokens, window=args.window,
-                           batch_size=args.batch_size, top_k=args.top_k, n_samples=args.samples,
-                           before=args.context[0], after=args.context[1], n2g_latents=args.n2g_latents,
-                           n2g_tokens=args.n2g_tokens, texts=args.texts or DEFAULT_TEXTS, seed=args.seed,
-                           device=args.device, sae_label=str(args.sae_path), progress=not args.no_progress)
-    print(f"[hf-sae dashboard] {info['n_latents']} latents over {info['n_tokens']} tokens in "
-          f"{info['timings_s']['total']:.1f} s; site {info['site_bytes'] / 1e6:.1f} MB: {info['index_html']}")
+    info = build_dashboard(
+        sae,
+        out,
+        model_name=args.model,
+        hook_point=args.hook_point,
+        dataset=args.dataset,
+        split=args.split,
+        text_column=args.text_column,
+        n_tokens=args.n_tokens,
+        window=args.window,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        n_samples=args.samples,
+        before=args.context[0],
+        after=args.context[1],
+        n2g_latents=args.n2g_latents,
+        n2g_tokens=args.n2g_tokens,
+        texts=args.texts or DEFAULT_TEXTS,
+        seed=args.seed,
+        device=args.device,
+        sae_label=str(args.sae_path),
+        progress=not args.no_progress,
+    )
+    print(
+        f"[hf-sae dashboard] {info['n_latents']} latents over {info['n_tokens']} tokens in "
+        f"{info['timings_s']['total']:.1f} s; site {info['site_bytes'] / 1e6:.1f} MB: {info['index_html']}"
+    )
     return 0
 
 

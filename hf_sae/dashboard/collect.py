@@ -23,8 +23,9 @@ are those of ``hf_sae.data.corpus.token_mask`` (position 0 and special tokens ne
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,26 +43,26 @@ class FeatureStats:
     Token positions are global: ``row * T + pos`` into ``input_ids`` [N, T]; -1 marks an empty slot.
     """
 
-    input_ids: Tensor            # int32 [N, T] the windows the pass read
-    n_tokens: int                # kept tokens seen
-    before: int                  # context tokens before the activating one
-    after: int                   # context tokens after it
-    top_act: Tensor              # float32 [n, K] (-inf = empty)
-    top_pos: Tensor              # int64 [n, K]
-    top_ctx: Tensor              # float16 [n, K, W] the latent's activation over the context window
-    sample_act: Tensor           # float32 [n, S]
-    sample_pos: Tensor           # int64 [n, S]
-    sample_ctx: Tensor           # float16 [n, S, W]
-    count: Tensor                # int64 [n] firing tokens
-    act_sum: Tensor              # float64 [n]
-    act_max: Tensor              # float32 [n]
-    hist: Tensor                 # int64 [n, len(HIST_EDGES) + 1]
+    input_ids: Tensor  # int32 [N, T] the windows the pass read
+    n_tokens: int  # kept tokens seen
+    before: int  # context tokens before the activating one
+    after: int  # context tokens after it
+    top_act: Tensor  # float32 [n, K] (-inf = empty)
+    top_pos: Tensor  # int64 [n, K]
+    top_ctx: Tensor  # float16 [n, K, W] the latent's activation over the context window
+    sample_act: Tensor  # float32 [n, S]
+    sample_pos: Tensor  # int64 [n, S]
+    sample_ctx: Tensor  # float16 [n, S, W]
+    count: Tensor  # int64 [n] firing tokens
+    act_sum: Tensor  # float64 [n]
+    act_max: Tensor  # float32 [n]
+    hist: Tensor  # int64 [n, len(HIST_EDGES) + 1]
     n2g_latents: list = field(default_factory=list)
-    n2g_rows: int = 0            # the N2G activations cover input_ids[:n2g_rows]
-    n2g_acts: Optional[Tensor] = None   # float32 [n2g_rows, T, len(n2g_latents)]
-    pool_pos: Optional[Tensor] = None   # int64 [P] centre of each pool context
+    n2g_rows: int = 0  # the N2G activations cover input_ids[:n2g_rows]
+    n2g_acts: Optional[Tensor] = None  # float32 [n2g_rows, T, len(n2g_latents)]
+    pool_pos: Optional[Tensor] = None  # int64 [P] centre of each pool context
     pool_active: list = field(default_factory=list)  # P lists of latents active in the context window
-    lm_seconds: float = 0.0      # of the pass, time spent in the LM forward (the rest is SAE + bookkeeping)
+    lm_seconds: float = 0.0  # of the pass, time spent in the LM forward (the rest is SAE + bookkeeping)
 
     @property
     def width(self) -> int:
@@ -97,8 +98,9 @@ def _group_topk(lat: Tensor, key: Tensor, n: int, K: int) -> Tensor:
     return slots
 
 
-def _contexts(pos_local: Tensor, lat: Tensor, idx_bt: Tensor, val_bt: Tensor, before: int, after: int,
-              chunk: int = 16384) -> Tensor:
+def _contexts(
+    pos_local: Tensor, lat: Tensor, idx_bt: Tensor, val_bt: Tensor, before: int, after: int, chunk: int = 16384
+) -> Tensor:
     """float16 [M, W]: latent lat[m]'s activation over the window around batch position pos_local[m]
     (a flat index into the batch's [B, T]); 0 outside the row."""
     B, T, w = idx_bt.shape
@@ -106,19 +108,20 @@ def _contexts(pos_local: Tensor, lat: Tensor, idx_bt: Tensor, val_bt: Tensor, be
     out = torch.zeros(pos_local.numel(), offs.numel(), dtype=torch.float16)
     flat_idx, flat_val = idx_bt.view(B * T, w), val_bt.view(B * T, w)
     for s in range(0, pos_local.numel(), chunk):
-        p, l_ = pos_local[s:s + chunk], lat[s:s + chunk]
+        p, l_ = pos_local[s : s + chunk], lat[s : s + chunk]
         row, col = p // T, p % T
-        cols = col.unsqueeze(-1) + offs                          # [m, W]
+        cols = col.unsqueeze(-1) + offs  # [m, W]
         inside = (cols >= 0) & (cols < T)
         where = row.unsqueeze(-1) * T + cols.clamp(0, T - 1)
-        hit = flat_idx[where] == l_.view(-1, 1, 1)               # [m, W, w]
+        hit = flat_idx[where] == l_.view(-1, 1, 1)  # [m, W, w]
         acts = (flat_val[where] * hit).sum(-1) * inside
-        out[s:s + chunk] = acts.to(torch.float16)
+        out[s : s + chunk] = acts.to(torch.float16)
     return out
 
 
-def _merge(best_key: Tensor, best_pos: Tensor, best_ctx: Tensor, slots: Tensor, key: Tensor, pos: Tensor,
-           ctx: Tensor) -> None:
+def _merge(
+    best_key: Tensor, best_pos: Tensor, best_ctx: Tensor, slots: Tensor, key: Tensor, pos: Tensor, ctx: Tensor
+) -> None:
     """Merge the candidates ``slots`` [n, K] (indices into key/pos/ctx, -1 empty) into the running top-K (in place)."""
     K = best_key.shape[1]
     has = slots >= 0
@@ -140,10 +143,26 @@ def _merge(best_key: Tensor, best_pos: Tensor, best_ctx: Tensor, slots: Tensor, 
 
 
 @torch.no_grad()
-def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, top_k: int = 10,
-                     n_samples: int = 10, before: int = 8, after: int = 3, batch_size: int = 8,
-                     n2g_latents: Sequence[int] = (), n2g_tokens: int = 0, n_pool: int = 256,
-                     max_code_width: int = 256, seed: int = 0, device="cpu", progress: bool = False) -> FeatureStats:
+def collect_features(
+    sae,
+    model,
+    input_ids: Tensor,
+    keep: Tensor,
+    hook: str,
+    *,
+    top_k: int = 10,
+    n_samples: int = 10,
+    before: int = 8,
+    after: int = 3,
+    batch_size: int = 8,
+    n2g_latents: Sequence[int] = (),
+    n2g_tokens: int = 0,
+    n_pool: int = 256,
+    max_code_width: int = 256,
+    seed: int = 0,
+    device="cpu",
+    progress: bool = False,
+) -> FeatureStats:
     """Run the LM over ``input_ids`` [N, T] (positions where ``keep`` [N, T] is False never fire), encode
     the activations at ``hook`` with ``sae`` and gather :class:`FeatureStats`.
 
@@ -156,7 +175,9 @@ def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, 
     from hf_sae.hooks import run_with_capture
 
     if input_ids.dim() != 2 or keep.shape != input_ids.shape:
-        raise ValueError(f"input_ids and keep must both be [N, T], got {tuple(input_ids.shape)} and {tuple(keep.shape)}.")
+        raise ValueError(
+            f"input_ids and keep must both be [N, T], got {tuple(input_ids.shape)} and {tuple(keep.shape)}."
+        )
     if top_k < 1 or n_samples < 0 or before < 0 or after < 0:
         raise ValueError("top_k must be >= 1 and n_samples, before, after >= 0.")
     n = sae.config.n_latents
@@ -165,13 +186,20 @@ def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, 
     g = torch.Generator().manual_seed(seed)
     S = max(n_samples, 1)
     st = FeatureStats(
-        input_ids=input_ids.to(torch.int32), n_tokens=0, before=before, after=after,
-        top_act=torch.full((n, top_k), float("-inf")), top_pos=torch.full((n, top_k), -1, dtype=torch.long),
+        input_ids=input_ids.to(torch.int32),
+        n_tokens=0,
+        before=before,
+        after=after,
+        top_act=torch.full((n, top_k), float("-inf")),
+        top_pos=torch.full((n, top_k), -1, dtype=torch.long),
         top_ctx=torch.zeros(n, top_k, W, dtype=torch.float16),
-        sample_act=torch.full((n, S), float("-inf")), sample_pos=torch.full((n, S), -1, dtype=torch.long),
+        sample_act=torch.full((n, S), float("-inf")),
+        sample_pos=torch.full((n, S), -1, dtype=torch.long),
         sample_ctx=torch.zeros(n, S, W, dtype=torch.float16),
-        count=torch.zeros(n, dtype=torch.long), act_sum=torch.zeros(n, dtype=torch.float64),
-        act_max=torch.zeros(n), hist=torch.zeros(n, HIST_EDGES.numel() + 1, dtype=torch.long),
+        count=torch.zeros(n, dtype=torch.long),
+        act_sum=torch.zeros(n, dtype=torch.float64),
+        act_max=torch.zeros(n),
+        hist=torch.zeros(n, HIST_EDGES.numel() + 1, dtype=torch.long),
     )
     sample_key = torch.full((n, S), float("-inf"))
     # N2G: dense activations of the chosen latents on the first windows
@@ -191,7 +219,7 @@ def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, 
 
     edges = HIST_EDGES
     for s in tqdm(range(0, N, batch_size), desc="dashboard", disable=not progress):
-        b_ids, b_keep = input_ids[s:s + batch_size], keep[s:s + batch_size]
+        b_ids, b_keep = input_ids[s : s + batch_size], keep[s : s + batch_size]
         B = b_ids.shape[0]
         if not b_keep.any():
             continue
@@ -207,7 +235,7 @@ def collect_features(sae, model, input_ids: Tensor, keep: Tensor, hook: str, *, 
         val_bt[b_keep], idx_bt[b_keep] = v, i
         st.n_tokens += x.shape[0]
         # firing pairs of this batch
-        local = b_keep.flatten().nonzero().squeeze(-1)                  # kept token -> flat batch position
+        local = b_keep.flatten().nonzero().squeeze(-1)  # kept token -> flat batch position
         fire = v > 0
         pair_tok = local.unsqueeze(-1).expand_as(i)[fire]
         pair_lat, pair_val = i[fire], v[fire]
@@ -277,13 +305,18 @@ def logit_effects(W_dec: Tensor, model, n_top: int = 10, chunk: int = 512) -> tu
     tv, ti = torch.zeros(n, n_top), torch.zeros(n, n_top, dtype=torch.long)
     bv, bi = torch.zeros(n, n_top), torch.zeros(n, n_top, dtype=torch.long)
     for s in range(0, n, chunk):
-        rows = W_dec[s:s + chunk].detach().float().cpu()
+        rows = W_dec[s : s + chunk].detach().float().cpu()
         if g is not None:
             rows = rows * g
         logits = rows @ W_U.T
         t = logits.topk(n_top, dim=-1)
         b = logits.topk(n_top, dim=-1, largest=False)
-        tv[s:s + chunk], ti[s:s + chunk], bv[s:s + chunk], bi[s:s + chunk] = t.values, t.indices, b.values, b.indices
+        tv[s : s + chunk], ti[s : s + chunk], bv[s : s + chunk], bi[s : s + chunk] = (
+            t.values,
+            t.indices,
+            b.values,
+            b.indices,
+        )
     return tv, ti, bv, bi
 
 
@@ -296,8 +329,8 @@ def nearest_latents(W_dec: Tensor, n_near: int = 6, chunk: int = 1024) -> tuple[
     m = min(n_near, n - 1)
     cv, ci = torch.zeros(n, m), torch.zeros(n, m, dtype=torch.long)
     for s in range(0, n, chunk):
-        cos = D[s:s + chunk] @ D.T
+        cos = D[s : s + chunk] @ D.T
         cos[torch.arange(cos.shape[0]), torch.arange(s, s + cos.shape[0])] = float("-inf")
         t = cos.topk(m, dim=-1)
-        cv[s:s + chunk], ci[s:s + chunk] = t.values, t.indices
+        cv[s : s + chunk], ci[s : s + chunk] = t.values, t.indices
     return cv, ci

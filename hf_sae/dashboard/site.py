@@ -21,8 +21,9 @@ import json
 import math
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 __all__ = ["SHARD_SIZE", "ASSETS", "write_data", "read_data", "shard_name", "write_site", "latent_record"]
 
@@ -34,20 +35,23 @@ _PREFIX, _SUFFIX = "HFSAE_DATA(", ");\n"
 
 def write_data(path: Path, kind: str, key, payload: Any) -> None:
     """Write one data file (atomically: a reader never sees half a file)."""
-    from hf_sae.data.cache import _atomic_write_bytes
+    from hf_sae._io import atomic_write_bytes
 
-    text = _PREFIX + json.dumps([kind, key, payload], separators=(",", ":"), ensure_ascii=False,
-                                allow_nan=False) + _SUFFIX
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    text = (
+        _PREFIX + json.dumps([kind, key, payload], separators=(",", ":"), ensure_ascii=False, allow_nan=False) + _SUFFIX
+    )
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def read_data(path: Path) -> Any:
     """The payload of a data file written by :func:`write_data`."""
     text = Path(path).read_text(encoding="utf-8")
     if not (text.startswith(_PREFIX) and text.endswith(_SUFFIX)):
-        raise ValueError(f"{path} is not a feature-browser data file (expected {_PREFIX}...{_SUFFIX.strip()}); "
-                         "rebuild the site with `hf-sae dashboard`.")
-    return json.loads(text[len(_PREFIX):-len(_SUFFIX)])[2]
+        raise ValueError(
+            f"{path} is not a feature-browser data file (expected {_PREFIX}...{_SUFFIX.strip()}); "
+            "rebuild the site with `hf-sae dashboard`."
+        )
+    return json.loads(text[len(_PREFIX) : -len(_SUFFIX)])[2]
 
 
 def shard_name(shard: int) -> str:
@@ -75,15 +79,16 @@ class _Vocab:
         return j
 
 
-def _context(rows: list, T: int, before: int, after: int, pos: int, ctx_acts: list, vocab: _Vocab,
-             scale: float) -> dict:
+def _context(
+    rows: list, T: int, before: int, after: int, pos: int, ctx_acts: list, vocab: _Vocab, scale: float
+) -> dict:
     """One context: token indices ``t`` (into the shard vocabulary), activations ``v`` as integers 0..100
     relative to ``scale`` (the latent's max), the centre's index ``c`` in ``t`` and its activation ``a``."""
     row, col = divmod(int(pos), T)
     ids = rows[row]
     lo, hi = max(0, col - before), min(T, col + after + 1)
     toks = [vocab(t) for t in ids[lo:hi]]
-    acts = ctx_acts[lo - col + before: hi - col + before]
+    acts = ctx_acts[lo - col + before : hi - col + before]
     vals = [int(round(100 * a / scale)) if a > 0 and scale > 0 else 0 for a in acts]
     return {"a": _r(ctx_acts[before], 4), "t": toks, "v": vals, "c": col - lo}
 
@@ -93,16 +98,24 @@ def latent_record(st, rows: list, j: int, vocab: _Vocab, extras: dict) -> dict:
     neighbours, N2G, by name)."""
     T, b, a = st.input_ids.shape[1], st.before, st.after
     scale = float(st.act_max[j])
-    top = [_context(rows, T, b, a, p, c, vocab, scale)
-           for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j].float().tolist()) if p >= 0]
+    top = [
+        _context(rows, T, b, a, p, c, vocab, scale)
+        for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j].float().tolist())
+        if p >= 0
+    ]
     sp, sa, sc = st.sample_pos[j].tolist(), st.sample_act[j].tolist(), st.sample_ctx[j].float().tolist()
     order = sorted((o for o in range(len(sp)) if sp[o] >= 0), key=lambda o: -sa[o])
     samples = [_context(rows, T, b, a, sp[o], sc[o], vocab, scale) for o in order]
     count = int(st.count[j])
     rec = {
-        "id": j, "count": count, "density": _r(count / max(st.n_tokens, 1), 5),
-        "mean": _r(float(st.act_sum[j]) / max(count, 1)), "max": _r(scale), "hist": st.hist[j].tolist(),
-        "top": top, "samples": samples,
+        "id": j,
+        "count": count,
+        "density": _r(count / max(st.n_tokens, 1), 5),
+        "mean": _r(float(st.act_sum[j]) / max(count, 1)),
+        "max": _r(scale),
+        "hist": st.hist[j].tolist(),
+        "top": top,
+        "samples": samples,
     }
     for name, fn in extras.items():
         rec[name] = fn(j, vocab)
@@ -122,8 +135,18 @@ def copy_assets(out: Path) -> None:
         shutil.copyfile(src / name, out / name)
 
 
-def write_site(st, out, tokenizer, *, meta: dict, logits=None, near=None, n2g: Optional[dict] = None,
-               texts: Sequence[dict] = (), progress: bool = False) -> Path:
+def write_site(
+    st,
+    out,
+    tokenizer,
+    *,
+    meta: dict,
+    logits=None,
+    near=None,
+    n2g: Optional[dict] = None,
+    texts: Sequence[dict] = (),
+    progress: bool = False,
+) -> Path:
     """Write the site for the gathered :class:`~hf_sae.dashboard.collect.FeatureStats` into ``out``.
 
     Args:
@@ -161,15 +184,27 @@ def write_site(st, out, tokenizer, *, meta: dict, logits=None, near=None, n2g: O
     n_shards = (n + SHARD_SIZE - 1) // SHARD_SIZE
     for shard in tqdm(range(n_shards), desc="site", disable=not progress):
         vocab = _Vocab(tokenizer)
-        recs = [latent_record(st, ids_rows, j, vocab, extras) for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))]
+        recs = [
+            latent_record(st, ids_rows, j, vocab, extras)
+            for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))
+        ]
         write_data(out / "data" / shard_name(shard), "shard", shard, {"tok": vocab.strings, "latents": recs})
         for r in recs:
             j = r["id"]
             pats = [p.get("text", "") for p in (r["n2g"] or {}).get("patterns", [])]
             promoted = [vocab.strings[t] for t, _ in r.get("pos", [])[:3]]
-            rows.append([j, r["density"], r["mean"], r["max"], " | ".join(_peak_tokens(r, vocab.strings)),
-                         " | ".join(promoted), " | ".join(pats[:4]),
-                         _r((r["n2g"] or {}).get("f1", float("nan")), 3)])
+            rows.append(
+                [
+                    j,
+                    r["density"],
+                    r["mean"],
+                    r["max"],
+                    " | ".join(_peak_tokens(r, vocab.strings)),
+                    " | ".join(promoted),
+                    " | ".join(pats[:4]),
+                    _r((r["n2g"] or {}).get("f1", float("nan")), 3),
+                ]
+            )
     index = {"columns": ["id", "density", "mean", "max", "top_tokens", "promoted", "n2g", "n2g_f1"], "rows": rows}
     write_data(out / "data" / "index.js", "index", None, index)
     write_data(out / "data" / "texts.js", "texts", None, list(texts))
@@ -177,12 +212,22 @@ def write_site(st, out, tokenizer, *, meta: dict, logits=None, near=None, n2g: O
     vocab = _Vocab(tokenizer)
     zeros = [0.0] * st.width
     T = st.input_ids.shape[1]
-    pool = [{**_context(ids_rows, T, st.before, st.after, p, zeros, vocab, 0.0), "active": act}
-            for p, act in zip(st.pool_pos.tolist(), st.pool_active)]
+    pool = [
+        {**_context(ids_rows, T, st.before, st.after, p, zeros, vocab, 0.0), "active": act}
+        for p, act in zip(st.pool_pos.tolist(), st.pool_active)
+    ]
     write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
-    meta = {**meta, "n_latents": n, "n_tokens": st.n_tokens, "shard_size": SHARD_SIZE, "n_shards": n_shards,
-            "hist_edges": [_r(e, 3) for e in HIST_EDGES.tolist()], "context": [st.before, st.after],
-            "autointerp": (out / "data" / "autointerp.js").is_file(), "n_texts": len(texts)}
+    meta = {
+        **meta,
+        "n_latents": n,
+        "n_tokens": st.n_tokens,
+        "shard_size": SHARD_SIZE,
+        "n_shards": n_shards,
+        "hist_edges": [_r(e, 3) for e in HIST_EDGES.tolist()],
+        "context": [st.before, st.after],
+        "autointerp": (out / "data" / "autointerp.js").is_file(),
+        "n_texts": len(texts),
+    }
     write_data(out / "data" / "meta.js", "meta", None, meta)
     return out
 
@@ -202,4 +247,3 @@ def set_meta_flag(out, **flags) -> None:
 
 def is_site(path) -> bool:
     return (Path(path) / "data" / "meta.js").is_file() and (Path(path) / "index.html").is_file()
-
