@@ -386,3 +386,16 @@ def test_push_to_hub_ships_the_browser(site, tmp_path):
     finally:
         mp.undo()
         server.stop()
+
+
+def test_n2g_without_held_out_fires_is_valid_json(tmp_path, tiny_lm, tiny_tokenizer):
+    """An N2G explanation with no held-out firing has NaN recall; the site stores None (strict JSON)."""
+    from hf_sae.dashboard import build_dashboard
+    from hf_sae.dashboard.site import read_data
+
+    sae = planted_sae(tiny_lm, tiny_tokenizer, n=64, k=4)
+    build_dashboard(sae, tmp_path, model=tiny_lm, tokenizer=tiny_tokenizer, n_tokens=400, window=64, n2g_tokens=130,
+                    texts=[], progress=False)
+    recs = read_data(tmp_path / "data" / "latents_0000.js")["latents"]
+    explained = [r["n2g"] for r in recs if r["n2g"]]
+    assert explained and any(e["recall"] is None for e in explained)

@@ -116,7 +116,7 @@ def build_dashboard(
     from hf_sae.data import corpus
     from hf_sae.data.models import DEFAULT_MODEL, load_model
     from hf_sae.evaluation.n2g import n2g_evaluate
-    from hf_sae.evaluation.run import MAX_CODE_WIDTH, _collect_windows, _trim_mask
+    from hf_sae.evaluation.run import MAX_CODE_WIDTH, _collect_windows, _finite, _trim_mask
     from hf_sae.hooks import hook_point_dim
 
     from .collect import collect_features, logit_effects, nearest_latents
@@ -202,7 +202,8 @@ def build_dashboard(
         exps = n2g_evaluate(
             n_ids, keep[:r], train_rows, st.n2g_acts, st.n2g_latents, vocab_size=base, progress=progress
         )
-        n2g = {e.latent: e.to_dict(tokenizer, base) for e in exps if e.patterns}
+        # NaN (no held-out firing to score) -> None: the site's data is strict JSON
+        n2g = {e.latent: _finite(e.to_dict(tokenizer, base)) for e in exps if e.patterns}
     timings["n2g"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -59,6 +59,8 @@ def shard_name(shard: int) -> str:
 
 
 def _r(x: float, digits: int = 4) -> Optional[float]:
+    if x is None:
+        return None
     x = float(x)
     if not math.isfinite(x):
         return None
