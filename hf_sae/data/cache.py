@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from .cache_format import (  # noqa: F401  (the cache API, re-exported)
     _ARROW_CHILD,
     _DTYPES,
@@ -62,8 +64,9 @@ from .cache_writer import (  # noqa: F401
     _finalize,
     _fingerprint,
     _model_name,
-    _new_buf,
-    _payload,
+    _open_run,
+    _shard_loop,
+    _ShardBuffer,
     _ShardWriter,
     _verify_progress,
     cache_activations,

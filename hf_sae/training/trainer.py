@@ -5,7 +5,7 @@ One optimizer step (``SAETrainer._step``), for every hook point h::
     dead_h   = tokens_since_fired_h >= dead_tokens_threshold        (identical on every process)
     out_h    = sae_h(x_h, dead_mask=dead_h)                          (FVU + AuxK [+ L1/L0/AFA/Multi-TopK])
     backward(sum_h out_h.loss)         (DDP averages gradients; gradient accumulation via Accelerate)
-    remove_parallel_grad_(); clip_grad_norm_(max_grad_norm); Adam step at lr_at(tokens); normalize_decoder_()
+    SAEAdam.step(): remove_parallel_grad_(); clip to max_grad_norm; fused Adam at lr_at(tokens); normalize_decoder_()
     fired_h  = all-reduce(sum of fire counts); tokens_since_fired_h <- 0 where fired, += batch_size elsewhere
 
 Data comes from :mod:`hf_sae.training.sources` (tensors, any iterable, an activation cache, or a live
@@ -36,6 +36,7 @@ from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
 from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
 from .init import initialize_sae
 from .launch import OutputDirLock, check_launch, launched_without_gpus
+from .optim import SAEAdam
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
 from .sources import (
@@ -346,13 +347,16 @@ class SAETrainer:
             for h, s in saes.items():
                 s.config.input_scale = scales[h]
 
-    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> torch.optim.Optimizer:
+    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> SAEAdam:
+        """Adam with the recipe's projection, per-SAE clipping and renormalisation (:class:`SAEAdam`)."""
         args = self.args
         groups = []
         for h, sae in saes.items():
             peak = args.lr if args.lr is not None else default_lr(sae.config.n_latents)
             groups.append({"params": list(sae.parameters()), "lr": peak, "peak_lr": peak, "hook_point": h})
-        return torch.optim.Adam(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return SAEAdam(groups, list(saes.values()), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                       max_grad_norm=args.max_grad_norm, project_decoder_grad=args.project_decoder_grad,
+                       normalize_decoder=args.normalize_decoder)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         out = {}
@@ -494,7 +498,6 @@ class SAETrainer:
 
     def _train(self) -> dict[str, SparseAutoencoder]:
         args, acc = self.args, self.accelerator
-        self.since_fired, self.total_fires = {}, {}
         # held-out data is read and checked first: a bad file fails before any work, not after training
         self.eval_data = self._eval_data() if acc.is_main_process else None
         if self.resume_from is not None:
@@ -507,13 +510,7 @@ class SAETrainer:
             saes = self._build_saes(self.configs)
             self._initialize(saes)
         self._prepare_output_dir()
-        for h, sae in saes.items():
-            n = sae.config.n_latents
-            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
-        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
-        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
+        self._prepare(saes)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
@@ -527,6 +524,19 @@ class SAETrainer:
         finally:
             acc.end_training()
             self._release()
+
+    def _prepare(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Fresh dead-latent counters, the Accelerate-prepared model and optimizer of ``saes``, and the
+        divergence marker."""
+        acc = self.accelerator
+        self.since_fired, self.total_fires = {}, {}
+        for h, sae in saes.items():
+            n = sae.config.n_latents
+            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
 
     def _release(self) -> None:
         """Drop the data, the held-out set and Accelerate's references once training is over, so that
@@ -621,17 +631,11 @@ class SAETrainer:
                     fires[h] += ls["fire_counts"].to(fires[h].device)
                     window.add(h, o, ls)
                 if acc.sync_gradients:
-                    for h, sae in saes.items():
-                        if args.project_decoder_grad:
-                            sae.remove_parallel_grad_()
-                        if args.max_grad_norm > 0:
-                            gn = acc.clip_grad_norm_(sae.parameters(), args.max_grad_norm)
-                            window.add_scalar(h, "grad_norm", float(gn))
-                    self.optimizer.step()
+                    self.optimizer.step()  # SAEAdam: projection, clipping, fused Adam, renormalisation
+                    for h, gn in zip(saes, self.optimizer.optimizer.grad_norms):
+                        if gn is not None:
+                            window.add_scalar(h, "grad_norm", gn)
                     self.optimizer.zero_grad(set_to_none=True)
-                    if args.normalize_decoder:
-                        for sae in saes.values():
-                            sae.normalize_decoder_()
         if acc.num_processes > 1:  # every process must agree on which latents are dead
             flat = acc.reduce(torch.cat([fires[h] for h in saes]), reduction="sum")
             fires = dict(zip(saes, flat.split([len(fires[h]) for h in saes])))
@@ -706,8 +710,11 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add_scalar(self, h: str, name: str, value: float) -> None:
+    def add_scalar(self, h: str, name: str, value: Union[float, Tensor]) -> None:
+        """Add a float or a 0-d tensor (summed where it lives, read once at ``flush``: no host sync)."""
         key = f"{h}/{name}"
+        if isinstance(value, Tensor):
+            value = value.detach().double()
         self.sums[key] = self.sums.get(key, 0.0) + value
         self.counts[key] = self.counts.get(key, 0) + 1
 
@@ -715,12 +722,13 @@ class _Window:
         for name in self._FIELDS:
             v = getattr(out, name, None)
             if v is not None:
-                self.add_scalar(h, name, float(v.detach()))
-        self.add_scalar(h, "l0", float(ls["sum_l0"]) / max(ls["count"], 1))
+                self.add_scalar(h, name, v)
+        self.add_scalar(h, "l0", ls["sum_l0"] / max(ls["count"], 1))
 
     def flush(self, acc, hook_points) -> dict:
         keys = sorted(self.sums)
-        vals = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=acc.device)
+        vals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=acc.device) / self.counts[k]
+                            for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             vals = acc.reduce(vals, reduction="mean")
         self.sums, self.counts = {}, {}
