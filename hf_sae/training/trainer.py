@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
 from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
 from .init import initialize_sae
+from .launch import OutputDirLock, check_launch, launched_without_gpus
 from .optim import SAEAdam
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
@@ -119,11 +120,13 @@ class SAETrainer:
         self.log_dir = os.path.join(self.out, "logs")
         _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(
+            cpu=launched_without_gpus(),  # torchrun on CPUs: one gloo group, as with ACCELERATE_USE_CPU=true
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mp,
             log_with=self._trackers(args.log_with),
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
         )
         acc = self.accelerator
+        check_launch(acc.num_processes)  # N processes asked for, N running -- else stop before any work
         args.validate(num_processes=acc.num_processes)
         self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
@@ -178,6 +181,8 @@ class SAETrainer:
         found = ckpt.newest_valid(self.ckpt_root)
         if found is None and existing:
             logger.warning("no valid checkpoint in %s (all incomplete); starting afresh", self.ckpt_root)
+        elif found is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting a new run", self.ckpt_root)
         return found
 
     def _build_source(self, train_data):
@@ -193,8 +198,9 @@ class SAETrainer:
                 self._init_iter = lambda: iter([self._tensor_sample(data)])
                 src = TensorSource(data, self.micro, rank, world, seed=args.seed)
                 return src, {h: data[h].shape[1] for h in hps}, None, "in-memory tensors"
+            one_shot = iter(train_data) is train_data or getattr(train_data, "one_shot", False)
             first, rest = self._peek(train_data, hps)
-            if iter(train_data) is train_data:
+            if one_shot:
                 # one-shot iterator: the peeked batch stays part of the data and is the init sample
                 train_data = itertools.chain([first], rest)
                 self._init_iter = lambda: iter([first])
@@ -280,12 +286,14 @@ class SAETrainer:
 
     def _read_eval_data(self) -> Optional[dict[str, Tensor]]:
         args, hps = self.args, list(self.args.hook_points)
+        self.eval_split, self.eval_dataset = None, None  # recorded in training_info (the card names them)
         if args.eval_tokens == 0:
             return None
         if self._user_eval is not None:
             data = _as_hook_dict(self._user_eval, hps) if isinstance(self._user_eval, (Tensor, dict)) else None
             if data is None:
                 raise ValueError("eval_data must be a [M, d] tensor or a dict {hook_point: [M, d]}")
+            self.eval_split, self.eval_dataset = "held-out (eval_data)", "in-memory tensors"
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.eval_activations is not None:
             p = args.eval_activations
@@ -293,8 +301,12 @@ class SAETrainer:
                 from ..data.cache import CachedActivations
 
                 ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                source = str(ds.metadata.get("source") or p)
+                self.eval_split = source.rsplit(":", 1)[1] if ":" in source else "eval_activations"
+                self.eval_dataset = source.rsplit(":", 1)[0] if ":" in source else source
                 return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
-            data, _ = load_activation_file(p, hps)
+            data, meta = load_activation_file(p, hps)
+            self.eval_split, self.eval_dataset = meta.get("split", "eval_activations"), meta.get("dataset", p)
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.activations is None and self.lm is not None:
             from ..data.stream import ActivationStream
@@ -304,6 +316,7 @@ class SAETrainer:
                                           batch_tokens=min(4096, args.eval_tokens), window=args.context_length,
                                           batch_windows=args.lm_batch_size, shuffle_buffer_tokens=0,
                                           max_tokens=args.eval_tokens, seed=args.seed)
+                self.eval_split, self.eval_dataset = "validation", args.dataset
                 return take_tokens(iter(stream), args.eval_tokens)
             except (ValueError, FileNotFoundError) as e:
                 logger.warning("no held-out split for dataset %r (%s); skipping held-out evaluation", args.dataset, e)
@@ -476,6 +489,14 @@ class SAETrainer:
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, SparseAutoencoder]:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
+        lock = OutputDirLock(self.out).acquire() if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, SparseAutoencoder]:
         args, acc = self.args, self.accelerator
         # held-out data is read and checked first: a bad file fails before any work, not after training
         self.eval_data = self._eval_data() if acc.is_main_process else None
@@ -662,6 +683,8 @@ class SAETrainer:
                                "normalize_input": args.normalize_input, "normalize_decoder": args.normalize_decoder,
                                "project_decoder_grad": args.project_decoder_grad, "multi_topk": args.multi_topk},
                     "init": self.init_info.get(h, {}),
+                    "eval_split": getattr(self, "eval_split", None) if final.get(h) else None,
+                    "eval_dataset": getattr(self, "eval_dataset", None) if final.get(h) else None,
                     "final_metrics": {
                         **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
                         **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
