@@ -231,7 +231,7 @@ def test_site_files(site, tiny_tokenizer):
     assert texts[0]["latents"][0] == []  # BOS never fires
 
 
-def test_cli_dashboard(tmp_path, tiny_lm, tiny_tokenizer):
+def test_cli_dashboard(capsys, tmp_path, tiny_lm, tiny_tokenizer):
     from hf_sae.cli import main
 
     sae = planted_sae(tiny_lm, tiny_tokenizer, n=32, k=3)
@@ -258,8 +258,9 @@ def test_cli_dashboard(tmp_path, tiny_lm, tiny_tokenizer):
     assert rc == 0
     info = json.loads((tmp_path / "site" / "build_info.json").read_text())
     assert info["n_latents"] == 32 and info["n_tokens"] == 500
-    with pytest.raises(FileNotFoundError, match="no SAE at"):
-        main(["dashboard", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert main(["dashboard", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1  # one-line error
+    err = capsys.readouterr().err
+    assert "nope does not exist" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ in a real browser
