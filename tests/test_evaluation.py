@@ -437,8 +437,12 @@ def test_afa_from_sae_matches_modeling_loss():
         out = sae(x)
     s = AFAStats()
     s.update_from_sae(sae, x, out)
-    # the model's own afa_loss is mean((||z~|| - ||x - b||)^2): the same quantity
-    assert s.compute()["afa_norm_mse"] == pytest.approx(float(out.afa_loss), rel=1e-5)
+    # the centred AFA loss is mean((||z~|| - ||x - b||)^2): the same quantity
+    sae.config.afa_variant = "centred"
+    with torch.no_grad():
+        centred = sae(x).afa_loss
+    assert s.compute()["afa_norm_mse"] == pytest.approx(float(centred), rel=1e-5)
+    assert s.compute()["afa_norm_mse"] != pytest.approx(float(out.afa_loss), rel=1e-3)  # the reference form differs
 
 
 # ------------------------------------------------------------------------------------------ report + CLI

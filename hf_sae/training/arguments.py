@@ -69,14 +69,18 @@ class SAETrainingArguments:
     activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default="topk")
     n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
     expansion_factor: int = _help("n / d when n_latents is not given.", default=8)
-    k: int = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.", default=32)
+    k: Optional[int] = _help("Active latents per token (topk/batchtopk; default 32). For topafa an optional "
+                             "cap on k(x); default none (k(x) <= n - 1, the authors' rule).", default=None)
     k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=None)
     aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=1.0 / 32)
     dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.", default=10_000_000)
     multi_topk: bool = _help("Multi-TopK: also penalise the reconstruction with 4k latents.", default=False)
     l1_coef: float = _help("L1 coefficient (relu).", default=0.0)
     l0_coef: float = _help("L0 coefficient (jumprelu).", default=0.0)
-    afa_coef: float = _help("AFA loss coefficient (topafa; paper sweeps 1/128..1/16).", default=0.0)
+    afa_coef: float = _help("AFA loss coefficient (any activation; paper sweeps 1/128..1/16).", default=0.0)
+    afa_variant: str = _help("AFA loss / top-AFA form: 'reference' (the authors' code: mean((||z|| - ||x||)^2), "
+                             "top-AFA without b_enc) or 'centred' (decoder-norm-weighted ||z~|| vs ||x - b_dec||, "
+                             "top-AFA with b_enc).", default="reference")
     jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).", default=1e-3)
     jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=1e-3)
     kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default="auto")
@@ -149,7 +153,7 @@ class SAETrainingArguments:
             d_in=d_in, activation=self.activation, k=self.k,
             k_aux=self.k_aux, aux_coef=self.aux_coef if self.use_auxk else 0.0,
             dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
-            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef,
+            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef, afa_variant=self.afa_variant,
             jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
             kernel=self.kernel,
         )
@@ -188,9 +192,11 @@ class SAETrainingArguments:
                 bad(name, "must be an integer >= 0 (0 disables)")
         if self.n_latents is not None and self.n_latents <= 0:
             bad("n_latents", "must be a positive integer (or omit it and set --expansion_factor)")
-        if self.activation in ("topk", "batchtopk") and (not isinstance(self.k, int) or self.k <= 0):
-            bad("k", "must be a positive integer")
-        if self.n_latents is not None and self.activation in _K_SPARSE and self.k > self.n_latents:
+        if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
+            bad("k", "must be a positive integer (omit it for the default: 32, or no cap for topafa)")
+        if self.afa_variant not in ("reference", "centred"):
+            bad("afa_variant", "must be 'reference' (the top-AFA authors' form) or 'centred'")
+        if self.n_latents is not None and self.activation in _K_SPARSE and (self.k or 0) > self.n_latents:
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
         if self.multi_topk and self.activation != "topk":
             bad("multi_topk", "Multi-TopK needs --activation topk")
