@@ -109,7 +109,7 @@ def heldout_metrics(sae, val_dir: Path, max_tokens: int) -> dict:
     for x in CachedActivations(val_dir, HOOK, batch_size=4096, shuffle=False):
         x = x[: max_tokens - seen].float()
         out = sae(x)
-        rec.update_from_sae(sae, x, out)
+        rec.update(x, out.reconstruction, out.latent_values, out.latent_indices, out.latents)
         afa.update_from_sae(sae, x, out)
         l0 = (out.latent_values > 0).sum(-1) if out.latent_values is not None else (out.latents > 0).sum(-1)
         l0_counts += torch.bincount(l0, minlength=sae.config.n_latents + 1)
@@ -129,12 +129,14 @@ def heldout_metrics(sae, val_dir: Path, max_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def delta_lm_loss(saes: dict, n_windows: int, batch: int = 8) -> dict:
+def delta_lm_loss(saes: dict, n_windows: int, batch: int = 2) -> dict:
     """Mean CE increase when each SAE's reconstruction (un-standardised) replaces the activation at HOOK,
-    on ``n_windows`` validation windows of 256 tokens (position 0 and special tokens left untouched)."""
+    on ``n_windows`` validation windows of 256 tokens (position 0 and special tokens left untouched);
+    the clean forward is shared by all SAEs."""
     from hf_sae.data.corpus import load_texts, token_mask, tokenize_windows
     from hf_sae.data.models import load_default_model
-    from hf_sae.evaluation.downstream import downstream_batch
+    from hf_sae.evaluation.downstream import make_splice_fn, next_token_ce, prediction_mask
+    from hf_sae.hooks import splice
 
     model, tok = load_default_model()
     model.eval()
@@ -143,16 +145,20 @@ def delta_lm_loss(saes: dict, n_windows: int, batch: int = 8) -> dict:
     for s in range(0, windows.shape[0], batch):
         ids = windows[s:s + batch]
         keep = token_mask(ids, tok)
+        pred = prediction_mask(keep)
+        ce_clean = next_token_ce(model(input_ids=ids, use_cache=False).logits, ids)[pred]
         for name, sae in saes.items():
             def rec(rows, sae=sae):
                 xs, mean, std = standardise(rows.float())
                 return sae(xs).reconstruction * (std + STD_EPS) + mean
 
-            o = downstream_batch(model, rec, ids, keep, HOOK, ablations=())
-            sums[name][0] += float(o["ce_clean"].sum())
-            sums[name][1] += float(o["ce_spliced"].sum())
-            sums[name][2] += int(o["ce_clean"].numel())
-    return {name: {"ce_clean": c / n, "ce_spliced": sp / n, "delta_lm_loss": (sp - c) / n}
+            with splice(model, {HOOK: make_splice_fn(rec, keep)}):
+                ce = next_token_ce(model(input_ids=ids, use_cache=False).logits, ids)[pred]
+            sums[name][0] += float(ce_clean.sum())
+            sums[name][1] += float(ce.sum())
+            sums[name][2] += int(ce.numel())
+        print(f"Δ LM loss: {s + ids.shape[0]}/{windows.shape[0]} windows", flush=True)
+    return {name: {"ce_clean": c / n, "ce_spliced": sp / n, "delta_lm_loss": (sp - c) / n, "lm_predictions": n}
             for name, (c, sp, n) in sums.items()}
 
 
