@@ -261,6 +261,10 @@ def run_sage(args: argparse.Namespace) -> dict:
     for name, t in result["tasks"].items():
         print(f"[sage] {name}: clean LD {t['ld_clean']:.3f} (eval n={t['n_eval']}, "
               f"{100 * t['ld_clean_positive_fraction']:.0f}% > 0); cross-section {t['cross_section']}")
+        c = t["completeness"]
+        fr = ", ".join(f"{a} {v['fraction']:.3f}" for a, v in c["attributes"].items())
+        print(f"[sage] {name}: cross-section {'complete' if c['complete'] else 'NOT complete'} "
+              f"(all locations patched / full corruption: {fr}; tolerance {c['tolerance']})")
     print(f"[sage] report: {paths['html']}  json: {paths['json']}")
     return paths
 
