@@ -15,6 +15,7 @@ KERNELS = ("auto", "torch", "triton", "dense")
 AFA_VARIANTS = ("reference", "centred")
 DEFAULT_K = 32
 """k when none is given, for the activations with a fixed k (top-AFA has none: its k(x) is per token)."""
+INPUT_NORMS = ("none", "layer_norm")
 
 
 def _check(cond: bool, field: str, value, allowed: str) -> None:
@@ -54,7 +55,16 @@ class SAEConfig(PretrainedConfig):
         jumprelu_bandwidth: width epsilon of the rectangle kernel in the threshold pseudo-gradient.
         batchtopk_threshold_momentum: EMA momentum of the inference threshold estimated during training.
         input_scale: fixed scalar s applied to inputs (x -> s x) and undone on outputs; chosen so that
-            E||s x||^2 = d_in. 1.0 is the identity.
+            E||s x||^2 = d_in. 1.0 is the identity. Applied after ``input_norm``.
+        input_norm: per-token input normalisation, applied before ``input_scale`` and undone on the
+            reconstruction. ``"none"``; or ``"layer_norm"``: ``x -> (x - mu) / (sigma + eps)`` with mu, sigma
+            the mean and standard deviation of the token's d_in entries, undone as ``x^ sigma + mu``
+            (sigma, not sigma + eps, exactly as OpenAI's sparse_autoencoder ``LN``, SAELens
+            ``normalize_activations="layer_norm"`` and the top-AFA / BatchTopK ``input_unit_norm`` do).
+        input_norm_eps: the eps of ``layer_norm``, added to sigma (not under the square root); 1e-5 in all
+            three sources.
+        input_norm_unbiased: sigma with Bessel's correction (divide by d_in - 1; ``torch.std``'s default,
+            used by all three sources) or without (divide by d_in).
         hook_point: where the inputs come from, e.g. ``layers.6.resid_post``.
         base_model: the LM the SAE was trained on (Hub id or path).
         kernel: implementation of the sparse decode/backward: ``auto`` (Triton on GPU, fused torch on
@@ -83,6 +93,9 @@ class SAEConfig(PretrainedConfig):
         jumprelu_bandwidth: float = 1e-3,
         batchtopk_threshold_momentum: float = 0.99,
         input_scale: float = 1.0,
+        input_norm: str = "none",
+        input_norm_eps: float = 1e-5,
+        input_norm_unbiased: bool = True,
         hook_point: str | None = None,
         base_model: str | None = None,
         kernel: str = "auto",
@@ -118,6 +131,11 @@ class SAEConfig(PretrainedConfig):
                batchtopk_threshold_momentum, "in [0, 1)")
         _check(isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0,
                "input_scale", input_scale, "a finite number > 0 (1.0 = identity)")
+        _check(input_norm in INPUT_NORMS, "input_norm", input_norm, f"one of {INPUT_NORMS}")
+        _check(isinstance(input_norm_eps, (int, float)) and math.isfinite(input_norm_eps) and input_norm_eps > 0,
+               "input_norm_eps", input_norm_eps, "a finite number > 0 (a constant token has sigma = 0)")
+        _check(isinstance(input_norm_unbiased, bool), "input_norm_unbiased", input_norm_unbiased, "True or False")
+        _check(input_norm == "none" or d_in > 1, "input_norm", input_norm, "'none' when d_in = 1")
         _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
         _check(afa_variant in AFA_VARIANTS, "afa_variant", afa_variant, f"one of {AFA_VARIANTS}")
         if multi_topk:
@@ -141,6 +159,9 @@ class SAEConfig(PretrainedConfig):
         self.jumprelu_bandwidth = float(jumprelu_bandwidth)
         self.batchtopk_threshold_momentum = float(batchtopk_threshold_momentum)
         self.input_scale = float(input_scale)
+        self.input_norm = input_norm
+        self.input_norm_eps = float(input_norm_eps)
+        self.input_norm_unbiased = input_norm_unbiased
         self.hook_point = hook_point
         self.base_model = base_model
         self.kernel = kernel

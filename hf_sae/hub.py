@@ -441,9 +441,12 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
     root, folders = _index_at(repo_or_path, **kw)
     if not os.path.isdir(str(repo_or_path)) and re.fullmatch(r"[0-9a-f]{40}", root.name):
         kw["revision"] = root.name  # the snapshot's commit: index and weights come from the same revision
-    if not folders:
+    if not folders:  # perhaps another library's layout (SAELens, sparsify, Gemma Scope, dictionary_learning)
+        foreign = _load_foreign(repo_or_path, pattern, kw, from_pretrained_kwargs)
+        if foreign:
+            return foreign
         raise ValueError(f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
-                         "model_type 'hf_sae').")
+                         "model_type 'hf_sae') and no SAE folder in another library's format.")
     if pattern is not None:
         pats = [pattern] if isinstance(pattern, str) else list(pattern)
         folders = {hp: f for hp, f in folders.items() if any(fnmatch.fnmatchcase(hp, p) for p in pats)}
@@ -460,6 +463,28 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
                                     "config.json; the repo is incomplete.")
         out[hp] = SparseAutoencoder.from_pretrained(path, **from_pretrained_kwargs)
     return out
+
+
+def _load_foreign(repo_or_path, pattern, kw: dict, from_pretrained_kwargs: dict) -> dict[str, SparseAutoencoder]:
+    """{hook point (or folder): SAE} of the foreign-format folders of a repo (hf_sae.pretrained), converted and
+    cached; ``pattern`` selects by folder name, else by hook point after conversion."""
+    from . import pretrained
+
+    folders = pretrained.find_foreign_folders(repo_or_path, revision=kw["revision"], token=kw["token"],
+                                              local_files_only=kw["local_files_only"], cache_dir=kw["cache_dir"])
+    pats = None if pattern is None else ([pattern] if isinstance(pattern, str) else list(pattern))
+    if pats and any(fnmatch.fnmatchcase(f, p) for f in folders for p in pats):
+        folders = {f: v for f, v in folders.items() if any(fnmatch.fnmatchcase(f, p) for p in pats)}
+    load_kw = {k: v for k, v in kw.items() if k != "endpoint" and v is not None}
+    out = {}
+    for folder in folders:
+        sae = pretrained.load_pretrained(str(repo_or_path), folder or None, **load_kw, **from_pretrained_kwargs)
+        name = sae.config.hook_point or folder
+        if pats is None or any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(folder, p) for p in pats):
+            out[name] = sae
+    if folders and not out:
+        raise ValueError(f"No SAE of {repo_or_path} matches {pats}; its folders: {list(folders)}.")
+    return dict(sorted(out.items(), key=lambda item: _sort_key(item[0])))
 
 
 def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAutoencoder:

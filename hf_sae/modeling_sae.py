@@ -1,14 +1,17 @@
 """SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
 
-Math (SPEC 1.1), in normalized units (inputs scaled by ``config.input_scale``)::
+Math (SPEC 1.1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the per-token
+``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
 
     pre = W_enc (x - b_dec) + b_enc          # [N, n]  (no b_enc for top-AFA, afa_variant="reference")
     z   = act(pre)                           # k-sparse (values, indices) or dense
     x^  = z W_dec + b_dec                    # only the active rows of W_dec take part
 
+and the reconstruction in the caller's units is x^ / s (times sigma, plus mu, under layer_norm).
 ``forward`` takes and returns the caller's units; losses are computed in normalized units (FVU and
-AuxK are scale-free). This file imports only torch, transformers and its two sibling files, so a
-saved folder that carries them loads with ``trust_remote_code=True`` without hf_sae installed.
+AuxK are scale-free); ``mse`` is in the caller's units. This file imports only torch, transformers and
+its two sibling files, so a saved folder that carries them loads with ``trust_remote_code=True``
+without hf_sae installed.
 """
 
 from __future__ import annotations
@@ -60,12 +63,17 @@ class SAEOutput(ModelOutput):
     """scalar FVU with 4k latents (Multi-TopK), when enabled."""
 
 
-def _kernels():
-    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+def _optional(module: str):
+    """An hf_sae module if the package is importable (not under trust_remote_code), else None."""
     try:
-        return importlib.import_module("hf_sae.kernels")
+        return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _kernels():
+    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+    return _optional("hf_sae.kernels")
 
 
 def sparse_decode_reference(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -109,7 +117,25 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved SAE (local folder, Hub repo, ``subfolder=``). Unlike plain transformers, a
         checkpoint whose tensors are missing, extra or of the wrong shape for its config raises a
-        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file."""
+        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file.
+
+        With hf_sae installed, a folder written by another library (SAELens, sparsify, dictionary_learning,
+        Gemma Scope, OpenAI) or a ``hf_sae.pretrained.REGISTRY`` id (e.g. ``"gemma-scope-2b-pt-res"`` with
+        ``subfolder="layer_20/width_16k/average_l0_71"``) is converted on the fly and cached (see
+        ``hf_sae.pretrained``)."""
+        foreign = None if kwargs.get("output_loading_info") else _optional("hf_sae.pretrained")
+        if foreign is not None:
+            sae = foreign.maybe_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs)
+            if sae is not None:
+                return sae
+            try:
+                return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+            except OSError as err:  # no hf_sae config/weights there: perhaps another library's layout
+                return foreign.fallback_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs, err)
+        return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained_checked(cls, pretrained_model_name_or_path, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         where = str(pretrained_model_name_or_path)
@@ -201,7 +227,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     # ---------------------------------------------------------------- input handling
     def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
-        """Validate x [..., d], return (x_normalized [N, d], leading shape)."""
+        """Validate x [..., d], return (x_normalized [N, d], leading shape, per-token stats or None)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"SAE input must be a torch.Tensor of shape [..., {self.config.d_in}], got {type(x)}")
         if not x.is_floating_point():
@@ -219,10 +245,41 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"SAE input contains {bad} NaN/Inf values; clean the activations before encoding.")
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.config.d_in).to(self.W_enc.dtype)
+        x, stats = self._normalize(x.reshape(-1, self.config.d_in).to(self.W_enc.dtype))
+        return x, lead, stats
+
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """(s N(x) [N, d], (mu, sigma) [N, 1] each or None): the per-token ``input_norm`` N, then ``input_scale``."""
+        cfg = self.config
+        stats = None
+        if cfg.input_norm == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            sigma = x.std(dim=-1, keepdim=True, correction=1 if cfg.input_norm_unbiased else 0)
+            x = x / (sigma + cfg.input_norm_eps)
+            stats = (mu, sigma)
+        if cfg.input_scale != 1.0:
+            x = x * cfg.input_scale
+        return x, stats
+
+    def _denormalize(self, x_hat: Tensor, stats: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+        """Normalized-unit reconstructions [N, d] -> the caller's units (inverse of :meth:`_normalize`)."""
         if self.config.input_scale != 1.0:
-            x = x * self.config.input_scale
-        return x, lead
+            x_hat = x_hat / self.config.input_scale
+        if stats is not None:
+            x_hat = x_hat * stats[1] + stats[0]
+        return x_hat
+
+    def normalize_input(self, x: Tensor) -> Tensor:
+        """x [..., d] in the caller's units -> [..., d] in normalized units (what W_enc and the latents see)."""
+        xn, lead, _ = self._flatten_input(x)
+        return xn.reshape(*lead, self.config.d_in)
+
+    def input_norm_stats(self, x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Per-token (mu [..., 1], sigma [..., 1]) of x [..., d] that :meth:`decode` needs under
+        ``input_norm="layer_norm"`` to return the caller's units; None when ``input_norm="none"``."""
+        _, lead, stats = self._flatten_input(x)
+        return None if stats is None else tuple(t.reshape(*lead, 1) for t in stats)
 
     @property
     def uses_b_enc(self) -> bool:
@@ -333,21 +390,28 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ---------------------------------------------------------------- public API
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., n] (normalized units) of inputs x [..., d] in the caller's units."""
-        xn, lead = self._flatten_input(x)
+        xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
         return latents.to_dense(self.config.n_latents).reshape(*lead, -1)
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [..., w], indices [..., w]) of the active latents; w = k for topk, the batch's widest
         row otherwise (padded slots have value 0)."""
-        xn, lead = self._flatten_input(x)
+        xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
         latents = latents.to_sparse()
         return latents.values.reshape(*lead, -1), latents.indices.reshape(*lead, -1)
 
-    def decode(self, latents: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+    def decode(self, latents: Tensor, indices: Optional[Tensor] = None,
+               norm_stats: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """Reconstruction [..., d] in the caller's units from dense latents [..., n], or from
-        ``(values [..., w], indices [..., w])`` when ``indices`` is given."""
+        ``(values [..., w], indices [..., w])`` when ``indices`` is given. Under ``input_norm="layer_norm"``
+        the caller's units depend on each token's statistics: pass ``norm_stats=sae.input_norm_stats(x)``
+        (``(mu, sigma)`` [..., 1] each)."""
+        if self.config.input_norm != "none" and norm_stats is None:
+            raise ValueError(f"decode: this SAE normalises every token (input_norm={self.config.input_norm!r}), so "
+                             "the reconstruction in the caller's units needs that token's statistics: pass "
+                             "norm_stats=sae.input_norm_stats(x), or use sae(x).reconstruction.")
         if indices is not None:
             if latents.shape != indices.shape:
                 raise ValueError(f"decode: values {tuple(latents.shape)} and indices {tuple(indices.shape)} differ")
@@ -361,9 +425,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             lead = latents.shape[:-1]
             code = Latents(dense=latents.reshape(-1, self.config.n_latents).to(self.W_dec.dtype))
         x_hat = self._decode_normalized(code)
-        if self.config.input_scale != 1.0:
-            x_hat = x_hat / self.config.input_scale
-        return x_hat.reshape(*lead, self.config.d_in)
+        stats = None
+        if self.config.input_norm != "none":
+            stats = tuple(torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
+                          for t in norm_stats)
+        return self._denormalize(x_hat, stats).reshape(*lead, self.config.d_in)
 
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None, return_dense: bool = False) -> SAEOutput:
         """Encode, decode and compute every loss term.
@@ -374,7 +440,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             return_dense: also return dense ``latents`` [..., n] for k-sparse activations.
         """
         cfg = self.config
-        xn, lead = self._flatten_input(x)
+        xn, lead, stats = self._flatten_input(x)
         fused = self._forward_fused(xn, dead_mask)
         if fused is None:
             pre, latents = self._activate(xn)
@@ -387,7 +453,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         err = F.mse_loss(x_hat, xn, reduction="sum")
         fvu = err / total_var
         loss = fvu
-        mse = err / (xn.numel() * cfg.input_scale ** 2)
+        recon = self._denormalize(x_hat, stats)
+        if stats is None:  # caller's units = normalized units / s
+            mse = err / (xn.numel() * cfg.input_scale ** 2)
+        else:
+            mse = F.mse_loss(recon, x.reshape(-1, cfg.d_in).to(recon.dtype))
 
         if fused is None:
             auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
@@ -426,7 +496,6 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             multi = (x_hat4 - xn).square().sum() / total_var
             loss = loss + multi / 8
 
-        recon = x_hat / cfg.input_scale if cfg.input_scale != 1.0 else x_hat
         out = SAEOutput(
             loss=loss, reconstruction=recon.reshape(*lead, cfg.d_in), fvu=fvu, mse=mse, auxk_loss=auxk,
             l1_loss=l1, l0_loss=l0, afa_loss=afa, multi_topk_fvu=multi,

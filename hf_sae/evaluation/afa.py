@@ -2,8 +2,9 @@
 Approximating Quasi-Orthogonality"; the authors' code: SewoongLee/top-afa-sae,
 ``visualization/zf-plot.ipynb`` and ``training/sae.py``).
 
-All quantities are in the SAE's *normalized* units: the SAE's own input (caller's units times
-``config.input_scale``), where latents live. ε_LBO is scale-free; the ZF plot's axes scale together.
+All quantities are in the SAE's *normalized* units: the SAE's own input (``sae.normalize_input(x)``:
+any per-token ``config.input_norm``, then times ``config.input_scale``; where latents live). ε_LBO is
+scale-free; the ZF plot's axes scale together.
 
 The paper's evaluation, per token (h = n_latents, the dictionary size, as in the notebook)::
 
@@ -246,8 +247,10 @@ class AFAStats:
 
     def update_from_sae(self, sae, x: Tensor, out) -> None:
         """Convenience: add a batch given the SAE, its input x [..., d] (caller's units) and ``sae(x)``."""
+        with torch.no_grad():  # normalized units: input_scale and any per-token input_norm applied
+            x = sae.normalize_input(x)
         args = (x, sae.b_dec.detach(), sae.decoder_norms().detach(), out.latent_values, out.latent_indices,
-                out.latents if out.latent_values is None else None, sae.config.input_scale)
+                out.latents if out.latent_values is None else None)
         self.n_latents = sae.config.n_latents
         self.update(*afa_norms(*args), zf=zf_norms(*args))
 

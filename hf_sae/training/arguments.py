@@ -84,6 +84,8 @@ class SAETrainingArguments:
     jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).", default=1e-3)
     jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=1e-3)
     kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default="auto")
+    input_norm: str = _help("Per-token input normalisation, undone on the output: none, or layer_norm "
+                            "((x - mean) / (std + 1e-5) per token, as OpenAI's and top-AFA's SAEs).", default="none")
     # ------------------------------------------------------------------ recipe switches
     tied_init: bool = _help("Initialise W_enc = W_dec (transposed map); off = independent random W_enc.",
                             default=True)
@@ -155,7 +157,7 @@ class SAETrainingArguments:
             dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
             l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef, afa_variant=self.afa_variant,
             jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
-            kernel=self.kernel,
+            kernel=self.kernel, input_norm=self.input_norm,
         )
         if self.n_latents is not None:
             kw["n_latents"] = self.n_latents

@@ -4,7 +4,9 @@ bands as the authors' code defines them (||x|| of the SAE's input against ||f~||
 (||x - b_dec||^2 - ||z~||^2) / ||x - b_dec||^2 beside it.
 
 Per-batch rows come from ``hf_sae.evaluation.afa.AFAStats`` (``update_from_sae(sae, x, sae(x))`` then
-``sums_dict()``) or ``afa_batch_stats(*afa_norms(...), zf=zf_norms(...), n_latents=n)``; ``compute`` calls
+``sums_dict()``) or ``afa_batch_stats(*afa_norms(*args), zf=zf_norms(*args), n_latents=n)`` with
+``args = (sae.normalize_input(x), sae.b_dec, sae.decoder_norms(), out.latent_values, out.latent_indices)``
+(normalized units: input_norm and input_scale applied); ``compute`` calls
 ``hf_sae.evaluation.afa.afa_from_sums``, the core used by ``hf-sae eval``. The decoder's signed
 ε_max / ε_mean are a property of the SAE alone: ``hf_sae.evaluation.decoder_cosine_stats``.
 
