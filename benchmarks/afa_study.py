@@ -9,11 +9,11 @@ reconstructs as well as TopK at the same mean L0. This script trains, at each di
 2. ``topk``: TopK with k = the top-AFA SAE's mean held-out L0 (rounded);
 3. ``topk_afa``: the same TopK plus the AFA loss with the same coefficient,
 
-all on the same per-token standardised activations (the authors' ``input_unit_norm``:
-x -> (x - mean_d x) / (std_d x + 1e-5), done here in the data path; ``SAEConfig`` has no such option
-on this branch) and reports held-out FVU (in the standardised space the SAE sees), Δ LM loss (the
-reconstruction un-standardised and spliced back into the LM), dead fraction, top-AFA's per-token L0
-distribution, mean ε_LBO and the ZF plots.
+all with per-token standardised inputs (the authors' ``input_unit_norm``: x -> (x - mean_d x) /
+(std_d x + 1e-5), here ``SAEConfig(input_norm="layer_norm")``, undone on the output), and reports
+held-out FVU (of the reconstruction in the LM's units), Δ LM loss (the reconstruction spliced back
+into the LM), dead fraction, top-AFA's per-token L0 distribution, mean ε_LBO and the ZF plots
+(in the standardised units the SAE sees).
 
 Usage (resumable: each finished run keeps ``<work>/<name>/result.json``; the caches are reused)::
 
@@ -39,41 +39,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 HOOK = "layers.6.resid_post"
-STD_EPS = 1e-5
-
-
-def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token standardisation of x [N, d] as the authors' ``preprocess_input``: (x - mean) / (std + eps),
-    std the unbiased standard deviation over d. Returns (x_std, mean [N, 1], std [N, 1])."""
-    mean = x.mean(-1, keepdim=True)
-    xc = x - mean
-    std = xc.std(-1, keepdim=True)
-    return xc / (std + STD_EPS), mean, std
 
 
 def ensure_caches(root: Path, train_tokens: int, val_tokens: int) -> tuple[Path, Path]:
-    """Raw SmolLM2 activations at HOOK (KJV train / validation) and their standardised copies, resumably."""
-    from hf_sae.data.cache import CachedActivations, cache_activations, write_activations
+    """SmolLM2 activations at HOOK (KJV train / validation splits), cached resumably."""
+    from hf_sae.data.cache import cache_activations
     from hf_sae.data.models import load_default_model
 
     out = []
     for split, n in (("validation", val_tokens), ("train", train_tokens)):
-        raw, std = root / f"raw_{split}", root / f"std_{split}"
-        if not (std / "metadata.json").is_file():
-            if not (raw / "metadata.json").is_file():
-                model, tok = load_default_model()
-                with torch.no_grad():
-                    cache_activations(model, tok, "default", [HOOK], raw, max_tokens=n, dtype="float16", split=split)
-            reader = CachedActivations(raw, HOOK, batch_size=65536, shuffle=False)
-            x = torch.cat([b.float() for b in reader])
-            write_activations(std, {HOOK: standardise(x)[0]}, dtype="float16", model_name="smollm2-135m (standardised)")
-            del x
-        out.append(std)
+        raw = root / f"raw_{split}"
+        if not (raw / "metadata.json").is_file():
+            model, tok = load_default_model()
+            with torch.no_grad():
+                cache_activations(model, tok, "default", [HOOK], raw, max_tokens=n, dtype="float16", split=split)
+        out.append(raw)
     return out[1], out[0]
 
 
 def train(name: str, work: Path, train_dir: Path, val_dir: Path, ns, **kw):
-    """Train one SAE on the standardised cache (skipped when ``<work>/<name>/sae`` exists); return the SAE."""
+    """Train one SAE on the cache (skipped when ``<work>/<name>/sae`` exists); return the SAE."""
     from hf_sae import SparseAutoencoder
     from hf_sae.training import SAETrainer, SAETrainingArguments
 
@@ -85,7 +70,7 @@ def train(name: str, work: Path, train_dir: Path, val_dir: Path, ns, **kw):
                 train_tokens=ns.tokens, batch_size=ns.batch_size, lr=ns.lr, dead_tokens_threshold=ns.dead_tokens,
                 eval_every_tokens=0, eval_tokens=ns.eval_tokens, checkpoint_every_tokens=0, save_total_limit=1,
                 log_every_steps=20, log_with=["jsonl"], output_dir=str(out / "run"), overwrite_output_dir=True,
-                seed=ns.seed, run_name=name)
+                seed=ns.seed, run_name=name, input_norm="layer_norm")
     args.update(kw)
     t = time.perf_counter()
     sae = SAETrainer(SAETrainingArguments(**args)).train()[HOOK]
@@ -130,7 +115,7 @@ def heldout_metrics(sae, val_dir: Path, max_tokens: int) -> dict:
 
 @torch.no_grad()
 def delta_lm_loss(saes: dict, n_windows: int, batch: int = 2) -> dict:
-    """Mean CE increase when each SAE's reconstruction (un-standardised) replaces the activation at HOOK,
+    """Mean CE increase when each SAE's reconstruction replaces the activation at HOOK,
     on ``n_windows`` validation windows of 256 tokens (position 0 and special tokens left untouched);
     the clean forward is shared by all SAEs."""
     from hf_sae.data.corpus import load_texts, token_mask, tokenize_windows
@@ -148,11 +133,7 @@ def delta_lm_loss(saes: dict, n_windows: int, batch: int = 2) -> dict:
         pred = prediction_mask(keep)
         ce_clean = next_token_ce(model(input_ids=ids, use_cache=False).logits, ids)[pred]
         for name, sae in saes.items():
-            def rec(rows, sae=sae):
-                xs, mean, std = standardise(rows.float())
-                return sae(xs).reconstruction * (std + STD_EPS) + mean
-
-            with splice(model, {HOOK: make_splice_fn(rec, keep)}):
+            with splice(model, {HOOK: make_splice_fn(sae, keep)}):
                 ce = next_token_ce(model(input_ids=ids, use_cache=False).logits, ids)[pred]
             sums[name][0] += float(ce_clean.sum())
             sums[name][1] += float(ce.sum())
