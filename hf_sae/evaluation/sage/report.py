@@ -65,7 +65,7 @@ def plot_attribution(task_result: dict, path: Path) -> Path | None:
 def plot_patching(task_result: dict, path: Path) -> Path | None:
     """Bar chart: activation-patching effect (ΔLD) of the confirmed top locations, per attribute."""
     conf = task_result.get("patching")
-    if not conf:
+    if not conf or not any(conf.values()):  # --n-confirm 0: nothing was patched
         return None
     plt = _plt()
     attrs = list(conf)
