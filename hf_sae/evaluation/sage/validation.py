@@ -16,7 +16,10 @@ trained at the sublayer, and the supervised-dictionary fit (the IOI sufficiency 
   an SAE trained at that sublayer applied directly, with the supervised dictionary as reference.
 - :func:`supervised_fit_comparison`: sufficiency / necessity of the conditional-mean dictionary
   against the regression dictionary (:mod:`.dictionaries`) at the same locations; with IO != S the
-  conditional means carry cross terms, the regression fit does not.
+  conditional means carry cross terms, the regression fit does not. Each is also measured with its
+  reconstruction rescaled per prompt to the norm of the true activation (``*_norm_matched``):
+  a supervised reconstruction lacks the prompt-specific variance, so its norm is smaller, and a
+  downstream RMSNorm divides by that norm -- scaling the task directions up.
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ def compare_sublayer_methods(model: nn.Module, residual_sae, sublayer_saes: Mapp
 def supervised_fit_comparison(model: nn.Module, fit_task: Task, eval_task: Task, locations: Sequence[Location | str],
                               batch_size: int = 64) -> dict:
     """Sufficiency / necessity of the ``mean`` and ``regression`` supervised dictionaries (fit on
-    ``fit_task``, measured on ``eval_task``) at each location: ``{key: {"mean": {...}, "regression": {...},
-    "ld_clean", "ld_mean_ablation"}}``."""
+    ``fit_task``, measured on ``eval_task``) at each location, and the sufficiency of each with its
+    reconstruction rescaled per prompt to ||a|| (``mean_norm_matched``, ``regression_norm_matched``):
+    ``{key: {"mean": {...}, "regression": {...}, "mean_norm_matched": {...}, ..., "ld_clean",
+    "ld_mean_ablation", "norm_ratio_mean"}}`` (``norm_ratio_*`` = mean ||a_hat|| / ||a||)."""
     locs = _locs(locations)
     clean = eval_task.clean
     cache = PrefixCache(model, clean, batch_size)
@@ -146,7 +151,14 @@ def supervised_fit_comparison(model: nn.Module, fit_task: Task, eval_task: Task,
         for method in ("mean", "regression"):
             d = SupervisedDictionary.fit(a_fit[loc.key], fit_task.clean.attributes, loc.key, nested=fit_task.nested,
                                          method=method)
-            row[method] = sufficiency_necessity(model, clean, loc, a, d.reconstruct(clean.attributes), ld_clean, ld_abl,
-                                                batch_size, cache)
+            rec = d.reconstruct(clean.attributes)
+            row[method] = sufficiency_necessity(model, clean, loc, a, rec, ld_clean, ld_abl, batch_size, cache)
+            ratio = rec.float().norm(dim=-1) / a.float().norm(dim=-1).clamp_min(1e-12)
+            row[f"norm_ratio_{method}"] = float(ratio.mean())
+            matched = rec / ratio.to(rec.dtype).unsqueeze(-1)
+            ld = patched_logit_diff(model, clean, {loc: matched}, batch_size=batch_size, cache=cache)
+            den = ld_clean - ld_abl
+            row[f"{method}_norm_matched"] = {"ld": ld, "sufficiency": (ld - ld_abl) / den if abs(den) > 1e-6
+                                             else float("nan")}
         out[loc.key] = row
     return out
