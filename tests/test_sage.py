@@ -518,3 +518,18 @@ def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
     assert r["residual_recomputed"]["fvu"] > 0.05 and r["sublayer_sae"]["fvu"] == pytest.approx(0.0, abs=1e-8)
     with pytest.raises(ValueError, match="hook_point"):
         compare_sublayer_methods(llama, res_sae, {"layers.1.attn_out": subs["layers.1.mlp_out"]}, fit, ev, locs)
+
+
+def test_supervised_fit_comparison_tiny(llama, ioi):
+    from hf_sae.evaluation.sage.validation import supervised_fit_comparison
+
+    fit, ev = ioi.split(12)
+    loc = "layers.1.resid_pre@END"
+    res = supervised_fit_comparison(llama, fit, ev, [loc])[loc]
+    assert set(res) >= {"mean", "regression", "mean_norm_matched", "regression_norm_matched", "norm_ratio_mean"}
+    assert 0.5 < res["norm_ratio_mean"] < 1.5 and 0.5 < res["norm_ratio_regression"] < 1.5
+    # the same ablation and clean LD underlie every variant; sufficiency is their ratio
+    den = res["ld_clean"] - res["ld_mean_ablation"]
+    for k in ("mean", "regression", "mean_norm_matched"):
+        assert res[k]["sufficiency"] == pytest.approx((res[k]["ld"] - res["ld_mean_ablation"]) / den, rel=1e-9)
+    assert res["mean"]["ld"] != pytest.approx(res["mean_norm_matched"]["ld"], abs=1e-6)  # rescaling changes LD
