@@ -110,7 +110,7 @@ def tmp_name(final_dir) -> str:
     return os.path.join(os.path.dirname(final_dir), TMP_PREFIX + os.path.basename(final_dir))
 
 
-def publish_dir(tmp_dir, final_dir) -> None:
+def publish_dir(tmp_dir, final_dir, fault: str = "publish.between_renames") -> None:
     """Move the sealed folder ``tmp_dir`` to ``final_dir``, replacing an older copy, and fsync the parent.
 
     With an older copy the swap is two renames (``final -> final.old``, ``tmp -> final``); a kill between
@@ -121,7 +121,7 @@ def publish_dir(tmp_dir, final_dir) -> None:
         trash = final_dir + OLD_SUFFIX
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final_dir, trash)
-        fault_point("publish.between_renames")
+        fault_point(fault)
         os.replace(tmp_dir, final_dir)
         fsync_path(parent)
         shutil.rmtree(trash, ignore_errors=True)

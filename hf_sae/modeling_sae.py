@@ -1,7 +1,7 @@
 """SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
 
-Math (SPEC 1.1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the per-token
-``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
+Math (docs/FORMULAS.md §1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the
+per-token ``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
 
     pre = W_enc (x - b_dec) + b_enc          # [N, n]  (no b_enc for top-AFA, afa_variant="reference")
     z   = act(pre)                           # k-sparse (values, indices) or dense
@@ -509,7 +509,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     # ---------------------------------------------------------------- loss terms
     def auxk_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor, dead_mask: Optional[Tensor]) -> Tensor:
-        """AuxK (SPEC 1.1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
+        """AuxK (docs/FORMULAS.md §1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
         latents (ReLU, no b_dec) to e^ and return sum||e^ - e||^2 / sum||e - mean(e)||^2.
         0 when no latent is dead; never NaN. Inputs are normalized units: pre [N, n], x, x_hat [N, d]."""
         k_aux = self._auxk_width(dead_mask)
@@ -537,7 +537,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return torch.nan_to_num(F.mse_loss(e_hat, e, reduction="sum") / denom, nan=0.0, posinf=0.0)
 
     def afa_loss(self, latents: Latents, x: Tensor, norms: Optional[Tensor] = None) -> Tensor:
-        """The AFA loss (SPEC 1.3) on normalized inputs x [N, d], in the form ``config.afa_variant`` names:
+        """The AFA loss (docs/FORMULAS.md §3) on normalized inputs x [N, d], in the form ``config.afa_variant``
+        names:
 
         - ``reference`` (the authors' ``sae.py``): mean over tokens of (||z||_2 - ||x||_2)^2, z the raw
           latents, x the SAE's input (uncentred);

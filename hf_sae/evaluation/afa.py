@@ -1,4 +1,4 @@
-"""AFA diagnostic (SPEC 1.3, Lee et al. 2025, "Evaluating and Designing Sparse Autoencoders by
+"""AFA diagnostic (docs/FORMULAS.md §3; Lee et al. 2025, "Evaluating and Designing Sparse Autoencoders by
 Approximating Quasi-Orthogonality"; the authors' code: SewoongLee/top-afa-sae,
 ``visualization/zf-plot.ipynb`` and ``training/sae.py``).
 
