@@ -148,19 +148,20 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(hf_sae_cache_dir() / "afa_study"), help="caches and run folders")
-    p.add_argument("--cache-tokens", type=int, default=600_000, help="training tokens to cache")
-    p.add_argument("--val-tokens", type=int, default=32768, help="held-out tokens (KJV validation split)")
-    p.add_argument("--tokens", type=int, default=600_000, help="training tokens per run")
     p.add_argument("--sizes", default="2304,4608", help="comma list of n_latents (4x and 8x of d = 576)")
-    p.add_argument("--afa-coef", type=float, default=1 / 32, help="AFA loss coefficient (paper: 1/128 .. 1/16)")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--dead-tokens", type=int, default=100_000, help="dead = no fire in this many training tokens")
-    p.add_argument("--eval-tokens", type=int, default=32768)
-    p.add_argument("--lm-windows", type=int, default=24, help="validation windows (256 tokens) for Δ LM loss")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain runs that are saved")
+    for flag, typ, default, what in (
+        ("cache-tokens", int, 600_000, "training tokens to cache"),
+        ("val-tokens", int, 32768, "held-out tokens (KJV validation split)"),
+        ("tokens", int, 600_000, "training tokens per run"),
+        ("afa-coef", float, 1 / 32, "AFA loss coefficient (paper: 1/128 .. 1/16)"),
+        ("batch-size", int, 2048, "tokens per step"), ("lr", float, 3e-3, "Adam learning rate"),
+        ("dead-tokens", int, 100_000, "dead = no fire in this many training tokens"),
+        ("eval-tokens", int, 32768, "held-out tokens for FVU / L0 / AFA"),
+        ("lm-windows", int, 24, "validation windows (256 tokens) for Δ LM loss"),
+        ("seed", int, 0, "training seed"), ("threads", int, 0, "torch threads (0 = all cores)"),
+    ):
+        p.add_argument(f"--{flag}", type=typ, default=default, help=f"{what} (default {default:g})")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads if ns.threads > 0 else (os.cpu_count() or 1))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
