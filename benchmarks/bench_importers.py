@@ -1,12 +1,13 @@
 """Exactness of every importer at a released SAE's size: float32 checkpoints written in each library's own file
 layout (GPT-2-like d = 768), converted to a float32 hf_sae SAE, compared in the caller's units with the library's
-reference forward in float64 (``hf_sae.convert.reference_forward``, which follows each released version's code).
+reference forward in float64 (``hf_sae.convert.reference_forward``, which follows each released version's code);
+the converted SAE runs in float64 (the conversion's own exactness) and in float32.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_importers.py [--d 768] [--n 8192] [--tokens 512] [--out FILE]
 
-Prints (and writes, with --out) a Markdown table: per case, the max |error| of latents and reconstructions
-relative to the reference's largest value, whether ``allclose(atol=rtol=1e-4)`` holds, and the fraction of tokens
-whose set of active latents is identical.
+Prints (and writes, with --out) a Markdown table: per case and for the converted SAE in float64 and in float32, the
+max |error| of latents and reconstructions relative to the reference's largest value, whether
+``allclose(atol=rtol=1e-4)`` holds, and the fraction of tokens whose set of active latents is identical.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ def _r(g, *shape, scale=1.0):
 
 def _saelens(folder: Path, g, d, n, arch, **cfg_extra):
     W_dec = _r(g, n, d) / d ** 0.5
-    sd = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1) - 0.2, "W_dec": W_dec, "b_dec": _r(g, d, scale=0.2)}
+    sd = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1) - 0.2, "W_dec": W_dec,
+          "b_dec": _r(g, d, scale=0.2)}
     if arch == "jumprelu":
         sd["threshold"] = _r(g, n).abs() * 0.5
-    cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.6.hook_resid_post",
-                                                           "model_name": "gpt2"}, **cfg_extra}
+    cfg = {"architecture": arch, "d_in": d, "d_sae": n, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.6.hook_resid_post", "model_name": "gpt2"},
+           **cfg_extra}
     folder.mkdir(parents=True)
     save_file(sd, str(folder / "sae_weights.safetensors"))
     (folder / "cfg.json").write_text(json.dumps(cfg))
@@ -55,9 +58,9 @@ def _sparsify(folder: Path, g, d, n):
     W = _r(g, n, d) / d ** 0.5
     save_file({"encoder.weight": W * 2, "encoder.bias": _r(g, n, scale=0.1), "W_dec": W, "b_dec": _r(g, d, scale=0.2)},
               str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n,
-                                                "k": 32, "multi_topk": False, "skip_connection": False, "transcode": False,
-                                                "d_in": d}))
+    cfg = {"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n, "k": 32, "multi_topk": False,
+           "skip_connection": False, "transcode": False, "d_in": d}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
     return folder, {}
 
 
@@ -88,7 +91,8 @@ def _dl(folder: Path, g, d, n, cls, **opts):
     folder.mkdir(parents=True)
     W = _r(g, n, d) / d ** 0.5
     if cls == "JumpReluAutoEncoder":
-        sd = {"W_enc": W.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1), "W_dec": W * torch.rand(n, 1, generator=g) * 3,
+        sd = {"W_enc": W.T.contiguous() * 2, "b_enc": _r(g, n, scale=0.1),
+              "W_dec": W * torch.rand(n, 1, generator=g) * 3,
               "b_dec": _r(g, d, scale=0.2), "threshold": _r(g, n).abs() * 0.5}
     else:
         sd = {"encoder.weight": W * 2, "encoder.bias": _r(g, n, scale=0.1), "decoder.weight": W.T.contiguous(),
@@ -105,7 +109,8 @@ CASES = {
     "SAELens topk, rescale_acts_by_decoder_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32,
                                                                               rescale_acts_by_decoder_norm=True),
     "SAELens jumprelu": lambda f, g, d, n: _saelens(f, g, d, n, "jumprelu"),
-    "SAELens topk, layer_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32, normalize_activations="layer_norm"),
+    "SAELens topk, layer_norm": lambda f, g, d, n: _saelens(f, g, d, n, "topk", k=32,
+                                                            normalize_activations="layer_norm"),
     "SAELens pre-6 cfg (OpenAI v5 on the Hub), layer_norm": _saelens_pre6_oai,
     "sparsify 1.3.3 topk": _sparsify,
     "OpenAI TopK (real state_dict keys, layer norm)": lambda f, g, d, n: _openai(f, g, d, n, True),
@@ -121,26 +126,32 @@ CASES = {
 }
 
 
-def measure(name, make, d, n, tokens, tmp: Path) -> dict:
-    g = torch.Generator().manual_seed(0)
-    path, opts = make(tmp / name.replace(" ", "_").replace("/", "_"), g, d, n)
-    t0 = time.perf_counter()
-    sae = C.convert(path, dtype=torch.float32, check=True, **opts)
-    seconds = time.perf_counter() - t0
-    # LM-like inputs: an offset direction plus noise, token norms spread over a decade
-    x = (_r(g, tokens, d) + 2 * _r(g, 1, d)) * torch.logspace(-0.5, 0.5, tokens)[:, None]
-    raw = C.read_checkpoint(path, **opts)
-    ref = C.reference_forward(raw, x.double(), **opts)
+def _compare(sae, x: torch.Tensor, ref) -> dict:
     with torch.no_grad():
-        out = sae.train(ref.batch_mode)(x, return_dense=True)
+        out = sae.train(ref.batch_mode)(x.to(sae.W_enc.dtype), return_dense=True)
     lat, rec = out.latents.double(), out.reconstruction.double()
-    same = ((lat != 0) == (ref.latents != 0)).all(-1).double().mean()
-    return {"case": name, "activation": sae.config.activation, "input_norm": sae.config.input_norm,
-            "latents": float((lat - ref.latents).abs().max() / ref.latents.abs().max()),
+    return {"latents": float((lat - ref.latents).abs().max() / ref.latents.abs().max()),
             "reconstruction": float((rec - ref.reconstruction).abs().max() / ref.reconstruction.abs().max()),
             "allclose": bool(torch.allclose(lat, ref.latents, atol=1e-4, rtol=1e-4)
                              and torch.allclose(rec, ref.reconstruction, atol=1e-4, rtol=1e-4)),
-            "same_support": float(same), "convert_s": seconds}
+            "same_support": float(((lat != 0) == (ref.latents != 0)).all(-1).double().mean())}
+
+
+def measure(name, make, d, n, tokens, tmp: Path) -> dict:
+    """The converted SAE in float64 (the conversion's exactness: same support expected) and cast to float32 (what
+    a user runs: threshold / top-k boundary cases may flip by one rounding), both against the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    path, opts = make(tmp / name.replace(" ", "_").replace("/", "_"), g, d, n)
+    t0 = time.perf_counter()
+    sae = C.convert(path, dtype=torch.float64, check=True, **opts)
+    seconds = time.perf_counter() - t0
+    # LM-like inputs: an offset direction plus noise, token norms spread over a decade
+    x = ((_r(g, tokens, d) + 2 * _r(g, 1, d)) * torch.logspace(-0.5, 0.5, tokens)[:, None]).double()
+    ref = C.reference_forward(C.read_checkpoint(path, **opts), x, **opts)
+    f64 = _compare(sae, x, ref)
+    f32 = _compare(sae.float(), x, ref)
+    return {"case": name, "activation": sae.config.activation, "input_norm": sae.config.input_norm,
+            **{f"f64_{k}": v for k, v in f64.items()}, **{f"f32_{k}": v for k, v in f32.items()}, "convert_s": seconds}
 
 
 def main(argv=None) -> None:
@@ -155,11 +166,20 @@ def main(argv=None) -> None:
         for name, make in CASES.items():
             rows.append(measure(name, make, args.d, args.n, args.tokens, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens; float32 SAE vs float64 reference, caller's units.", "",
-             "| case | hf_sae activation | input_norm | max rel. err latents | max rel. err reconstruction | "
-             "allclose 1e-4 | tokens with identical support | convert + check (s) |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['activation']} | {r['input_norm']} | {r['latents']:.1e} | {r['reconstruction']:.1e} | "
-              f"{'yes' if r['allclose'] else 'NO'} | {r['same_support']:.4f} | {r['convert_s']:.1f} |" for r in rows]
+    lines = [f"d = {args.d}, n = {args.n}, {args.tokens} tokens, float32 checkpoints; the converted SAE in float64 "
+             "and in float32 against the library's forward in float64, caller's units "
+             "(max |error| / max |reference|).", "",
+             "| case | hf_sae activation | input_norm | "
+             "float64: err latents / reconstruction, allclose 1e-4, same support | "
+             "float32: err latents / reconstruction, allclose 1e-4, same support | convert + check (s) |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(r, p):
+        return (f"{r[p + 'latents']:.1e} / {r[p + 'reconstruction']:.1e}, {'yes' if r[p + 'allclose'] else 'NO'}, "
+                f"{r[p + 'same_support']:.4f}")
+
+    lines += [f"| {r['case']} | {r['activation']} | {r['input_norm']} | {cell(r, 'f64_')} | {cell(r, 'f32_')} | "
+              f"{r['convert_s']:.1f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

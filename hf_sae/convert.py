@@ -56,9 +56,11 @@ dictionary_learning  ae.pt + config.json                     AutoEncoder, AutoEn
                                                              BatchTopKSAE, JumpReluAutoEncoder
 ===================  =====================================  ==================================================
 
-Each entry has ``read`` (files -> raw config + tensors, validated), ``to_sae`` (raw -> hf_sae SAE) and
-``reference`` (the source library's own forward, written from its published math, on the raw tensors):
-:func:`convert` checks the converted SAE against ``reference`` on probe inputs unless ``check=False``.
+Each entry has ``read`` (files -> raw config + tensors, validated), ``to_parts`` (raw -> the parts :func:`_build`
+assembles) and ``reference`` (the source library's own forward, following its released version's code, on the
+raw tensors), side by side in one module per library under :mod:`hf_sae.formats`. :func:`convert` checks the
+converted SAE against ``reference`` on probe inputs unless ``check=False``. ``SparseAutoencoder.from_pretrained``
+and ``hf_sae.hub.load_all`` use this table for other libraries' Hub repos (:mod:`hf_sae.pretrained`).
 Pickled ``.pt`` files are read with ``torch.load(weights_only=True)``; ``.npz`` with ``allow_pickle=False``.
 """
 
@@ -66,29 +68,36 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .configuration_sae import SAEConfig
-from .formats._common import (_F64, Parts, Raw, RefOutput, _check_keys, _check_shape, _decoder_norms, _f64,  # noqa: F401
-                              _fail, _hook_from_module_path, _identity, _int_cfg, _need_file, _read_json,
-                              _read_safetensors, _strip_compile_prefix, _torch_load, _torch_load_problem,
-                              _validated_hook, hook_point_from_transformerlens, hook_point_to_transformerlens)
-from .formats.dictionary_learning import (_DL_CLASSES, _DL_KEYS, _dictionary_learning_to_parts, _dl_hook,  # noqa: F401
-                                          _dl_jumprelu_scaled, _dl_use_threshold, _read_dictionary_learning,
-                                          _ref_dictionary_learning)
-from .formats.gemmascope import _gemmascope_hook, _gemmascope_to_parts, _read_gemmascope, _ref_gemmascope  # noqa: F401
-from .formats.openai import _openai_ln, _openai_to_parts, _read_openai, _ref_openai, openai_layer_norm  # noqa: F401
-from .formats.saelens import (_SAELENS_ARCHS, _read_saelens, _ref_saelens, _saelens_architecture,  # noqa: F401
-                              _saelens_scale, _saelens_to_parts, _saelens_version, export_saelens)
-from .formats.sparsify import _SPARSIFY_REFUSED, _read_sparsify, _ref_sparsify, _sparsify_to_parts  # noqa: F401
+from .formats import dictionary_learning as _dl
+from .formats import gemmascope as _gemmascope
+from .formats import openai as _openai
+from .formats import saelens as _saelens
+from .formats import sparsify as _sparsify
+from .formats._common import (
+    _F64,
+    Parts,
+    Raw,
+    RefOutput,
+    _decoder_norms,
+    _validated_hook,
+    hook_point_from_transformerlens,
+    hook_point_to_transformerlens,
+)
 from .modeling_sae import SparseAutoencoder
 
 _Parts = Parts  # former name
+export_saelens = _saelens.export_saelens
+openai_layer_norm = _openai.openai_layer_norm
+_DL_CLASSES = _dl._DL_CLASSES
 _CHECK_MAX_WEIGHTS = 2**26
 
 
@@ -159,24 +168,24 @@ FORMATS: dict[str, SAEFormat] = {
     "saelens": SAEFormat(
         "saelens", "SAELens (jbloomAus / decoderesearch)", "cfg.json + sae_weights.safetensors",
         lambda p: (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file(),
-        _read_saelens, _saelens_to_parts, _ref_saelens, export_saelens),
+        _saelens._read_saelens, _saelens._saelens_to_parts, _saelens._ref_saelens, export_saelens),
     "sparsify": SAEFormat(
         "sparsify", "EleutherAI sparsify", "cfg.json + sae.safetensors (one folder per hook point)",
         lambda p: (p / "cfg.json").is_file() and (p / "sae.safetensors").is_file(),
-        _read_sparsify, _sparsify_to_parts, _ref_sparsify),
+        _sparsify._read_sparsify, _sparsify._sparsify_to_parts, _sparsify._ref_sparsify),
     "openai": SAEFormat(
         "openai", "openai/sparse_autoencoder", "<name>.pt state dict",
         lambda p: p.is_file() and p.suffix in (".pt", ".pth") and not (p.parent / "config.json").is_file(),
-        _read_openai, _openai_to_parts, _ref_openai),
+        _openai._read_openai, _openai._openai_to_parts, _openai._ref_openai),
     "gemmascope": SAEFormat(
         "gemmascope", "Gemma Scope (Google DeepMind)", "params.npz",
         lambda p: _is_file_named(p, "params.npz") or (p.is_dir() and (p / "params.npz").is_file()),
-        _read_gemmascope, _gemmascope_to_parts, _ref_gemmascope),
+        _gemmascope._read_gemmascope, _gemmascope._gemmascope_to_parts, _gemmascope._ref_gemmascope),
     "dictionary_learning": SAEFormat(
         "dictionary_learning", "saprmarks/dictionary_learning", "ae.pt + config.json",
         lambda p: (p.is_dir() and (p / "ae.pt").is_file()) or (p.is_file() and p.suffix == ".pt"
                                                                  and (p.parent / "config.json").is_file()),
-        _read_dictionary_learning, _dictionary_learning_to_parts, _ref_dictionary_learning),
+        _dl._read_dictionary_learning, _dl._dictionary_learning_to_parts, _dl._ref_dictionary_learning),
 }
 
 

@@ -1,7 +1,7 @@
 """SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
 
-Math (docs/FORMULAS.md §1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the
-per-token ``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
+Math (docs/FORMULAS.md §1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the per-token
+``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
 
     pre = W_enc (x - b_dec) + b_enc          # [N, n]  (no b_enc for top-AFA, afa_variant="reference")
     z   = act(pre)                           # k-sparse (values, indices) or dense
@@ -31,6 +31,21 @@ from .activations import Latents, get_activation
 from .configuration_sae import SAEConfig
 
 _EPS = 1e-12
+
+
+def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 8 << 20) -> Tensor:
+    """[n, 1] dot products of the rows of a and b [n, d]; on CPU in row blocks of ``block_bytes`` through one
+    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included)."""
+    if a.device.type != "cpu":
+        return (a * b).sum(-1, keepdim=True)
+    rows = max(1, block_bytes // max(1, a.shape[-1] * a.element_size()))
+    out = a.new_empty(a.shape[0], 1)
+    buf = a.new_empty(min(rows, a.shape[0]), a.shape[-1])
+    for lo in range(0, a.shape[0], rows):
+        hi = min(a.shape[0], lo + rows)
+        prod = torch.mul(a[lo:hi], b[lo:hi], out=buf[:hi - lo])
+        torch.sum(prod, -1, keepdim=True, out=out[lo:hi])
+    return out
 
 
 @dataclass
@@ -142,6 +157,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if kwargs.get("subfolder"):
             where += f" (subfolder {kwargs['subfolder']!r})"
         try:
+            hub = importlib.import_module("hf_sae.hub")  # absent under trust_remote_code: plain errors then
+        except ImportError:
+            hub = None
+        if hub is not None:
+            hub.check_local_sae_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
@@ -151,7 +172,18 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                     f"The SAE weights file in {where} is corrupt or truncated ({err}). Re-save it, or re-download "
                     f"it with force_download=True."
                 ) from err
-            raise
+            if hub is None or not isinstance(err, OSError):
+                raise
+            fallback, message = hub.explain_missing_sae(pretrained_model_name_or_path, kwargs.get("subfolder"),
+                                                        kwargs.get("revision"), kwargs.get("token"))
+            if fallback is None:
+                if message is None:
+                    raise
+                raise OSError(message) from err
+            kwargs = {**kwargs, "subfolder": fallback}  # the SAE of that hook point lives at the root
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
         problems = []
         if info.get("missing_keys"):
             problems.append(f"missing tensors {sorted(info['missing_keys'])}")
@@ -216,8 +248,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if g is None:
             return
         w = self.W_dec
-        coef = (g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(_EPS)
-        g.sub_(coef * w)
+        coef = _row_dots(g, w).div_(_row_dots(w, w).clamp_min_(_EPS))
+        g.addcmul_(coef, w, value=-1)
 
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]
@@ -555,3 +587,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
 SAEConfig.register_for_auto_class()
 SparseAutoencoder.register_for_auto_class("AutoModel")
+
+if __name__ == "hf_sae.modeling_sae":  # the installed library, not a copy loaded through trust_remote_code
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(SAEConfig.model_type, SAEConfig, exist_ok=True)
+    AutoModel.register(SAEConfig, SparseAutoencoder, exist_ok=True)

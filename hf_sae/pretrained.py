@@ -13,20 +13,19 @@ resolve, with the hook point and base model filled in::
 
     SAE.from_pretrained("gemma-scope-2b-pt-res", subfolder="layer_20/width_16k/average_l0_71")
 
-=================================  ==========================================  ==========================================
-registry id                        Hub repo (format)                           subfolder  ->  hook point
-=================================  ==========================================  ==========================================
-gemma-scope-2b-pt-res              google/gemma-scope-2b-pt-res (params.npz)   ``layer_{L}/width_{W}/average_l0_{X}`` ->
-                                                                               ``layers.{L}.resid_post``
-gemma-scope-9b-pt-res              google/gemma-scope-9b-pt-res (params.npz)   as above
-eleuther-llama-3-8b-32x            EleutherAI/sae-llama-3-8b-32x (sparsify)    ``layers.{L}`` -> ``layers.{L}.resid_post``
-gpt2-small-resid-post-v5-32k       jbloom/GPT2-Small-OAI-v5-32k-resid-post-    ``v5_32k_layer_{L}.pt`` -> ``layers.{L}
-                                   SAEs (OpenAI's TopK SAEs, SAELens files)    .resid_post`` (layer norm included)
-gpt2-small-resid-post-v5-128k      jbloom/GPT2-Small-OAI-v5-128k-resid-post-   ``v5_128k_layer_{L}.pt`` -> as above
-                                   SAEs
-gpt2-small-res-jb                  jbloom/GPT2-Small-SAEs-Reformatted          ``blocks.{L}.hook_resid_pre`` ->
-                                   (SAELens)                                   ``layers.{L}.resid_pre``
-=================================  ==========================================  ==========================================
+=============================  =============================================  ========================================
+registry id                    Hub repo (format)                              subfolder -> hook point
+=============================  =============================================  ========================================
+gemma-scope-2b-pt-res          google/gemma-scope-2b-pt-res (params.npz)      layer_{L}/width_{W}/average_l0_{X}
+                                                                              -> layers.{L}.resid_post
+gemma-scope-9b-pt-res          google/gemma-scope-9b-pt-res (params.npz)      as above
+eleuther-llama-3-8b-32x        EleutherAI/sae-llama-3-8b-32x (sparsify)       layers.{L} -> layers.{L}.resid_post
+gpt2-small-resid-post-v5-32k   jbloom/GPT2-Small-OAI-v5-32k-resid-post-SAEs   v5_32k_layer_{L}.pt ->
+                               (OpenAI's TopK SAEs in SAELens files)          layers.{L}.resid_post (with its LN)
+gpt2-small-resid-post-v5-128k  jbloom/GPT2-Small-OAI-v5-128k-resid-post-SAEs  v5_128k_layer_{L}.pt -> as above
+gpt2-small-res-jb              jbloom/GPT2-Small-SAEs-Reformatted (SAELens)   blocks.{L}.hook_resid_pre ->
+                                                                              layers.{L}.resid_pre
+=============================  =============================================  ========================================
 """
 
 from __future__ import annotations
@@ -36,12 +35,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Release", "REGISTRY", "resolve", "load_pretrained", "find_foreign_folders", "converted_cache_dir"]
+from ._io import is_sealed, publish_dir, seal, tmp_name
+
+__all__ = ["Release", "REGISTRY", "UnknownLayout", "resolve", "load_pretrained", "find_foreign_folders",
+           "converted_cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ _MARKERS = {"sae_weights.safetensors": "saelens", "sae.safetensors": "sparsify",
             "ae.pt": "dictionary_learning"}
 _FILES = ["cfg.json", "config.json", "sae_weights.safetensors", "sae.safetensors", "params.npz", "ae.pt", "*.pt",
           "*.pth"]
+
+
+class UnknownLayout(ValueError):
+    """The folder holds no SAE in a format :mod:`hf_sae.convert` knows (or does not exist)."""
 
 
 def converted_cache_dir() -> Path:
@@ -156,28 +161,27 @@ def load_pretrained(name: str, subfolder: str | None = None, *, revision: str | 
                                               local_files_only=local_files_only, force_download=force_download)
     src = root / subfolder if subfolder else root
     if not src.exists():
-        raise FileNotFoundError(f"{name}: no {subfolder!r} in {repo}" + (f" at revision {revision}" if revision else ""))
+        raise UnknownLayout(f"{name}: no {subfolder!r} in {repo}" + (f" at revision {revision}" if revision else ""))
     fmt = kwargs.pop("format", "auto")
     if fmt == "auto":
-        detect_format(src)  # ValueError naming the known layouts
+        try:
+            detect_format(src)
+        except ValueError as e:  # names the known layouts
+            raise UnknownLayout(str(e)) from e
     if local:
         return convert(src, fmt, **kwargs)
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else "unversioned"
     target = (converted_cache_dir() / repo.replace("/", "--") / commit / (subfolder or "_root").strip("/")
               / _cache_key({"format": fmt, **kwargs}))
-    if (target / "config.json").is_file() and not force_download:
+    if is_sealed(target, verify_checksums=False) and not force_download:
         return SparseAutoencoder.from_pretrained(target)
     sae = convert(src, fmt, **kwargs)
     sae.config.training_info.setdefault("converted_from", {})["repo_id"] = repo
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:  # write beside, then rename: a reader never sees a half-written copy
-        sae.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_name(target)  # written beside, sealed, then swapped in: a reader never sees a partial copy
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_pretrained(tmp)
+    seal(tmp)
+    publish_dir(tmp, target)
     return sae
 
 
@@ -205,14 +209,17 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 def fallback_load(name, subfolder: str | None, kwargs: dict, error: Exception):
     """After hf_sae's own loader failed on a Hub repo with ``error``: the foreign SAE there, or re-raise ``error``
-    when the folder is not in a known format either."""
-    if os.path.isdir(str(name)):
+    when the repo cannot be read or the folder is not in a known format either (a recognised folder that the
+    converter refuses raises the converter's error)."""
+    if os.path.exists(str(name)):
         raise error
     try:
         return load_pretrained(str(name), subfolder, **_hub_kwargs(kwargs))
-    except (ValueError, FileNotFoundError, OSError) as foreign_error:
-        if "known SAE format" in str(foreign_error) or isinstance(foreign_error, (FileNotFoundError, OSError)):
-            raise error from foreign_error
+    except UnknownLayout as foreign_error:
+        raise error from foreign_error
+    except Exception as foreign_error:
+        if isinstance(foreign_error, OSError) or type(foreign_error).__module__.startswith("huggingface_hub"):
+            raise error from foreign_error  # no such repo / revision / file, or offline without a cached copy
         raise
 
 

@@ -678,6 +678,19 @@ def test_dictionary_learning_special_cases(tmp_path, x):
     (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     with pytest.raises(ValueError, match=r"'decoder.weight' has shape \[10, 6\] but encoder.weight \[10, 6\] implies \[6, 10\]"):
         C.convert(folder)
+    # an ae.pt cut off in transfer says so (not "re-save with state_dict")
+    torch.save(_dl_sd("AutoEncoder"), folder / "ae.pt")
+    (folder / "ae.pt").write_bytes((folder / "ae.pt").read_bytes()[:-200])
+    with pytest.raises(ValueError, match=r"ae.pt is truncated or corrupt \(.*\); download or copy it again\.$"):
+        C.convert(folder)
+
+
+def test_export_refuses_a_layer_norm_saelens_cannot_express(tmp_path):
+    from hf_sae import SAEConfig
+
+    sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=N, k=2, input_norm="layer_norm", input_norm_eps=1e-3))
+    with pytest.raises(ValueError, match="input_norm_eps=0.001"):
+        C.export_saelens(sae, tmp_path / "out")
 
 
 def test_fold_decoder_norms_keeps_reconstruction(tmp_path, x):

@@ -145,12 +145,13 @@ def test_afa_metric_uses_the_normalised_input():
 
 
 def test_training_with_layer_norm_learns_and_saves_it(tmp_path):
-    from hf_sae.training import SAETrainer
     from test_training import HP, small_args, synthetic
+
+    from hf_sae.training import SAETrainer
 
     x = synthetic(4096) * torch.linspace(0.5, 4, 4096)[:, None]  # token norms spread over a decade
     trainer = SAETrainer(small_args(tmp_path, input_norm="layer_norm"), train_data=x)
-    sae = trainer.train()[HP]
+    trainer.train()
     hist = [r[f"{HP}/fvu"] for r in trainer.state.history if f"{HP}/fvu" in r]
     assert hist[-1] < 0.5 * hist[0]
     loaded = SparseAutoencoder.from_pretrained(tmp_path / "out" / HP)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_hub import hub  # noqa: F401  (the fake-Hub fixture)
 
 from hf_sae import SAE
 from hf_sae import hub as H
 from hf_sae import pretrained as P
-
-from test_hub import hub  # noqa: F401  (the fake-Hub fixture)
 
 F64 = torch.float64
 D, N = 8, 24
@@ -107,7 +106,8 @@ def test_openai_v5_release_in_saelens_files_returns_lm_units(hub, tmp_path):  # 
     # (a folder named like the original .pt), a pre-6 SAELens cfg with topk and layer_norm
     folder = tmp_path / "oai" / "v5_32k_layer_6.pt"
     folder.mkdir(parents=True)
-    sd = {"W_enc": _rand(D, N, seed=11), "b_enc": _rand(N, seed=12, scale=0.2), "W_dec": _rand(N, D, seed=13, scale=0.4),
+    sd = {"W_enc": _rand(D, N, seed=11), "b_enc": _rand(N, seed=12, scale=0.2),
+          "W_dec": _rand(N, D, seed=13, scale=0.4),
           "b_dec": _rand(D, seed=14, scale=0.3)}
     save_file({k: v.float().contiguous() for k, v in sd.items()}, str(folder / "sae_weights.safetensors"))
     cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
@@ -135,7 +135,7 @@ def test_openai_v5_release_in_saelens_files_returns_lm_units(hub, tmp_path):  # 
     assert torch.equal(out.latents != 0, acts != 0)
 
 
-# ----------------------------------------------------------------------------------------- sparsify, dictionary_learning
+# ---------------------------------------------------------------------------------- sparsify, dictionary_learning
 def test_load_all_on_a_sparsify_repo_and_a_dictionary_learning_subfolder(hub, tmp_path):  # noqa: F811
     # EleutherAI/sae-llama-3-8b-32x: layers.{L}/{cfg.json, sae.safetensors}
     root = tmp_path / "eleuther"
@@ -150,6 +150,15 @@ def test_load_all_on_a_sparsify_repo_and_a_dictionary_learning_subfolder(hub, tm
     _upload("EleutherAI/sae-llama-3-8b-32x", root)
     saes = H.load_all("EleutherAI/sae-llama-3-8b-32x")
     assert list(saes) == ["layers.0.resid_post", "layers.1.resid_post"]
+    import huggingface_hub.constants as hc
+
+    n = len(hub.requests)
+    hc.HF_HUB_OFFLINE = True
+    try:  # the listing comes from the cached snapshot, the SAEs from the converted copies
+        assert list(H.load_all("EleutherAI/sae-llama-3-8b-32x")) == list(saes)
+    finally:
+        hc.HF_HUB_OFFLINE = False
+    assert len(hub.requests) == n
     assert list(H.load_all("EleutherAI/sae-llama-3-8b-32x", "layers.1*")) == ["layers.1.resid_post"]
     one = SAE.from_pretrained("eleuther-llama-3-8b-32x", subfolder="layers.1")
     with torch.no_grad():
@@ -190,6 +199,10 @@ def test_a_repo_in_no_known_layout_keeps_the_original_error(hub, tmp_path):  # n
         SAE.from_pretrained("test-org/junk")
     with pytest.raises(ValueError, match="no SAE folder in another library's format"):
         H.load_all("test-org/junk")
+    with pytest.raises(OSError, match="test-org/does-not-exist"):  # hf_sae's own error, not the fallback's
+        SAE.from_pretrained("test-org/does-not-exist")
+    with pytest.raises(OSError, match="does not appear to have a file named"):
+        SAE.from_pretrained("test-org/junk", subfolder="no/such/folder")
 
 
 def test_local_foreign_folder_loads_directly(tmp_path):

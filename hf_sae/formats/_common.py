@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,7 +81,8 @@ def _need_file(path: Path, what: str) -> Path:
 
 
 def _strip_compile_prefix(sd: dict) -> dict:
-    return {(k[len("_orig_mod."):] if isinstance(k, str) and k.startswith("_orig_mod.") else k): v for k, v in sd.items()}
+    prefix = "_orig_mod."
+    return {(k[len(prefix):] if isinstance(k, str) and k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 def _check_keys(path, sd: dict, required: set[str], optional: set[str] = frozenset(), what: str = "") -> None:
@@ -159,7 +161,8 @@ def _torch_load(path: Path, what: str) -> dict:
 
 
 _TRUNCATED = re.compile(r"central directory|failed reading|ran out of input|unexpected end|EOF|truncated|"
-                        r"file read failed|invalid header|not a zip", re.I)
+                        r"file read failed|invalid header|not a zip|Unsupported operand|invalid load key|"
+                        r"could not find MARK", re.I)
 
 
 def _torch_load_problem(path: Path, err: Exception) -> str:
@@ -172,11 +175,12 @@ def _torch_load_problem(path: Path, err: Exception) -> str:
         return (f"{path} pickles a {name} object, which torch.load(weights_only=True) refuses: hf_sae only reads plain "
                 "state dicts (tensors, numbers, strings) and never unpickles code. Re-save it with "
                 "torch.save(model.state_dict(), path).")
+    # the specific line: what follows torch's "WeightsUnpickler error:" header, else the first line
+    detail = str(err).split("WeightsUnpickler error:", 1)[-1]
+    detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(err).__name__)
     if isinstance(err, (EOFError, OSError)) or _TRUNCATED.search(text):
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        return f"{path} is truncated or corrupt ({first}); download or copy it again."
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return (f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {first}); hf_sae only "
+        return f"{path} is truncated or corrupt ({detail}); download or copy it again."
+    return (f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {detail}); hf_sae only "
             "reads plain state dicts: re-save it with torch.save(model.state_dict(), path).")
 
 
@@ -247,7 +251,8 @@ def _validated_hook(hook_point: str | None) -> str | None:
 
 def layer_norm_per_token(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """``((x - mu) / (std + eps), mu, std)`` per token with the unbiased std: OpenAI sparse_autoencoder's ``LN`` and
-    SAELens 6.54.12's ``layer_norm`` run-time normalisation (F8). Undo on the output with ``x^ * std + mu``. x: [..., d]."""
+    SAELens 6.54.12's ``layer_norm`` run-time normalisation (F8). Undo on the output with ``x^ * std + mu``.
+    x: [..., d]."""
     mu = x.mean(dim=-1, keepdim=True)
     xc = x - mu
     std = xc.std(dim=-1, keepdim=True)

@@ -9,8 +9,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import (Parts, Raw, RefOutput, _check_jumprelu_tensors, _check_keys, _check_shape, _f64, _fail, _identity,
-                      _read_json, _torch_load)
+from ._common import (
+    Parts,
+    Raw,
+    RefOutput,
+    _check_jumprelu_tensors,
+    _check_keys,
+    _check_shape,
+    _f64,
+    _fail,
+    _identity,
+    _read_json,
+    _torch_load,
+)
 
 _DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 _DL_KEYS = {
@@ -48,7 +59,8 @@ def _read_dictionary_learning(path: Path, *, dict_class: str | None = None, **_)
         d, n = _check_jumprelu_tensors(file, sd, "activation_dim", "dict_size")
     else:
         if sd["encoder.weight"].ndim != 2:
-            raise _fail(file, f"encoder.weight must be [dict_size, activation_dim], got {list(sd['encoder.weight'].shape)}")
+            shape = list(sd["encoder.weight"].shape)
+            raise _fail(file, f"encoder.weight must be [dict_size, activation_dim], got {shape}")
         n, d = sd["encoder.weight"].shape
         why = f"encoder.weight [{n}, {d}]"
         for key, shape in (("encoder.bias", (n,)), ("decoder.weight", (d, n)), ("bias", (d,)), ("decoder.bias", (d,)),

@@ -18,7 +18,8 @@ def _read_gemmascope(path: Path, **_) -> Raw:
     _need_file(file, "a Gemma Scope SAE is a params.npz file")
     try:
         with np.load(str(file), allow_pickle=False) as data:
-            sd = {(("W_" + k[2:]) if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data.files}
+            sd = {(("W_" + k[2:]) if k.startswith("w_") else k): torch.from_numpy(np.array(data[k]))
+                  for k in data.files}
     except Exception as e:
         raise ValueError(f"{file} is not a readable .npz archive ({e}).") from e
     sd = _f64(sd)

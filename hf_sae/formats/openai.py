@@ -8,8 +8,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import (Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _identity, _torch_load,
-                      layer_norm_per_token)
+from ._common import (
+    Parts,
+    Raw,
+    RefOutput,
+    _check_keys,
+    _check_shape,
+    _f64,
+    _fail,
+    _identity,
+    _torch_load,
+    layer_norm_per_token,
+)
 
 openai_layer_norm = layer_norm_per_token
 """The input normalisation of OpenAI's TopK autoencoders (model.py ``LN``): see :func:`layer_norm_per_token`."""
@@ -19,7 +29,8 @@ def _read_openai(path: Path, **_) -> Raw:
     if path.is_dir():
         pts = sorted(list(path.glob("*.pt")) + list(path.glob("*.pth")))
         if len(pts) != 1:
-            raise FileNotFoundError(f"{path}: give the OpenAI autoencoder .pt file itself (found {len(pts)} .pt files).")
+            raise FileNotFoundError(f"{path}: give the OpenAI autoencoder .pt file itself (found {len(pts)} .pt "
+                                    "files).")
         path = pts[0]
     sd = _torch_load(path, "an OpenAI sparse_autoencoder state dict (.pt)")
     # openai/sparse_autoencoder model.py (main, 2024): Autoencoder.state_dict() adds "activation" (class name) and
@@ -76,7 +87,8 @@ def _openai_to_parts(raw: Raw, *, layer_norm: bool | None = None, **_) -> Parts:
     LM's activations. ``layer_norm=False`` converts the SAE behind it (inputs already normalized)."""
     ln = _openai_ln(raw, layer_norm)
     sd, e = raw.sd, raw.extra
-    return Parts(W_enc=sd["encoder.weight"], b_enc=sd["latent_bias"], W_dec=sd["decoder.weight"].T, b_dec=sd["pre_bias"],
+    return Parts(W_enc=sd["encoder.weight"], b_enc=sd["latent_bias"], W_dec=sd["decoder.weight"].T,
+                 b_dec=sd["pre_bias"],
                   activation="topk" if e["k"] else "relu", k=e["k"], input_norm="layer_norm" if ln else "none",
                   info={"format": "openai", "file": raw.path.name})
 

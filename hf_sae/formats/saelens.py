@@ -12,9 +12,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._common import (_F64, Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _identity, _int_cfg,
-                      _read_json, _read_safetensors, hook_point_from_transformerlens, hook_point_to_transformerlens,
-                      layer_norm_per_token)
+from ._common import (
+    _F64,
+    Parts,
+    Raw,
+    RefOutput,
+    _check_keys,
+    _check_shape,
+    _f64,
+    _fail,
+    _identity,
+    _int_cfg,
+    _read_json,
+    _read_safetensors,
+    hook_point_from_transformerlens,
+    hook_point_to_transformerlens,
+    layer_norm_per_token,
+)
 
 if TYPE_CHECKING:
     from ..modeling_sae import SparseAutoencoder
@@ -214,7 +228,8 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, dataset_path: 
     cfg = sae.config
     if cfg.input_norm == "layer_norm" and (cfg.input_norm_eps != 1e-5 or not cfg.input_norm_unbiased):
         raise ValueError(f"SAELens' layer_norm uses eps=1e-5 and the unbiased std; this SAE has input_norm_eps="
-                         f"{cfg.input_norm_eps}, input_norm_unbiased={cfg.input_norm_unbiased}, which it cannot express.")
+                         f"{cfg.input_norm_eps}, input_norm_unbiased={cfg.input_norm_unbiased}, which it cannot "
+                         "express.")
     W_enc, b_enc, W_dec, b_dec = (t.detach().to(_F64).cpu() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     s = float(cfg.input_scale)
     W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s

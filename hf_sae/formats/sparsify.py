@@ -8,8 +8,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import (Parts, Raw, RefOutput, _check_keys, _check_shape, _f64, _fail, _hook_from_module_path, _identity,
-                      _int_cfg, _read_json, _read_safetensors)
+from ._common import (
+    Parts,
+    Raw,
+    RefOutput,
+    _check_keys,
+    _check_shape,
+    _f64,
+    _fail,
+    _hook_from_module_path,
+    _identity,
+    _int_cfg,
+    _read_json,
+    _read_safetensors,
+)
 
 _SPARSIFY_REFUSED = {"transcode": "transcoders map one hook point to another",
                      "skip_connection": "a linear skip connection is not part of hf_sae's SAE",
@@ -62,8 +74,8 @@ def _sparsify_to_parts(raw: Raw, **_) -> Parts:
 
 
 def _ref_sparsify(raw: Raw, x: Tensor, **_) -> RefOutput:
-    """sparsify's SparseCoder (sparse_coder.py + fused_encoder.py): pre = relu(enc(x - b_dec)), top-k of pre,
-    decode = sum of the k rows of W_dec weighted by their values, + b_dec."""
+    """sparsify 1.3.3's SparseCoder (sparse_coder.py encode/decode + fused_encoder.py): pre = relu(enc(x - b_dec)),
+    top-k of pre, decode = sum of the k rows of W_dec weighted by their values, + b_dec."""
     sd = raw.sd
     pre = torch.relu((x - sd["b_dec"]) @ sd["encoder.weight"].T + sd["encoder.bias"])
     v, i = pre.topk(raw.extra["k"], dim=-1)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
+from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
 from ..configuration_sae import KERNELS as _KERNELS
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
@@ -74,7 +75,9 @@ class SAETrainingArguments:
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
         "(live) or of the cache when it has one.", default=None)
-    dataset: str = _help("Text corpus for live streaming ('default' = the embedded KJV corpus).", default="default")
+    dataset: str = _help("Text corpus for live streaming: 'default' (the embedded KJV corpus), a local file or "
+                         "folder, a save_to_disk folder, or a datasets name ('name' or 'name:config').",
+                         default="default")
     context_length: int = _help("Tokens per LM window when streaming live.", default=256)
     lm_batch_size: int = _help("Windows per LM forward when streaming live.", default=8)
     shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
@@ -238,6 +241,8 @@ class SAETrainingArguments:
             bad("multi_topk", "Multi-TopK needs --activation topk")
         if self.kernel not in _KERNELS:
             bad("kernel", f"choose one of {_KERNELS}")
+        if self.input_norm not in _INPUT_NORMS:
+            bad("input_norm", f"choose one of {_INPUT_NORMS}")
         if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
             bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
                               f"batch's variance); raise --batch_size to >= "
@@ -433,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for action in _parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        action.default = argparse.SUPPRESS
+        action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")
