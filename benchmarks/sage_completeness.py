@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,22 +34,16 @@ CROSS_SECTIONS = {
 
 
 def main(argv=None) -> dict:
-    from hf_sae.data.models import load_default_model
+    from sage_overshoot import parse_and_load
+
     from hf_sae.evaluation.sage import make_task
     from hf_sae.evaluation.sage.validation import cross_section_completeness
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["ioi", "gender"], choices=sorted(CROSS_SECTIONS))
-    p.add_argument("--n-fit", type=int, default=96, help="prompts skipped (the fitting split of the SAGE run)")
-    p.add_argument("--n-eval", type=int, default=64, help="held-out prompts measured")
     p.add_argument("--tolerance", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="sage_completeness.json")
-    ns = p.parse_args(argv)
-    torch.set_num_threads(ns.threads if ns.threads > 0 else (os.cpu_count() or 1))
     t0 = time.perf_counter()
-    model, tok = load_default_model()
+    ns, model, tok = parse_and_load(p, argv, "sage_completeness.json")
     out = {"config": vars(ns), "tasks": {}}
     print("| task | locations | attribute | LD clean | LD corrupted | LD all patched | fraction | complete |")
     print("|---|---|---|---|---|---|---|---|")

@@ -29,24 +29,31 @@ LOCATIONS = ("layers.25.resid_pre@END", "layers.29.resid_pre@END", "layers.23.at
 """The IOI END locations where RESULTS_sage.md measured the overshoot (1.21, 1.20) and a head (0.98)."""
 
 
-def main(argv=None) -> dict:
+def parse_and_load(p: argparse.ArgumentParser, argv, out: str):
+    """Add the options both SAGE validation scripts share (prompt split, batch, threads, output), parse,
+    set the torch threads and load SmolLM2. Returns (namespace, model, tokenizer)."""
     from hf_sae.data.models import load_default_model
+
+    p.add_argument("--n-fit", type=int, default=96, help="fitting prompts (the SAGE run's split)")
+    p.add_argument("--n-eval", type=int, default=64, help="held-out prompts measured")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--out", default=out, help="JSON output")
+    ns = p.parse_args(argv)
+    torch.set_num_threads(ns.threads if ns.threads > 0 else (os.cpu_count() or 1))
+    return ns, *load_default_model()
+
+
+def main(argv=None) -> dict:
     from hf_sae.evaluation.sage import make_task
     from hf_sae.evaluation.sage.validation import supervised_fit_comparison
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="ioi")
     p.add_argument("--locations", nargs="+", default=list(LOCATIONS))
-    p.add_argument("--n-fit", type=int, default=96)
-    p.add_argument("--n-eval", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="sage_overshoot.json")
-    ns = p.parse_args(argv)
-    torch.set_num_threads(ns.threads if ns.threads > 0 else (os.cpu_count() or 1))
+    ns, model, tok = parse_and_load(p, argv, "sage_overshoot.json")
     t0 = time.perf_counter()
-    model, tok = load_default_model()
     task = make_task(ns.task, tok, n_prompts=ns.n_fit + ns.n_eval, seed=ns.seed)
     fit, ev = task.split(ns.n_fit)
     with torch.no_grad():
