@@ -6,6 +6,8 @@
     hf-sae sage ...       SAGE ground-truth evaluation (hf_sae.evaluation.sage.run)
     hf-sae push ...       push SAEs to the Hub with a model card (hf_sae.hub)
     hf-sae convert ...    import/export other SAE libraries' formats (hf_sae.convert)
+    hf-sae dashboard PATH static feature browser of one SAE (hf_sae.dashboard)
+    hf-sae autointerp DIR LM explanations of latents, scored by detection and fuzzing (hf_sae.autointerp)
 
 Each module provides ``add_<name>_args(parser)`` and ``run_<name>(args)``; they are imported only
 when their sub-command runs, so `hf-sae --help` is instant.
@@ -35,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sage": ("hf_sae.evaluation.sage.run", "SAGE ground-truth evaluation on IOI-style tasks"),
     "push": ("hf_sae.hub", "push SAEs (one or many hook points) to the Hub with a model card"),
     "convert": ("hf_sae.convert", "convert SAEs from/to SAELens, sparsify, OpenAI, Gemma Scope, dictionary_learning"),
+    "dashboard": ("hf_sae.dashboard", "build the static feature browser of an SAE (top contexts, histograms, logits)"),
+    "autointerp": ("hf_sae.autointerp", "explain latents with an LM and score the explanations (detection, fuzzing)"),
 }
 
 DEBUG_ENV = "HF_SAE_DEBUG"

@@ -13,6 +13,8 @@ Repository layout written by :func:`push_to_hub` / :func:`save_for_hub`::
         config.json            save_pretrained output (config.json with auto_map, model.safetensors,
         model.safetensors      and the same three code files, so the folder is also usable on its own)
         ...
+    dashboard/layers.6.resid_post/   optional (``dashboards=``): the static feature browser of that SAE
+        index.html ...         (``hf-sae dashboard``); the card links to it
 
 A single SAE pushed on its own goes to the repository root instead (``layout="auto"``), so that
 ``SAE.from_pretrained("org/gpt2-sae-32k")`` loads it; pass ``layout="subfolders"`` to put it in its
@@ -62,6 +64,7 @@ def _sae_class():
     return SparseAutoencoder
 
 INDEX_FILE = "sae_index.json"
+DASHBOARD_DIR = "dashboard"
 CODE_FILES = ("configuration_sae.py", "modeling_sae.py", "activations.py")
 TEMPLATE_NAME = "sae_card.md"
 LIBRARY_NAME = "hf_sae"
@@ -381,7 +384,7 @@ def _sort_key(hp: str):
 def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None, layout: str = "auto",
                  metrics: Mapping[str, Mapping[str, Any]] | None = None, base_model: str | None = None,
                  dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
-                 existing_index: Mapping[str, Any] | None = None) -> Path:
+                 existing_index: Mapping[str, Any] | None = None, dashboards=None) -> Path:
     """Write the exact repository layout (see the module docstring) into ``folder``.
 
     Args:
@@ -394,9 +397,12 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
         base_model, dataset, training_tokens, license: card metadata (defaults from the SAEs' configs).
         existing_index: ``hook_points`` of an index already in the repo; its other hook points are kept in
             the new index and card.
+        dashboards: ``{hook point: site folder}`` (or one folder for one SAE) written by ``hf-sae dashboard``;
+            each is shipped in ``dashboard/<hook point>/`` and linked from the card.
     Returns: the folder path.
     """
     saes, at_root = _normalise_saes(saes, layout)
+    dashboards = _check_dashboards(dashboards, saes)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = dict(metrics or {})
@@ -411,7 +417,15 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
         sub = "" if at_root else hook_point_folder(hp)
         target = folder / sub if sub else folder
         _save_one(sae, target, hp)
+        shipped = index.get(hp, {}).get("dashboard")   # a browser pushed earlier stays in the repo and the card
         index[hp] = _index_entry(sae, sub, metrics.get(hp))
+        if shipped and hp not in dashboards:
+            index[hp]["dashboard"] = shipped
+        if hp in dashboards:
+            rel = f"{DASHBOARD_DIR}/{sub}" if sub else DASHBOARD_DIR
+            shutil.copytree(dashboards[hp], folder / rel, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("autointerp_cache.jsonl"))
+            index[hp]["dashboard"] = rel
     if not at_root:  # the code at the root, for trust_remote_code
         first = folder / hook_point_folder(next(iter(saes)))
         for name in CODE_FILES:
@@ -420,15 +434,51 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
                                                 indent=2, sort_keys=True) + "\n")
     card = render_model_card(index, repo_id or folder.resolve().name, base_model=base_model, dataset=dataset,
                              training_tokens=training_tokens, license=license)
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    (folder / "README.md").write_text(card + _dashboard_section(index, repo_id or folder.resolve().name),
+                                      encoding="utf-8")
     return folder
+
+
+def _check_dashboards(dashboards, saes: Mapping[str, SparseAutoencoder]) -> dict[str, Path]:
+    """{hook point: site folder}, validated before anything is written."""
+    if not dashboards:
+        return {}
+    if isinstance(dashboards, (str, os.PathLike)):
+        if len(saes) != 1:
+            raise ValueError("dashboards= is one folder but several SAEs are pushed; pass {hook point: folder}.")
+        dashboards = {next(iter(saes)): dashboards}
+    out = {}
+    for hp, path in dashboards.items():
+        if hp not in saes:
+            raise ValueError(f"a dashboard is given for hook point {hp!r}, which is not among the SAEs pushed "
+                             f"({sorted(saes)}).")
+        if not (Path(path) / "index.html").is_file() or not (Path(path) / "data" / "meta.js").is_file():
+            raise FileNotFoundError(f"{path} is not a feature-browser site (index.html + data/meta.js); build it "
+                                    "with `hf-sae dashboard SAE --out DIR`.")
+        out[hp] = Path(path)
+    return out
+
+
+def _dashboard_section(index: Mapping[str, Mapping[str, Any]], repo_id: str) -> str:
+    """The card's "Feature browser" section (empty when no hook point has one)."""
+    rows = [(hp, e["dashboard"]) for hp, e in sorted(index.items(), key=lambda kv: _sort_key(kv[0]))
+            if e.get("dashboard")]
+    if not rows:
+        return ""
+    links = "\n".join(f"- `{hp or 'root SAE'}`: [`{d}/index.html`]({d}/index.html)" for hp, d in rows)
+    return (f"\n## Feature browser\n\nA static feature browser (top-activating contexts, activation histograms, "
+            f"promoted tokens, explanations) for each SAE, built with `hf-sae dashboard`:\n\n{links}\n\n"
+            f"It needs no server: download it and open `index.html` from disk:\n\n```python\n"
+            f"from huggingface_hub import snapshot_download\n"
+            f"path = snapshot_download(\"{repo_id}\", allow_patterns=[\"{DASHBOARD_DIR}/*\"])\n"
+            f"print(path + \"/{rows[0][1]}/index.html\")\n```\n")
 
 
 def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[str, Mapping[str, Any]] | None = None,
                 base_model: str | None = None, dataset: str | None = None, training_tokens: int | None = None,
                 license: str | None = None, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                endpoint: str | None = None):
+                endpoint: str | None = None, dashboards=None):
     """Create ``repo_id`` if needed and push one SAE or a set of SAEs with code, index and model card, in a
     single commit. Hook points already in the repo (from an earlier push) stay listed in the index and card.
 
@@ -450,7 +500,8 @@ def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[st
             existing = None
         stage = Path(tmp) / "stage"
         save_for_hub(saes, stage, repo_id=repo_id, layout=layout, metrics=metrics, base_model=base_model,
-                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing)
+                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing,
+                     dashboards=dashboards)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(stage).as_posix(), path_or_fileobj=str(p))
                for p in sorted(stage.rglob("*")) if p.is_file()]
         n = len(_normalise_saes(saes, layout)[0])
@@ -621,7 +672,8 @@ def check_local_sae_path(path, subfolder: str | None = None) -> None:
         raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id, which has the form 'org/name').")
     saes = sorted(c.parent.name for c in parent.glob("*/config.json"))
     raise FileNotFoundError(f"{path} does not exist; {parent} holds: {_listing(c.name for c in parent.iterdir())}"
-                            + (f" (SAE folders: {_listing(saes)})" if saes else "") + ".")
+                            + (f" (SAE folders: {_listing(saes)})" if saes else "")
+                            + ". An SAE folder holds config.json + model.safetensors (save_pretrained).")
 
 
 def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
@@ -703,6 +755,8 @@ def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, help="branch to commit to (default main)")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
+    parser.add_argument("--dashboard", action="append", default=None, metavar="SITE",
+                        help="a feature-browser folder from `hf-sae dashboard` to ship beside its SAE (repeatable)")
     parser.add_argument("--dry-run", metavar="DIR", default=None,
                         help="write the repository layout into DIR instead of pushing")
     return parser
@@ -732,6 +786,22 @@ def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | Spars
     return out
 
 
+def _dashboards_by_hook_point(sites: Sequence[str], saes) -> dict[str, str]:
+    """{hook point: site} from the hook point each site records (its data/meta.js)."""
+    from .dashboard.site import is_site, read_data
+
+    out = {}
+    for site in sites:
+        if not is_site(site):
+            raise FileNotFoundError(f"--dashboard {site} is not a feature-browser site (index.html + data/meta.js); "
+                                    "build it with `hf-sae dashboard SAE --out DIR`.")
+        hp = read_data(Path(site) / "data" / "meta.js").get("hook_point")
+        if isinstance(saes, SparseAutoencoder):
+            hp = saes.config.hook_point or hp
+        out[hp] = site
+    return out
+
+
 def run_push(args: argparse.Namespace) -> int:
     """``hf-sae push``: load saved SAEs and push them (or, with --dry-run, write the repo layout)."""
     saes = _collect_saved(args.paths)
@@ -742,7 +812,8 @@ def run_push(args: argparse.Namespace) -> int:
         print(f"[hf-sae push] card license: {DEFAULT_LICENSE} (the default; pass --license to confirm or change it)",
               file=sys.stderr)
     meta = dict(layout=args.layout, metrics=metrics, base_model=args.base_model, dataset=args.dataset,
-                training_tokens=args.training_tokens, license=args.license)
+                training_tokens=args.training_tokens, license=args.license,
+                dashboards=_dashboards_by_hook_point(args.dashboard or [], saes))
     if args.dry_run:
         out = save_for_hub(saes, args.dry_run, repo_id=args.repo_id, **meta)
         print(f"wrote the repository layout of {args.repo_id} to {out}")
@@ -754,8 +825,9 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "INDEX_FILE", "CODE_FILES", "CARD_METRICS", "DEFAULT_LICENSE", "template_path", "hook_point_folder",
-    "collect_metrics", "card_metrics_and_split", "read_metrics_file", "hub_dataset_id", "describe_dataset",
+    "INDEX_FILE", "DASHBOARD_DIR", "CODE_FILES", "CARD_METRICS", "DEFAULT_LICENSE", "template_path",
+    "hook_point_folder", "collect_metrics", "card_metrics_and_split", "read_metrics_file", "hub_dataset_id",
+    "describe_dataset",
     "render_model_card", "card_metrics", "save_for_hub", "push_to_hub", "repo_hook_points", "load_all",
     "load_sae", "add_push_args", "run_push", "looks_local", "check_local_sae_path", "explain_missing_sae",
 ]

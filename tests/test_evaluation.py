@@ -52,7 +52,7 @@ from hf_sae.evaluation.n2g import decode_ngram
 from hf_sae.evaluation.report import write_report
 
 HOOK = "layers.0.resid_post"
-EXTRA_WORDS = ["(", ")", '"', "0", "1", "42", "NASA", "IBM", "one", "two", "The", "In", "said", "man"]
+EXTRA_WORDS = ["(", ")", '"', "0", "1", "42", "NASA", "IBM", "one", "two", "The", "In", "said", "man", "Yes", "No"]
 
 
 # ------------------------------------------------------------------------------------------ fixtures

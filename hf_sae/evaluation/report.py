@@ -223,7 +223,9 @@ def zf_plot(ax, x_norm, f_norm, n_latents=None, label=None, color=None, bands=Tr
 def _plot_afa(afa: dict, out: Path, written: list, zf_points) -> list:
     plt = _plt()
     imgs = []
-    if zf_points is not None and len(zf_points[0]):
+    if zf_points is None and (out / "afa_zf_plot.png").is_file():  # a re-rendered report keeps the plot
+        imgs.append(("ZF plot", "afa_zf_plot.png"))
+    elif zf_points is not None and len(zf_points[0]):
         fig, ax = plt.subplots(figsize=(5.6, 4.8))
         zf_plot(ax, zf_points[0], zf_points[1], afa.get("n_latents"))
         title = "ZF plot"
@@ -306,6 +308,10 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         section("Ablation sparsity", "ablation", lambda d: _plot_ablation(d, out, written),
                 _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]))
     section("AFA diagnostic", "afa", lambda d: _plot_afa(d, out, written, zf_points))
+    if results.get("autointerp"):  # added by `hf-sae autointerp --eval-dir`
+        from hf_sae.autointerp.report import autointerp_section
+
+        parts.append("<h2>Automatic interpretation</h2>" + autointerp_section(results["autointerp"], out))
     timings = results.get("timings_s")
     if timings:
         parts.append("<h2>Timings (s)</h2>" + _table(list(timings.items()), ["stage", "seconds"]))
