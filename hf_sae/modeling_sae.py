@@ -3,7 +3,7 @@
 Math (docs/FORMULAS.md §1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the per-token
 ``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
 
-    pre = W_enc (x - b_dec) + b_enc          # [N, n]
+    pre = W_enc (x - b_dec) + b_enc          # [N, n]  (no b_enc for top-AFA, afa_variant="reference")
     z   = act(pre)                           # k-sparse (values, indices) or dense
     x^  = z W_dec + b_dec                    # only the active rows of W_dec take part
 
@@ -73,7 +73,7 @@ class SAEOutput(ModelOutput):
     l0_loss: Optional[Tensor] = None
     """scalar L0 of the latents with the JumpReLU pseudo-gradient (jumprelu only, else None)."""
     afa_loss: Optional[Tensor] = None
-    """scalar mean((||z~|| - ||x - b_dec||)^2), z~ = latents times decoder-row norms (normalized units)."""
+    """scalar AFA loss in the form of ``config.afa_variant`` (:meth:`SparseAutoencoder.afa_loss`; normalized units)."""
     multi_topk_fvu: Optional[Tensor] = None
     """scalar FVU with 4k latents (Multi-TopK), when enabled."""
 
@@ -124,6 +124,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if config.activation == "batchtopk":
             self.register_buffer("batchtopk_threshold", torch.tensor(-1.0))
         self.activation = get_activation(config.activation)
+        if not self.uses_b_enc:  # top-AFA as its authors define it has no encoder bias: b_enc stays 0
+            self.b_enc.requires_grad_(False)
         self.post_init()
 
     @classmethod
@@ -311,9 +313,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         _, lead, stats = self._flatten_input(x)
         return None if stats is None else tuple(t.reshape(*lead, 1) for t in stats)
 
+    @property
+    def uses_b_enc(self) -> bool:
+        """False for top-AFA in the authors' form (``afa_variant="reference"``): pre = W_enc (x - b_dec)."""
+        return not (self.config.activation == "topafa" and self.config.afa_variant == "reference")
+
     def _pre(self, x: Tensor) -> Tensor:
         """Pre-activations [N, n] of normalized inputs x [N, d]."""
-        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc if self.uses_b_enc else None)
 
     def _activate(self, x: Tensor) -> tuple[Tensor, Latents]:
         pre = self._pre(x)
@@ -364,7 +371,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         k_aux = self._auxk_width(dead_mask)
         with torch.no_grad():
             xc = x - self.b_dec
-            pre = F.linear(xc, self.W_enc, self.b_enc)
+            b_enc = self.b_enc if self.uses_b_enc else torch.zeros_like(self.b_enc)
+            pre = F.linear(xc, self.W_enc, b_enc)
             selected = sparse_fn(pre, self, xc)
             # The pre-activations at the selection, without a gather from pre: a main slot's value is
             # ReLU(pre) * keep, i.e. pre itself wherever it is > 0 -- the only slots that keep a value
@@ -397,7 +405,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                                       [p.shape[1] for p in picks], supports, valid)
         # W_enc's and W_dec's gradients reuse their memory from step to step on CPU (kernels.GradBuffer)
         buffers = self.__dict__.setdefault("_grad_buffers", (kernels.GradBuffer(), kernels.GradBuffer()))
-        parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel, backend=backend,
+        parts = kernels.encode_selected(x, self.W_enc, b_enc, self.b_dec, code, pre_sel, backend=backend,
                                         grad_buffer=buffers[0]).split(code.blocks, dim=1)
         # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
         main = parts[0].where(selected.values > 0, 0.0)
@@ -561,14 +569,20 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return torch.nan_to_num(F.mse_loss(e_hat, e, reduction="sum") / denom, nan=0.0, posinf=0.0)
 
     def afa_loss(self, latents: Latents, x: Tensor, norms: Optional[Tensor] = None) -> Tensor:
-        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (docs/FORMULAS.md §3).
+        """The AFA loss (docs/FORMULAS.md §3) on normalized inputs x [N, d], in the form ``config.afa_variant``
+        names:
+
+        - ``reference`` (the authors' ``sae.py``): mean over tokens of (||z||_2 - ||x||_2)^2, z the raw
+          latents, x the SAE's input (uncentred);
+        - ``centred``: mean over tokens of (||z~||_2 - ||x - b_dec||_2)^2, z~_i = z_i ||W_dec,i||.
+
         ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
+        z = latents.values if latents.is_sparse else latents.dense
+        if self.config.afa_variant == "reference":
+            return (z.norm(dim=-1) - x.norm(dim=-1)).square().mean()
         norms = self.decoder_norms() if norms is None else norms
-        if latents.is_sparse:
-            z_norm = (latents.values * norms[latents.indices]).norm(dim=-1)
-        else:
-            z_norm = (latents.dense * norms).norm(dim=-1)
-        return (z_norm - (x - self.b_dec).norm(dim=-1)).square().mean()
+        scale = norms[latents.indices] if latents.is_sparse else norms
+        return ((z * scale).norm(dim=-1) - (x - self.b_dec).norm(dim=-1)).square().mean()
 
 
 SAEConfig.register_for_auto_class()

@@ -137,8 +137,11 @@ def test_afa_metric_uses_the_normalised_input():
         x_norm = (xn - sae.b_dec).norm(dim=-1)
         dense = sae.encode(x)
         z_norm = (dense * sae.W_dec.norm(dim=-1)).norm(dim=-1)
-    px, pz = stats.points
-    assert torch.allclose(px.double(), x_norm, rtol=1e-6) and torch.allclose(pz.double(), z_norm, rtol=1e-6)
+    px, pf = stats.points  # the ZF pair: ||x|| of the normalised input (not centred), ||f~|| with ||b_dec||
+    assert torch.allclose(px.double(), xn.norm(dim=-1), rtol=1e-6)
+    assert torch.allclose(pf.double(), (z_norm.square() + sae.b_dec.square().sum()).sqrt(), rtol=1e-6)
+    gap = (x_norm.square() - z_norm.square()) / x_norm.square()  # the centred relative gap
+    assert stats.compute()["afa_gap_mean"] == pytest.approx(float(gap.mean()), rel=1e-6)
 
 
 def test_training_with_layer_norm_learns_and_saves_it(tmp_path):

@@ -194,22 +194,44 @@ def _plot_ablation(ab: dict, out: Path, written: list) -> list:
     return [("Ablation sparsity", _save(fig, out / "ablation_sparsity.png", written))]
 
 
+def zf_plot(ax, x_norm, f_norm, n_latents=None, label=None, color=None, bands=True) -> None:
+    """Draw the ZF plot of Lee et al. on ``ax`` as the authors' notebook draws it: ||x|| (the SAE's input,
+    not centred) against ||f~|| (with ||b_dec|| as one more atom), the diagonal, and the error-bound bands
+    ||x|| / sqrt(1 +- e) for e = ε_LBO (h - 1) in (0.25, 0.5, 1) (e = 1: no upper bound)."""
+    from .afa import LBO_BANDS
+
+    xs, fs = [float(v) for v in x_norm], [float(v) for v in f_norm]
+    ax.scatter(xs, fs, s=3, alpha=0.3, label=label, color=color)
+    hi = max(max(xs), max(fs)) * 1.05
+    ax.plot([0, hi], [0, hi], "r--", lw=1, alpha=0.6)
+    if bands:
+        for i, e in enumerate(LBO_BANDS):
+            lo = (1 / (1 + e)) ** 0.5
+            up = (1 / (1 - e)) ** 0.5 if e < 1 else 999.0
+            ax.fill_between([0, hi], [0, lo * hi], [0, up * hi], color="lightblue", alpha=(1, 0.66, 0.33)[i] / 4,
+                            zorder=-1, lw=0)
+            eps = f", ε={e / (n_latents - 1):.1e}" if n_latents else ""
+            ax.plot([0, hi], [0, lo * hi], "k--", lw=0.5, alpha=(1, 0.66, 0.33)[i])
+            ax.text(hi, lo * hi, f" ε(h-1)={e:g}{eps}", fontsize=7, va="center")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("||x||  (SAE input, normalized units)")
+    ax.set_ylabel("||f~||  (latents × ||W_dec,i||, with ||b_dec||)")
+
+
 def _plot_afa(afa: dict, out: Path, written: list, zf_points) -> list:
     plt = _plt()
     imgs = []
     if zf_points is None and (out / "afa_zf_plot.png").is_file():  # a re-rendered report keeps the plot
         imgs.append(("ZF plot", "afa_zf_plot.png"))
     elif zf_points is not None and len(zf_points[0]):
-        xn, zn = zf_points
-        xn, zn = [float(v) for v in xn], [float(v) for v in zn]
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        ax.scatter(xn, zn, s=3, alpha=0.3)
-        hi = max(max(xn), max(zn))
-        ax.plot([0, hi], [0, hi], "k--", lw=1, label="||z~|| = ||x - b_dec||")
-        ax.set_xlabel("||x - b_dec||  (normalized units)")
-        ax.set_ylabel("||z~||")
-        ax.set_title("ZF plot")
-        ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(5.6, 4.8))
+        zf_plot(ax, zf_points[0], zf_points[1], afa.get("n_latents"))
+        title = "ZF plot"
+        if "eps_lbo_mean" in afa:
+            title += f" (mean ε_LBO {afa['eps_lbo_mean']:.2e})"
+        ax.set_title(title)
         imgs.append(("ZF plot", _save(fig, out / "afa_zf_plot.png", written)))
     h = afa.get("gap_histogram")
     if h:

@@ -251,6 +251,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         afa = afa_stats.compute()
         afa.update(decoder_cosine_stats(sae.W_dec.detach().cpu()))
         afa["gap_histogram"] = afa_stats.histogram()
+        afa["n_latents"] = cfg.n_latents
         results["afa"] = afa
         timings["afa"] = time.perf_counter() - t
 
@@ -372,8 +373,9 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     if "ablation" in results:
         summary["ablation_sparsity"] = results["ablation"]["summary"]["ablation_sparsity"]
     if "afa" in results:
-        for k in ("afa_gap_mean", "afa_gap_abs_mean", "eps_max", "eps_mean"):
-            summary[k] = results["afa"][k]
+        for k in ("eps_lbo_mean", "eps_lbo_h1_mean", "eps_max", "eps_mean", "afa_gap_mean", "afa_gap_abs_mean"):
+            if k in results["afa"]:
+                summary[k] = results["afa"][k]
     results["summary"] = summary
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
