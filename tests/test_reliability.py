@@ -357,8 +357,10 @@ _NUMBER_POOL = [float("nan"), float("inf"), -float("inf"), "abc", "1", [1], {"a"
 def _invalid_sae_values(name: str) -> list:
     """Invalid values for one SAEConfig field: a seeded random draw from a pool of wrong types and
     non-finite numbers, plus the field's own out-of-range values."""
-    if name in ("activation", "kernel"):
+    if name in ("activation", "kernel", "input_norm", "afa_variant"):
         return ["nope", 3, None]
+    if name == "input_norm_unbiased":
+        return ["yes", 2]
     if name == "hook_point":
         return [3, "", ["layers.0.resid_post"]]
     if name == "base_model":
@@ -371,15 +373,16 @@ def _invalid_sae_values(name: str) -> list:
            "aux_coef": [-0.5], "l1_coef": [-0.5], "l0_coef": [-0.5], "afa_coef": [-0.5],
            "jumprelu_init_threshold": [0.0, -1.0], "jumprelu_bandwidth": [0.0],
            "d_in": [0, -3, 2.5], "n_latents": [0, -3, 2.5], "expansion_factor": [0, -1.0],
-           "k": [0, -1, 65, 2.5], "k_aux": [0, 65, 2.5], "dead_tokens_threshold": [0, 1.5]}[name]
-    pool = [v for v in _NUMBER_POOL if not (v is None and name in ("n_latents", "k_aux", "expansion_factor"))]
+           "k": [0, -1, 65, 2.5], "input_norm_eps": [0.0, -1.0], "k_aux": [0, 65, 2.5], "dead_tokens_threshold": [0, 1.5]}[name]
+    pool = [v for v in _NUMBER_POOL if not (v is None and name in ("n_latents", "k", "k_aux", "expansion_factor"))
+            and not (v is True and name == "input_norm_eps")]
     return own + random.Random(name).sample(pool, 4)
 
 
 SAE_FIELDS = ["d_in", "n_latents", "expansion_factor", "activation", "k", "k_aux", "aux_coef",
               "dead_tokens_threshold", "multi_topk", "l1_coef", "l0_coef", "afa_coef", "jumprelu_init_threshold",
               "jumprelu_bandwidth", "batchtopk_threshold_momentum", "input_scale", "hook_point", "base_model",
-              "kernel", "training_info"]
+              "kernel", "training_info", "input_norm", "input_norm_eps", "input_norm_unbiased", "afa_variant"]
 
 
 @pytest.mark.parametrize("name", SAE_FIELDS)
