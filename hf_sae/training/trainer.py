@@ -5,7 +5,7 @@ One optimizer step (``SAETrainer._step``), for every hook point h::
     dead_h   = tokens_since_fired_h >= dead_tokens_threshold        (identical on every process)
     out_h    = sae_h(x_h, dead_mask=dead_h)                          (FVU + AuxK [+ L1/L0/AFA/Multi-TopK])
     backward(sum_h out_h.loss)         (DDP averages gradients; gradient accumulation via Accelerate)
-    remove_parallel_grad_(); clip_grad_norm_(max_grad_norm); Adam step at lr_at(tokens); normalize_decoder_()
+    SAEAdam.step(): remove_parallel_grad_(); clip to max_grad_norm; fused Adam at lr_at(tokens); normalize_decoder_()
     fired_h  = all-reduce(sum of fire counts); tokens_since_fired_h <- 0 where fired, += batch_size elsewhere
 
 Data comes from :mod:`hf_sae.training.sources` (tensors, any iterable, an activation cache, or a live
@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,17 +28,27 @@ import torch
 from torch import Tensor, nn
 
 from .._faults import fault_point
-from .._io import publish_dir, remove_leftovers, tmp_name
 from ..configuration_sae import SAEConfig
 from ..evaluation.reconstruction import ReconstructionStats, latent_sums
 from ..modeling_sae import SparseAutoencoder
 from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
+from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
 from .init import initialize_sae
+from .launch import OutputDirLock, check_launch, launched_without_gpus
+from .optim import SAEAdam
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
-from .sources import (CacheSource, DataExhausted, IterableSource, TensorSource, _as_hook_dict, is_cache_dir,
-                      load_activation_file, take_tokens)
+from .sources import (
+    CacheSource,
+    DataExhausted,
+    IterableSource,
+    TensorSource,
+    _as_hook_dict,
+    is_cache_dir,
+    load_activation_file,
+    take_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,61 +86,6 @@ class TrainerState:
     """logged metric records {step, tokens, "<hook>/<metric>": value}"""
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN/Inf; nothing from that point on was saved."""
-
-
-def check_activations(x: Tensor, d: int, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` (and the first bad row) unless ``x`` is a finite [M, d] tensor."""
-    if x.ndim != 2 or x.shape[1] != d:
-        raise ValueError(f"{what} have shape {tuple(x.shape)}, expected [rows, {d}] (the training data's width); "
-                         "give activations of the same hook point and model")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what} are empty; give at least one row or set --eval_tokens 0")
-    finite = torch.isfinite(x).all(dim=1)
-    if not bool(finite.all()):
-        rows = (~finite).nonzero().flatten()
-        raise ValueError(f"{what} contain NaN/Inf values in {len(rows)} row(s), first at row {int(rows[0])}; "
-                         "remove or recompute those rows")
-
-
-def training_bytes(configs: dict[str, SAEConfig], micro_batch: int) -> int:
-    """Rough peak memory of training these SAEs: fp32 weights + gradients + Adam's two moments
-    (4 copies of 2nd + n + d values per SAE) and two [micro_batch, n] fp32 buffers (pre-activations and
-    their top-k / gradient work space)."""
-    total = 0
-    for c in configs.values():
-        n, d = c.n_latents, c.d_in
-        total += 4 * 4 * (2 * n * d + 2 * n + d) + 2 * 4 * micro_batch * n
-    return total
-
-
-def available_bytes(device) -> Optional[int]:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable of /proc/meminfo), or None."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return None
-
-
-def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device) -> None:
-    """``ValueError`` naming ``--n_latents`` / ``--batch_size`` when training cannot fit, before allocating."""
-    need, have = training_bytes(configs, micro_batch), available_bytes(device)
-    if have is not None and need > have:
-        sizes = ", ".join(f"{h}: n_latents={c.n_latents} x d={c.d_in}" for h, c in configs.items())
-        raise ValueError(f"training needs about {need / 2**30:.1f} GiB ({sizes}; weights, gradients, Adam state and "
-                          f"[{micro_batch}, n] pre-activations per micro-batch) but {device} has "
-                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size")
-
-
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
@@ -166,11 +120,13 @@ class SAETrainer:
         self.log_dir = os.path.join(self.out, "logs")
         _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(
+            cpu=launched_without_gpus(),  # torchrun on CPUs: one gloo group, as with ACCELERATE_USE_CPU=true
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mp,
             log_with=self._trackers(args.log_with),
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
         )
         acc = self.accelerator
+        check_launch(acc.num_processes)  # N processes asked for, N running -- else stop before any work
         args.validate(num_processes=acc.num_processes)
         self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
@@ -225,6 +181,8 @@ class SAETrainer:
         found = ckpt.newest_valid(self.ckpt_root)
         if found is None and existing:
             logger.warning("no valid checkpoint in %s (all incomplete); starting afresh", self.ckpt_root)
+        elif found is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting a new run", self.ckpt_root)
         return found
 
     def _build_source(self, train_data):
@@ -240,8 +198,9 @@ class SAETrainer:
                 self._init_iter = lambda: iter([self._tensor_sample(data)])
                 src = TensorSource(data, self.micro, rank, world, seed=args.seed)
                 return src, {h: data[h].shape[1] for h in hps}, None, "in-memory tensors"
+            one_shot = iter(train_data) is train_data or getattr(train_data, "one_shot", False)
             first, rest = self._peek(train_data, hps)
-            if iter(train_data) is train_data:
+            if one_shot:
                 # one-shot iterator: the peeked batch stays part of the data and is the init sample
                 train_data = itertools.chain([first], rest)
                 self._init_iter = lambda: iter([first])
@@ -327,12 +286,14 @@ class SAETrainer:
 
     def _read_eval_data(self) -> Optional[dict[str, Tensor]]:
         args, hps = self.args, list(self.args.hook_points)
+        self.eval_split, self.eval_dataset = None, None  # recorded in training_info (the card names them)
         if args.eval_tokens == 0:
             return None
         if self._user_eval is not None:
             data = _as_hook_dict(self._user_eval, hps) if isinstance(self._user_eval, (Tensor, dict)) else None
             if data is None:
                 raise ValueError("eval_data must be a [M, d] tensor or a dict {hook_point: [M, d]}")
+            self.eval_split, self.eval_dataset = "held-out (eval_data)", "in-memory tensors"
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.eval_activations is not None:
             p = args.eval_activations
@@ -340,8 +301,12 @@ class SAETrainer:
                 from ..data.cache import CachedActivations
 
                 ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                source = str(ds.metadata.get("source") or p)
+                self.eval_split = source.rsplit(":", 1)[1] if ":" in source else "eval_activations"
+                self.eval_dataset = source.rsplit(":", 1)[0] if ":" in source else source
                 return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
-            data, _ = load_activation_file(p, hps)
+            data, meta = load_activation_file(p, hps)
+            self.eval_split, self.eval_dataset = meta.get("split", "eval_activations"), meta.get("dataset", p)
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.activations is None and self.lm is not None:
             from ..data.stream import ActivationStream
@@ -351,6 +316,7 @@ class SAETrainer:
                                           batch_tokens=min(4096, args.eval_tokens), window=args.context_length,
                                           batch_windows=args.lm_batch_size, shuffle_buffer_tokens=0,
                                           max_tokens=args.eval_tokens, seed=args.seed)
+                self.eval_split, self.eval_dataset = "validation", args.dataset
                 return take_tokens(iter(stream), args.eval_tokens)
             except (ValueError, FileNotFoundError) as e:
                 logger.warning("no held-out split for dataset %r (%s); skipping held-out evaluation", args.dataset, e)
@@ -381,13 +347,16 @@ class SAETrainer:
             for h, s in saes.items():
                 s.config.input_scale = scales[h]
 
-    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> torch.optim.Optimizer:
+    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> SAEAdam:
+        """Adam with the recipe's projection, per-SAE clipping and renormalisation (:class:`SAEAdam`)."""
         args = self.args
         groups = []
         for h, sae in saes.items():
             peak = args.lr if args.lr is not None else default_lr(sae.config.n_latents)
             groups.append({"params": list(sae.parameters()), "lr": peak, "peak_lr": peak, "hook_point": h})
-        return torch.optim.Adam(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return SAEAdam(groups, list(saes.values()), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                       max_grad_norm=args.max_grad_norm, project_decoder_grad=args.project_decoder_grad,
+                       normalize_decoder=args.normalize_decoder)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         out = {}
@@ -520,8 +489,15 @@ class SAETrainer:
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, SparseAutoencoder]:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
+        lock = OutputDirLock(self.out).acquire() if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, SparseAutoencoder]:
         args, acc = self.args, self.accelerator
-        self.since_fired, self.total_fires = {}, {}
         # held-out data is read and checked first: a bad file fails before any work, not after training
         self.eval_data = self._eval_data() if acc.is_main_process else None
         if self.resume_from is not None:
@@ -534,13 +510,7 @@ class SAETrainer:
             saes = self._build_saes(self.configs)
             self._initialize(saes)
         self._prepare_output_dir()
-        for h, sae in saes.items():
-            n = sae.config.n_latents
-            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
-        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
-        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
+        self._prepare(saes)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
@@ -554,6 +524,19 @@ class SAETrainer:
         finally:
             acc.end_training()
             self._release()
+
+    def _prepare(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Fresh dead-latent counters, the Accelerate-prepared model and optimizer of ``saes``, and the
+        divergence marker."""
+        acc = self.accelerator
+        self.since_fired, self.total_fires = {}, {}
+        for h, sae in saes.items():
+            n = sae.config.n_latents
+            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
 
     def _release(self) -> None:
         """Drop the data, the held-out set and Accelerate's references once training is over, so that
@@ -623,7 +606,7 @@ class SAETrainer:
                 self.save_checkpoint()
         bar.close()
 
-    def _step(self, batches: list[dict[str, Tensor]], window: "_Window") -> None:
+    def _step(self, batches: list[dict[str, Tensor]], window: _Window) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches (see the module docstring)."""
         args, acc, st = self.args, self.accelerator, self.state
         saes = self._saes()
@@ -648,17 +631,11 @@ class SAETrainer:
                     fires[h] += ls["fire_counts"].to(fires[h].device)
                     window.add(h, o, ls)
                 if acc.sync_gradients:
-                    for h, sae in saes.items():
-                        if args.project_decoder_grad:
-                            sae.remove_parallel_grad_()
-                        if args.max_grad_norm > 0:
-                            gn = acc.clip_grad_norm_(sae.parameters(), args.max_grad_norm)
-                            window.add_scalar(h, "grad_norm", float(gn))
-                    self.optimizer.step()
+                    self.optimizer.step()  # SAEAdam: projection, clipping, fused Adam, renormalisation
+                    for h, gn in zip(saes, self.optimizer.optimizer.grad_norms):
+                        if gn is not None:
+                            window.add_scalar(h, "grad_norm", gn)
                     self.optimizer.zero_grad(set_to_none=True)
-                    if args.normalize_decoder:
-                        for sae in saes.values():
-                            sae.normalize_decoder_()
         if acc.num_processes > 1:  # every process must agree on which latents are dead
             flat = acc.reduce(torch.cat([fires[h] for h in saes]), reduction="sum")
             fires = dict(zip(saes, flat.split([len(fires[h]) for h in saes])))
@@ -706,6 +683,8 @@ class SAETrainer:
                                "normalize_input": args.normalize_input, "normalize_decoder": args.normalize_decoder,
                                "project_decoder_grad": args.project_decoder_grad, "multi_topk": args.multi_topk},
                     "init": self.init_info.get(h, {}),
+                    "eval_split": getattr(self, "eval_split", None) if final.get(h) else None,
+                    "eval_dataset": getattr(self, "eval_dataset", None) if final.get(h) else None,
                     "final_metrics": {
                         **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
                         **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
@@ -714,23 +693,12 @@ class SAETrainer:
                 sae.config.training_info = info
                 self.configs[h] = sae.config
                 folder = os.path.join(self.out, h)
-                _export_atomically(folder, lambda tmp: (
-                    sae.save_pretrained(tmp),
+                with atomic_export(folder) as tmp:
+                    sae.save_pretrained(tmp)
                     write_report(tmp, h, st.history, {"base_model": sae.config.base_model, **info},
-                                 plot=args.plot_report)))
+                                 plot=args.plot_report)
         acc.wait_for_everyone()
         return saes
-
-
-def _export_atomically(folder: str, write) -> None:
-    """``write(tmp)`` fills a temporary folder that then replaces ``folder`` in one swap, so a kill leaves
-    the previous export or the new one, never a truncated ``model.safetensors``."""
-    remove_leftovers(folder)
-    tmp = tmp_name(folder)
-    os.makedirs(tmp)
-    write(tmp)
-    fault_point("export.written")
-    publish_dir(tmp, folder, fault="export.between_renames")
 
 
 class _Window:
@@ -742,8 +710,11 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add_scalar(self, h: str, name: str, value: float) -> None:
+    def add_scalar(self, h: str, name: str, value: Union[float, Tensor]) -> None:
+        """Add a float or a 0-d tensor (summed where it lives, read once at ``flush``: no host sync)."""
         key = f"{h}/{name}"
+        if isinstance(value, Tensor):
+            value = value.detach().double()
         self.sums[key] = self.sums.get(key, 0.0) + value
         self.counts[key] = self.counts.get(key, 0) + 1
 
@@ -751,12 +722,13 @@ class _Window:
         for name in self._FIELDS:
             v = getattr(out, name, None)
             if v is not None:
-                self.add_scalar(h, name, float(v.detach()))
-        self.add_scalar(h, "l0", float(ls["sum_l0"]) / max(ls["count"], 1))
+                self.add_scalar(h, name, v)
+        self.add_scalar(h, "l0", ls["sum_l0"] / max(ls["count"], 1))
 
     def flush(self, acc, hook_points) -> dict:
         keys = sorted(self.sums)
-        vals = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=acc.device)
+        vals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=acc.device) / self.counts[k]
+                            for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             vals = acc.reduce(vals, reduction="mean")
         self.sums, self.counts = {}, {}
