@@ -1,5 +1,6 @@
 """Screenshots of a built feature browser in headless chromium (the same harness as tests/test_dashboard.py):
-the index, one latent page and the texts view, plus the console errors (there must be none).
+the index, one latent page and the texts view, plus the console errors (there must be none), and how long
+the index and a latent page take to appear (milliseconds, printed).
 
     python benchmarks/dashboard_screenshots.py quickstart_out/dashboard --latent 123 --out docs/screenshots
 
@@ -34,10 +35,14 @@ def main() -> int:
         d.get(url)
         browser.wait_for(d, "body[data-ready='1']")
         rows = browser.wait_for(d, "tr.latent-row")
+        # ms from navigation start to the first page of the index drawn (the index of all latents is loaded)
+        print(f"index ready after {d.execute_script('return performance.now()'):.0f} ms")
         latent = args.latent if args.latent is not None else int(rows[0].get_attribute("data-id"))
         print(browser.screenshot(d, out / f"{args.prefix}_index.png"))
         d.get(url + f"#latent/{latent}")
+        t0 = d.execute_script("return performance.now()")
         browser.wait_for(d, "#top-contexts .ctx")
+        print(f"latent page (one shard loaded) ready after {d.execute_script('return performance.now()') - t0:.0f} ms")
         print(browser.screenshot(d, out / f"{args.prefix}_latent_{latent}.png"))
         d.get(url + "#texts")
         browser.wait_for(d, ".textview .tok", min_count=3)

@@ -231,7 +231,7 @@ def test_site_files(site, tiny_tokenizer):
     assert texts[0]["latents"][0] == []  # BOS never fires
 
 
-def test_cli_dashboard(capsys, tmp_path, tiny_lm, tiny_tokenizer):
+def test_cli_dashboard(tmp_path, tiny_lm, tiny_tokenizer, capsys):
     from hf_sae.cli import main
 
     sae = planted_sae(tiny_lm, tiny_tokenizer, n=32, k=3)
@@ -258,9 +258,9 @@ def test_cli_dashboard(capsys, tmp_path, tiny_lm, tiny_tokenizer):
     assert rc == 0
     info = json.loads((tmp_path / "site" / "build_info.json").read_text())
     assert info["n_latents"] == 32 and info["n_tokens"] == 500
-    assert main(["dashboard", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1  # one-line error
-    err = capsys.readouterr().err
-    assert "nope does not exist" in err and "Traceback" not in err
+    # a missing SAE: one error line naming it, non-zero exit, nothing written
+    assert main(["dashboard", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) != 0
+    assert "nope does not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------ in a real browser
