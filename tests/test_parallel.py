@@ -100,39 +100,40 @@ def _sharded_run(mesh, job, X, start=0, ckpt_in=None, ckpt_out=None, resume=Fals
     return out
 
 
-def _worker(rank, tp, jobs, data_path, out_dir, ckpt_in=None, ckpt_start=0, ckpt_out=None, resume=False):
+MESHES = {"tp4": (4, None), "dp2xtp2": (2, None), "tp2": (2, [0, 1])}
+"""name -> (tp_size, ranks): three meshes built inside one 4-process launch (process start-up dominates)."""
+
+
+def _worker(rank, data_path, out_dir):
     from hf_sae.parallel import make_mesh
 
-    mesh = make_mesh(tp)
     X = torch.load(data_path)
-    for job in jobs:
-        res = _sharded_run(mesh, job, X, start=ckpt_start, ckpt_in=ckpt_in,
-                           ckpt_out=None if ckpt_out is None else os.path.join(ckpt_out, job),
-                           resume=resume)
-        if rank == 0:
-            torch.save(res, os.path.join(out_dir, f"{job}.pt"))
-
-
-def _launch(tmp, world, tp, jobs, **kw):
-    from hf_sae.parallel.mesh import launch_local
-
-    out = tmp / f"w{world}tp{tp}{'-' + os.path.basename(str(kw.get('ckpt_in'))) if kw.get('ckpt_in') else ''}"
-    out.mkdir()
-    launch_local(_worker, world, args=(tp, list(jobs), str(tmp / "X.pt"), str(out), kw.get("ckpt_in"),
-                                       kw.get("ckpt_start", 0), kw.get("ckpt_out"), kw.get("resume", False)),
-                 timeout=240)
-    return {j: torch.load(out / f"{j}.pt") for j in jobs}
+    for name, (tp, ranks) in MESHES.items():
+        mesh = make_mesh(tp, ranks)
+        if mesh is None:
+            continue
+        for job in JOBS:
+            ckpt = os.path.join(out_dir, f"ckpt-{name}", job) if name != "tp2" else None
+            res = _sharded_run(mesh, job, X, ckpt_out=ckpt, resume=name == "dp2xtp2")
+            if mesh.rank == 0:
+                torch.save(res, os.path.join(out_dir, f"{name}-{job}.pt"))
+        if name == "tp2":  # re-shard 4 -> 2: finish on 2 ranks from the 4-rank checkpoint of step HALF
+            res = _sharded_run(mesh, "topk", X, start=HALF, ckpt_in=os.path.join(out_dir, "ckpt-tp4", "topk"))
+            if mesh.rank == 0:
+                torch.save(res, os.path.join(out_dir, "tp2-from-tp4-topk.pt"))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def runs(tmp_path_factory):
+    """One process launch (4 gloo processes) running every mesh; plus the single-process references."""
+    from hf_sae.parallel.mesh import launch_local
+
     tmp = tmp_path_factory.mktemp("parallel")
     X = _data()
     torch.save(X, tmp / "X.pt")
+    launch_local(_worker, 4, args=(str(tmp / "X.pt"), str(tmp)), timeout=400)
     ref = {job: _reference(job, X) for job in JOBS}
-    # the checks below can fail: AuxK really runs (latents die), and top-AFA picks varying k(x)
-    assert (ref["topk"]["hist"][:, 2] > 0).any()
-    return tmp, X, ref
+    return tmp, ref
 
 
 def _assert_same(run: dict, ref: dict, job: str, start: int = 0):
@@ -142,46 +143,52 @@ def _assert_same(run: dict, ref: dict, job: str, start: int = 0):
     assert torch.equal(run["since"], ref["since"]), f"{job}: dead-latent counters differ"
 
 
-@pytest.mark.parametrize("world,tp", [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "dp2xtp2"])
-def test_sharded_training_equals_single_process(setup, world, tp):
-    tmp, _, ref = setup
-    ckpt = tmp / f"ckpt-w{world}tp{tp}"
-    runs = _launch(tmp, world, tp, JOBS, ckpt_out=str(ckpt), resume=(world, tp) == (4, 2))
-    for job in JOBS:
-        _assert_same(runs[job], ref[job], job)
-    if (world, tp) == (4, 2):  # resumed from the step-12 checkpoint on the same mesh: bit-identical
-        for job in JOBS:
-            for k, v in runs[job]["state"].items():
-                assert torch.equal(runs[job]["resumed_state"][k], v), (job, k)
+def test_reference_exercises_auxk_and_afa(runs):
+    """The comparisons below can fail: latents die (AuxK runs), top-AFA's k(x) varies, BatchTopK's per-token
+    counts vary, and one step's loss differs from the next."""
+    _, ref = runs
+    assert (ref["topk"]["hist"][:, 2] > 0).sum() >= 5
+    assert (ref["topk"]["since"] > 0).any()
+    assert ref["topafa"]["hist"][:, 3].min() > 0
 
 
-def test_reshard_4_2_1(setup):
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("job", list(JOBS))
+def test_sharded_training_equals_single_process(runs, mesh, job):
+    tmp, ref = runs
+    _assert_same(torch.load(tmp / f"{mesh}-{job}.pt"), ref[job], job)
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_resume_from_sharded_checkpoint_is_exact(runs, job):
+    tmp, _ = runs
+    run = torch.load(tmp / f"dp2xtp2-{job}.pt")
+    for k, v in run["state"].items():
+        assert torch.equal(run["resumed_state"][k], v), k
+
+
+def test_reshard_4_2_1(runs):
     from hf_sae.parallel import consolidate, load_full, load_into, make_mesh, save_sharded
     from hf_sae.parallel.sharded import ShardedSAE
 
-    tmp, X, ref = setup
-    ckpt4 = tmp / "ckpt-w4tp4"
-    if not ckpt4.exists():
-        _launch(tmp, 4, 4, ["topk"], ckpt_out=str(ckpt4))
-    job = "topk"
-    # consolidation of the 4-shard checkpoint is the single-process SAE at that step
-    sae = consolidate(str(ckpt4 / job), str(tmp / "consolidated"))
+    tmp, ref = runs
+    job, ckpt4 = "topk", str(tmp / "ckpt-tp4" / "topk")
+    # consolidation of the 4-shard checkpoint is the single-process SAE at that step, as a normal folder
+    sae = consolidate(ckpt4, str(tmp / "consolidated"))
     for k, v in ref[job]["half"].items():
         torch.testing.assert_close(sae.state_dict()[k], v, rtol=1e-8, atol=1e-10)
     again = SparseAutoencoder.from_pretrained(str(tmp / "consolidated"))
-    assert torch.equal(again.W_dec, sae.W_dec.to(again.W_dec.dtype))
-    # 4 -> 2: resume on a 2-process mesh and finish: same SAE as one process trained throughout
-    runs = _launch(tmp, 2, 2, [job], ckpt_in=str(ckpt4 / job), ckpt_start=HALF)
-    _assert_same(runs[job], ref[job], job, start=HALF)
-    # 4 -> 1 through a 1-rank re-save: the tensors (weights, Adam moments, counters) are unchanged
-    mesh1 = make_mesh(1)
-    model = ShardedSAE.from_full(_fresh(job), mesh1)
+    torch.testing.assert_close(again.W_dec.double(), ref[job]["half"]["W_dec"], rtol=1e-6, atol=1e-7)
+    # 4 -> 2: resumed on 2 ranks and finished: the SAE one process trains throughout
+    _assert_same(torch.load(tmp / "tp2-from-tp4-topk.pt"), ref[job], job, start=HALF)
+    # 4 -> 1: loaded and re-saved by one rank, every tensor (weights, Adam moments, counters) is unchanged
+    model = ShardedSAE.from_full(_fresh(job), make_mesh(1))
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    state = load_into(str(ckpt4 / job), model, opt)
+    state = load_into(ckpt4, model, opt)
     save_sharded(str(tmp / "ckpt1"), model, opt, state)
-    _, full4, _ = load_full(str(ckpt4 / job))
+    _, full4, _ = load_full(ckpt4)
     _, full1, _ = load_full(str(tmp / "ckpt1"))
-    assert full4.keys() == full1.keys()
+    assert full4.keys() == full1.keys() and len(full4) > 8
     for k in full4:
         assert torch.equal(full4[k], full1[k]), k
 

@@ -58,20 +58,24 @@ def local_tensors(model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer],
 def save_sharded(folder: str, model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer] = None,
                  state: Optional[dict[str, Tensor]] = None, meta: Optional[dict] = None) -> str:
     """Write an atomic sharded checkpoint at ``folder`` (collective: every rank of the mesh calls it;
-    the TP ranks of DP replica 0 write their shard, global rank 0 writes the index and seals)."""
+    the TP ranks of DP replica 0 write their shard, mesh rank 0 writes the index and seals)."""
     from safetensors.torch import save_file
 
     mesh = model.mesh
     folder = os.path.abspath(folder)
     tmp = os.path.join(os.path.dirname(folder), ".tmp-" + os.path.basename(folder))
-    distributed = dist.is_available() and dist.is_initialized()
-    rank0 = not distributed or dist.get_rank() == 0
+    group = mesh.world_group
+    rank0 = mesh.rank == 0
+
+    def barrier():
+        if group is not None:
+            dist.barrier(group=group)
+
     if rank0:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         ckpt.clean_temporaries(os.path.dirname(folder))
         os.makedirs(tmp)
-    if distributed:
-        dist.barrier()
+    barrier()
     tensors = local_tensors(model, optimizer, state)  # collective-free; every rank builds its own
     if mesh.dp_rank == 0:
         save_file(tensors, os.path.join(tmp, shard_name(mesh.tp_rank, mesh.tp_size)))
@@ -79,13 +83,11 @@ def save_sharded(folder: str, model: ShardedSAE, optimizer: Optional[torch.optim
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump({"tp_size": mesh.tp_size, "n_latents": model.config.n_latents,
                        "config": model.config.to_dict(), "meta": meta or {}}, f, default=float)
-    if distributed:
-        dist.barrier()
+    barrier()
     if rank0:
         ckpt.seal(tmp)
         ckpt.publish(tmp, folder)
-    if distributed:
-        dist.barrier()
+    barrier()
     return folder
 
 
@@ -148,7 +150,7 @@ def consolidate(folder: str, out_dir: Optional[str] = None) -> SparseAutoencoder
     """A normal SparseAutoencoder from a sharded checkpoint (no process group needed); with ``out_dir``
     also ``save_pretrained`` there (config.json + model.safetensors)."""
     config, full, _ = load_full(folder)
-    sae = SparseAutoencoder(config)
+    sae = SparseAutoencoder(config).to(full["param/W_dec"].dtype)
     sae.load_state_dict({k[6:]: v for k, v in full.items() if k.startswith("param/")})
     if out_dir is not None:
         sae.save_pretrained(out_dir)

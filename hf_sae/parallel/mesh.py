@@ -55,26 +55,31 @@ class Mesh:
         return self.dp_size * self.tp_size
 
 
-def make_mesh(tp_size: int) -> Mesh:
-    """Split the initialized default process group into ``world / tp_size`` DP replicas of ``tp_size``
-    latent shards. Every process must call it (group creation is collective)."""
+def make_mesh(tp_size: int, ranks: Optional[list[int]] = None) -> Optional[Mesh]:
+    """Split the initialized default process group (or the processes ``ranks`` of it) into
+    ``processes / tp_size`` DP replicas of ``tp_size`` latent shards. Every process of the default group
+    must call it (group creation is collective); processes outside ``ranks`` get None."""
     if not dist.is_available() or not dist.is_initialized():
         if tp_size == 1:
             return Mesh()
         raise ValueError(f"tp_size={tp_size} needs torch.distributed initialized: launch with torchrun or "
                          f"accelerate launch with a multiple of {tp_size} processes")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
+    world = len(ranks)
     if tp_size < 1 or world % tp_size:
         raise ValueError(f"tp_size={tp_size} does not divide the {world} processes; launch a multiple of "
                          f"tp_size processes (dp_size = processes / tp_size)")
     dp_size = world // tp_size
-    tp_groups = [dist.new_group(list(range(d * tp_size, (d + 1) * tp_size))) for d in range(dp_size)]
-    dp_groups = [dist.new_group(list(range(t, world, tp_size))) for t in range(tp_size)]
-    dp_rank, tp_rank = divmod(rank, tp_size)
+    tp_groups = [dist.new_group(ranks[d * tp_size:(d + 1) * tp_size]) for d in range(dp_size)]
+    dp_groups = [dist.new_group(ranks[t::tp_size]) for t in range(tp_size)]
+    everyone = dist.new_group(ranks) if world != dist.get_world_size() else dist.group.WORLD
+    if dist.get_rank() not in ranks:
+        return None
+    dp_rank, tp_rank = divmod(ranks.index(dist.get_rank()), tp_size)
     return Mesh(tp_size=tp_size, dp_size=dp_size, tp_rank=tp_rank, dp_rank=dp_rank,
                 tp_group=tp_groups[dp_rank] if tp_size > 1 else None,
                 dp_group=dp_groups[tp_rank] if dp_size > 1 else None,
-                world_group=dist.group.WORLD if world > 1 else None, groups=tp_groups + dp_groups)
+                world_group=everyone if world > 1 else None, groups=tp_groups + dp_groups)
 
 
 class _ReduceSum(torch.autograd.Function):

@@ -105,7 +105,7 @@ class ShardedSAE(nn.Module):
     def to_full(self) -> SparseAutoencoder:
         """A normal SparseAutoencoder holding the whole SAE (collective: every TP rank must call it)."""
         full = self.gather_state()
-        sae = SparseAutoencoder(self.config).to(self.W_dec.device)
+        sae = SparseAutoencoder(self.config).to(self.W_dec.device, self.W_dec.dtype)
         sae.load_state_dict(full)
         return sae
 
