@@ -104,9 +104,56 @@ MESHES = {"tp4": (4, None), "dp2xtp2": (2, None), "tp2": (2, [0, 1])}
 """name -> (tp_size, ranks): three meshes built inside one 4-process launch (process start-up dominates)."""
 
 
+HPS = ["layers.0.resid_post", "layers.1.resid_post"]
+TRAINER_RUNS = {"trainer-tp4": 4, "trainer-dp2xtp2": 2}
+
+
+def _trainer_args(out, tp_size=1, **kw):
+    from hf_sae.training import SAETrainingArguments
+
+    return SAETrainingArguments(
+        hook_points=HPS, activations=str(out.parent / "acts.safetensors"), n_latents=64, k=4, multi_topk=True,
+        batch_size=BATCH, train_tokens=16 * BATCH, checkpoint_every_tokens=8 * BATCH, eval_every_tokens=0,
+        dead_tokens_threshold=2 * BATCH, lr=1e-2, seed=0, log_with=["jsonl"], progress_bar=False, plot_report=False,
+        mixed_precision="no", init_tokens=256, output_dir=str(out), tp_size=tp_size, **kw)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _trainer_phase(out_dir):
+    """--tp_size 4 and --tp_size 2 (2 x 2) runs of the trainer, and a 2 x 2 run killed after its first
+    checkpoint then resumed."""
+    from pathlib import Path
+
+    from hf_sae.parallel.trainer import ShardedSAETrainer
+    from hf_sae.training import train
+
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    out = Path(out_dir)
+    for name, tp in TRAINER_RUNS.items():
+        train(_trainer_args(out / name, tp))
+    save = ShardedSAETrainer.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        raise _Killed
+
+    ShardedSAETrainer.save_checkpoint = save_then_die
+    try:
+        train(_trainer_args(out / "trainer-killed", 2))
+    except _Killed:
+        pass
+    finally:
+        ShardedSAETrainer.save_checkpoint = save
+    train(_trainer_args(out / "trainer-killed", 2, resume=True))
+
+
 def _worker(rank, data_path, out_dir):
     from hf_sae.parallel import make_mesh
 
+    _trainer_phase(out_dir)
     X = torch.load(data_path)
     for name, (tp, ranks) in MESHES.items():
         mesh = make_mesh(tp, ranks)
@@ -128,11 +175,18 @@ def runs(tmp_path_factory):
     """One process launch (4 gloo processes) running every mesh; plus the single-process references."""
     from hf_sae.parallel.mesh import launch_local
 
+    from safetensors.torch import save_file
+
+    from hf_sae.training import train
+
     tmp = tmp_path_factory.mktemp("parallel")
     X = _data()
     torch.save(X, tmp / "X.pt")
-    launch_local(_worker, 4, args=(str(tmp / "X.pt"), str(tmp)), timeout=400)
+    flat = X.reshape(-1, D).float()
+    save_file({HPS[0]: flat, HPS[1]: (2 * flat.flip(0) + 1).contiguous()}, str(tmp / "acts.safetensors"))
+    launch_local(_worker, 4, args=(str(tmp / "X.pt"), str(tmp)), timeout=600)
     ref = {job: _reference(job, X) for job in JOBS}
+    train(_trainer_args(tmp / "trainer-1", 1))
     return tmp, ref
 
 
@@ -165,6 +219,44 @@ def test_resume_from_sharded_checkpoint_is_exact(runs, job):
     run = torch.load(tmp / f"dp2xtp2-{job}.pt")
     for k, v in run["state"].items():
         assert torch.equal(run["resumed_state"][k], v), k
+
+
+@pytest.mark.parametrize("run", list(TRAINER_RUNS))
+def test_trainer_tp_size_equals_one_process(runs, run):
+    """--tp_size: the exported SAEs (every hook point) and the dead-latent counters of the last checkpoint
+    are those of the 1-process trainer (float32)."""
+    from hf_sae.parallel import load_full
+    from hf_sae.training import checkpoint as ckpt
+
+    tmp, _ = runs
+    last = ckpt.newest_valid(str(tmp / run / "checkpoints"))
+    ref_tensors = load_file_(os.path.join(ckpt.newest_valid(str(tmp / "trainer-1" / "checkpoints")),
+                                          "trainer_tensors.safetensors"))
+    for h in HPS:
+        ref = SparseAutoencoder.from_pretrained(str(tmp / "trainer-1" / h))
+        sae = SparseAutoencoder.from_pretrained(str(tmp / run / h))
+        assert sae.config.training_info["tokens_trained"] == 16 * BATCH
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(sae.state_dict()[k], v, rtol=1e-4, atol=2e-5, msg=f"{h} {k}")
+        _, full, _ = load_full(os.path.join(last, h))
+        assert torch.equal(full["state/since_fired"], ref_tensors[f"{h}/tokens_since_fired"])
+        assert torch.equal(full["state/fire_counts"], ref_tensors[f"{h}/fire_counts"])
+    assert (ref_tensors[f"{HPS[0]}/tokens_since_fired"] > 0).any()  # some latents idle: counters matter
+
+
+def test_trainer_killed_and_resumed_is_exact(runs):
+    tmp, _ = runs
+    for h in HPS:
+        a = SparseAutoencoder.from_pretrained(str(tmp / "trainer-dp2xtp2" / h))
+        b = SparseAutoencoder.from_pretrained(str(tmp / "trainer-killed" / h))
+        for k, v in a.state_dict().items():
+            assert torch.equal(b.state_dict()[k], v), (h, k)
+
+
+def load_file_(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 def test_reshard_4_2_1(runs):

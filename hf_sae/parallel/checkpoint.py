@@ -55,36 +55,42 @@ def local_tensors(model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer],
     return out
 
 
-def save_sharded(folder: str, model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer] = None,
-                 state: Optional[dict[str, Tensor]] = None, meta: Optional[dict] = None) -> str:
-    """Write an atomic sharded checkpoint at ``folder`` (collective: every rank of the mesh calls it;
-    the TP ranks of DP replica 0 write their shard, mesh rank 0 writes the index and seals)."""
+def write_shards(folder: str, model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer] = None,
+                 state: Optional[dict[str, Tensor]] = None, meta: Optional[dict] = None) -> None:
+    """Write this rank's shard (TP ranks of DP replica 0) and, on mesh rank 0, ``sharded.json`` into
+    ``folder`` (created here; not sealed: see :func:`save_sharded`). No collective."""
     from safetensors.torch import save_file
 
     mesh = model.mesh
+    os.makedirs(folder, exist_ok=True)
+    if mesh.dp_rank == 0:
+        save_file(local_tensors(model, optimizer, state), os.path.join(folder, shard_name(mesh.tp_rank, mesh.tp_size)))
+    if mesh.rank == 0:
+        with open(os.path.join(folder, INDEX), "w") as f:
+            json.dump({"tp_size": mesh.tp_size, "n_latents": model.config.n_latents,
+                       "config": model.config.to_dict(), "meta": meta or {}}, f, default=float)
+
+
+def save_sharded(folder: str, model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer] = None,
+                 state: Optional[dict[str, Tensor]] = None, meta: Optional[dict] = None) -> str:
+    """Write an atomic sharded checkpoint at ``folder`` (collective: every rank of the mesh calls it):
+    a temporary folder, :func:`write_shards`, then mesh rank 0 seals (manifest) and renames it."""
+    mesh = model.mesh
     folder = os.path.abspath(folder)
     tmp = os.path.join(os.path.dirname(folder), ".tmp-" + os.path.basename(folder))
-    group = mesh.world_group
-    rank0 = mesh.rank == 0
 
     def barrier():
-        if group is not None:
-            dist.barrier(group=group)
+        if mesh.world_group is not None:
+            dist.barrier(group=mesh.world_group)
 
-    if rank0:
+    if mesh.rank == 0:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         ckpt.clean_temporaries(os.path.dirname(folder))
         os.makedirs(tmp)
     barrier()
-    tensors = local_tensors(model, optimizer, state)  # collective-free; every rank builds its own
-    if mesh.dp_rank == 0:
-        save_file(tensors, os.path.join(tmp, shard_name(mesh.tp_rank, mesh.tp_size)))
-    if rank0:
-        with open(os.path.join(tmp, INDEX), "w") as f:
-            json.dump({"tp_size": mesh.tp_size, "n_latents": model.config.n_latents,
-                       "config": model.config.to_dict(), "meta": meta or {}}, f, default=float)
+    write_shards(tmp, model, optimizer, state, meta)
     barrier()
-    if rank0:
+    if mesh.rank == 0:
         ckpt.seal(tmp)
         ckpt.publish(tmp, folder)
     barrier()
@@ -97,9 +103,10 @@ def read_index(folder: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is not a sharded SAE checkpoint (no {INDEX}); pass a folder written by "
                          "hf_sae.parallel.save_sharded")
-    if not ckpt.is_valid(folder, verify_checksums=False):
-        raise ValueError(f"sharded checkpoint {folder} is incomplete or damaged (manifest.json missing or file "
-                         "sizes differ); resume from an earlier checkpoint")
+    sealed_here = os.path.isfile(os.path.join(folder, ckpt.MANIFEST))  # else: a part of a sealed trainer checkpoint
+    if sealed_here and not ckpt.is_valid(folder, verify_checksums=False):
+        raise ValueError(f"sharded checkpoint {folder} is damaged (file sizes differ from its manifest.json)"
+                         "; resume from an earlier checkpoint")
     with open(path) as f:
         return json.load(f)
 

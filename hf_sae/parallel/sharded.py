@@ -122,6 +122,9 @@ class ShardedSAE(nn.Module):
     def remove_parallel_grad_(self) -> None:
         SparseAutoencoder.remove_parallel_grad_(self)
 
+    def release_grad_buffers(self) -> None:
+        """Nothing to free (the sharded step keeps no gradient buffers between steps)."""
+
     @torch.no_grad()
     def reduce_gradients_(self) -> None:
         """Sum every gradient over the DP group (the loss is a global-batch loss; see the module doc)."""
@@ -136,11 +139,12 @@ class ShardedSAE(nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the norm of the *whole* SAE's gradient (torch.nn.utils.clip_grad_norm_'s rule);
         return that norm. Call after :meth:`reduce_gradients_`."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.W_dec.device)
         sq_local = sum((p.grad.double().square().sum() for n, p in self.named_parameters()
-                        if p.grad is not None and n in SHARDED_PARAMS), torch.zeros((), dtype=torch.float64))
-        sq = reduce_sum(sq_local.to(self.W_dec.device), self.mesh.tp_group)
+                        if p.grad is not None and n in SHARDED_PARAMS), zero)
+        sq = reduce_sum(sq_local, self.mesh.tp_group)
         sq = sq + sum((p.grad.double().square().sum() for n, p in self.named_parameters()
-                       if p.grad is not None and n not in SHARDED_PARAMS), torch.zeros((), dtype=torch.float64))
+                       if p.grad is not None and n not in SHARDED_PARAMS), zero)
         norm = sq.sqrt().to(self.W_dec.dtype)
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in self.parameters():
@@ -242,7 +246,7 @@ class ShardedSAE(nn.Module):
         xn, _ = SparseAutoencoder._flatten_input(self, x)
         N = xn.shape[0]
         with torch.no_grad():
-            n_tokens = int(self._dp(torch.tensor(float(N), dtype=torch.float64)))
+            n_tokens = int(self._dp(torch.tensor(float(N), dtype=torch.float64, device=xn.device)))
             mean = self._dp(xn.sum(0)) / n_tokens
             total_var = self._dp((xn - mean).square().sum()).clamp_min(_EPS)
         xc = xn - self.b_dec

@@ -23,6 +23,21 @@ def sharded_adam(model: ShardedSAE, lr: float, betas=(0.9, 0.999), eps: float = 
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
 
 
+def finish_gradients(model: ShardedSAE, max_grad_norm: float = 1.0, project_decoder_grad: bool = True) -> float:
+    """After backward, before the optimizer step: sum gradients over DP, project W_dec's, clip by the
+    global norm. Returns the gradient norm (0 when not clipping)."""
+    model.reduce_gradients_()
+    if project_decoder_grad:
+        model.remove_parallel_grad_()
+    return float(model.clip_grad_norm_(max_grad_norm)) if max_grad_norm > 0 else 0.0
+
+
+def update_since_fired(model: ShardedSAE, fires: Tensor, since_fired: Tensor, batch_tokens: int) -> tuple[Tensor, Tensor]:
+    """(global fires [n/P], new since_fired [n/P]): fires summed over DP; counters reset where fired."""
+    fires = model._dp(fires)
+    return fires, torch.where(fires > 0, torch.zeros_like(since_fired), since_fired + batch_tokens)
+
+
 def train_step(model: ShardedSAE, optimizer: torch.optim.Optimizer, x: Tensor, since_fired: Tensor, *,
                batch_tokens: int, max_grad_norm: float = 1.0, project_decoder_grad: bool = True,
                normalize_decoder: bool = True, lr: Optional[float] = None) -> tuple[ShardedStep, Tensor, float]:
@@ -33,17 +48,11 @@ def train_step(model: ShardedSAE, optimizer: torch.optim.Optimizer, x: Tensor, s
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
-    dead = since_fired >= model.config.dead_tokens_threshold
-    res = model(x, dead_mask=dead)
+    res = model(x, dead_mask=since_fired >= model.config.dead_tokens_threshold)
     res.output.loss.backward()
-    model.reduce_gradients_()
-    if project_decoder_grad:
-        model.remove_parallel_grad_()
-    grad_norm = float(model.clip_grad_norm_(max_grad_norm)) if max_grad_norm > 0 else 0.0
+    grad_norm = finish_gradients(model, max_grad_norm, project_decoder_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if normalize_decoder:
         model.normalize_decoder_()
-    fires = model._dp(res.fires)
-    since_fired = torch.where(fires > 0, torch.zeros_like(since_fired), since_fired + batch_tokens)
-    return res, since_fired, grad_norm
+    return res, update_since_fired(model, res.fires, since_fired, batch_tokens)[1], grad_norm

@@ -29,7 +29,7 @@ _K_SPARSE = ("topk", "batchtopk", "topafa")
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
     "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
-    "run_name", "lm_batch_size", "plot_report",
+    "run_name", "lm_batch_size", "plot_report", "tp_size",
 })
 
 
@@ -105,6 +105,9 @@ class SAETrainingArguments:
     adam_beta2: float = _help("Adam beta2.", default=0.999)
     adam_epsilon: float = _help("Adam epsilon (Gao et al.: 6.25e-10).", default=6.25e-10)
     max_grad_norm: float = _help("Gradient clipping (global L2 norm per SAE); 0 disables.", default=1.0)
+    tp_size: int = _help("Latent (tensor) parallelism: each SAE's latents are split over tp_size processes "
+                         "(hf_sae.parallel); the processes form (processes / tp_size) data-parallel replicas. "
+                         "1 = plain data parallelism.", default=1)
     mixed_precision: str = _help("auto (bf16 on a GPU that supports it, else fp32), no, or bf16.", default="auto")
     seed: int = _help("Seed of the initialisation and of the data order.", default=0)
     # ------------------------------------------------------------------ evaluation, checkpoints, logging
@@ -178,7 +181,7 @@ class SAETrainingArguments:
             bad("activation", f"choose one of {_ACTIVATIONS}")
         for name in ("train_tokens", "batch_size", "gradient_accumulation_steps", "context_length",
                      "lm_batch_size", "init_tokens", "expansion_factor", "dead_tokens_threshold",
-                     "save_total_limit", "log_every_steps"):
+                     "save_total_limit", "log_every_steps", "tp_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer")
@@ -194,10 +197,22 @@ class SAETrainingArguments:
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
         if self.multi_topk and self.activation != "topk":
             bad("multi_topk", "Multi-TopK needs --activation topk")
-        split = (num_processes or 1) * self.gradient_accumulation_steps
+        if self.tp_size > 1:
+            if num_processes is not None and num_processes % self.tp_size:
+                bad("tp_size", f"must divide the number of processes ({num_processes}); launch a multiple of "
+                               f"{self.tp_size} processes")
+            if self.gradient_accumulation_steps != 1:
+                bad("gradient_accumulation_steps", "must be 1 with --tp_size > 1 (raise --batch_size instead)")
+            if self.n_latents is not None and self.n_latents % self.tp_size:
+                bad("n_latents", f"must be a multiple of --tp_size={self.tp_size}")
+            if self.mixed_precision == "bf16":
+                bad("mixed_precision", "bf16 autocast is not supported with --tp_size > 1 yet; use no or auto")
+        dp = (num_processes or 1) // self.tp_size if num_processes else 1
+        split = dp * self.gradient_accumulation_steps
         if self.batch_size % split:
-            bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
-                              f"{num_processes} x {self.gradient_accumulation_steps} = {split}")
+            bad("batch_size", f"must be divisible by data-parallel replicas x gradient_accumulation_steps = "
+                              f"{dp} x {self.gradient_accumulation_steps} = {split} "
+                              f"({num_processes} processes / tp_size {self.tp_size})")
         if self.train_tokens < self.batch_size:
             bad("train_tokens", f"must be >= batch_size={self.batch_size} (at least one step)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

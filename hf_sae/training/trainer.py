@@ -115,7 +115,7 @@ class SAETrainer:
         )
         acc = self.accelerator
         args.validate(num_processes=acc.num_processes)
-        self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
+        self.micro = args.batch_size // (self._data_shard()[1] * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
         self.lm, self.tokenizer = model, tokenizer
         self._user_eval = eval_data
@@ -137,6 +137,11 @@ class SAETrainer:
             elif n in ("tensorboard", "wandb"):
                 out.append(n)
         return out or None
+
+    def _data_shard(self) -> tuple[int, int]:
+        """(this process's share, number of shares) of the training data: one per process here; one per
+        data-parallel replica with latent sharding (``hf_sae.parallel.trainer``)."""
+        return self.accelerator.process_index, self.accelerator.num_processes
 
     def _check_output_dir(self) -> Optional[str]:
         """Validate output_dir against --resume / --overwrite_output_dir; return the checkpoint to resume."""
@@ -169,7 +174,7 @@ class SAETrainer:
         """(source, {hook: d}, base_model, dataset name); validates hook points against the data/model."""
         args, acc = self.args, self.accelerator
         hps = list(args.hook_points)
-        rank, world = acc.process_index, acc.num_processes
+        rank, world = self._data_shard()
         if train_data is not None:
             if isinstance(train_data, Tensor):
                 train_data = _as_hook_dict(train_data, hps)
@@ -356,9 +361,12 @@ class SAETrainer:
     def _load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        self.accelerator.load_state(path)
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
+        if state.get("tp_size", 1) > 1:
+            raise ValueError(f"checkpoint {path} holds latent-sharded SAEs (--tp_size {state['tp_size']}); resume "
+                             "with --tp_size > 1 (any divisor of n_latents and of the process count)")
+        self.accelerator.load_state(path)
         if state["num_processes"] != self.accelerator.num_processes:
             # same global batch either way, but the data order of iterable sources is per process
             logger.warning("checkpoint %s was written by %d processes, resuming with %d: the weights continue "
@@ -395,8 +403,9 @@ class SAETrainer:
         """Held-out FVU / L0 / dead fraction / MSE per hook point (main process; {} elsewhere)."""
         acc = self.accelerator
         results: dict[str, dict] = {}
+        saes = self._saes()  # on every process (a collective with latent sharding)
         if acc.is_main_process and self.eval_data is not None:
-            for h, sae in self._saes().items():
+            for h, sae in saes.items():
                 was = sae.training
                 sae.eval()
                 stats = ReconstructionStats(n_latents=sae.config.n_latents)
@@ -437,7 +446,7 @@ class SAETrainer:
             n = sae.config.n_latents
             self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
             self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        self.model, self.optimizer = self._prepare(saes)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
@@ -452,6 +461,10 @@ class SAETrainer:
         finally:
             acc.end_training()
             self._release()
+
+    def _prepare(self, saes: dict[str, SparseAutoencoder]):
+        """(model, optimizer) for the loop: the SAEs in one Accelerate-prepared (DDP) bundle."""
+        return self.accelerator.prepare(SAEBundle(saes), self._optimizer(saes))
 
     def _release(self) -> None:
         """Drop the data, the held-out set and Accelerate's references once training is over, so that
@@ -680,10 +693,20 @@ def _flat_hparams(args: SAETrainingArguments) -> dict:
     return out
 
 
+def make_trainer(args: SAETrainingArguments, **kwargs) -> SAETrainer:
+    """The trainer for ``args``: :class:`SAETrainer`, or with ``args.tp_size > 1`` the latent-sharded
+    :class:`hf_sae.parallel.trainer.ShardedSAETrainer` (same arguments, same outputs)."""
+    if args.tp_size > 1:
+        from ..parallel.trainer import ShardedSAETrainer
+
+        return ShardedSAETrainer(args, **kwargs)
+    return SAETrainer(args, **kwargs)
+
+
 def train(args: SAETrainingArguments, train_data: Optional[TrainData] = None,
           eval_data: Optional[Union[Tensor, dict]] = None, model=None, tokenizer=None) -> dict[str, SparseAutoencoder]:
     """Train (or with ``args.resume`` resume) SAEs; returns {hook_point: SparseAutoencoder}.
 
-    Shortcut for ``SAETrainer(args, train_data, eval_data, model, tokenizer).train()``.
+    Shortcut for ``make_trainer(args, train_data=..., eval_data=..., model=..., tokenizer=...).train()``.
     """
-    return SAETrainer(args, train_data=train_data, eval_data=eval_data, model=model, tokenizer=tokenizer).train()
+    return make_trainer(args, train_data=train_data, eval_data=eval_data, model=model, tokenizer=tokenizer).train()
