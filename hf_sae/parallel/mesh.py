@@ -148,7 +148,8 @@ def free_port() -> int:
 def init_local(rank: int, world_size: int, port: int, backend: Optional[str] = None) -> None:
     """Initialize the default process group for a single-node launch (tests, benchmarks)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      FORK_LAUNCHED="1")  # Accelerate: the launcher owns the group (end_training keeps it)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, rank=rank, world_size=world_size)
 
@@ -159,7 +160,8 @@ def _entry(rank: int, fn, nprocs: int, port: int, backend: Optional[str], args: 
     try:
         fn(rank, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launch_local(fn, nprocs: int, args: tuple = (), timeout: float = 300.0, backend: Optional[str] = None) -> None:
