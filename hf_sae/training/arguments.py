@@ -55,7 +55,8 @@ class SAETrainingArguments:
         default="smollm2-135m")
     activations: Optional[str] = _help(
         "Train from stored activations instead of a live model: a cache folder written by "
-        "hf_sae.data.cache, or a .safetensors/.pt file holding one [N, d] tensor per hook point "
+        "hf_sae.data.cache (or one pushed to the Hub: hf://datasets/org/name[@rev]), or a .safetensors/.pt file "
+        "holding one [N, d] tensor per hook point "
         "(key = hook point). None = stream live from model_name_or_path over `dataset`.", default=None)
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
@@ -245,7 +246,7 @@ class SAETrainingArguments:
             bad("log_with", "tensorboard is not installed: `pip install tensorboard`, or use --log_with auto/jsonl")
         for path_field in ("activations", "eval_activations"):
             p = getattr(self, path_field)
-            if p is not None and not os.path.exists(p):
+            if p is not None and not p.startswith("hf://datasets/") and not os.path.exists(p):
                 raise FileNotFoundError(f"--{path_field} {p!r} does not exist; give a cache folder or a "
                                         ".safetensors/.pt activation file, or omit it to stream live")
         # The SAE config checks the remaining fields (coefficients, k vs n_latents); with an expansion

@@ -242,9 +242,9 @@ class SAETrainer:
         return {h: t[rows] for h, t in data.items()}
 
     def _cache_init_iter(self):
-        from ..data.cache import CachedActivations
+        from ..data.hub_cache import open_cache
 
-        ds = CachedActivations(self.args.activations, hook_point=list(self.args.hook_points),
+        ds = open_cache(self.args.activations, hook_point=list(self.args.hook_points),
                                batch_size=self.args.init_tokens, shuffle=True, seed=self.args.seed + 1)
         return (_as_hook_dict(x, self.args.hook_points) for x in ds)
 
@@ -270,9 +270,9 @@ class SAETrainer:
         if args.eval_activations is not None:
             p = args.eval_activations
             if is_cache_dir(p):
-                from ..data.cache import CachedActivations
+                from ..data.hub_cache import open_cache
 
-                ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                ds = open_cache(p, hook_point=hps, shuffle=False)
                 return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
             data, _ = load_activation_file(p, hps)
             return {h: v[:args.eval_tokens] for h, v in data.items()}
