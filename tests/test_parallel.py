@@ -297,3 +297,27 @@ def test_sharded_errors():
         make_mesh(2)
     with pytest.raises(ValueError, match="not a sharded SAE checkpoint"):
         read_index(os.path.dirname(__file__))
+    from hf_sae.training import SAETrainingArguments
+
+    with pytest.raises(ValueError, match="--tp_size=2 is invalid: must divide the number of processes"):
+        SAETrainingArguments(tp_size=2).validate(num_processes=3)
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps=2 is invalid"):
+        SAETrainingArguments(tp_size=2, gradient_accumulation_steps=2).validate(num_processes=2)
+    with pytest.raises(ValueError, match="--n_latents=100 is invalid: must be a multiple of --tp_size=8"):
+        SAETrainingArguments(tp_size=8, n_latents=100).validate(num_processes=8)
+    SAETrainingArguments(tp_size=2, batch_size=4096).validate(num_processes=4)  # 2 DP replicas x 2 shards
+
+
+def test_memory_model():
+    from hf_sae.parallel.memory import bytes_per_rank, largest_n, state_bytes_per_rank
+
+    n, d = 4096, 64
+    one = state_bytes_per_rank(n, d, 1)
+    # params W_enc, W_dec, b_enc, b_dec; grads alike; Adam 2 moments; 2 int64 counters per latent
+    elements = 2 * n * d + n + d
+    assert one == {"params": 4 * elements, "grads": 4 * elements, "optimizer": 8 * elements, "counters": 16 * n}
+    four = sum(state_bytes_per_rank(n, d, 4).values())
+    assert abs(4 * four / sum(one.values()) - 1) < 0.01  # 1/P up to the replicated b_dec
+    n_max = largest_n(80e9, 4096, 8)
+    assert n_max % 8 == 0
+    assert bytes_per_rank(n_max, 4096, 8) <= 0.9 * 80e9 < bytes_per_rank(n_max + 8, 4096, 8)

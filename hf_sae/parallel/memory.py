@@ -7,8 +7,9 @@ Per rank, with n/P latent rows of W_enc [n, d], W_dec [n, d], b_enc [n] and the 
     Adam         2 moments of the same elements            (``state_bytes`` each; SGD: 0)
     counters     2 int64 per local latent                  (tokens since fired, fire counts)
     activations  ``act_factor`` x B_rank x n / P           floats (4 bytes): the local pre-activations
-                                                           [B_rank, n/P], their gradient and the masks
-                                                           of the selection; ``act_factor`` ~ 3
+                                                           [B_rank, n/P] and their gradient (2), plus
+                                                           AuxK's masked copy while latents are dead:
+                                                           ``act_factor`` = 3 (the conservative default)
 
 ``largest_n`` inverts it: the most latents (a multiple of P) whose per-rank bytes fit a device.
 Measured against this model: ``benchmarks/bench_sharded.py`` (RESULTS_sharded.md).
