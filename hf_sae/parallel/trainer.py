@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..modeling_sae import SparseAutoencoder
-from ..training import checkpoint as ckpt
 from ..training.schedules import lr_at
 from ..training.trainer import SAETrainer, TrainerState
 from .checkpoint import load_into, write_shards
@@ -104,37 +102,16 @@ class ShardedSAETrainer(SAETrainer):
         dead = (self.since_fired[h] >= shard.config.dead_tokens_threshold).sum()
         return float(reduce_sum(dead, self.mesh.tp_group)) / shard.config.n_latents
 
-    def save_checkpoint(self) -> Optional[str]:
-        """An atomic checkpoint: every hook point's shards + trainer_state.json (all processes call this)."""
-        acc, st = self.accelerator, self.state
-        name = ckpt.checkpoint_name(st.tokens)
-        tmp, final = os.path.join(self.ckpt_root, ".tmp-" + name), os.path.join(self.ckpt_root, name)
-        if acc.is_main_process:
-            os.makedirs(self.ckpt_root, exist_ok=True)
-            ckpt.clean_temporaries(self.ckpt_root)
-            os.makedirs(tmp)
-        acc.wait_for_everyone()
+    def _save_model_state(self, tmp: str) -> None:
+        """Every hook point's shards (``tmp/<hook_point>/shard-*.safetensors``: rows, Adam moments, counters)."""
         for h, shard in self._shards().items():
             write_shards(os.path.join(tmp, h), shard, self.optimizer,
                          {"since_fired": self.since_fired[h], "fire_counts": self.total_fires[h]})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": st.step, "tokens": st.tokens, "micro_batches": st.micro_batches,
-                     "num_processes": acc.num_processes, "tp_size": self.mesh.tp_size, "history": st.history,
-                     "sae_configs": {h: self.configs[h].to_dict() for h in self.args.hook_points},
-                     "init_info": self.init_info, "args": self.args.to_dict()}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, default=float)
-            ckpt.seal(tmp)
-            ckpt.publish(tmp, final)
-            ckpt.apply_retention(self.ckpt_root, self.args.save_total_limit)
-        acc.wait_for_everyone()
-        return final
 
     def _load_checkpoint(self, path: str) -> None:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
-        if "tp_size" not in state:
+        if state.get("tp_size", 1) == 1:
             raise ValueError(f"checkpoint {path} was written without --tp_size (one full SAE per process); "
                              "resume it without --tp_size, or start a new --output_dir")
         self.state = TrainerState(step=state["step"], tokens=state["tokens"], micro_batches=state["micro_batches"],

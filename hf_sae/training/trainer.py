@@ -339,24 +339,29 @@ class SAETrainer:
             ckpt.clean_temporaries(self.ckpt_root)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
+        self._save_model_state(tmp)
         acc.wait_for_everyone()
         final = os.path.join(self.ckpt_root, name)
         if acc.is_main_process:
-            from safetensors.torch import save_file
-
             state = {"step": st.step, "tokens": st.tokens, "micro_batches": st.micro_batches,
-                     "num_processes": acc.num_processes, "history": st.history,
+                     "num_processes": acc.num_processes, "tp_size": self.args.tp_size, "history": st.history,
                      "sae_configs": {h: self.configs[h].to_dict() for h in self.args.hook_points},
                      "init_info": self.init_info, "args": self.args.to_dict()}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, default=float)
-            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
             ckpt.seal(tmp)
             ckpt.publish(tmp, final)
             ckpt.apply_retention(self.ckpt_root, self.args.save_total_limit)
         acc.wait_for_everyone()
         return final
+
+    def _save_model_state(self, tmp: str) -> None:
+        """Write the SAEs, optimizer, RNG states and dead-latent counters into ``tmp`` (every process)."""
+        self.accelerator.save_state(tmp)
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
 
     def _load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
