@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 HP = "layers.0.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These SAEs are tiny: one intra-op thread is faster (and steadier on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_tokens: int, d: int = 16, n_true: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -382,43 +376,6 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
 
 
-def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_path):
-    data = tmp_path / "acts.safetensors"
-    save_file({HP: synthetic(16384)}, str(data))
-    # uninterrupted reference, in this process, from the same command line
-    train(parse_args(_script_cmd(data, tmp_path / "ref")[2:]))
-    # the same run under plain `python`, killed with SIGKILL once a random number of checkpoints exist
-    out = tmp_path / "run"
-    want = random.Random().randint(1, 6)
-    proc = subprocess.Popen(_script_cmd(data, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while len(ckpt.list_checkpoints(str(out / "checkpoints"))) < min(want, 2) or \
-            max([t for t, _ in ckpt.list_checkpoints(str(out / "checkpoints"))] or [0]) < 256 * 15 * want:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(random.uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / HP / "model.safetensors").exists(), "the run finished before it was killed"
-    # resumed under `accelerate launch` (one CPU process): the script runs the same under every launcher
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    res = subprocess.run(launch + _script_cmd(data, out, "--resume")[1:], env=_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stdout
-    step = int(res.stdout.split("at step ")[1].split()[0])
-    assert 15 * want <= step < 150
-    a, b = load_file(str(tmp_path / "ref" / HP / "model.safetensors")), load_file(str(out / HP / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
-    # the resumed run's log has each step once
-    steps = [json.loads(s)["step"] for s in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == len(set(steps))
-
-
 # ----------------------------------------------------------------------------------- real model
 
 
@@ -452,3 +409,19 @@ def test_live_unknown_hook_point_fails_before_work(tmp_path, smollm2):
     with pytest.raises(ValueError, match=r"layers\.99.*0\.\.29"):
         SAETrainer(args, model=model, tokenizer=tok)
     assert not (tmp_path / "out").exists()
+
+
+def test_sae_hyperparameters_of_the_training_arguments_come_from_sae_config():
+    """SAEConfig is the single source of truth: every SAE field of the arguments has its name and default."""
+    import dataclasses
+    import inspect
+
+    from hf_sae import SAEConfig
+
+    sae_params = inspect.signature(SAEConfig.__init__).parameters
+    arg_fields = {f.name: f for f in dataclasses.fields(SAETrainingArguments)}
+    shared = set(small_args(Path("/tmp")).sae_config_kwargs(d_in=16)) - {"d_in"}
+    assert shared <= set(sae_params) and shared <= set(arg_fields) | {"n_latents", "expansion_factor"}
+    for name in shared - {"n_latents", "expansion_factor"}:
+        assert arg_fields[name].default == sae_params[name].default, name
+    assert SAEConfig(d_in=16).n_latents == 16 * SAETrainingArguments().expansion_factor  # both default to 8x

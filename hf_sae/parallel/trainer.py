@@ -63,7 +63,7 @@ class ShardedSAETrainer(SAETrainer):
 
     def _prepare(self, saes: dict[str, SparseAutoencoder]):
         mesh, dev = self._mesh(), self.accelerator.device
-        shards = {h: ShardedSAE.from_full(sae.to(dev), mesh) for h, sae in saes.items()}
+        shards = {h: ShardedSAE.from_full(sae, mesh).to(dev) for h, sae in saes.items()}  # slice, then move
         for h, shard in shards.items():
             self.since_fired[h] = torch.zeros(shard.n_local, dtype=torch.int64, device=dev)
             self.total_fires[h] = torch.zeros(shard.n_local, dtype=torch.int64, device=dev)
@@ -83,7 +83,10 @@ class ShardedSAETrainer(SAETrainer):
         mb = {h: x.to(dev, non_blocking=True) for h, x in mb.items()}
         dead = {h: self.since_fired[h] >= shards[h].config.dead_tokens_threshold for h in shards}
         outs = self.model(mb, dead)
-        sum(o.output.loss for o in outs).backward()
+        loss = sum(o.output.loss for o in outs)
+        self._first_bad_step = torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                           st.step + 1, self._first_bad_step)
+        loss.backward()
         for (h, shard), o in zip(shards.items(), outs):
             gn = finish_gradients(shard, args.max_grad_norm, args.project_decoder_grad)
             if args.max_grad_norm > 0:
