@@ -141,7 +141,8 @@ def main(argv=None):
     for r in rows:
         r["state_ratio"] = r["state_MB"] * r["P"] / (base["state_MB"] * base["P"])
         print(f"| {r['P']} | {r['state_MB']:.1f} | {r['model_state_MB']:.1f} | {r['state_ratio']:.3f} | "
-              f"{r['peak_MB']:.1f} | {r['model_peak_MB']:.1f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
+              f"{r['peak_MB']:.1f} | {r['model_peak_MB']:.1f} | {r['step_s']:.3f} | "
+              f"{r['step_s'] / base['step_s']:.2f} | "
               f"{r['comm_MB']:.3f} | {r['analytic_comm_MB']:.3f} |")
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump({"args": vars(a), "cuda": cuda, "rows": rows}, f, indent=1)

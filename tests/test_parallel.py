@@ -173,10 +173,9 @@ def _worker(rank, data_path, out_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process launch (4 gloo processes) running every mesh; plus the single-process references."""
-    from hf_sae.parallel.mesh import launch_local
-
     from safetensors.torch import save_file
 
+    from hf_sae.parallel.mesh import launch_local
     from hf_sae.training import train
 
     tmp = tmp_path_factory.mktemp("parallel")

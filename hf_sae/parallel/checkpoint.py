@@ -133,7 +133,8 @@ def slice_for(full: dict[str, Tensor], model: ShardedSAE) -> dict[str, Tensor]:
     return {k: (v[lo:hi].clone() if _is_sharded(k) else v.clone()) for k, v in full.items()}
 
 
-def load_into(folder_or_full, model: ShardedSAE, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Tensor]:
+def load_into(folder_or_full, model: ShardedSAE,
+              optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Tensor]:
     """Load a checkpoint (folder, or the tensors of :func:`load_full`) into this rank's model and
     optimizer, re-sharding as needed; return this rank's ``state`` counters {name: [n/P]}."""
     full = load_full(folder_or_full)[1] if isinstance(folder_or_full, str) else folder_or_full

@@ -85,7 +85,7 @@ class ShardedSAE(nn.Module):
     # ------------------------------------------------------------------ full <-> sharded
     @classmethod
     @torch.no_grad()
-    def from_full(cls, sae: SparseAutoencoder, mesh: Mesh) -> "ShardedSAE":
+    def from_full(cls, sae: SparseAutoencoder, mesh: Mesh) -> ShardedSAE:
         """This rank's slice of ``sae`` (which every rank holds identically, e.g. same seed + init)."""
         out = cls(sae.config, mesh).to(sae.W_dec.device, sae.W_dec.dtype)
         out.load_state_dict(out.slice_state(sae.state_dict()))

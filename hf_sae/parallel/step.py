@@ -32,7 +32,8 @@ def finish_gradients(model: ShardedSAE, max_grad_norm: float = 1.0, project_deco
     return float(model.clip_grad_norm_(max_grad_norm)) if max_grad_norm > 0 else 0.0
 
 
-def update_since_fired(model: ShardedSAE, fires: Tensor, since_fired: Tensor, batch_tokens: int) -> tuple[Tensor, Tensor]:
+def update_since_fired(model: ShardedSAE, fires: Tensor, since_fired: Tensor,
+                       batch_tokens: int) -> tuple[Tensor, Tensor]:
     """(global fires [n/P], new since_fired [n/P]): fires summed over DP; counters reset where fired."""
     fires = model._dp(fires)
     return fires, torch.where(fires > 0, torch.zeros_like(since_fired), since_fired + batch_tokens)
