@@ -13,7 +13,6 @@ processes (iterable, cache and live sources), so processes never read the same t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
