@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
 KERNELS = ("auto", "torch", "triton", "dense")
+INPUT_NORMS = ("none", "layer_norm")
 
 
 def input_scale_for(mean_sq_norm: float, d: int) -> float:
@@ -68,7 +69,16 @@ class SAEConfig(PretrainedConfig):
         jumprelu_bandwidth: width epsilon of the rectangle kernel in the threshold pseudo-gradient.
         batchtopk_threshold_momentum: EMA momentum of the inference threshold estimated during training.
         input_scale: fixed scalar s applied to inputs (x -> s x) and undone on outputs; chosen so that
-            E||s x||^2 = d_in. 1.0 is the identity.
+            E||s x||^2 = d_in. 1.0 is the identity. Applied after ``input_norm``.
+        input_norm: per-token input normalisation, applied before ``input_scale`` and undone on the
+            reconstruction. ``"none"``; or ``"layer_norm"``: ``x -> (x - mu) / (sigma + eps)`` with mu, sigma
+            the mean and standard deviation of the token's d_in entries, undone as ``x^ sigma + mu``
+            (sigma, not sigma + eps, exactly as OpenAI's sparse_autoencoder ``LN``, SAELens
+            ``normalize_activations="layer_norm"`` and the top-AFA / BatchTopK ``input_unit_norm`` do).
+        input_norm_eps: the eps of ``layer_norm``, added to sigma (not under the square root); 1e-5 in all
+            three sources.
+        input_norm_unbiased: sigma with Bessel's correction (divide by d_in - 1; ``torch.std``'s default,
+            used by all three sources) or without (divide by d_in).
         hook_point: where the inputs come from, e.g. ``layers.6.resid_post``.
         base_model: the LM the SAE was trained on (Hub id or path).
         kernel: implementation of the sparse decode/backward: ``auto`` (Triton on GPU, fused torch on
@@ -96,6 +106,9 @@ class SAEConfig(PretrainedConfig):
         jumprelu_bandwidth: float = 1e-3,
         batchtopk_threshold_momentum: float = 0.99,
         input_scale: float = 1.0,
+        input_norm: str = "none",
+        input_norm_eps: float = 1e-5,
+        input_norm_unbiased: bool = True,
         hook_point: str | None = None,
         base_model: str | None = None,
         kernel: str = "auto",
@@ -131,6 +144,11 @@ class SAEConfig(PretrainedConfig):
                "batchtopk_threshold_momentum", batchtopk_threshold_momentum, "in [0, 1)")
         _check(_num(input_scale) and 1e-12 < input_scale < 1e12, "input_scale", input_scale,
                "a finite number in (1e-12, 1e12) (1.0 = identity; sqrt(d / E||x||^2) normalises)")
+        _check(input_norm in INPUT_NORMS, "input_norm", input_norm, f"one of {INPUT_NORMS}")
+        _check(_num(input_norm_eps) and input_norm_eps > 0, "input_norm_eps", input_norm_eps,
+               "a finite number > 0 (a constant token has sigma = 0)")
+        _check(isinstance(input_norm_unbiased, bool), "input_norm_unbiased", input_norm_unbiased, "True or False")
+        _check(input_norm == "none" or d_in > 1, "input_norm", input_norm, "'none' when d_in = 1")
         _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
         _check(isinstance(multi_topk, bool), "multi_topk", multi_topk, "True or False")
         _check(hook_point is None or (isinstance(hook_point, str) and hook_point.strip() != ""), "hook_point",
@@ -158,6 +176,9 @@ class SAEConfig(PretrainedConfig):
         self.jumprelu_bandwidth = float(jumprelu_bandwidth)
         self.batchtopk_threshold_momentum = float(batchtopk_threshold_momentum)
         self.input_scale = float(input_scale)
+        self.input_norm = input_norm
+        self.input_norm_eps = float(input_norm_eps)
+        self.input_norm_unbiased = input_norm_unbiased
         self.hook_point = hook_point
         self.base_model = base_model
         self.kernel = kernel

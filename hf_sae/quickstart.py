@@ -21,7 +21,8 @@ whose residual stream mostly re-encodes the current token, but early enough that
 cheap: the forward is cut right after block 6, so each token costs 7 of 30 blocks and no unembedding.
 
 Every stage is resumable: rerunning the command reuses the cache, resumes training from the newest
-checkpoint (or re-exports a finished run) and re-evaluates.
+checkpoint (or re-exports a finished run), and reuses the evaluation when it was made of the same SAE
+weights with the same settings (``eval/quickstart_stamp.json``); otherwise it re-evaluates.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainingArguments, SAETrainer
+    from ._io import sha256_file as file_sha256
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,16 +114,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sae = trainer.train()[hook]
     times["train"] = time.perf_counter() - t
 
-    print("[quickstart] 4/4 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
     t = time.perf_counter()
-    eparser = add_eval_args(argparse.ArgumentParser())
-    eargs = eparser.parse_args([str(out / "sae" / hook), "--metrics", "reconstruction,downstream",
-                                "--n-tokens", str(args.eval_tokens), "--downstream-tokens",
-                                str(args.downstream_tokens), "--out", str(out / "eval")]
-                               + (["--no-progress"] if not progress else []))
-    sae.eval()
-    with torch.no_grad():
-        results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
+    eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
+                 str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
+    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
+    results = _reuse_eval(out / "eval", stamp)
+    if results is not None:
+        print("[quickstart] 4/4 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
+    else:
+        print("[quickstart] 4/4 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
+        eargs = add_eval_args(argparse.ArgumentParser()).parse_args(eval_argv + (["--no-progress"] if not progress
+                                                                                 else []))
+        sae.eval()
+        with torch.no_grad():
+            results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
+        (out / "eval" / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
     times["evaluate"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     cpu_seconds = time.process_time()
@@ -147,6 +154,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _print_summary(summary, args)
     return summary
+
+
+STAMP_FILE = "quickstart_stamp.json"
+
+
+def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
+    """The earlier results in ``eval_dir`` when its stamp equals ``stamp`` (same weights, same settings)."""
+    try:
+        if json.loads((eval_dir / STAMP_FILE).read_text()) != stamp:
+            return None
+        return json.loads((eval_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _print_summary(s: dict, args) -> None:

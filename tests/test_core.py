@@ -308,7 +308,7 @@ def test_save_load_roundtrip_bit_exact(activation, tmp_path, monkeypatch):
 
 
 def test_trust_remote_code_without_the_package(tmp_path):
-    sae = make("topk", k=4)
+    sae = make("topk", k=4, input_norm="layer_norm", input_scale=0.5)  # the remote copy honours both
     sae.save_pretrained(tmp_path / "sae")
     x = torch.randn(4, 16)
     torch.save(x, tmp_path / "x.pt")

@@ -446,7 +446,7 @@ def test_write_report(tmp_path):
     names = {p.name for p in written}
     assert {"report.html", "l0_histogram.png", "firing_density.png", "afa_zf_plot.png", "afa_gap.png"} <= names
     html = (tmp_path / "report.html").read_text()
-    assert "<img src='l0_histogram.png'" in html and "Reconstruction" in html
+    assert "<img src='data:image/png;base64," in html and "Reconstruction" in html  # inlined: the page alone suffices
     assert (tmp_path / "afa_zf_plot.png").read_bytes()[:4] == b"\x89PNG"
 
 

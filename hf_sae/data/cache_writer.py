@@ -5,11 +5,11 @@ See :mod:`hf_sae.data.cache` for the layout and the resume guarantees.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from .cache_format import (
     _features,
     _fixed_list,
     _hook_dir_name,
+    _read_json,
     _serialize,
     _with_checksum,
     norm_stats_to_input_scale,
@@ -212,7 +213,6 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
         The run metadata (also in ``out_dir/metadata.json``), with ``per_hook_point`` statistics:
         ``num_tokens``, ``mean_sq_norm`` (E||x||^2) and ``input_scale`` (sqrt(d / E||x||^2)).
     """
-    from tqdm.auto import tqdm
 
     from hf_sae.hooks import hook_point_dim
 
@@ -220,7 +220,6 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
     for h in hook_points:
         _hook_dir_name(h)
     dtype_name = _dtype_name(dtype)
-    store_dtype = _DTYPES[dtype_name]
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (or None for the whole source), got {max_tokens}.")
     if shard_tokens < 1:
@@ -237,89 +236,17 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
                       max_tokens, source_id)
 
     out = Path(out_dir)
-    prog_path = out / "progress.json"
-    state = None
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not prog_path.is_file():
-            raise ValueError(f"{out} exists, is not empty and is not an hf_sae cache; choose another folder "
-                             f"or pass overwrite=True (--overwrite) to delete it.")
-        elif not resume:
-            raise ValueError(f"{out} already holds a cache; pass resume=True (--resume) to continue it "
-                             f"or overwrite=True (--overwrite) to start again.")
-        else:
-            state = json.loads(prog_path.read_text())
-            if state.get("fingerprint") != fp:
-                old = state.get("fingerprint", {})
-                diff = {k: (old.get(k), fp[k]) for k in fp if old.get(k) != fp[k]}
-                raise ValueError(f"Cannot resume {out}: it was written with different settings {diff} "
-                                 f"(old, new); use another folder or overwrite=True.")
-            _verify_progress(out, state, hook_points)
-    if state is None:
-        state = {"fingerprint": fp, "windows_done": 0, "num_tokens": 0, "shards": [], "complete": False}
-    for h in hook_points:
-        (out / _hook_dir_name(h)).mkdir(parents=True, exist_ok=True)
-    (out / "windows").mkdir(parents=True, exist_ok=True)
-    _clean_unrecorded(out, state, hook_points)
-    state["complete"] = False
-    _atomic_write_json(prog_path, state)
-
+    state = _open_run(out, fp, hook_points, resume, overwrite)
     meta_common = {"format_version": FORMAT_VERSION, "model": model_name, "window": window, "add_bos": add_bos,
                    "exclude_first": exclude_first, "exclude_special": exclude_special, "source": source_id,
                    "max_tokens": max_tokens}
-    done_tokens = state["num_tokens"]
     target = max_tokens if max_tokens is not None else math.inf
     writer = _ShardWriter(out, hook_points, dims, dtype_name, window, state)
     try:
-        if done_tokens < target:
-            windows, n_windows = window_source(texts_or_windows, tokenizer, window, add_bos, split, text_column)
-            start = state["windows_done"]
-            for _ in range(start):  # skip windows already cached (cheap: tokenization only)
-                if next(windows, None) is None:
-                    break
-            total = max_tokens if max_tokens is not None else None
-            bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="caching activations",
-                       disable=not progress)
-            buf = _new_buf(hook_points, dims)
-            n_buf, win_start, win_cur = 0, start, start
-            shard_index = len(state["shards"])
-            for hb in harvest(model, tokenizer, windows, hook_points, batch_windows,
-                              exclude_first, exclude_special, window_offset=start):
-                n = hb.input_ids.shape[0]
-                if done_tokens + n_buf + n >= target:
-                    n = int(target - done_tokens - n_buf)
-                for h in hook_points:
-                    x = hb.acts[h][:n].to("cpu", store_dtype)
-                    xf = x.float()
-                    s = xf.sum(0, dtype=torch.float64)
-                    sq = float((xf * xf).sum(dtype=torch.float64))
-                    if not math.isfinite(sq):
-                        raise ValueError(f"Non-finite activations at {h!r} (after casting to {dtype_name}): "
-                                         f"{'use dtype float32 or bfloat16 (float16 overflows past 65504)' if dtype_name == 'float16' else 'the model produced NaN/inf'}.")
-                    buf["acts"][h].append(x)
-                    buf["sum"][h] += s
-                    buf["sq"][h] += sq
-                buf["input_ids"].append(hb.input_ids[:n])
-                buf["positions"].append(hb.positions[:n])
-                buf["windows"].append(hb.windows[:n])
-                buf["window_tokens"].append(hb.window_tokens)
-                n_buf += n
-                win_cur += hb.n_windows
-                bar.update(n)
-                finished = done_tokens + n_buf >= target
-                if n_buf >= shard_tokens or finished:
-                    writer.submit(_payload(buf, hook_points, shard_index, win_start, win_cur))
-                    shard_index += 1
-                    done_tokens += n_buf
-                    buf = _new_buf(hook_points, dims)
-                    n_buf, win_start = 0, win_cur
-                if finished:
-                    break
-            if n_buf:
-                writer.submit(_payload(buf, hook_points, shard_index, win_start, win_cur))
-                done_tokens += n_buf
-            bar.close()
+        if state["num_tokens"] < target:
+            _shard_loop(model, tokenizer, texts_or_windows, hook_points, dims, dtype_name, state, writer, target,
+                        batch_windows, shard_tokens, window, add_bos, exclude_first, exclude_special, split,
+                        text_column, progress, max_tokens)
         writer.close()
     except BaseException:
         try:
@@ -330,7 +257,7 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
     if max_tokens is not None and state["num_tokens"] < max_tokens:
         warnings.warn(f"The source ran out after {state['num_tokens']} tokens (max_tokens={max_tokens}).")
     state["complete"] = True
-    _atomic_write_json(prog_path, state)
+    _atomic_write_json(out / "progress.json", state)
     return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
 
 
@@ -404,16 +331,115 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
     return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
 
 
-def _new_buf(hook_points, dims):
-    return {"acts": {h: [] for h in hook_points}, "sum": {h: torch.zeros(dims[h], dtype=torch.float64)
-                                                          for h in hook_points},
-            "sq": {h: 0.0 for h in hook_points}, "input_ids": [], "positions": [], "windows": [],
-            "window_tokens": []}
+@dataclass
+class _ShardBuffer:
+    """The rows of the shard being filled: activations per hook point with their running statistics, and the
+    tokens they came from. ``payload`` is what :class:`_ShardWriter` writes."""
+
+    hook_points: list
+    dims: dict
+    store_dtype: torch.dtype
+    dtype_name: str
+    rows: int = 0
+    acts: dict = field(default_factory=dict)
+    sums: dict = field(default_factory=dict)
+    sq: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=lambda: {"input_ids": [], "positions": [], "windows": [], "window_tokens": []})
+
+    def __post_init__(self):
+        self.acts = {h: [] for h in self.hook_points}
+        self.sums = {h: torch.zeros(self.dims[h], dtype=torch.float64) for h in self.hook_points}
+        self.sq = {h: 0.0 for h in self.hook_points}
+
+    def add(self, hb, n: int) -> None:
+        """Append the first ``n`` kept tokens of a harvest batch (refusing non-finite activations)."""
+        for h in self.hook_points:
+            x = hb.acts[h][:n].to("cpu", self.store_dtype)
+            xf = x.float()
+            sq = float((xf * xf).sum(dtype=torch.float64))
+            if not math.isfinite(sq):
+                why = ("use dtype float32 or bfloat16 (float16 overflows past 65504)" if self.dtype_name == "float16"
+                       else "the model produced NaN/inf")
+                raise ValueError(f"Non-finite activations at {h!r} (after casting to {self.dtype_name}): {why}.")
+            self.acts[h].append(x)
+            self.sums[h] += xf.sum(0, dtype=torch.float64)
+            self.sq[h] += sq
+        for name, t in (("input_ids", hb.input_ids[:n]), ("positions", hb.positions[:n]),
+                        ("windows", hb.windows[:n]), ("window_tokens", hb.window_tokens)):
+            self.tokens[name].append(t)
+        self.rows += n
+
+    def payload(self, index: int, win_start: int, win_end: int) -> dict:
+        return {"index": index, "win_start": win_start, "win_end": win_end,
+                "acts": {h: torch.cat(self.acts[h]) for h in self.hook_points},
+                "stats": {h: {"sum": self.sums[h].tolist(), "sum_sq_norm": self.sq[h]} for h in self.hook_points},
+                **{name: torch.cat(parts) for name, parts in self.tokens.items()}}
 
 
-def _payload(buf, hook_points, index, win_start, win_end):
-    return {"index": index, "win_start": win_start, "win_end": win_end,
-            "acts": {h: torch.cat(buf["acts"][h]) for h in hook_points},
-            "stats": {h: {"sum": buf["sum"][h].tolist(), "sum_sq_norm": buf["sq"][h]} for h in hook_points},
-            "input_ids": torch.cat(buf["input_ids"]), "positions": torch.cat(buf["positions"]),
-            "windows": torch.cat(buf["windows"]), "window_tokens": torch.cat(buf["window_tokens"])}
+def _open_run(out: Path, fp: dict, hook_points, resume: bool, overwrite: bool) -> dict:
+    """The progress record to continue from (checked against the fingerprint ``fp``), or a new one; prepares the
+    folders and drops files that no record names."""
+    prog_path = out / "progress.json"
+    state = None
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not prog_path.is_file():
+            raise ValueError(f"{out} exists, is not empty and is not an hf_sae cache; choose another folder "
+                             f"or pass overwrite=True (--overwrite) to delete it.")
+        elif not resume:
+            raise ValueError(f"{out} already holds a cache; pass resume=True (--resume) to continue it "
+                             f"or overwrite=True (--overwrite) to start again.")
+        else:
+            state = _read_json(prog_path)
+            if state.get("fingerprint") != fp:
+                old = state.get("fingerprint", {})
+                diff = {k: (old.get(k), fp[k]) for k in fp if old.get(k) != fp[k]}
+                raise ValueError(f"Cannot resume {out}: it was written with different settings {diff} "
+                                 f"(old, new); use another folder or overwrite=True.")
+            _verify_progress(out, state, hook_points)
+    if state is None:
+        state = {"fingerprint": fp, "windows_done": 0, "num_tokens": 0, "shards": [], "complete": False}
+    for h in hook_points:
+        (out / _hook_dir_name(h)).mkdir(parents=True, exist_ok=True)
+    (out / "windows").mkdir(parents=True, exist_ok=True)
+    _clean_unrecorded(out, state, hook_points)
+    state["complete"] = False
+    _atomic_write_json(prog_path, state)
+    return state
+
+
+def _shard_loop(model, tokenizer, texts_or_windows, hook_points, dims, dtype_name, state, writer, target,
+                batch_windows, shard_tokens, window, add_bos, exclude_first, exclude_special, split, text_column,
+                progress, total) -> None:
+    """Harvest the windows after ``state["windows_done"]`` and submit shards of >= ``shard_tokens`` whole windows
+    to ``writer`` until ``target`` tokens are cached in all or the source ends."""
+    from tqdm.auto import tqdm
+
+    done_tokens = state["num_tokens"]
+    windows, _ = window_source(texts_or_windows, tokenizer, window, add_bos, split, text_column)
+    start = state["windows_done"]
+    for _ in range(start):  # skip windows already cached (cheap: tokenization only)
+        if next(windows, None) is None:
+            break
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="caching activations", disable=not progress)
+    new_buf = lambda: _ShardBuffer(hook_points, dims, _DTYPES[dtype_name], dtype_name)  # noqa: E731
+    buf, win_start, win_cur = new_buf(), start, start
+    shard_index = len(state["shards"])
+    for hb in harvest(model, tokenizer, windows, hook_points, batch_windows, exclude_first, exclude_special,
+                      window_offset=start):
+        n = min(hb.input_ids.shape[0], int(min(target - done_tokens - buf.rows, 2**62)))
+        buf.add(hb, n)
+        win_cur += hb.n_windows
+        bar.update(n)
+        finished = done_tokens + buf.rows >= target
+        if buf.rows >= shard_tokens or finished:
+            writer.submit(buf.payload(shard_index, win_start, win_cur))
+            shard_index += 1
+            done_tokens += buf.rows
+            buf, win_start = new_buf(), win_cur
+        if finished:
+            break
+    if buf.rows:
+        writer.submit(buf.payload(shard_index, win_start, win_cur))
+    bar.close()

@@ -2,7 +2,8 @@
 
 With (nearly) unit-norm, quasi-orthogonal decoder rows, the norm of the sparse code approximates
 the norm of the centred input: ||z~|| ≈ ||x - b_dec||, z~_i = z_i ||W_dec,i||. All quantities
-are in the SAE's *normalized* units (inputs times ``config.input_scale``, where latents live).
+are in the SAE's *normalized* units (``sae.normalize_input(x)``: any per-token ``config.input_norm``, then
+times ``config.input_scale``; where latents live).
 
 Per token::
 
@@ -162,9 +163,10 @@ class AFAStats:
 
     def update_from_sae(self, sae, x: Tensor, out) -> None:
         """Convenience: add a batch given the SAE, its input x [..., d] (caller's units) and ``sae(x)``."""
+        with torch.no_grad():  # normalized units: input_scale and any per-token input_norm applied
+            x = sae.normalize_input(x)
         xn, zn = afa_norms(x, sae.b_dec.detach(), sae.decoder_norms().detach(), out.latent_values,
-                           out.latent_indices, out.latents if out.latent_values is None else None,
-                           sae.config.input_scale)
+                           out.latent_indices, out.latents if out.latent_values is None else None)
         self.update(xn, zn)
 
     def sums_dict(self) -> dict:

@@ -3,18 +3,59 @@
 ``write_report(results, out_dir, zf_points=None)`` takes the JSON-ready ``results`` dict produced by
 :func:`hf_sae.evaluation.run.run_eval` (sections ``reconstruction``, ``downstream``, ``probes``,
 ``n2g``, ``ablation``, ``afa``; each optional) and writes one PNG per plot and the HTML page that
-shows the tables and plots. Returns the list of written paths.
+shows the tables and plots. The page is self-contained: every plot is inlined as a ``data:`` URI, so
+``report.html`` alone can be mailed or uploaded; the PNGs stay beside it for other uses. Every metric
+row says what the number means and whether higher or lower is better (:data:`METRIC_INFO`).
+Returns the list of written paths.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "METRIC_INFO"]
+
+_LOWER, _HIGHER = "lower is better", "higher is better"
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "fvu": ("fraction of variance unexplained, Σ‖x̂ − x‖² / Σ‖x − x̄‖²", _LOWER),
+    "mse": ("mean squared reconstruction error per element (activation units²)", _LOWER),
+    "explained_variance": ("1 − Var(x − x̂) / Var(x)", _HIGHER),
+    "cosine_similarity": ("mean cosine between x and its reconstruction x̂", _HIGHER),
+    "l0": ("mean number of active latents per token", "lower is sparser (at equal FVU)"),
+    "l0_std": ("standard deviation of active latents per token", ""),
+    "dead_fraction": ("share of latents that never fired on the evaluated tokens", _LOWER),
+    "n_dead": ("latents that never fired on the evaluated tokens", _LOWER),
+    "n_tokens": ("tokens evaluated", ""),
+    "ce_clean": ("LM next-token cross-entropy without the SAE (nats/token)", ""),
+    "ce_spliced": ("LM cross-entropy with the SAE reconstruction spliced in (nats/token)", _LOWER),
+    "delta_loss": ("increase of the LM loss when the reconstruction replaces the activation (nats/token)", _LOWER),
+    "kl": ("KL(clean ‖ spliced) of the next-token distributions (nats/token)", _LOWER),
+    "ce_zero_ablation": ("LM loss with the activation set to zero", ""),
+    "ce_mean_ablation": ("LM loss with the activation set to its mean", ""),
+    "frac_recovered_zero": ("share of the zero-ablation loss increase that the SAE recovers", _HIGHER),
+    "frac_recovered_mean": ("share of the mean-ablation loss increase that the SAE recovers", _HIGHER),
+    "mean_probe_loss_sae": ("test BCE of the best single-latent probe, mean over tasks (nats)", _LOWER),
+    "mean_probe_loss_raw_basis": ("same, best single raw activation dimension (baseline)", _LOWER),
+    "mean_probe_loss_random_directions": ("same, best random direction (baseline)", _LOWER),
+    "mean_prior_loss": ("BCE of predicting each task's base rate (no feature)", ""),
+    "n2g_precision": ("N2G explanation precision on held-out windows", _HIGHER),
+    "n2g_recall": ("N2G explanation recall on held-out windows", _HIGHER),
+    "n2g_f1": ("N2G explanation F1 on held-out windows", _HIGHER),
+    "precision": ("explanation precision on held-out windows", _HIGHER),
+    "recall": ("explanation recall on held-out windows", _HIGHER),
+    "f1": ("explanation F1 on held-out windows", _HIGHER),
+    "ablation_sparsity": ("(Σ|Δ|)² / ΣΔ² / V of the downstream effects of ablating one latent", _LOWER),
+    "afa_gap_mean": ("mean of (‖x − b‖² − ‖z̃‖²) / ‖x − b‖² (0 = code norm matches the input's)", "closer to 0 is better"),
+    "afa_gap_abs_mean": ("mean |AFA relative gap|", _LOWER),
+    "eps_max": ("largest |cosine| between two decoder directions", _LOWER),
+    "eps_mean": ("mean |cosine| between decoder directions", _LOWER),
+}
+"""metric name -> (what it measures, which direction is better); shown beside every number."""
 
 
 def _plt():
@@ -44,12 +85,23 @@ def _table(rows, header=None) -> str:
     return "\n".join(out)
 
 
-def _save(fig, path: Path, written: list) -> str:
+def _save(fig, path: Path, written: list) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     written.append(path)
-    return path.name
+    return path
+
+
+def inline_png(path: Path) -> str:
+    """A ``data:image/png;base64,...`` URI holding the PNG at ``path`` (an ``<img src>`` that needs no file)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _metric_table(items) -> str:
+    """Rows ``metric | value | meaning | better`` (meaning and direction from METRIC_INFO when known)."""
+    rows = [(k, v, *METRIC_INFO.get(k, ("", ""))) for k, v in items]
+    return _table(rows, ["metric", "value", "meaning", "better"])
 
 
 def _plot_reconstruction(rec: dict, out: Path, written: list) -> list:
@@ -191,7 +243,7 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         parts.append(_table(_scalars(meta), ["", ""]))
     summary = results.get("summary", {})
     if summary:
-        parts.append("<h2>Summary</h2>" + _table(list(summary.items()), ["metric", "value"]))
+        parts.append("<h2>Summary</h2>" + _metric_table(summary.items()))
 
     def section(title, key, plotter, extra=""):
         data = results.get(key)
@@ -200,10 +252,10 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         parts.append(f"<h2>{html.escape(title)}</h2>")
         scal = _scalars(data.get("summary", data))
         if scal:
-            parts.append(_table(scal, ["metric", "value"]))
-        for caption, name in plotter(data):
-            parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption class='small'>"
-                         f"{html.escape(caption)}</figcaption></figure>")
+            parts.append(_metric_table(scal))
+        for caption, path in plotter(data):
+            parts.append(f"<figure><img src='{inline_png(path)}' alt='{html.escape(caption)}'><figcaption "
+                         f"class='small'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
         if extra:
             parts.append(extra)
 

@@ -61,13 +61,15 @@ class ShardedSAETrainer(SAETrainer):
     def _shards(self) -> dict[str, ShardedSAE]:
         return dict(zip(self.model.hook_points, self.model.saes))
 
-    def _prepare(self, saes: dict[str, SparseAutoencoder]):
+    def _prepare(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Slice each SAE (on the CPU, then move the slice), fresh counters of the local latents, an
+        optimizer over the local rows (no DDP wrapper: gradients are reduced over DP by the step)."""
         mesh, dev = self._mesh(), self.accelerator.device
-        shards = {h: ShardedSAE.from_full(sae, mesh).to(dev) for h, sae in saes.items()}  # slice, then move
-        for h, shard in shards.items():
-            self.since_fired[h] = torch.zeros(shard.n_local, dtype=torch.int64, device=dev)
-            self.total_fires[h] = torch.zeros(shard.n_local, dtype=torch.int64, device=dev)
-        return ShardedBundle(shards), self._optimizer(shards)
+        shards = {h: ShardedSAE.from_full(sae, mesh).to(dev) for h, sae in saes.items()}
+        self.since_fired = {h: torch.zeros(s.n_local, dtype=torch.int64, device=dev) for h, s in shards.items()}
+        self.total_fires = {h: torch.zeros(s.n_local, dtype=torch.int64, device=dev) for h, s in shards.items()}
+        self.model, self.optimizer = ShardedBundle(shards), self._optimizer(shards)
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
 
     def _saes(self) -> dict[str, SparseAutoencoder]:
         """The whole SAEs (all-gathered: every process must call this)."""

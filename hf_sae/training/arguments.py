@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
+from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
 from ..configuration_sae import KERNELS as _KERNELS
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
@@ -75,7 +76,9 @@ class SAETrainingArguments:
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
         "(live) or of the cache when it has one.", default=None)
-    dataset: str = _help("Text corpus for live streaming ('default' = the embedded KJV corpus).", default="default")
+    dataset: str = _help("Text corpus for live streaming: 'default' (the embedded KJV corpus), a local file or "
+                         "folder, a save_to_disk folder, or a datasets name ('name' or 'name:config').",
+                         default="default")
     context_length: int = _help("Tokens per LM window when streaming live.", default=256)
     lm_batch_size: int = _help("Windows per LM forward when streaming live.", default=8)
     shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
@@ -100,6 +103,9 @@ class SAETrainingArguments:
                                            default=_sae_default("jumprelu_init_threshold"))
     jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=_sae_default("jumprelu_bandwidth"))
     kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default=_sae_default("kernel"))
+    input_norm: str = _help("Per-token input normalisation, undone on the output: none, or layer_norm "
+                            "((x - mean) / (std + 1e-5) per token, as OpenAI's and top-AFA's SAEs).",
+                            default=_sae_default("input_norm"))
     # ------------------------------------------------------------------ recipe switches
     tied_init: bool = _help("Initialise W_enc = W_dec (transposed map); off = independent random W_enc.",
                             default=True)
@@ -181,7 +187,7 @@ class SAETrainingArguments:
             dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
             l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef,
             jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
-            kernel=self.kernel,
+            kernel=self.kernel, input_norm=self.input_norm,
         )
         if self.n_latents is not None:
             kw["n_latents"] = self.n_latents
@@ -236,6 +242,8 @@ class SAETrainingArguments:
             bad("multi_topk", "Multi-TopK needs --activation topk")
         if self.kernel not in _KERNELS:
             bad("kernel", f"choose one of {_KERNELS}")
+        if self.input_norm not in _INPUT_NORMS:
+            bad("input_norm", f"choose one of {_INPUT_NORMS}")
         if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
             bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
                               f"batch's variance); raise --batch_size to >= "
@@ -445,7 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for action in _parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        action.default = argparse.SUPPRESS
+        action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")

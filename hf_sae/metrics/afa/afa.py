@@ -1,8 +1,8 @@
 """AFA diagnostic (quasi-orthogonality): relative gap between ||x - b_dec||^2 and ||z~||^2 per
 token, z~ = latents times decoder-row norms, from per-batch sums.
 
-Per-batch rows come from ``hf_sae.evaluation.afa.afa_batch_stats(*afa_norms(x, sae.b_dec,
-sae.decoder_norms(), out.latent_values, out.latent_indices, input_scale=sae.config.input_scale))``;
+Per-batch rows come from ``hf_sae.evaluation.afa.afa_batch_stats(*afa_norms(sae.normalize_input(x), sae.b_dec,
+sae.decoder_norms(), out.latent_values, out.latent_indices))`` (normalized units: input_norm and input_scale applied);
 ``compute`` calls ``hf_sae.evaluation.afa.afa_from_sums``, the core used by ``hf-sae eval``.
 Decoder cosine statistics are a property of the SAE alone: ``hf_sae.evaluation.decoder_cosine_stats``.
 
