@@ -122,6 +122,10 @@ class ShardedSAE(nn.Module):
     def remove_parallel_grad_(self) -> None:
         SparseAutoencoder.remove_parallel_grad_(self)
 
+    # the single-process SAE's input handling (validation, per-token input_norm, input_scale), reused as is
+    _normalize = SparseAutoencoder._normalize
+    _denormalize = SparseAutoencoder._denormalize
+
     def release_grad_buffers(self) -> None:
         """Nothing to free (the sharded step keeps no gradient buffers between steps)."""
 
@@ -243,7 +247,7 @@ class ShardedSAE(nn.Module):
         ``dead_mask``: bool [n/P] for the local latents (AuxK). Every rank of the mesh must call it with
         the same N (BatchTopK exchanges equal-sized candidate lists)."""
         cfg = self.config
-        xn, _ = SparseAutoencoder._flatten_input(self, x)
+        xn, _, stats = SparseAutoencoder._flatten_input(self, x)
         N = xn.shape[0]
         with torch.no_grad():
             n_tokens = int(self._dp(torch.tensor(float(N), dtype=torch.float64, device=xn.device)))
@@ -337,7 +341,7 @@ class ShardedSAE(nn.Module):
             else:
                 fires = active.sum(0)
             l0 = batch_sum(self._tp(active.sum(-1).double())) / n_tokens
-        recon = x_hat / cfg.input_scale if cfg.input_scale != 1.0 else x_hat
+        recon = self._denormalize(x_hat, stats)
         out = SAEOutput(loss=loss, reconstruction=recon.reshape(x.shape), fvu=fvu, mse=mse, auxk_loss=auxk,
                         l1_loss=l1, l0_loss=l0_loss, afa_loss=afa, multi_topk_fvu=multi)
         if sparse:
