@@ -217,12 +217,13 @@ class _Handler(BaseHTTPRequestHandler):
             ("DELETE", r"^/api/repos/delete$", self._delete_repo),
             ("POST", r"^/api/validate-yaml$", self._validate_yaml),
             ("GET", r"^/api/whoami-v2$", self._whoami),
-            ("POST", rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$", self._preupload),
-            ("POST", rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$", self._commit),
-            ("GET", rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$", self._tree),
-            ("GET", rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$", self._model_info),
-            ("HEAD", rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", self._resolve),
-            ("GET", rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", self._resolve),
+            # dataset repos (hf_sae.data.hub_cache) share the model routes: /api/datasets/..., /datasets/...
+            ("POST", rf"^/api/(?:models|datasets)/{_REPO}/preupload/(?P<rev>[^/]+)$", self._preupload),
+            ("POST", rf"^/api/(?:models|datasets)/{_REPO}/commit/(?P<rev>[^/]+)$", self._commit),
+            ("GET", rf"^/api/(?:models|datasets)/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$", self._tree),
+            ("GET", rf"^/api/(?:models|datasets)/{_REPO}(?:/revision/(?P<rev>[^/]+))?$", self._model_info),
+            ("HEAD", rf"^/(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", self._resolve),
+            ("GET", rf"^/(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", self._resolve),
         ]
         try:
             for m, pattern, handler in routes:
@@ -270,8 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ routes
     def _create_repo(self, method, query, body):
         payload = json.loads(body or b"{}")
-        if payload.get("type", "model") not in (None, "model"):
-            raise _HTTPError(400, "fake hub: only model repos are supported")
+        if payload.get("type", "model") not in (None, "model", "dataset"):
+            raise _HTTPError(400, "fake hub: only model and dataset repos are supported")
         name, org = payload.get("name"), payload.get("organization") or "test-user"
         repo_id = f"{org}/{name}"
         url = f"{self.hub.url}/{repo_id}"

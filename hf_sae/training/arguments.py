@@ -35,7 +35,7 @@ MIN_MICRO_BATCH = 8
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
     "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
-    "run_name", "lm_batch_size", "plot_report",
+    "run_name", "lm_batch_size", "plot_report", "tp_size",
 })
 
 
@@ -70,7 +70,8 @@ class SAETrainingArguments:
         default="smollm2-135m")
     activations: Optional[str] = _help(
         "Train from stored activations instead of a live model: a cache folder written by "
-        "hf_sae.data.cache, or a .safetensors/.pt file holding one [N, d] tensor per hook point "
+        "hf_sae.data.cache (or one pushed to the Hub: hf://datasets/org/name[@rev]), or a .safetensors/.pt file "
+        "holding one [N, d] tensor per hook point "
         "(key = hook point). None = stream live from model_name_or_path over `dataset`.", default=None)
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
@@ -133,6 +134,9 @@ class SAETrainingArguments:
     adam_beta2: float = _help("Adam beta2.", default=0.999)
     adam_epsilon: float = _help("Adam epsilon (Gao et al.: 6.25e-10).", default=6.25e-10)
     max_grad_norm: float = _help("Gradient clipping (global L2 norm per SAE); 0 disables.", default=1.0)
+    tp_size: int = _help("Latent (tensor) parallelism: each SAE's latents are split over tp_size processes "
+                         "(hf_sae.parallel); the processes form (processes / tp_size) data-parallel replicas. "
+                         "1 = plain data parallelism.", default=1)
     mixed_precision: str = _help("auto (bf16 on a GPU that supports it, else fp32), no, or bf16.", default="auto")
     seed: int = _help("Seed of the initialisation and of the data order.", default=0)
     # ------------------------------------------------------------------ evaluation, checkpoints, logging
@@ -212,7 +216,7 @@ class SAETrainingArguments:
             bad("activation", f"choose one of {_ACTIVATIONS}")
         for name in ("train_tokens", "batch_size", "gradient_accumulation_steps", "context_length",
                      "lm_batch_size", "init_tokens", "expansion_factor", "dead_tokens_threshold",
-                     "save_total_limit", "log_every_steps"):
+                     "save_total_limit", "log_every_steps", "tp_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer")
@@ -247,6 +251,13 @@ class SAETrainingArguments:
             bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
                               f"batch's variance); raise --batch_size to >= "
                               f"{MIN_MICRO_BATCH * self.gradient_accumulation_steps}")
+        if self.tp_size > 1:
+            if self.gradient_accumulation_steps != 1:
+                bad("gradient_accumulation_steps", "must be 1 with --tp_size > 1 (raise --batch_size instead)")
+            if self.n_latents is not None and self.n_latents % self.tp_size:
+                bad("n_latents", f"must be a multiple of --tp_size={self.tp_size}")
+            if self.mixed_precision == "bf16":
+                bad("mixed_precision", "bf16 autocast is not supported with --tp_size > 1 yet; use no or auto")
         if self.train_tokens < self.batch_size:
             bad("train_tokens", f"must be >= batch_size={self.batch_size} (at least one step)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -283,13 +294,20 @@ class SAETrainingArguments:
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
 
-        split = (num_processes or 1) * self.gradient_accumulation_steps
+        if self.tp_size > 1 and num_processes is not None and num_processes % self.tp_size:
+            bad("tp_size", f"must divide the number of processes ({num_processes}); launch a multiple of "
+                           f"{self.tp_size} processes")
+        # the data is split over data-parallel replicas: processes / tp_size (the tp_size processes of one
+        # replica share its micro-batches)
+        split = (num_processes or 1) // self.tp_size * self.gradient_accumulation_steps if num_processes \
+            else self.gradient_accumulation_steps
         if self.batch_size % split:
-            bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
-                              f"{num_processes} x {self.gradient_accumulation_steps} = {split}")
+            bad("batch_size", f"must be divisible by data-parallel replicas x gradient_accumulation_steps = "
+                              f"{split // self.gradient_accumulation_steps} x {self.gradient_accumulation_steps} "
+                              f"= {split} ({num_processes} processes / tp_size {self.tp_size})")
         if self.batch_size < MIN_MICRO_BATCH * split:
             bad("batch_size", f"gives {self.batch_size // split} tokens per micro-batch over {split} "
-                              f"processes x accumulation steps; raise it to >= {MIN_MICRO_BATCH * split}")
+                              f"replicas x accumulation steps; raise it to >= {MIN_MICRO_BATCH * split}")
         import importlib.util
 
         if "wandb" in self.log_with and importlib.util.find_spec("wandb") is None:
@@ -299,7 +317,7 @@ class SAETrainingArguments:
             bad("log_with", "tensorboard is not installed: `pip install tensorboard`, or use --log_with auto/jsonl")
         for path_field in ("activations", "eval_activations"):
             p = getattr(self, path_field)
-            if p is not None and not os.path.exists(p):
+            if p is not None and not p.startswith("hf://datasets/") and not os.path.exists(p):
                 raise FileNotFoundError(f"--{path_field} {p!r} does not exist; give a cache folder or a "
                                         ".safetensors/.pt activation file, or omit it to stream live")
         # The SAE config checks the remaining fields (coefficients, k vs n_latents); with an expansion

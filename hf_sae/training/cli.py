@@ -25,12 +25,12 @@ def run_train(args: argparse.Namespace) -> dict:
     """Train from a namespace parsed with :func:`add_train_args`; returns
     ``{hook_point: {"path", "tokens_trained", "final_metrics"}}`` (printed as JSON by the main process)."""
     from .arguments import arguments_from_namespace
-    from .trainer import SAETrainer
+    from .trainer import make_trainer
 
     logging.basicConfig(level=logging.INFO, format="[hf_sae] %(levelname)s %(message)s")
     for noisy in ("accelerate", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    trainer = SAETrainer(arguments_from_namespace(args))
+    trainer = make_trainer(arguments_from_namespace(args))
     saes = trainer.train()
     summary = {h: {"path": f"{trainer.out}/{h}", "tokens_trained": sae.config.training_info.get("tokens_trained"),
                    "final_metrics": sae.config.training_info.get("final_metrics", {})}

@@ -33,15 +33,14 @@ def check_activations(x: Tensor, d: int, what: str) -> None:
                          "remove or recompute those rows")
 
 
-def training_bytes(configs: dict[str, SAEConfig], micro_batch: int) -> int:
-    """Rough peak memory of training these SAEs: fp32 weights + gradients + Adam's two moments
-    (4 copies of 2nd + n + d values per SAE) and two [micro_batch, n] fp32 buffers (pre-activations and
-    their top-k / gradient work space)."""
-    total = 0
-    for c in configs.values():
-        n, d = c.n_latents, c.d_in
-        total += 4 * 4 * (2 * n * d + 2 * n + d) + 2 * 4 * micro_batch * n
-    return total
+def training_bytes(configs: dict[str, SAEConfig], micro_batch: int, tp_size: int = 1) -> int:
+    """Rough peak memory per process of training these SAEs (``hf_sae.parallel.memory``, the one memory
+    model): fp32 weights + gradients + Adam's two moments + counters of n / tp_size latents, and two
+    [micro_batch, n / tp_size] fp32 buffers (pre-activations and their gradient)."""
+    from ..parallel.memory import bytes_per_rank
+
+    return int(sum(bytes_per_rank(c.n_latents, c.d_in, tp_size, batch_tokens_per_rank=micro_batch, act_factor=2)
+                   for c in configs.values()))
 
 
 def available_bytes(device) -> Optional[int]:
@@ -60,14 +59,15 @@ def available_bytes(device) -> Optional[int]:
     return None
 
 
-def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device) -> None:
+def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device, tp_size: int = 1) -> None:
     """``ValueError`` naming ``--n_latents`` / ``--batch_size`` when training cannot fit, before allocating."""
-    need, have = training_bytes(configs, micro_batch), available_bytes(device)
+    need, have = training_bytes(configs, micro_batch, tp_size), available_bytes(device)
     if have is not None and need > have:
         sizes = ", ".join(f"{h}: n_latents={c.n_latents} x d={c.d_in}" for h, c in configs.items())
         raise ValueError(f"training needs about {need / 2**30:.1f} GiB ({sizes}; weights, gradients, Adam state and "
                           f"[{micro_batch}, n] pre-activations per micro-batch) but {device} has "
-                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size")
+                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size, "
+                          f"or shard the latents over more processes (--tp_size, now {tp_size})")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ processes (iterable, cache and live sources), so processes never read the same t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -163,9 +162,9 @@ class CacheSource:
 
     def __init__(self, path: str, hook_points: list[str], micro: int, process_index: int = 0,
                  num_processes: int = 1, seed: int = 0):
-        from ..data.cache import CachedActivations
+        from ..data.hub_cache import open_cache
 
-        self.ds = CachedActivations(path, hook_point=list(hook_points), batch_size=micro, shuffle=True, seed=seed,
+        self.ds = open_cache(path, hook_point=list(hook_points), batch_size=micro, shuffle=True, seed=seed,
                                     process_index=process_index, num_processes=num_processes,
                                     dtype=torch.float32, drop_last=True)
         self.hook_points = hook_points
@@ -256,8 +255,11 @@ GENERIC_ACTIVATION_KEYS = frozenset({"activations", "activation", "acts", "x", "
 
 
 def is_cache_dir(path: str) -> bool:
-    """True for a folder written by :func:`hf_sae.data.cache_activations`."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "metadata.json"))
+    """True for a folder written by :func:`hf_sae.data.cache_activations`, or a cache pushed to a Hub
+    dataset repo (``hf://datasets/org/name``, :mod:`hf_sae.data.hub_cache`)."""
+    from ..data.hub_cache import cache_exists
+
+    return cache_exists(path)
 
 
 def take_tokens(it: Iterator[dict[str, Tensor]], n_tokens: int) -> dict[str, Tensor]:

@@ -128,7 +128,7 @@ class SAETrainer:
         acc = self.accelerator
         check_launch(acc.num_processes)  # N processes asked for, N running -- else stop before any work
         args.validate(num_processes=acc.num_processes)
-        self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
+        self.micro = args.batch_size // (self._data_shard()[1] * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
         self.lm, self.tokenizer = model, tokenizer
         self._user_eval = eval_data
@@ -136,7 +136,7 @@ class SAETrainer:
         # Check every SAE configuration now (k <= n_latents etc.), before any work.
         self.configs = {h: args.sae_config(d_in=self.dims[h], hook_point=h, base_model=self.base_model)
                         for h in args.hook_points}
-        check_memory(self.configs, self.micro, acc.device)
+        check_memory(self.configs, self.micro, acc.device, args.tp_size)
         self.state = TrainerState()
         self.init_info: dict = {}
 
@@ -151,6 +151,11 @@ class SAETrainer:
             elif n in ("tensorboard", "wandb"):
                 out.append(n)
         return out or None
+
+    def _data_shard(self) -> tuple[int, int]:
+        """(this process's share, number of shares) of the training data: one per process here; one per
+        data-parallel replica with latent sharding (``hf_sae.parallel.trainer``)."""
+        return self.accelerator.process_index, self.accelerator.num_processes
 
     def _check_output_dir(self) -> Optional[str]:
         """Validate output_dir against --resume / --overwrite_output_dir; return the checkpoint to resume."""
@@ -189,7 +194,7 @@ class SAETrainer:
         """(source, {hook: d}, base_model, dataset name); validates hook points against the data/model."""
         args, acc = self.args, self.accelerator
         hps = list(args.hook_points)
-        rank, world = acc.process_index, acc.num_processes
+        rank, world = self._data_shard()
         if train_data is not None:
             if isinstance(train_data, Tensor):
                 train_data = _as_hook_dict(train_data, hps)
@@ -258,9 +263,9 @@ class SAETrainer:
         return {h: t[rows] for h, t in data.items()}
 
     def _cache_init_iter(self):
-        from ..data.cache import CachedActivations
+        from ..data.hub_cache import open_cache
 
-        ds = CachedActivations(self.args.activations, hook_point=list(self.args.hook_points),
+        ds = open_cache(self.args.activations, hook_point=list(self.args.hook_points),
                                batch_size=self.args.init_tokens, shuffle=True, seed=self.args.seed + 1)
         return (_as_hook_dict(x, self.args.hook_points) for x in ds)
 
@@ -298,9 +303,9 @@ class SAETrainer:
         if args.eval_activations is not None:
             p = args.eval_activations
             if is_cache_dir(p):
-                from ..data.cache import CachedActivations
+                from ..data.hub_cache import open_cache
 
-                ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                ds = open_cache(p, hook_point=hps, shuffle=False)
                 source = str(ds.metadata.get("source") or p)
                 self.eval_split = source.rsplit(":", 1)[1] if ":" in source else "eval_activations"
                 self.eval_dataset = source.rsplit(":", 1)[0] if ":" in source else source
@@ -401,18 +406,15 @@ class SAETrainer:
             ckpt.clean_temporaries(self.ckpt_root)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
+        self._save_model_state(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            from safetensors.torch import save_file
-
             state = {"step": st.step, "tokens": st.tokens, "micro_batches": st.micro_batches,
-                     "num_processes": acc.num_processes, "history": st.history,
+                     "num_processes": acc.num_processes, "tp_size": self.args.tp_size, "history": st.history,
                      "sae_configs": {h: self.configs[h].to_dict() for h in self.args.hook_points},
                      "init_info": self.init_info, "args": self.args.to_dict()}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, default=float)
-            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
             fault_point("checkpoint.state_saved")
             ckpt.seal(tmp)
             fault_point("checkpoint.sealed")
@@ -421,12 +423,23 @@ class SAETrainer:
         acc.wait_for_everyone()
         return final
 
+    def _save_model_state(self, tmp: str) -> None:
+        """Write the SAEs, optimizer, RNG states and dead-latent counters into ``tmp`` (every process)."""
+        self.accelerator.save_state(tmp)
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
+
     def _load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        self.accelerator.load_state(path)
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
+        if state.get("tp_size", 1) > 1:
+            raise ValueError(f"checkpoint {path} holds latent-sharded SAEs (--tp_size {state['tp_size']}); resume "
+                             "with --tp_size > 1 (any divisor of n_latents and of the process count)")
+        self.accelerator.load_state(path)
         if state["num_processes"] != self.accelerator.num_processes:
             # same global batch either way, but the data order of iterable sources is per process
             logger.warning("checkpoint %s was written by %d processes, resuming with %d: the weights continue "
@@ -463,8 +476,9 @@ class SAETrainer:
         """Held-out FVU / L0 / dead fraction / MSE per hook point (main process; {} elsewhere)."""
         acc = self.accelerator
         results: dict[str, dict] = {}
+        saes = self._saes()  # on every process (a collective with latent sharding)
         if acc.is_main_process and self.eval_data is not None:
-            for h, sae in self._saes().items():
+            for h, sae in saes.items():
                 was = sae.training
                 sae.eval()
                 stats = ReconstructionStats(n_latents=sae.config.n_latents)
@@ -773,10 +787,20 @@ def _flat_hparams(args: SAETrainingArguments) -> dict:
     return out
 
 
+def make_trainer(args: SAETrainingArguments, **kwargs) -> SAETrainer:
+    """The trainer for ``args``: :class:`SAETrainer`, or with ``args.tp_size > 1`` the latent-sharded
+    :class:`hf_sae.parallel.trainer.ShardedSAETrainer` (same arguments, same outputs)."""
+    if args.tp_size > 1:
+        from ..parallel.trainer import ShardedSAETrainer
+
+        return ShardedSAETrainer(args, **kwargs)
+    return SAETrainer(args, **kwargs)
+
+
 def train(args: SAETrainingArguments, train_data: Optional[TrainData] = None,
           eval_data: Optional[Union[Tensor, dict]] = None, model=None, tokenizer=None) -> dict[str, SparseAutoencoder]:
     """Train (or with ``args.resume`` resume) SAEs; returns {hook_point: SparseAutoencoder}.
 
-    Shortcut for ``SAETrainer(args, train_data, eval_data, model, tokenizer).train()``.
+    Shortcut for ``make_trainer(args, train_data=..., eval_data=..., model=..., tokenizer=...).train()``.
     """
-    return SAETrainer(args, train_data=train_data, eval_data=eval_data, model=model, tokenizer=tokenizer).train()
+    return make_trainer(args, train_data=train_data, eval_data=eval_data, model=model, tokenizer=tokenizer).train()

@@ -1,0 +1,58 @@
+"""Activation caches pushed to a Hub dataset repo (hf_sae.data.hub_cache), against the local fake Hub:
+training from ``hf://datasets/...`` draws the batches of the local cache and trains the same SAE."""
+
+import pytest
+import torch
+from test_hub import hub  # noqa: F401  (the FakeHub fixture, with huggingface_hub pointed at it)
+
+from hf_sae import SparseAutoencoder
+from hf_sae.data.cache import write_activations
+from hf_sae.data.hub_cache import HubCachedActivations, parse_hub_path, push_cache
+from hf_sae.training import SAETrainingArguments, train
+
+HPS = ["layers.0.resid_post", "layers.1.resid_post"]
+
+
+def _args(activations, out):
+    return SAETrainingArguments(
+        hook_points=HPS, activations=activations, n_latents=64, k=4, batch_size=256, train_tokens=256 * 12,
+        checkpoint_every_tokens=0, eval_every_tokens=0, eval_tokens=0, dead_tokens_threshold=512, lr=1e-2,
+        seed=3, log_with=["jsonl"], progress_bar=False, plot_report=False, mixed_precision="no",
+        init_tokens=512, output_dir=str(out))
+
+
+def test_train_from_hub_cache_equals_local_cache(hub, tmp_path):  # noqa: F811
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    write_activations(tmp_path / "acts", {HPS[0]: x, HPS[1]: x.flip(0) * 2 + 1}, dtype="float32", shard_tokens=512)
+    address = push_cache(tmp_path / "acts", "test-user/kjv-acts")
+    assert address == "hf://datasets/test-user/kjv-acts"
+
+    # the reader yields exactly the local reader's batches (same shuffle, same process sharding)
+    local = __import__("hf_sae.data.cache", fromlist=["x"]).CachedActivations(
+        tmp_path / "acts", hook_point=HPS, batch_size=300, seed=5, process_index=1, num_processes=2)
+    remote = HubCachedActivations(address, hook_point=HPS, batch_size=300, seed=5, process_index=1, num_processes=2)
+    pairs = list(zip(local, remote))
+    assert len(pairs) == len(local) == len(remote) > 3
+    for a, b in pairs:
+        for h in HPS:
+            assert torch.equal(a[h], b[h])
+    shard_gets = [p for m, p in hub.requests if m == "GET" and "/datasets/test-user/kjv-acts/resolve/" in p
+                  and p.endswith(".arrow")]
+    assert len(shard_gets) == 2 * 8  # every shard of both hook points fetched once, from the Hub
+
+    saes_local = train(_args(str(tmp_path / "acts"), tmp_path / "run-local"))
+    saes_hub = train(_args(address, tmp_path / "run-hub"))
+    for h in HPS:
+        a = SparseAutoencoder.from_pretrained(str(tmp_path / "run-local" / h))
+        b = SparseAutoencoder.from_pretrained(str(tmp_path / "run-hub" / h))
+        assert a.config.training_info["tokens_trained"] == 256 * 12
+        for k, v in a.state_dict().items():
+            assert torch.equal(b.state_dict()[k], v), (h, k)
+        assert saes_local[h].config.input_scale == saes_hub[h].config.input_scale
+
+
+def test_hub_cache_address_errors():
+    assert parse_hub_path("hf://datasets/org/name@v1") == ("org/name", "v1")
+    with pytest.raises(ValueError, match="hf://datasets/<org>/<name>"):
+        parse_hub_path("hf://datasets/just-a-name")
