@@ -18,7 +18,7 @@ LR, CLIP = 1e-2, 0.5
 JOBS = {
     "topk": dict(n_latents=64, activation="topk", k=4, multi_topk=True),
     "batchtopk": dict(n_latents=64, activation="batchtopk", k=4),
-    "topafa": dict(n_latents=128, activation="topafa", k=None, afa_coef=1 / 32),
+    "topafa": dict(n_latents=128, activation="topafa", k=None, afa_coef=1 / 32, afa_variant="centred"),
     "jumprelu": dict(n_latents=64, activation="jumprelu", l0_coef=1e-3, jumprelu_init_threshold=0.3),
     "relu": dict(n_latents=64, activation="relu", l1_coef=1e-3),
 }

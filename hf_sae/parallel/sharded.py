@@ -67,6 +67,9 @@ class ShardedSAE(nn.Module):
         n, d, P = config.n_latents, config.d_in, mesh.tp_size
         if config.activation not in _SUPPORTED:
             raise ValueError(f"activation {config.activation!r} cannot be latent-sharded; use one of {_SUPPORTED}")
+        if config.activation == "topafa" and config.afa_variant != "centred":
+            raise ValueError("top-AFA with afa_variant='reference' (no b_enc, k(x) <= n - 1) is not latent-sharded "
+                             "yet; use afa_variant='centred' with --tp_size, or train top-AFA with --tp_size 1")
         if n % P:
             raise ValueError(f"n_latents={n} is not divisible by tp_size={P}: choose n_latents (or "
                              f"expansion_factor * d_in) a multiple of tp_size")
@@ -315,7 +318,12 @@ class ShardedSAE(nn.Module):
                 weighted = dense * norms
                 z_norm = self._tp(weighted.square().sum(-1)).clamp_min(_EPS ** 2).sqrt()
                 l1_tok = self._tp(weighted.sum(-1))
-            afa = batch_sum((z_norm - xc.norm(dim=-1)).square()) / n_tokens
+            if cfg.afa_variant == "reference":  # the authors' form: raw latents against the uncentred input
+                raw = (self._tp(values).norm(dim=-1) if sparse
+                       else self._tp(dense.square().sum(-1)).clamp_min(_EPS ** 2).sqrt())
+                afa = batch_sum((raw - xn.norm(dim=-1)).square()) / n_tokens
+            else:
+                afa = batch_sum((z_norm - xc.norm(dim=-1)).square()) / n_tokens
             l1 = batch_sum(l1_tok) / n_tokens
         l0_loss = None
         if act == "relu" and cfg.l1_coef:
