@@ -1,0 +1,230 @@
+"""Plots and markdown tables of ``benchmarks/scaling_study.py`` (rows = the runs' ``study_eval.json``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hf_sae.scaling import plot_power_law
+
+_COLORS = {"topk": "C0", "batchtopk": "C1", "jumprelu": "C2", "relu": "C3", "topafa": "C4"}
+_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU + L1", "topafa": "top-AFA"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def power_law(rows, fit, path: Path, x: str = "n") -> Path:
+    """L(N) (x="n") or L(k) (x="k") with the fitted law (``hf_sae.scaling.plot_power_law``)."""
+    title = "SmolLM2-135M layers.6.resid_post, TopK " + ("k=32" if x == "n" else f"n={rows[0]['n']}")
+    p = plot_power_law([r[x] for r in rows], [r["fvu"] for r in rows], fit, path, title=title)
+    if x == "k":  # the shared plot labels its x axis "latents N"; relabel for L(k)
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ks = np.array([r["k"] for r in rows], float)
+        grid = np.geomspace(ks.min() / 1.5, ks.max() * 2, 200)
+        pr = fit.params
+        ax.loglog(ks, [r["fvu"] for r in rows], "o", label="sweep")
+        ax.loglog(grid, pr["alpha"] * grid ** pr["beta"] + pr["L_irr"], "-",
+                  label=f"fit: beta={pr['beta']:.3f} [{fit.ci95['beta'][0]:.3f}, {fit.ci95['beta'][1]:.3f}]")
+        ax.set_xlabel("active latents k")
+        ax.set_ylabel("normalized MSE (held-out)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return p
+
+
+def joint_law(rows, fit, path: Path) -> Path:
+    """Every TopK run, FVU against n, one line per k, with the joint L(N, k) fit."""
+    plt = _plt()
+    p = fit.params
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, k in enumerate(sorted({r["k"] for r in rows})):
+        pts = sorted((r["n"], r["fvu"]) for r in rows if r["k"] == k)
+        ns = np.array([a for a, _ in pts], float)
+        ax.loglog(ns, [b for _, b in pts], "o", c=f"C{i}", label=f"k={k}")
+        grid = np.geomspace(256, 65536, 100)
+        lk, ln = math.log(k), np.log(grid)
+        pred = np.exp(p["a"] + p["b_k"] * lk + p["b_n"] * ln + p["g"] * lk * ln) + math.exp(p["z"] + p["h"] * lk)
+        ax.loglog(grid, pred, "-", c=f"C{i}", lw=0.8)
+    ax.set_xlabel("latents N")
+    ax.set_ylabel("normalized MSE (held-out)")
+    ax.set_title(f"joint L(N, k) fit (RMS log residual {fit.rms_log_residual:.3f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def frontier(rows, path: Path) -> Path:
+    """Normalised MSE and Delta loss against L0, one line per (activation, size)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for act in _LABELS:
+        for j, n in enumerate(sorted({r["n"] for r in rows})):
+            pts = sorted((r["l0"], r["fvu"], r["delta_loss"]) for r in rows if r["activation"] == act and r["n"] == n
+                         and r["l0"] and r["l0"] > 0)
+            if not pts:
+                continue
+            style = "o-" if j == 0 else "s--"
+            lab = f"{_LABELS[act]} n={n}"
+            axes[0].plot([a for a, _, _ in pts], [b for _, b, _ in pts], style, c=_COLORS[act], label=lab, ms=4)
+            axes[1].plot([a for a, _, _ in pts], [c for _, _, c in pts], style, c=_COLORS[act], label=lab, ms=4)
+    for ax, yl in zip(axes, ("normalized MSE (held-out)", "Delta LM loss (nats/token)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("L0 (active latents per token, held-out)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("sparsity-reconstruction frontier, SmolLM2-135M layers.6.resid_post")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+SIZE_METRICS = [("fvu", "normalized MSE", True), ("delta_loss", "Delta loss (nats)", True), ("kl", "KL (nats)", True),
+                ("probe_loss", "probe loss (nats)", True), ("n2g_precision", "N2G precision", False),
+                ("n2g_recall", "N2G recall", False), ("ablation_sparsity", "ablation sparsity", True),
+                ("dead_train", "dead fraction (train)", True)]
+
+
+def metrics_vs_size(rows, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+    for ax, (key, label, _) in zip(axes.flat, SIZE_METRICS):
+        pts = [(r["n"], r.get(key)) for r in rows if r.get(key) is not None]
+        ax.plot([a for a, _ in pts], [b for _, b in pts], "o-")
+        if key == "n2g_precision":
+            pts = [(r["n"], r.get("n2g_ngram_precision")) for r in rows if r.get("n2g_ngram_precision") is not None]
+            ax.plot([a for a, _ in pts], [b for _, b in pts], "x:", c="gray", label="n-gram baseline")
+            ax.legend(fontsize=7)
+        if key == "n2g_recall":
+            pts = [(r["n"], r.get("n2g_ngram_recall")) for r in rows if r.get("n2g_ngram_recall") is not None]
+            ax.plot([a for a, _ in pts], [b for _, b in pts], "x:", c="gray", label="n-gram baseline")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("latents n")
+        ax.grid(alpha=0.3)
+    fig.suptitle("metrics against SAE size (TopK, k=32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def progressive(rows, path: Path) -> Path:
+    """Held-out FVU at test-time k' for the Multi-TopK and the plain TopK SAE (same n, trained k)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in sorted(rows, key=lambda r: bool(r["extra"].get("multi_topk"))):
+        ks = sorted(int(k) for k in r["fvu_at_k"])
+        lab = ("Multi-TopK" if r["extra"].get("multi_topk") else "TopK") + f" (trained k={r['k']})"
+        ax.loglog(ks, [r["fvu_at_k"][str(k)] for k in ks], "o-", label=lab)
+        ax.axvline(r["k"], c="gray", ls=":", lw=0.8)
+    ax.set_xlabel("k' used at test time")
+    ax.set_ylabel("normalized MSE (held-out)")
+    ax.set_title(f"progressive code, n={rows[0]['n']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _f(v, spec=".4f"):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _fit_line(name, fit, keys):
+    parts = []
+    for k in keys:
+        lo, hi = fit["ci95"][k]
+        b = fit.get("bootstrap_ci95", {}).get(k)
+        parts.append(f"{k} = {fit['params'][k]:.4g} [95 % CI {lo:.4g}, {hi:.4g}]"
+                     + (f" (bootstrap {b[0]:.4g}, {b[1]:.4g})" if b else ""))
+    return f"- **{name}** ({fit['law']}, {fit['n_points']} points, RMS log residual {fit['rms_log_residual']:.3f}): " \
+           + "; ".join(parts)
+
+
+def tables(report: dict, ns) -> str:
+    """Markdown: fits, the per-run table, metrics against size, progressive code, what is missing."""
+    m, runs = report["meta"], report["runs"]
+    out = ["# Scaling study tables (generated by `benchmarks/scaling_study.py`; do not edit by hand)", "",
+           f"Hook point {m['hook_point']}, {m['model']}, corpus {m['corpus']}; cached tokens "
+           f"{m.get('cached_tokens')}; {ns.train_tokens:,} training tokens per run, batch {ns.batch_size}, "
+           f"LR {ns.lr:g} x sqrt({ns.lr_ref_n}/n); dead = no fire in {ns.dead_tokens:,} training tokens. "
+           f"Training wall time over all finished runs: {m.get('train_seconds_total', 0) / 60:.1f} min "
+           f"(2 shared CPU cores, nice 19).", "",
+           f"'flat' = held-out FVU fell by less than {100 * ns.flat_tol:g} % (relative) over the last quarter of the "
+           "run (evaluated every 1/8 of the run).", "", "## Fits", ""]
+    fits = report["fits"]
+    if "L(N)" in fits:
+        out.append(_fit_line("L(N), k=32", fits["L(N)"], ["beta", "alpha", "L_irr"]))
+    if "L(k)" in fits:
+        out.append(_fit_line(f"L(k), n={ns.lk_n}", fits["L(k)"], ["beta", "alpha", "L_irr"]))
+    if "L(N,k)" in fits:
+        out.append(_fit_line("joint L(N, k)", fits["L(N,k)"], ["b_n", "b_k", "g", "z", "h"]))
+    if not fits:
+        out.append("(not enough finished runs yet)")
+    out += ["", "## Runs", "", "| run | groups | n | k | L0 | FVU | Delta loss | KL | dead (train) | flat | "
+            "last-quarter drop | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["activation"], r["n"], r["k"], str(r["extra"]))):
+        out.append(f"| {r['name']} | {','.join(r['groups'])} | {r['n']} | {r['k']} | {_f(r['l0'], '.1f')} | "
+                   f"{_f(r['fvu'])} | {_f(r['delta_loss'])} | {_f(r['kl'])} | {_f(100 * (r['dead_train'] or 0), '.2f')} % | "
+                   f"{'yes' if r['flattened'] else 'no' if r['flattened'] is False else 'n/a'} | "
+                   f"{_f(r['last_quarter_rel_drop'] and 100 * r['last_quarter_rel_drop'], '.2f')} % | "
+                   f"{_f(r['train_seconds'], '.0f')} |")
+    ln = sorted([r for r in runs if "LN" in r["groups"]], key=lambda r: r["n"])
+    if ln:
+        out += ["", "## Metrics against size (TopK, k=32)", "",
+                "| n | " + " | ".join(lab for _, lab, _ in SIZE_METRICS) + " | N2G n-gram baseline P / R |",
+                "|---" * (len(SIZE_METRICS) + 2) + "|"]
+        for r in ln:
+            out.append(f"| {r['n']} | " + " | ".join(_f(r.get(k)) for k, _, _ in SIZE_METRICS)
+                       + f" | {_f(r.get('n2g_ngram_precision'), '.3f')} / {_f(r.get('n2g_ngram_recall'), '.3f')} |")
+        out += ["", "Trend from the smallest to the largest n (Spearman rank correlation with n; "
+                "'improves' = moves in the better direction):", ""]
+        for key, label, lower_better in SIZE_METRICS:
+            pts = [(r["n"], r.get(key)) for r in ln if r.get(key) is not None]
+            if len(pts) >= 3:
+                rho = spearman([a for a, _ in pts], [b for _, b in pts])
+                better = (rho < 0) if lower_better else (rho > 0)
+                out.append(f"- {label}: rho = {rho:+.2f} -> {'improves' if better else 'does not improve'} with n")
+    mt = [r for r in runs if "fvu_at_k" in r]
+    if mt:
+        ks = sorted({int(k) for r in mt for k in r["fvu_at_k"]})
+        out += ["", "## Progressive code (held-out FVU at test-time k')", "",
+                "| SAE | " + " | ".join(f"k'={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for r in mt:
+            lab = "Multi-TopK" if r["extra"].get("multi_topk") else "TopK"
+            out.append(f"| {lab} n={r['n']} k={r['k']} | " + " | ".join(_f(r["fvu_at_k"].get(str(k))) for k in ks) + " |")
+    if report["missing"]:
+        out += ["", f"## Not finished ({len(report['missing'])} runs)", "", ", ".join(report["missing"]), "",
+                "Finish with the same command (finished runs are skipped): `nice -n 19 .venv/bin/python "
+                "benchmarks/scaling_study.py`"]
+    return "\n".join(out) + "\n"
+
+
+def spearman(x, y) -> float:
+    rx = np.argsort(np.argsort(x)).astype(float)
+    ry = np.argsort(np.argsort(y)).astype(float)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    d = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / d) if d else float("nan")
