@@ -170,7 +170,7 @@ def tables(report: dict, ns) -> str:
            f"{m.get('cached_tokens')}; {ns.train_tokens:,} training tokens per run, batch {ns.batch_size}, "
            f"LR {ns.lr:g} x sqrt({ns.lr_ref_n}/n); dead = no fire in {ns.dead_tokens:,} training tokens. "
            f"Training wall time over all finished runs: {m.get('train_seconds_total', 0) / 60:.1f} min "
-           f"(2 shared CPU cores, nice 19).", "",
+           f"(2 CPU cores shared with other jobs, niceness {m.get('niceness')}, {m.get('torch_threads')} torch threads).", "",
            f"'flat' = held-out FVU fell by less than {100 * ns.flat_tol:g} % (relative) over the last quarter of the "
            "run (evaluated every 1/8 of the run).", "", "## Fits", ""]
     fits = report["fits"]

@@ -80,11 +80,17 @@ def build_manifest(ns) -> list[dict]:
         for c in ns.l0:
             add("frontier", "jumprelu", n, ns.k, l0_coef=c)
         for c in ns.afa:
-            add("frontier", "topafa", n, ns.topafa_cap, afa_coef=c)
+            add("frontier", "topafa", n, min(ns.topafa_cap, n), afa_coef=c)
     add("multitopk", "topk", ns.lk_n, ns.k, multi_topk=True)
     add("multitopk", "topk", ns.lk_n, ns.k)
-    # cheapest first, so that partial results cover every group early
-    return sorted(runs.values(), key=lambda r: (r["n"], r["name"]))
+    # priority order: L(N) (small to large), the Multi-TopK pair, then the frontier / L(k) by size
+    # (the two largest L(N) sizes last: they cost as much as everything else together)
+    def tier(r):
+        if "LN" in r["groups"]:
+            return 0 if r["n"] <= sorted(ns.sizes)[max(0, len(ns.sizes) - 3)] else 3
+        return 1 if "multitopk" in r["groups"] else 2
+
+    return sorted(runs.values(), key=lambda r: (tier(r), r["n"], r["name"]))
 
 
 def run_lr(ns, n: int) -> float:
@@ -187,7 +193,7 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
 
     from hf_sae import SparseAutoencoder
     from hf_sae.data.models import load_default_model
-    from hf_sae.evaluation.downstream import DownstreamStats, downstream_batch
+    from hf_sae.evaluation.downstream import DownstreamStats, clean_next_token_log_probs, downstream_batch
 
     for run in manifest:
         folder = sae_folder(work, run)
@@ -197,6 +203,9 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
         if not _LM:  # the LM and the held-out windows, loaded once per process
             _LM["model"], _LM["tok"] = load_default_model()
             _LM["ids"], _LM["keep"] = _heldout_windows(_LM["tok"], ns.downstream_tokens)
+            with torch.no_grad():  # the clean forward is the same for every SAE: once per process
+                _LM["clean"] = [clean_next_token_log_probs(_LM["model"], _LM["ids"][s:s + 4])
+                                for s in range(0, _LM["ids"].shape[0], 4)]
         model, tok, ids, keep = _LM["model"], _LM["tok"], _LM["ids"], _LM["keep"]
         t = time.perf_counter()
         sae = SparseAutoencoder.from_pretrained(str(folder)).eval()
@@ -213,8 +222,9 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
                **flattened(history, ns.flat_tol)}
         ds = DownstreamStats()
         with torch.no_grad():
-            for s in range(0, ids.shape[0], 8):
-                o = downstream_batch(model, sae, ids[s:s + 8], keep[s:s + 8], HOOK, ablations=())
+            for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):
+                o = downstream_batch(model, sae, ids[s:s + 4], keep[s:s + 4], HOOK, ablations=(),
+                                     clean_log_probs=clean)
                 ds.update(o["ce_clean"], o["ce_spliced"], o["kl"])
         d = ds.compute()
         res.update(ce_clean=d["ce_clean"], ce_spliced=d["ce_spliced"], delta_loss=d["delta_loss"], kl=d["kl"])
@@ -250,7 +260,7 @@ def _size_metrics(ns, sae, model, tok, run_dir: Path) -> dict:
     out = {"probe_loss": s.get("mean_probe_loss_sae"), "n2g_ngram_precision": s.get("n2g_precision"),
            "n2g_ngram_recall": s.get("n2g_recall"), "ablation_sparsity": s.get("ablation_sparsity")}
     f = n2g_faithful_evaluate(model, tok, sae, HOOK, n_tokens=ns.metric_tokens, n_latents=ns.n2g_latents,
-                              seed=ns.seed)
+                              top_contexts=ns.n2g_contexts, max_context=ns.n2g_max_context, window=128, seed=ns.seed)
     (run_dir / "eval" / "n2g_faithful.json").write_text(json.dumps(f, indent=1, default=float))
     out.update(n2g_precision=f["summary"]["precision"], n2g_recall=f["summary"]["recall"],
                n2g_f1=f["summary"]["f1"])
@@ -339,27 +349,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="cache,train,eval,report")
     p.add_argument("--plan", action="store_true", help="write + print the manifest and exit")
     p.add_argument("--only", default="", help="comma list of groups to train/eval (default: all)")
-    p.add_argument("--cache-tokens", type=int, default=300_000, help="training tokens cached")
+    p.add_argument("--cache-tokens", type=int, default=65_536, help="training tokens cached")
     p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens cached (FVU, L0, dead)")
-    p.add_argument("--train-tokens", type=int, default=600_000, help="tokens per run (passes over the cache)")
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--train-tokens", type=int, default=32_768, help="tokens per run (passes over the cache)")
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="peak LR at n = --lr-ref-n")
-    p.add_argument("--lr-ref-n", type=int, default=4096)
-    p.add_argument("--dead-tokens", type=int, default=100_000, help="dead = no fire in this many training tokens")
+    p.add_argument("--lr-ref-n", type=int, default=1024)
+    p.add_argument("--dead-tokens", type=int, default=16_384, help="dead = no fire in this many training tokens")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--sizes", type=ints, default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--ks", type=ints, default=[8, 16, 32, 64, 128])
-    p.add_argument("--lk-n", type=int, default=4096)
-    p.add_argument("--frontier-sizes", type=ints, default=[1024, 4096])
-    p.add_argument("--batchtopk-ks", type=ints, default=[16, 32, 64])
-    p.add_argument("--l1", type=floats, default=[0.003, 0.01, 0.03])
-    p.add_argument("--l0", type=floats, default=[0.001, 0.003, 0.01])
+    p.add_argument("--lk-n", type=int, default=1024)
+    p.add_argument("--frontier-sizes", type=ints, default=[512, 1024])
+    p.add_argument("--batchtopk-ks", type=ints, default=[16, 64])
+    p.add_argument("--l1", type=floats, default=[0.003, 0.03])
+    p.add_argument("--l0", type=floats, default=[0.001, 0.01])
     p.add_argument("--afa", type=floats, default=[0.03125])
     p.add_argument("--topafa-cap", type=int, default=128, help="cap on k(x) of top-AFA")
-    p.add_argument("--downstream-tokens", type=int, default=1024, help="held-out tokens for Delta loss / KL")
-    p.add_argument("--metric-tokens", type=int, default=8192, help="held-out tokens for probes / N2G / ablation")
-    p.add_argument("--n2g-latents", type=int, default=16)
-    p.add_argument("--ablation-latents", type=int, default=8)
+    p.add_argument("--downstream-tokens", type=int, default=256, help="held-out tokens for Delta loss / KL")
+    p.add_argument("--metric-tokens", type=int, default=2048, help="held-out tokens for probes / N2G / ablation")
+    p.add_argument("--n2g-latents", type=int, default=6)
+    p.add_argument("--n2g-contexts", type=int, default=4, help="top-activating contexts per latent (faithful N2G)")
+    p.add_argument("--n2g-max-context", type=int, default=8, help="longest context kept before pruning (tokens)")
+    p.add_argument("--ablation-latents", type=int, default=4)
     p.add_argument("--flat-tol", type=float, default=0.02, help="'flattened' = held-out FVU fell < this over the "
                                                                "last quarter of training (relative)")
     p.add_argument("--seed", type=int, default=0)
@@ -398,6 +410,7 @@ def main(argv=None) -> dict:
     cache = work / "cache"
     meta: dict = {"hook_point": HOOK, "model": "SmolLM2-135M-Instruct (embedded)", "corpus": "KJV (embedded)",
                   "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results")},
+                  "niceness": os.nice(0), "torch_threads": torch.get_num_threads(),
                   "command": "python benchmarks/scaling_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if "cache" in stages or (cache / "train" / "metadata.json").is_file():
         meta["cached_tokens"] = stage_cache(ns, cache)
@@ -408,15 +421,26 @@ def main(argv=None) -> dict:
                                           for r in manifest)
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
-    # one run at a time (train, evaluate, refresh the report), so partial results cover every group early
+    # one run at a time (train, evaluate, refresh the report), so partial results cover every group early;
+    # a run that fails is logged and left unfinished (the report lists it), and the exit status is 1
+    failed = []
     for run in manifest:
-        if "train" in stages:
-            stage_train(ns, [run], cache, work, log)
-        if "eval" in stages:
-            stage_eval(ns, [run], work, log)
-            if "report" in stages and (work / "runs" / run["name"] / "study_eval.json").is_file():
-                finish()
-    return finish()
+        try:
+            if "train" in stages:
+                stage_train(ns, [run], cache, work, log)
+            if "eval" in stages:
+                stage_eval(ns, [run], work, log)
+                if "report" in stages and (work / "runs" / run["name"] / "study_eval.json").is_file():
+                    finish()
+        except Exception:  # noqa: BLE001 - one broken run must not stop the others
+            import traceback
+
+            failed.append(run["name"])
+            log(f"FAILED {run['name']}:\n{traceback.format_exc()}")
+    report = finish()
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {failed} (see the log above); rerun to retry them")
+    return report
 
 
 if __name__ == "__main__":
