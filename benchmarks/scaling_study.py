@@ -309,11 +309,11 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
     ln = sorted([r for r in rows if "LN" in r["groups"]], key=lambda r: r["n"])
     lk = sorted([r for r in rows if "Lk" in r["groups"]], key=lambda r: r["k"])
     if len(ln) >= 3:
-        fit = fit_power_law([r["n"] for r in ln], [r["fvu"] for r in ln], bootstrap=200, seed=ns.seed)
+        fit = fit_power_law([r["n"] for r in ln], [r["fvu"] for r in ln], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(N)"] = json.loads(fit.to_json())
         plots.power_law(ln, fit, results_dir / "L_of_N.png")
     if len(lk) >= 3:
-        fit = fit_power_law([r["k"] for r in lk], [r["fvu"] for r in lk], bootstrap=200, seed=ns.seed)
+        fit = fit_power_law([r["k"] for r in lk], [r["fvu"] for r in lk], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(k)"] = json.loads(fit.to_json())
         plots.power_law(lk, fit, results_dir / "L_of_k.png", x="k")
     topk = [r for r in rows if r["activation"] == "topk" and not r["extra"]]
@@ -331,6 +331,8 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
         plots.progressive(mt, results_dir / "progressive_code.png")
     (results_dir / "results.json").write_text(json.dumps(report, indent=1, default=float))
     (results_dir / "tables.md").write_text(plots.tables(report, ns))
+    rel = os.path.relpath(results_dir, Path(ns.reproduction).parent)
+    Path(ns.reproduction).write_text(plots.reproduction_md(report, ns, results_link=rel))
     log(f"report: {len(rows)}/{len(manifest)} runs evaluated -> {results_dir}")
     return report
 
@@ -346,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(REPO / "runs" / "scaling_study"), help="run outputs (git-ignored)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "scaling"), help="committed summaries + plots")
+    p.add_argument("--reproduction", default=str(REPO / "benchmarks" / "REPRODUCTION.md"),
+                   help="the claim-by-claim markdown written by the report stage")
     p.add_argument("--stages", default="cache,train,eval,report")
     p.add_argument("--plan", action="store_true", help="write + print the manifest and exit")
     p.add_argument("--only", default="", help="comma list of groups to train/eval (default: all)")
@@ -374,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-latents", type=int, default=4)
     p.add_argument("--flat-tol", type=float, default=0.02, help="'flattened' = held-out FVU fell < this over the "
                                                                "last quarter of training (relative)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the L(N) / L(k) fits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     return p
