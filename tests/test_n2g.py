@@ -147,3 +147,22 @@ def test_faithful_evaluate_end_to_end_on_a_tiny_lm(tiny_lm, tiny_tokenizer):
     for lat in out["latents"]:
         assert 1 <= sum(p["contexts"] for p in lat["patterns"]) <= 3
         assert all(t == WILDCARD or 0 <= t < V for p in lat["patterns"] for t in p["pattern"])
+
+
+def test_hf_sae_eval_runs_faithful_n2g_only_when_named(tmp_path, tiny_lm, tiny_tokenizer):
+    import argparse
+
+    from hf_sae.evaluation.run import _parse_metrics, add_eval_args, run_eval
+
+    assert "n2g_faithful" not in _parse_metrics("all")
+    with pytest.raises(ValueError, match="n2g_faithful"):
+        _parse_metrics("n2g_faithfull")
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(SAEConfig(d_in=32, n_latents=64, k=4, hook_point="layers.1.resid_post")).eval()
+    args = add_eval_args(argparse.ArgumentParser()).parse_args(
+        ["tiny-sae", "--out", str(tmp_path), "--no-progress", "--no-report", "--metrics", "n2g_faithful",
+         "--n-tokens", "1200", "--window", "32", "--n2g-latents", "2"])
+    res = run_eval(args, sae=sae, model=tiny_lm, tokenizer=tiny_tokenizer)
+    assert res["n2g_faithful"]["summary"]["n_latents"] == 2
+    assert res["summary"]["n2g_faithful_precision"] == res["n2g_faithful"]["summary"]["precision"]
+    assert "n2g" not in res and "downstream" not in res
