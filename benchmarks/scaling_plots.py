@@ -22,6 +22,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def power_law(rows, fit, path: Path, x: str = "n") -> Path:
     """L(N) (x="n") or L(k) (x="k") with the fitted law (``hf_sae.scaling.plot_power_law``)."""
     title = "SmolLM2-135M layers.6.resid_post, TopK " + ("k=32" if x == "n" else f"n={rows[0]['n']}")
@@ -39,9 +47,7 @@ def power_law(rows, fit, path: Path, x: str = "n") -> Path:
         ax.set_ylabel("normalized MSE (held-out)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        _save(fig, path)
     return p
 
 
@@ -62,10 +68,7 @@ def joint_law(rows, fit, path: Path) -> Path:
     ax.set_ylabel("normalized MSE (held-out)")
     ax.set_title(f"joint L(N, k) fit (RMS log residual {fit.rms_log_residual:.3f})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def frontier(rows, path: Path) -> Path:
@@ -90,10 +93,7 @@ def frontier(rows, path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("sparsity-reconstruction frontier, SmolLM2-135M layers.6.resid_post")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 SIZE_METRICS = [("fvu", "normalized MSE", True), ("delta_loss", "Delta loss (nats)", True), ("kl", "KL (nats)", True),
@@ -121,10 +121,7 @@ def metrics_vs_size(rows, path: Path) -> Path:
         ax.set_xlabel("latents n")
         ax.grid(alpha=0.3)
     fig.suptitle("metrics against SAE size (TopK, k=32)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def progressive(rows, path: Path) -> Path:
@@ -140,10 +137,7 @@ def progressive(rows, path: Path) -> Path:
     ax.set_ylabel("normalized MSE (held-out)")
     ax.set_title(f"progressive code, n={rows[0]['n']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 # ---------------------------------------------------------------------------------------------- tables

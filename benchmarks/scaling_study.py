@@ -162,15 +162,7 @@ def stage_train(ns, manifest, cache: Path, work: Path, log) -> None:
 def _heldout_windows(tok, n_tokens: int):
     from hf_sae.data import corpus
 
-    rows, kept = [], 0
-    for w in corpus.iter_windows(corpus.load_texts("default", split="validation"), tok, window=128):
-        rows.append(w)
-        kept += int(corpus.token_mask(w[None], tok).sum())
-        if kept >= n_tokens:
-            break
-    import torch
-
-    ids = torch.stack(rows)
+    ids = corpus.windows_with_tokens("default", tok, n_tokens, window=128, split="validation")
     return ids, corpus.token_mask(ids, tok)
 
 

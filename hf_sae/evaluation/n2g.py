@@ -377,15 +377,7 @@ def n2g_faithful_evaluate(model, tokenizer, sae, hook_point: str, n_tokens: int 
     from hf_sae.data import corpus
     from hf_sae.hooks import run_with_capture
 
-    rows, kept = [], 0
-    for w in corpus.iter_windows(corpus.load_texts(dataset, split=split), tokenizer, window=window):
-        rows.append(w)
-        kept += int(corpus.token_mask(w[None], tokenizer).sum())
-        if kept >= n_tokens:
-            break
-    if not rows:
-        raise ValueError(f"text source {dataset!r}/{split} gave no window of {window} tokens.")
-    ids = torch.stack(rows)
+    ids = corpus.windows_with_tokens(dataset, tokenizer, n_tokens, window=window, split=split)
     keep = corpus.token_mask(ids, tokenizer)
     N, T = ids.shape
     train_rows = torch.arange(N) % 2 == 0

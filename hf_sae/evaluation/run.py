@@ -100,16 +100,8 @@ def _collect_windows(args, tokenizer, n_tokens_needed: int):
     """Token windows whose kept positions number >= n_tokens_needed (or all the source has)."""
     from hf_sae.data import corpus
 
-    texts = corpus.load_texts(args.dataset, split=args.split, text_column=args.text_column)
-    rows, kept = [], 0
-    for w in corpus.iter_windows(texts, tokenizer, window=args.window):
-        rows.append(w)
-        kept += int(corpus.token_mask(w[None], tokenizer).sum())
-        if kept >= n_tokens_needed:
-            break
-    if not rows:
-        raise ValueError(f"text source {args.dataset!r} (split {args.split!r}) gave no window of {args.window} tokens.")
-    return torch.stack(rows)
+    return corpus.windows_with_tokens(args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split,
+                                      text_column=args.text_column)
 
 
 def _trim_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
