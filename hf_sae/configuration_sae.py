@@ -14,6 +14,15 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
 KERNELS = ("auto", "torch", "triton", "dense")
 
 
+def _num(value) -> bool:
+    """A finite real number (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(cond: bool, field: str, value, allowed: str) -> None:
     if not cond:
         raise ValueError(f"SAEConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
@@ -78,34 +87,42 @@ class SAEConfig(PretrainedConfig):
         training_info: dict | None = None,
         **kwargs,
     ):
-        _check(isinstance(d_in, int) and d_in > 0, "d_in", d_in, "a positive integer")
+        _check(_int(d_in) and d_in > 0, "d_in", d_in, "a positive integer")
         if n_latents is None:
             factor = 8 if expansion_factor is None else expansion_factor
-            _check(isinstance(factor, (int, float)) and factor > 0, "expansion_factor", factor, "> 0")
+            _check(_num(factor) and factor > 0, "expansion_factor", factor, "a finite number > 0")
             n_latents = int(round(factor * d_in))
-        _check(isinstance(n_latents, int) and n_latents > 0, "n_latents", n_latents, "a positive integer")
+            _check(n_latents > 0, "expansion_factor", factor, f"large enough that expansion_factor * d_in >= 1")
+        _check(_int(n_latents) and n_latents > 0, "n_latents", n_latents, "a positive integer")
         _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
         if activation in ("topk", "batchtopk"):
-            _check(isinstance(k, int) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
+            _check(_int(k) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
         elif activation == "topafa":
-            _check(k is None or (isinstance(k, int) and 0 < k <= n_latents), "k", k,
+            _check(k is None or (_int(k) and 0 < k <= n_latents), "k", k,
                    f"None (no cap) or an integer in [1, n_latents={n_latents}] for topafa")
         if k_aux is not None:
-            _check(isinstance(k_aux, int) and 0 < k_aux <= n_latents, "k_aux", k_aux,
+            _check(_int(k_aux) and 0 < k_aux <= n_latents, "k_aux", k_aux,
                    f"None or an integer in [1, n_latents={n_latents}]")
         for name, value in (("aux_coef", aux_coef), ("l1_coef", l1_coef), ("l0_coef", l0_coef),
                             ("afa_coef", afa_coef)):
-            _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value,
-                   "a finite number >= 0")
-        _check(isinstance(dead_tokens_threshold, int) and dead_tokens_threshold > 0, "dead_tokens_threshold",
+            _check(_num(value) and value >= 0, name, value, "a finite number >= 0")
+        _check(_int(dead_tokens_threshold) and dead_tokens_threshold > 0, "dead_tokens_threshold",
                dead_tokens_threshold, "a positive integer (tokens)")
-        _check(jumprelu_init_threshold > 0, "jumprelu_init_threshold", jumprelu_init_threshold, "> 0")
-        _check(jumprelu_bandwidth > 0, "jumprelu_bandwidth", jumprelu_bandwidth, "> 0")
-        _check(0 <= batchtopk_threshold_momentum < 1, "batchtopk_threshold_momentum",
-               batchtopk_threshold_momentum, "in [0, 1)")
-        _check(isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0,
-               "input_scale", input_scale, "a finite number > 0 (1.0 = identity)")
+        _check(_num(jumprelu_init_threshold) and jumprelu_init_threshold > 0, "jumprelu_init_threshold",
+               jumprelu_init_threshold, "a finite number > 0")
+        _check(_num(jumprelu_bandwidth) and jumprelu_bandwidth > 0, "jumprelu_bandwidth", jumprelu_bandwidth,
+               "a finite number > 0")
+        _check(_num(batchtopk_threshold_momentum) and 0 <= batchtopk_threshold_momentum < 1,
+               "batchtopk_threshold_momentum", batchtopk_threshold_momentum, "in [0, 1)")
+        _check(_num(input_scale) and 1e-12 < input_scale < 1e12, "input_scale", input_scale,
+               "a finite number in (1e-12, 1e12) (1.0 = identity; sqrt(d / E||x||^2) normalises)")
         _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
+        _check(isinstance(multi_topk, bool), "multi_topk", multi_topk, "True or False")
+        _check(hook_point is None or (isinstance(hook_point, str) and hook_point.strip() != ""), "hook_point",
+               hook_point, "None or a hook point name such as 'layers.6.resid_post'")
+        _check(base_model is None or isinstance(base_model, str), "base_model", base_model, "None or a string")
+        _check(training_info is None or isinstance(training_info, dict), "training_info", training_info,
+               "None or a dict")
         if multi_topk:
             _check(activation == "topk" and 4 * k <= n_latents, "multi_topk", multi_topk,
                    "used only with activation='topk' and 4*k <= n_latents")

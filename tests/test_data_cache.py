@@ -72,27 +72,13 @@ def test_killed_cache_run_resumes_with_exact_token_count(tmp_path):
     out = tmp_path / "killed"
     args = ["--model", str(tmp_path / "m"), "--hook-points", "layers.1.resid_post", "layers.3.mlp_out",
             "--max-tokens", "12000", "--shard-tokens", "600", "--window", "64", "--device", "cpu", "--out"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args, str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and proc.poll() is None:
-            p = out / "progress.json"
-            try:
-                if len(json.loads(p.read_text())["shards"]) >= 3:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.02)
-        assert proc.poll() is None, "the cache run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # killed from inside, right after its 3rd shard is recorded: deterministic, no race with a timer
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_SAE_FAULT": "cache.shard_recorded:3"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args, str(out)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -9
     done = json.loads((out / "progress.json").read_text())
-    assert 3 <= len(done["shards"]) and done["num_tokens"] < 12_000 and not (out / "metadata.json").exists()
+    assert len(done["shards"]) == 3 and done["num_tokens"] < 12_000 and not (out / "metadata.json").exists()
     torch.set_num_threads(1)
     meta = cache_main(args + [str(out)])
     assert meta["num_tokens"] == 12_000

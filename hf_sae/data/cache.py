@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._faults import fault_point
+from .._io import atomic_write_bytes, atomic_write_json, sha256_file
 from .stream import _as_hook_list, harvest, window_source
 
 FORMAT_VERSION = 1
@@ -55,6 +57,103 @@ _NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 class CorruptShardError(ValueError):
     """A cached shard is truncated, altered or unreadable; the message names the file and the fix."""
+
+
+class CorruptMetadataError(ValueError):
+    """A cache's ``metadata.json`` is unreadable, incomplete, edited, or disagrees with its shards."""
+
+
+META_CHECKSUM = "metadata_sha256"
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def _with_checksum(meta: dict) -> dict:
+    return {**meta, META_CHECKSUM: _meta_digest(meta)}
+
+
+def _read_json(path: Path, what: str = "metadata.json") -> dict:
+    """Parse a cache's JSON file; a truncated or non-JSON file is a :class:`CorruptMetadataError`."""
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptMetadataError(f"{path} is not valid JSON ({e}); the file was truncated or edited: restore it, "
+                                   f"or re-create the cache with the same `hf-sae cache` command and a new --out"
+                                   ) from None
+    if not isinstance(obj, dict):
+        raise CorruptMetadataError(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _load_hook_meta(folder: Path) -> dict:
+    """Read and check a hook-point folder's ``metadata.json``: every field the reader relies on, its type,
+    the checksum written with it, and the identities between fields (rows add up, input_scale matches
+    the statistics). Errors name the file and the field."""
+    path = folder / "metadata.json"
+    meta = _read_json(path)
+
+    def bad(field, why):
+        raise CorruptMetadataError(f"{path}: field {field!r} {why}; metadata.json was edited or damaged: restore "
+                                   "it, or re-create the cache with the same `hf-sae cache` command")
+
+    want = META_CHECKSUM in meta
+    if want and meta[META_CHECKSUM] != _meta_digest(meta):
+        raise CorruptMetadataError(f"{path} was modified after the cache was written (its {META_CHECKSUM} does not "
+                                   "match its contents); restore the original file, or re-create the cache with the "
+                                   "same `hf-sae cache` command")
+    for field, ok, what in (
+            ("hook_point", lambda v: isinstance(v, str) and v, "a hook point name"),
+            ("d", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+            ("dtype", lambda v: v in _DTYPES, f"one of {sorted(_DTYPES)}"),
+            ("num_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+            ("shards", lambda v: isinstance(v, list), "a list of shard records")):
+        if field not in meta:
+            bad(field, "is missing")
+        if not ok(meta[field]):
+            bad(field, f"must be {what}, found {meta[field]!r}")
+    for i, r in enumerate(meta["shards"]):
+        if not (isinstance(r, dict) and isinstance(r.get("file"), str) and r["file"] == Path(r["file"]).name
+                and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("num_rows", "bytes"))
+                and isinstance(r.get("sha256"), str) and len(r["sha256"]) == 64):
+            bad(f"shards[{i}]", "must be {file, num_rows > 0, bytes > 0, sha256}")
+    rows = sum(r["num_rows"] for r in meta["shards"])
+    if rows != meta["num_tokens"]:
+        bad("num_tokens", f"is {meta['num_tokens']} but the shards hold {rows} rows")
+    msn, scale = meta.get("mean_sq_norm"), meta.get("input_scale")
+    if rows:
+        if not (isinstance(msn, (int, float)) and math.isfinite(msn) and msn > 0):
+            bad("mean_sq_norm", f"must be a finite number > 0, found {msn!r}")
+        expect = norm_stats_to_input_scale(float(msn), meta["d"])
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+                and abs(scale - expect) <= 1e-6 * expect):
+            bad("input_scale", f"must be sqrt(d / mean_sq_norm) = {expect:.6g}, found {scale!r}")
+    return meta
+
+
+def _check_shard_schema(path: Path, table, meta: dict, info: dict) -> None:
+    """The shard's Arrow schema and row count must agree with metadata.json (called after the shard's own
+    checksum passed, so a disagreement means metadata.json is wrong)."""
+    import pyarrow as pa
+
+    t = table.schema.field("activation").type
+    width = getattr(t, "list_size", None)
+    child = str(t.value_type) if hasattr(t, "value_type") else str(t)
+    arrow_child = {"halffloat": "float16", "float": "float32", "uint16": "uint16"}.get(child, child)
+    problems = []
+    if width != meta["d"]:
+        problems.append(f"d = {meta['d']} but the shard stores rows of {width} values")
+    if arrow_child != _ARROW_CHILD[meta["dtype"]]:
+        problems.append(f"dtype = {meta['dtype']} but the shard stores {arrow_child}")
+    if table.num_rows != info["num_rows"]:
+        problems.append(f"num_rows = {info['num_rows']} but the shard holds {table.num_rows} rows")
+    del pa
+    if problems:
+        raise CorruptMetadataError(f"{path.parent / 'metadata.json'} disagrees with the intact shard {path.name}: "
+                                   f"{'; '.join(problems)}. metadata.json was edited: restore it, or re-create "
+                                   "the cache with the same `hf-sae cache` command")
 
 
 def norm_stats_to_input_scale(mean_sq_norm: float, d: int) -> float:
@@ -103,20 +202,8 @@ def _features(d: int, dtype_name: str, window: int | None = None):
                               "position": datasets.Value("int32"), "window": datasets.Value("int32")})
 
 
-def _atomic_write_bytes(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+_atomic_write_bytes = atomic_write_bytes
+_atomic_write_json = atomic_write_json
 
 
 def _fixed_list(flat: np.ndarray, width: int):
@@ -136,15 +223,7 @@ def _serialize(table_arrays: dict, schema) -> tuple[bytes, str]:
     return buf, hashlib.sha256(memoryview(buf)).hexdigest()
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+_sha256_file = sha256_file
 
 
 def _fix_hint(path: Path) -> str:
@@ -242,6 +321,7 @@ class _ShardWriter:
         self.progress["windows_done"] = p["win_end"]
         self.progress["num_tokens"] += rec["num_rows"]
         _atomic_write_json(self.out_dir / "progress.json", self.progress)
+        fault_point("cache.shard_recorded")
 
 
 def _verify_progress(out_dir: Path, progress: dict, hook_points) -> None:
@@ -298,7 +378,7 @@ def _finalize(out_dir: Path, progress: dict, hook_points, dims, dtype_name, meta
                      "input_scale": norm_stats_to_input_scale(msn, d) if n and msn > 0 else None,
                      "shards": shards})
         hd = out_dir / _hook_dir_name(h)
-        _atomic_write_json(hd / "metadata.json", meta)
+        _atomic_write_json(hd / "metadata.json", _with_checksum(meta))
         feats = _features(d, dtype_name)
         _atomic_write_json(hd / "dataset_info.json", {"citation": "", "description":
                            f"hf_sae activations of {meta_common['model']} at {h}", "features": feats.to_dict(),
@@ -313,7 +393,7 @@ def _finalize(out_dir: Path, progress: dict, hook_points, dims, dtype_name, meta
     root.update({"hook_points": list(hook_points), "dtype": dtype_name,
                  "num_tokens": progress["num_tokens"], "num_shards": len(progress["shards"]),
                  "windows_done": progress["windows_done"], "per_hook_point": per_hook})
-    _atomic_write_json(out_dir / "metadata.json", root)
+    _atomic_write_json(out_dir / "metadata.json", _with_checksum(root))
     return root
 
 
@@ -495,6 +575,15 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
         raise ValueError(f"All activations must be [N, d] with the same N, got {[tuple(t.shape) for t in acts.values()]}.")
     N = n.pop()
     dtype_name = _dtype_name(dtype)
+    for h, t in acts.items():  # before anything is written: a NaN/Inf row would poison every statistic
+        stored = t.detach().to("cpu", _DTYPES[dtype_name])
+        finite = torch.isfinite(stored).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten()
+            raise ValueError(f"activations for {h!r} have NaN/Inf values in {len(rows)} row(s), first at row "
+                             f"{int(rows[0])} (after casting to {dtype_name}); remove or recompute them"
+                             + (" (float16 overflows past 65504: use bfloat16 or float32)"
+                                if dtype_name == "float16" and bool(torch.isfinite(t[rows[0]]).all()) else ""))
     dims = {h: int(t.shape[1]) for h, t in acts.items()}
     ids = torch.zeros(N, dtype=torch.long) if input_ids is None else input_ids.long()
     pos = torch.zeros(N, dtype=torch.long) if positions is None else positions.long()
@@ -558,7 +647,7 @@ def _find_meta(path: Path, hook_point):
             raise ValueError(f"The cache at {path} is incomplete (no metadata.json): finish it by re-running "
                              f"the same `hf-sae cache ... --resume` command.")
         raise FileNotFoundError(f"{path} has no metadata.json; it is not an hf_sae activation cache.")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_json(meta_path)
     if "hook_point" in meta:  # a hook-point folder itself
         if hook_point not in (None, meta["hook_point"]) and hook_point != [meta["hook_point"]]:
             raise ValueError(f"{path} holds hook point {meta['hook_point']!r}, not {hook_point!r}.")
@@ -635,14 +724,12 @@ class CachedActivations(torch.utils.data.IterableDataset):
         self.path = Path(path)
         self.dirs, self.hook_points = _find_meta(self.path, hook_point)
         self._multi = not isinstance(hook_point, str) and hook_point is not None
-        self.metas = [json.loads((d / "metadata.json").read_text()) for d in self.dirs]
+        self.metas = [_load_hook_meta(d) for d in self.dirs]
         self.metadata = self.metas[0]
         rows = [s["num_rows"] for s in self.metadata["shards"]]
         for h, m in zip(self.hook_points, self.metas):
             if [s["num_rows"] for s in m["shards"]] != rows:
                 raise ValueError(f"Hook point {h!r} in {self.path} has different shards than {self.hook_points[0]!r}.")
-            if m["dtype"] not in _DTYPES:
-                raise ValueError(f"Unknown storage dtype {m['dtype']!r} in {self.path}.")
         self.shard_rows = rows
         self.num_tokens = int(sum(rows))
         self.d_in = int(self.metadata["d"])
@@ -719,6 +806,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
             _check_shard_file(path, info["bytes"], None)
         try:
             table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+            _check_shard_schema(path, table, self.metas[k], info)
             col = table.column("activation")
             if col.num_chunks != 1:
                 col = pa.chunked_array([col.combine_chunks()])
@@ -739,7 +827,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
                     c = table.column(name).combine_chunks()
                     toks.append(torch.from_numpy(np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c),
                                                                offset=c.offset * 4)))
-        except CorruptShardError:
+        except (CorruptShardError, CorruptMetadataError):
             raise
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError / KeyError on damaged files
             raise CorruptShardError(f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); "

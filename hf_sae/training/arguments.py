@@ -16,14 +16,19 @@ Command line (``HfArgumentParser``)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-_ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
+from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
+from ..configuration_sae import KERNELS as _KERNELS
+
 _K_SPARSE = ("topk", "batchtopk", "topafa")
+MIN_MICRO_BATCH = 8
+"""Fewest tokens per micro-batch: FVU divides by the batch's variance, which one token does not have."""
 
 # Fields that may differ between a run and its resumption (they do not change the weights).
 RESUME_FREE_FIELDS = frozenset({
@@ -69,7 +74,7 @@ class SAETrainingArguments:
     activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default="topk")
     n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
     expansion_factor: int = _help("n / d when n_latents is not given.", default=8)
-    k: int = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.", default=32)
+    k: Optional[int] = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.", default=32)
     k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=None)
     aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=1.0 / 32)
     dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.", default=10_000_000)
@@ -124,6 +129,13 @@ class SAETrainingArguments:
     progress_bar: bool = _help("Show a progress bar with tokens/s and ETA.", default=True)
     plot_report: bool = _help("Draw training_curves.png beside training_report.json.", default=True)
 
+    def __post_init__(self):
+        """Coerce values given as strings (YAML's ``1e-3``, env-style ``"true"``) to the field's type and check
+        every field on its own, so a bad value fails at construction with a message naming the flag."""
+        for name, annotation in _field_types().items():
+            setattr(self, name, _coerce(name, annotation, getattr(self, name)))
+        self._check_fields()
+
     # ------------------------------------------------------------------ derived values
     @property
     def use_auxk(self) -> bool:
@@ -159,21 +171,20 @@ class SAETrainingArguments:
             kw["expansion_factor"] = self.expansion_factor
         return kw
 
-    def validate(self, num_processes: Optional[int] = 1) -> None:
-        """Raise ``ValueError`` naming the argument to change, before any work starts.
-
-        ``num_processes`` is used to check that ``batch_size`` splits evenly over processes and
-        accumulation steps (None = not known yet: check accumulation steps only)."""
+    def _check_fields(self) -> None:
+        """Field-by-field checks (no files, no processes): ``ValueError`` naming the flag and the fix."""
 
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
 
-        if isinstance(self.hook_points, str):
-            self.hook_points = [self.hook_points]
-        if not self.hook_points:
-            bad("hook_points", "give at least one hook point, e.g. --hook_points layers.6.resid_post")
+        if not self.hook_points or not all(isinstance(h, str) and h.strip() and " " not in h
+                                           for h in self.hook_points):
+            bad("hook_points", "give at least one hook point name, e.g. --hook_points layers.6.resid_post")
         if len(set(self.hook_points)) != len(self.hook_points):
             bad("hook_points", "a hook point is listed twice")
+        for name in ("model_name_or_path", "dataset", "output_dir", "run_name"):
+            if not getattr(self, name).strip():
+                bad(name, "must be a non-empty string")
         if self.activation not in _ACTIVATIONS:
             bad("activation", f"choose one of {_ACTIVATIONS}")
         for name in ("train_tokens", "batch_size", "gradient_accumulation_steps", "context_length",
@@ -188,16 +199,29 @@ class SAETrainingArguments:
                 bad(name, "must be an integer >= 0 (0 disables)")
         if self.n_latents is not None and self.n_latents <= 0:
             bad("n_latents", "must be a positive integer (or omit it and set --expansion_factor)")
-        if self.activation in ("topk", "batchtopk") and (not isinstance(self.k, int) or self.k <= 0):
+        if self.k is not None and self.k <= 0:
             bad("k", "must be a positive integer")
-        if self.n_latents is not None and self.activation in _K_SPARSE and self.k > self.n_latents:
+        if self.k is None and self.activation in ("topk", "batchtopk"):
+            bad("k", f"--activation {self.activation} needs --k (active latents per token)")
+        if self.n_latents is not None and self.activation in _K_SPARSE and self.k is not None \
+                and self.k > self.n_latents:
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
+        if self.k_aux is not None and self.k_aux <= 0:
+            bad("k_aux", "must be a positive integer (or omit it for d/2)")
+        for name in ("aux_coef", "l1_coef", "l0_coef", "afa_coef"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "must be a finite number >= 0")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth", "adam_epsilon"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, "must be a finite number > 0")
         if self.multi_topk and self.activation != "topk":
             bad("multi_topk", "Multi-TopK needs --activation topk")
-        split = (num_processes or 1) * self.gradient_accumulation_steps
-        if self.batch_size % split:
-            bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
-                              f"{num_processes} x {self.gradient_accumulation_steps} = {split}")
+        if self.kernel not in _KERNELS:
+            bad("kernel", f"choose one of {_KERNELS}")
+        if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
+            bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
+                              f"batch's variance); raise --batch_size to >= "
+                              f"{MIN_MICRO_BATCH * self.gradient_accumulation_steps}")
         if self.train_tokens < self.batch_size:
             bad("train_tokens", f"must be >= batch_size={self.batch_size} (at least one step)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -208,19 +232,39 @@ class SAETrainingArguments:
             bad("lr_warmup_tokens", f"must be in [0, train_tokens={self.train_tokens}]")
         if not 0 <= self.lr_min_ratio <= 1:
             bad("lr_min_ratio", "must be in [0, 1]")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError("--adam_beta1/--adam_beta2 must be in [0, 1)")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            bad("max_grad_norm", "must be a finite number >= 0 (0 disables clipping)")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             bad("b_dec_init", "choose geometric_median, mean or zeros")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             bad("mixed_precision", "choose auto, no or bf16")
-        if isinstance(self.log_with, str):
-            self.log_with = [s for s in self.log_with.split(",") if s]
         unknown = [t for t in self.log_with if t not in ("auto", "jsonl", "tensorboard", "wandb", "none")]
         if unknown:
             bad("log_with", f"unknown tracker(s) {unknown}; choose from auto, jsonl, tensorboard, wandb, none")
+
+    def validate(self, num_processes: Optional[int] = 1) -> None:
+        """Raise ``ValueError`` naming the argument to change, before any work starts.
+
+        Repeats the field checks (the fields may have been changed since construction), then checks what
+        depends on the environment: files, installed trackers, and with ``num_processes`` that
+        ``batch_size`` splits evenly over processes and accumulation steps (None = not known yet)."""
+        for name, annotation in _field_types().items():
+            setattr(self, name, _coerce(name, annotation, getattr(self, name)))
+        self._check_fields()
+
+        def bad(name, why):
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
+
+        split = (num_processes or 1) * self.gradient_accumulation_steps
+        if self.batch_size % split:
+            bad("batch_size", f"must be divisible by num_processes x gradient_accumulation_steps = "
+                              f"{num_processes} x {self.gradient_accumulation_steps} = {split}")
+        if self.batch_size < MIN_MICRO_BATCH * split:
+            bad("batch_size", f"gives {self.batch_size // split} tokens per micro-batch over {split} "
+                              f"processes x accumulation steps; raise it to >= {MIN_MICRO_BATCH * split}")
         import importlib.util
 
         if "wandb" in self.log_with and importlib.util.find_spec("wandb") is None:
@@ -248,6 +292,87 @@ class SAETrainingArguments:
         except ValueError as e:
             msg = str(e).replace("SAEConfig.", "--")
             raise ValueError(f"{msg} (change the training argument of that name; inputs have d={d_in})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict:
+    """The fields' resolved types (``dataclasses.Field.type`` is a string here, and HfArgumentParser rewrites
+    it in place, so it cannot be relied on)."""
+    import typing
+
+    return typing.get_type_hints(SAETrainingArguments)
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _coerce(name: str, annotation, value):
+    """``value`` converted to the field's annotated type (``int``, ``float``, ``bool``, ``str``,
+    ``list[str]``, each maybe ``Optional``), or ``ValueError`` naming ``--name``."""
+    import typing
+
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) is typing.Union and type(None) in args
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+    base = {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation) or \
+        ("list[str]" if typing.get_origin(annotation) is list else str(annotation))
+
+    def bad(why):
+        return ValueError(f"--{name}={value!r} is invalid: {why}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad(f"a value is required ({base})")
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
+        return None
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("must be true or false")
+    if base == "int":
+        if isinstance(value, bool):
+            raise bad("must be an integer, not a boolean")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if any(c in value for c in ".eE") else int(value.strip())
+            except ValueError:
+                raise bad("must be an integer") from None
+        if isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise bad("must be a (finite) integer")
+            value = int(value)
+        if not isinstance(value, int):
+            raise bad("must be an integer")
+        return value
+    if base == "float":
+        if isinstance(value, bool):
+            raise bad("must be a number, not a boolean")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad("must be a number") from None
+        if not isinstance(value, (int, float)):
+            raise bad("must be a number")
+        value = float(value)
+        if math.isnan(value):
+            raise bad("must be a number, not NaN")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("must be a string")
+        return value
+    if base == "list[str]":
+        if isinstance(value, str):
+            value = [s for s in value.replace(",", " ").split() if s]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("must be a list of strings")
+        return list(value)
+    return value
 
 
 def _parser():

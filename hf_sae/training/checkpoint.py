@@ -7,23 +7,27 @@ Layout (``<output_dir>/checkpoints/``)::
       trainer_state.json         step, tokens, data position, SAE configs, metric history
       trainer_tensors.safetensors   dead-latent counters
       manifest.json              every file with its size and sha256 (written last)
-    .tmp-checkpoint-.../         a checkpoint being written (ignored; removed by the next save)
+    .tmp-checkpoint-.../         a checkpoint being written (restored by :func:`recover` if it was sealed)
+    checkpoint-....old/          the previous copy while a checkpoint of the same name is replaced
 
 A folder counts as a checkpoint only if its ``manifest.json`` parses and every listed file has the
-recorded size and checksum, so a run killed at any moment resumes from the last complete one.
+recorded size and checksum, so a run killed at any moment resumes from the last complete one. Replacing
+a checkpoint of the same name never hides the newest complete copy: a kill between the two renames of
+:func:`publish` leaves it as ``.old`` or sealed ``.tmp-``, which :func:`recover` restores.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 from typing import Optional
 
+from .. import _io
+from .._io import MANIFEST, seal  # noqa: F401  (re-exported: the checkpoint API)
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{12})$")
-MANIFEST = "manifest.json"
+_LEFTOVER_RE = re.compile(r"^(?:\.tmp-(checkpoint-\d{12})|(checkpoint-\d{12})\.old)$")
 
 
 def checkpoint_name(tokens: int) -> str:
@@ -31,69 +35,33 @@ def checkpoint_name(tokens: int) -> str:
     return f"checkpoint-{tokens:012d}"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def seal(tmp_dir: str) -> None:
-    """Write ``manifest.json`` (sizes + sha256 of every file) and fsync every file and the folder."""
-    files = {}
-    for root, _, names in os.walk(tmp_dir):
-        for name in names:
-            if name == MANIFEST:
-                continue
-            p = os.path.join(root, name)
-            _fsync_path(p)
-            rel = os.path.relpath(p, tmp_dir)
-            files[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-    mp = os.path.join(tmp_dir, MANIFEST)
-    with open(mp, "w") as f:
-        json.dump({"files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(tmp_dir)
-
-
 def publish(tmp_dir: str, final_dir: str) -> None:
-    """Atomically move a sealed temporary folder to ``final_dir`` (replacing an older copy) and fsync
-    the parent folder so the rename itself is durable."""
-    if os.path.exists(final_dir):
-        trash = final_dir + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final_dir, trash)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-    _fsync_path(os.path.dirname(os.path.abspath(final_dir)))
+    """Atomically move a sealed temporary folder to ``final_dir`` (see :func:`hf_sae._io.publish_dir`)."""
+    _io.publish_dir(tmp_dir, final_dir)
+
+
+def recover(root: str) -> list[str]:
+    """After a kill inside :func:`publish`: put complete copies left as ``.tmp-checkpoint-*`` (sealed) or
+    ``checkpoint-*.old`` back under their checkpoint name when that name holds no complete copy.
+    Returns the restored paths. Call it (one process) before looking for a checkpoint to resume."""
+    restored = []
+    if not os.path.isdir(root):
+        return restored
+    names = set()
+    for name in os.listdir(root):
+        m = _LEFTOVER_RE.match(name)
+        if m:
+            names.add(m.group(1) or m.group(2))
+    for name in sorted(names):
+        final = os.path.join(root, name)
+        if _io.recover_dir(final):
+            restored.append(final)
+    return restored
 
 
 def is_valid(path: str, verify_checksums: bool = True) -> bool:
     """True when ``path`` is a complete checkpoint (manifest present, files intact)."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            files = json.load(f)["files"]
-        for rel, info in files.items():
-            p = os.path.join(path, rel)
-            if os.path.getsize(p) != info["bytes"]:
-                return False
-            if verify_checksums and _sha256(p) != info["sha256"]:
-                return False
-        return bool(files)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return _io.is_sealed(path, verify_checksums)
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -127,9 +95,10 @@ def apply_retention(root: str, keep: int) -> list[str]:
 
 
 def clean_temporaries(root: str) -> None:
-    """Remove temporary folders left by a killed save."""
+    """Remove temporary folders left by a killed save, after :func:`recover` has restored complete ones."""
     if not os.path.isdir(root):
         return
+    recover(root)
     for name in os.listdir(root):
         if name.startswith(".tmp-") or name.endswith(".old"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)

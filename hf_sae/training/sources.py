@@ -183,8 +183,25 @@ class CacheSource:
         while True:
             self.ds.set_epoch(epoch, skip_batches=skip)
             for item in self.ds:
-                yield _as_hook_dict(item, self.hook_points)
+                batch = _as_hook_dict(item, self.hook_points)
+                for h, x in batch.items():  # one pass over [B, d], small beside the SAE's [B, d] x [d, n]
+                    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+                        raise ValueError(self._locate_nonfinite(h))
+                yield batch
             epoch, skip = epoch + 1, 0
+
+    def _locate_nonfinite(self, h: str) -> str:
+        """Message naming the first shard file and row of hook point ``h`` that holds NaN/Inf (slow path)."""
+        k = self.ds.hook_points.index(h)
+        for i in range(len(self.ds.shard_rows)):
+            x = self.ds._open(k, i)[0]
+            finite = torch.isfinite(x.float()).all(dim=1)
+            if not bool(finite.all()):
+                rows = (~finite).nonzero().flatten()
+                return (f"the activation cache has NaN/Inf values for {h!r}: shard {self.ds._shard_path(k, i)}, "
+                        f"{len(rows)} row(s), first at row {int(rows[0])}; re-create the cache (or that shard) "
+                        "from the model")
+        return f"the activation cache gave a non-finite batch for {h!r}"
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -193,8 +210,10 @@ class CacheSource:
 def load_activation_file(path: str, hook_points: list[str]) -> tuple[dict[str, Tensor], dict]:
     """Read ``{hook_point: [N, d]}`` (+ string metadata) from a ``.safetensors`` or ``.pt`` file.
 
-    A file with a single tensor (any key, or a bare tensor in ``.pt``) serves a single hook point.
-    Missing hook points raise ``ValueError`` listing the file's keys.
+    A file with a single tensor under a generic key (``activations``, ``acts``, ``x``, ...) or a bare
+    tensor in ``.pt`` serves a single hook point; a key that names another hook point is an error (the
+    file was made for that hook point). Missing hook points raise ``ValueError`` listing the file's keys,
+    and NaN/Inf values an error naming the file, the hook point and the first bad row.
     """
     if path.endswith(".safetensors"):
         from safetensors import safe_open
@@ -211,12 +230,29 @@ def load_activation_file(path: str, hook_points: list[str]) -> tuple[dict[str, T
     else:
         raise ValueError(f"activation file {path!r}: use .safetensors or .pt, or a cache folder")
     if len(tensors) == 1 and len(hook_points) == 1 and hook_points[0] not in tensors:
-        tensors = {hook_points[0]: next(iter(tensors.values()))}
+        key = next(iter(tensors))
+        if key not in GENERIC_ACTIVATION_KEYS:
+            raise ValueError(f"{path} holds activations keyed {key!r}, not {hook_points[0]!r}: pass --hook_points "
+                             f"{key}, or store the tensor under the key {hook_points[0]!r} (or 'activations')")
+        tensors = {hook_points[0]: tensors[key]}
     missing = [h for h in hook_points if h not in tensors]
     if missing:
         raise ValueError(f"hook point(s) {missing} are not in {path}; it holds {sorted(tensors)}. "
                          "Change --hook_points or the file.")
-    return {h: tensors[h].float() for h in hook_points}, meta
+    out = {h: tensors[h].float() for h in hook_points}
+    for h, x in out.items():
+        if x.ndim != 2:
+            raise ValueError(f"{path}: activations for {h!r} have shape {tuple(x.shape)}; expected [rows, d]")
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten()
+            raise ValueError(f"{path}: activations for {h!r} have NaN/Inf values in {len(rows)} row(s), first at "
+                             f"row {int(rows[0])}; remove or recompute those rows")
+    return out, meta
+
+
+GENERIC_ACTIVATION_KEYS = frozenset({"activations", "activation", "acts", "x", "data", "inputs"})
+"""Keys of a single-tensor activation file that do not name a hook point."""
 
 
 def is_cache_dir(path: str) -> bool:

@@ -28,6 +28,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._faults import fault_point
+from .._io import publish_dir, remove_leftovers, tmp_name
 from ..configuration_sae import SAEConfig
 from ..evaluation.reconstruction import ReconstructionStats, latent_sums
 from ..modeling_sae import SparseAutoencoder
@@ -73,6 +75,61 @@ class TrainerState:
     """micro-batches drawn by each process (the data position)"""
     history: list = field(default_factory=list)
     """logged metric records {step, tokens, "<hook>/<metric>": value}"""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/Inf; nothing from that point on was saved."""
+
+
+def check_activations(x: Tensor, d: int, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` (and the first bad row) unless ``x`` is a finite [M, d] tensor."""
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"{what} have shape {tuple(x.shape)}, expected [rows, {d}] (the training data's width); "
+                         "give activations of the same hook point and model")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} are empty; give at least one row or set --eval_tokens 0")
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten()
+        raise ValueError(f"{what} contain NaN/Inf values in {len(rows)} row(s), first at row {int(rows[0])}; "
+                         "remove or recompute those rows")
+
+
+def training_bytes(configs: dict[str, SAEConfig], micro_batch: int) -> int:
+    """Rough peak memory of training these SAEs: fp32 weights + gradients + Adam's two moments
+    (4 copies of 2nd + n + d values per SAE) and two [micro_batch, n] fp32 buffers (pre-activations and
+    their top-k / gradient work space)."""
+    total = 0
+    for c in configs.values():
+        n, d = c.n_latents, c.d_in
+        total += 4 * 4 * (2 * n * d + 2 * n + d) + 2 * 4 * micro_batch * n
+    return total
+
+
+def available_bytes(device) -> Optional[int]:
+    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable of /proc/meminfo), or None."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device) -> None:
+    """``ValueError`` naming ``--n_latents`` / ``--batch_size`` when training cannot fit, before allocating."""
+    need, have = training_bytes(configs, micro_batch), available_bytes(device)
+    if have is not None and need > have:
+        sizes = ", ".join(f"{h}: n_latents={c.n_latents} x d={c.d_in}" for h, c in configs.items())
+        raise ValueError(f"training needs about {need / 2**30:.1f} GiB ({sizes}; weights, gradients, Adam state and "
+                          f"[{micro_batch}, n] pre-activations per micro-batch) but {device} has "
+                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size")
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:
@@ -123,6 +180,7 @@ class SAETrainer:
         # Check every SAE configuration now (k <= n_latents etc.), before any work.
         self.configs = {h: args.sae_config(d_in=self.dims[h], hook_point=h, base_model=self.base_model)
                         for h in args.hook_points}
+        check_memory(self.configs, self.micro, acc.device)
         self.state = TrainerState()
         self.init_info: dict = {}
 
@@ -142,6 +200,10 @@ class SAETrainer:
         """Validate output_dir against --resume / --overwrite_output_dir; return the checkpoint to resume."""
         args = self.args
         saved_args = os.path.join(self.out, "train_args.json")
+        if args.resume:
+            if self.accelerator.is_main_process:
+                ckpt.recover(self.ckpt_root)  # a kill inside a checkpoint swap leaves complete copies aside
+            self.accelerator.wait_for_everyone()
         existing = ckpt.list_checkpoints(self.ckpt_root)
         if args.overwrite_output_dir and not args.resume:
             return None  # wiped in _prepare_output_dir
@@ -253,7 +315,17 @@ class SAETrainer:
                                      max_tokens=a.init_tokens, seed=a.seed))
 
     def _eval_data(self) -> Optional[dict[str, Tensor]]:
-        """Held-out activations {hook: [M, d]} (main process), or None when there are none."""
+        """Held-out activations {hook: [M, d]} (main process), or None when there are none; checked for
+        width and finite values (an error names the source and the row)."""
+        data = self._read_eval_data()
+        if data is not None:
+            where = self.args.eval_activations or "eval_data"
+            data = {h: data[h] for h in self.args.hook_points}
+            for h, x in data.items():
+                check_activations(x, self.dims[h], f"held-out activations for {h!r} ({where})")
+        return data
+
+    def _read_eval_data(self) -> Optional[dict[str, Tensor]]:
         args, hps = self.args, list(self.args.hook_points)
         if args.eval_tokens == 0:
             return None
@@ -324,11 +396,37 @@ class SAETrainer:
             out[f"{h}/fire_counts"] = self.total_fires[h].cpu()
         return out
 
+    def _check_finite(self, weights: bool = False) -> None:
+        """Raise :class:`TrainingDiverged` if the loss (or, with ``weights``, a parameter) became NaN/Inf."""
+        bad = int(self._first_bad_step)
+        if bad < 0 and weights:
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                bad = self.state.step
+        if bad >= 0:
+            last = ckpt.newest_valid(self.ckpt_root)
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"training diverged: the loss became NaN/Inf at step {bad} (lr {lr:.3g}). Nothing from that step on "
+                f"was saved; {'the last good checkpoint is ' + last if last else 'no checkpoint had been written'}. "
+                "Lower --lr (or --max_grad_norm), or check the activations for extreme values.")
+
     def save_checkpoint(self) -> Optional[str]:
-        """Write an atomic checkpoint of the current state (all processes must call this)."""
+        """Write an atomic checkpoint of the current state (all processes must call this).
+
+        Refuses (:class:`TrainingDiverged`) to save non-finite weights. A checkpoint already on disk for the
+        same token count (a finished run resumed) is kept as it is, not rewritten."""
         acc, st = self.accelerator, self.state
+        self._check_finite(weights=True)
         name = ckpt.checkpoint_name(st.tokens)
         tmp = os.path.join(self.ckpt_root, ".tmp-" + name)
+        final = os.path.join(self.ckpt_root, name)
+        exists = ckpt.is_valid(final) if acc.is_main_process else False
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            exists = broadcast_object_list([exists], from_process=0)[0]
+        if exists:
+            return final
         if acc.is_main_process:
             os.makedirs(self.ckpt_root, exist_ok=True)
             ckpt.clean_temporaries(self.ckpt_root)
@@ -336,7 +434,6 @@ class SAETrainer:
         acc.wait_for_everyone()
         acc.save_state(tmp)
         acc.wait_for_everyone()
-        final = os.path.join(self.ckpt_root, name)
         if acc.is_main_process:
             from safetensors.torch import save_file
 
@@ -347,7 +444,9 @@ class SAETrainer:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, default=float)
             save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
+            fault_point("checkpoint.state_saved")
             ckpt.seal(tmp)
+            fault_point("checkpoint.sealed")
             ckpt.publish(tmp, final)
             ckpt.apply_retention(self.ckpt_root, self.args.save_total_limit)
         acc.wait_for_everyone()
@@ -423,6 +522,8 @@ class SAETrainer:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
         args, acc = self.args, self.accelerator
         self.since_fired, self.total_fires = {}, {}
+        # held-out data is read and checked first: a bad file fails before any work, not after training
+        self.eval_data = self._eval_data() if acc.is_main_process else None
         if self.resume_from is not None:
             with open(os.path.join(self.resume_from, "trainer_state.json")) as f:
                 saved = json.load(f)
@@ -438,12 +539,13 @@ class SAETrainer:
             self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
             self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
         self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
                 print(f"[hf_sae] resumed from {self.resume_from} at step {self.state.step} "
                       f"({self.state.tokens} tokens)", flush=True)
-        self.eval_data = self._eval_data() if acc.is_main_process else None
         acc.init_trackers(args.run_name, config=_flat_hparams(args))
 
         try:
@@ -498,9 +600,11 @@ class SAETrainer:
             prev = st.tokens
             st.tokens += args.batch_size
             st.step += 1
+            fault_point("train.step")
             bar.update(min(st.tokens, args.train_tokens) - min(prev, args.train_tokens))
             last = st.tokens >= args.train_tokens
             if st.step % args.log_every_steps == 0 or last:
+                self._check_finite()
                 now = time.perf_counter()
                 rec = window.flush(acc, hps)
                 rec["tokens_per_s"] = (st.tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -533,6 +637,8 @@ class SAETrainer:
             with acc.accumulate(self.model):
                 outs = self.model(mb, dead)
                 loss = sum(o.loss for o in outs)
+                self._first_bad_step = torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                                   st.step + 1, self._first_bad_step)
                 acc.backward(loss)
                 for h, o in zip(saes, outs):
                     if o.latent_indices is not None:
@@ -573,13 +679,16 @@ class SAETrainer:
         self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=st.step)
 
     def _finish(self) -> dict[str, SparseAutoencoder]:
-        """Final evaluation, a final checkpoint, and the exported SAE folders + reports."""
+        """A final checkpoint, the final evaluation, and the exported SAE folders + reports.
+
+        The checkpoint comes first, so a failure in the evaluation or the export loses no training; --resume
+        on a finished run redoes the evaluation and the export without training."""
         args, acc, st = self.args, self.accelerator, self.state
+        self.save_checkpoint()
         final = self.evaluate()
         if final:
             self._record({f"{h}/eval/{k}": v for h, m in final.items() for k, v in m.items()
                           if isinstance(v, (int, float))})
-        self.save_checkpoint()  # lets --resume on a finished run re-export without training
         saes = self._saes()
         last_train = next((r for r in reversed(st.history) if "tokens_per_s" in r), {})
         if acc.is_main_process:
@@ -605,11 +714,23 @@ class SAETrainer:
                 sae.config.training_info = info
                 self.configs[h] = sae.config
                 folder = os.path.join(self.out, h)
-                sae.save_pretrained(folder)
-                write_report(folder, h, st.history, {"base_model": sae.config.base_model, **info},
-                             plot=args.plot_report)
+                _export_atomically(folder, lambda tmp: (
+                    sae.save_pretrained(tmp),
+                    write_report(tmp, h, st.history, {"base_model": sae.config.base_model, **info},
+                                 plot=args.plot_report)))
         acc.wait_for_everyone()
         return saes
+
+
+def _export_atomically(folder: str, write) -> None:
+    """``write(tmp)`` fills a temporary folder that then replaces ``folder`` in one swap, so a kill leaves
+    the previous export or the new one, never a truncated ``model.safetensors``."""
+    remove_leftovers(folder)
+    tmp = tmp_name(folder)
+    os.makedirs(tmp)
+    write(tmp)
+    fault_point("export.written")
+    publish_dir(tmp, folder, fault="export.between_renames")
 
 
 class _Window:
