@@ -351,6 +351,11 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
         f"training wall time {m.get('train_seconds_total', 0) / 60:.1f} min on 2 CPU cores shared with other jobs "
         f"(niceness {m.get('niceness')}).",
         "",
+        "Corpus: only the embedded KJV. SPEC §2 lists more offline English text (Debian's python3.11-doc, "
+        "fortunes), but on 2 shared CPU cores this study is bound by compute, not by tokens: the cached tokens "
+        f"are passed over {ns.train_tokens / max(1, (m.get('cached_tokens') or {}).get('train', ns.train_tokens)):.1f} "
+        "times per run and every number is measured on the held-out split.",
+        "",
         f"**Flattened?** Criterion: the held-out FVU fell by less than {100 * ns.flat_tol:g} % over the last quarter "
         f"of the run. {len(flat)} of {len(runs)} runs meet it; the others were still improving, so their losses "
         "bound the converged loss from above and the fitted exponents describe this token budget, not convergence "
