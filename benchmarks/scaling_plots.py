@@ -198,8 +198,7 @@ def tables(report: dict, ns) -> str:
             pts = [(r["n"], r.get(key)) for r in ln if r.get(key) is not None]
             if len(pts) >= 3:
                 rho = spearman([a for a, _ in pts], [b for _, b in pts])
-                better = (rho < 0) if lower_better else (rho > 0)
-                out.append(f"- {label}: rho = {rho:+.2f} -> {'improves' if better else 'does not improve'} with n")
+                out.append(f"- {label}: rho = {rho:+.2f} -> {_trend(rho, lower_better)} with n")
     mt = [r for r in runs if "fvu_at_k" in r]
     if mt:
         ks = sorted({int(k) for r in mt for k in r["fvu_at_k"]})
@@ -216,12 +215,20 @@ def tables(report: dict, ns) -> str:
 
 
 def spearman(x, y) -> float:
-    rx = np.argsort(np.argsort(x)).astype(float)
-    ry = np.argsort(np.argsort(y)).astype(float)
-    rx -= rx.mean()
-    ry -= ry.mean()
+    """Spearman rank correlation (ties get their average rank); NaN when either side is constant."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
     d = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
     return float((rx * ry).sum() / d) if d else float("nan")
+
+
+def _trend(rho: float, lower_better: bool) -> str:
+    if math.isnan(rho):
+        return "no trend (constant)"
+    better = (rho < 0) if lower_better else (rho > 0)
+    return ("improves" if abs(rho) >= 0.7 else "weakly improves") if better else "does not improve"
 
 
 # ---------------------------------------------------------------------------------------------- REPRODUCTION.md
@@ -304,20 +311,20 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
     # --- metrics vs size
     ln = sorted([r for r in runs if "LN" in r["groups"]], key=lambda r: r["n"])
     if len(ln) >= 3:
+        refs = {"delta_loss": "§4.1 downstream loss", "kl": "§4.1 downstream loss", "probe_loss": "§4.2 probe loss",
+                "n2g_precision": "§4.3 explainability (N2G)", "n2g_recall": "§4.3 explainability (N2G)",
+                "ablation_sparsity": "§4.4 sparsity of ablation effects"}
         for key, label, lower_better in SIZE_METRICS:
             pts = [(r["n"], r.get(key)) for r in ln if r.get(key) is not None]
-            if len(pts) < 3:
+            if key not in refs or len(pts) < 3:
                 continue
             rho = spearman([a for a, _ in pts], [b for _, b in pts])
-            better = (rho < 0) if lower_better else (rho > 0)
-            ref = {"delta_loss": "§4.1 downstream loss", "kl": "§4.1 downstream loss", "probe_loss": "§4.2 probe loss",
-                   "n2g_precision": "§4.3 explainability (N2G)", "n2g_recall": "§4.3 explainability (N2G)",
-                   "ablation_sparsity": "§4.4 sparsity of ablation effects", "fvu": "§3.1",
-                   "dead_train": "§2.4 (dead latents)"}[key]
-            claim(ref, f"{label} improves with n.",
+            trend = _trend(rho, lower_better)
+            claim(refs[key], f"{label} improves with n (the paper: 'these metrics all generally improve with "
+                             "autoencoder size').",
                   f"{label}: " + ", ".join(f"{a}: {b:.3g}" for a, b in pts) + f" (Spearman rho with n {rho:+.2f})",
-                  "agree" if better and abs(rho) >= 0.7 else "weak / mixed" if better else "disagree at this scale",
-                  f"{results_link}/metrics_vs_size.png" if key == "fvu" else None)
+                  {"improves": "agree", "weakly improves": "weak agreement"}.get(trend, f"disagree at this scale ({trend})"),
+                  f"{results_link}/metrics_vs_size.png" if key == "delta_loss" else None)
     # --- progressive code
     mt = {bool(r["extra"].get("multi_topk")): r for r in runs if "fvu_at_k" in r}
     if len(mt) == 2:
@@ -357,9 +364,9 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
         "times per run and every number is measured on the held-out split.",
         "",
         f"**Flattened?** Criterion: the held-out FVU fell by less than {100 * ns.flat_tol:g} % over the last quarter "
-        f"of the run. {len(flat)} of {len(runs)} runs meet it; the others were still improving, so their losses "
-        "bound the converged loss from above and the fitted exponents describe this token budget, not convergence "
-        "as in the paper.",
+        f"of the run. {len(flat)} of {len(runs)} runs meet it"
+        + ("; the others were still improving, so their losses bound the converged loss from above and the fitted "
+           "exponents describe this token budget, not convergence as in the paper." if len(flat) < len(runs) else "."),
         "",
         "Command: `" + m.get("command", "python benchmarks/scaling_study.py") + "`; per-run numbers: "
         f"[{tables_link}]({tables_link}).",
