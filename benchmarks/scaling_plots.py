@@ -166,7 +166,7 @@ def tables(report: dict, ns) -> str:
            f"Training wall time over all finished runs: {m.get('train_seconds_total', 0) / 60:.1f} min "
            f"(2 CPU cores shared with other jobs, niceness {m.get('niceness')}, {m.get('torch_threads')} torch threads).", "",
            f"'flat' = held-out FVU fell by less than {100 * ns.flat_tol:g} % (relative) over the last quarter of the "
-           "run (evaluated every 1/8 of the run).", "", "## Fits", ""]
+           "run (evaluated every 1/4 of the run).", "", "## Fits", ""]
     fits = report["fits"]
     if "L(N)" in fits:
         out.append(_fit_line("L(N), k=32", fits["L(N)"], ["beta", "alpha", "L_irr"]))

@@ -28,7 +28,7 @@ Stages (``--stages``, default all, each resumable):
    ``results.json``, ``tables.md``, ``*.png``.
 
 "Flattened" criterion (stated in ``tables.md``): a run's held-out FVU, evaluated every
-``--train-tokens / 8`` tokens, fell by less than ``--flat-tol`` (relative) over the last quarter of
+``--train-tokens / 4`` tokens, fell by less than ``--flat-tol`` (relative) over the last quarter of
 training. Runs that miss it are marked; their loss is an upper bound on the converged loss.
 
 Run outputs (SAE weights, checkpoints, caches) live under ``--work`` (default ``runs/scaling_study``,
@@ -99,7 +99,7 @@ def run_lr(ns, n: int) -> float:
 
 def training_kwargs(ns, run: dict, cache: Path, work: Path) -> dict:
     """The SAETrainingArguments of one run (the same values as its command.txt)."""
-    every = max(ns.batch_size, ns.train_tokens // 8 // ns.batch_size * ns.batch_size)
+    every = max(ns.batch_size, ns.train_tokens // 4 // ns.batch_size * ns.batch_size)
     kw = dict(hook_points=[HOOK], activations=str(cache / "train"), eval_activations=str(cache / "validation"),
               activation=run["activation"], n_latents=run["n"], k=run["k"], train_tokens=ns.train_tokens,
               batch_size=ns.batch_size, lr=run_lr(ns, run["n"]), dead_tokens_threshold=ns.dead_tokens,
@@ -130,7 +130,7 @@ def stage_cache(ns, cache: Path) -> dict:
     if not done:
         model, tok = load_default_model()
         with torch.no_grad():
-            cache_activations(model, tok, "default", [HOOK], cache / "validation", max_tokens=ns.eval_tokens,
+            cache_activations(model, tok, "default", [HOOK], cache / "validation", max_tokens=ns.eval_cache_tokens,
                               dtype="float16", split="validation", progress=False)
             cache_activations(model, tok, "default", [HOOK], cache / "train", max_tokens=ns.cache_tokens,
                               dtype="float16", split="train", progress=False)
@@ -346,7 +346,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="write + print the manifest and exit")
     p.add_argument("--only", default="", help="comma list of groups to train/eval (default: all)")
     p.add_argument("--cache-tokens", type=int, default=32_768, help="training tokens cached")
-    p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens cached (FVU, L0, dead)")
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens for FVU / L0 / dead (the cache holds 16384: it is shared with larger runs)")
+    p.add_argument("--eval-cache-tokens", type=int, default=16_384, help="held-out tokens cached")
     p.add_argument("--train-tokens", type=int, default=32_768, help="tokens per run (passes over the cache)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="peak LR at n = --lr-ref-n")
