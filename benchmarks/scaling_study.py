@@ -345,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="cache,train,eval,report")
     p.add_argument("--plan", action="store_true", help="write + print the manifest and exit")
     p.add_argument("--only", default="", help="comma list of groups to train/eval (default: all)")
+    p.add_argument("--runs", default="", help="comma list of run names to train/eval, in this order (default: all)")
     p.add_argument("--cache-tokens", type=int, default=32_768, help="training tokens cached")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens for FVU / L0 / dead (the cache holds 16384: it is shared with larger runs)")
@@ -390,7 +391,14 @@ def main(argv=None) -> dict:
     if ns.only:
         groups = set(ns.only.split(","))
         manifest = [r for r in manifest if groups & set(r["groups"])]
-    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if ns.runs:  # these runs, in this order (e.g. a second process working on other runs than the first)
+        by_name = {r["name"]: r for r in manifest}
+        unknown = [n for n in ns.runs.split(",") if n not in by_name]
+        if unknown:
+            raise SystemExit(f"--runs: unknown run(s) {unknown}; see --plan for the names")
+        manifest = [by_name[n] for n in ns.runs.split(",")]
+    else:
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if ns.plan:
         for r in manifest:
             print(f"{r['name']:45s} {','.join(r['groups']):20s} lr={run_lr(ns, r['n']):.2e}")
