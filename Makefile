@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast quickstart clean
+.PHONY: install test test-fast lint quickstart clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,10 @@ test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VPY) -m ruff check hf_sae tests scripts benchmarks
 
 quickstart: $(STAMP)
 	$(VPY) -m hf_sae.quickstart --out quickstart_out

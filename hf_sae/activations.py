@@ -189,7 +189,7 @@ def jumprelu(pre: Tensor, sae, x_centered: Tensor) -> Latents:
 
 
 def afa_k(acts: Tensor, dec_norms: Tensor, target_norm: Tensor, cap: Optional[int] = None):
-    """top-AFA's per-token k(x) (SPEC 1.3).
+    """top-AFA's per-token k(x) (docs/FORMULAS.md §3).
 
     s_i = (a_i * ||W_dec,i||)^2 sorted descending, c_j = sqrt(sum_{m<=j} s_(m)), and
     k(x) = argmin_j |c_j - ||x - b_dec|||  + 1 (j counted from 0).

@@ -14,6 +14,21 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
 KERNELS = ("auto", "torch", "triton", "dense")
 
 
+def input_scale_for(mean_sq_norm: float, d: int) -> float:
+    """The SAE's input scale: the scalar ``s`` with ``E||s x||^2 = d``, i.e. ``sqrt(d / E||x||^2)``.
+
+    Args:
+        mean_sq_norm: ``E||x||^2`` in the activation's units squared (finite, > 0).
+        d: the input width.
+    """
+    if not (isinstance(d, int) and d > 0):
+        raise ValueError(f"d must be a positive int, got {d!r}.")
+    if not (isinstance(mean_sq_norm, (int, float)) and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
+        raise ValueError(f"cannot derive an input scale from E||x||^2 = {mean_sq_norm!r}: the activations are all "
+                         "zero or not finite")
+    return math.sqrt(d / mean_sq_norm)
+
+
 def _num(value) -> bool:
     """A finite real number (not a bool, not a string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,6 +1,6 @@
 """SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
 
-Math (SPEC 1.1), in normalized units (inputs scaled by ``config.input_scale``)::
+Math (docs/FORMULAS.md §1), in normalized units (inputs scaled by ``config.input_scale``)::
 
     pre = W_enc (x - b_dec) + b_enc          # [N, n]
     z   = act(pre)                           # k-sparse (values, indices) or dense
@@ -432,7 +432,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     # ---------------------------------------------------------------- loss terms
     def auxk_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor, dead_mask: Optional[Tensor]) -> Tensor:
-        """AuxK (SPEC 1.1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
+        """AuxK (docs/FORMULAS.md §1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
         latents (ReLU, no b_dec) to e^ and return sum||e^ - e||^2 / sum||e - mean(e)||^2.
         0 when no latent is dead; never NaN. Inputs are normalized units: pre [N, n], x, x_hat [N, d]."""
         k_aux = self._auxk_width(dead_mask)
@@ -460,7 +460,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return torch.nan_to_num(F.mse_loss(e_hat, e, reduction="sum") / denom, nan=0.0, posinf=0.0)
 
     def afa_loss(self, latents: Latents, x: Tensor, norms: Optional[Tensor] = None) -> Tensor:
-        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (SPEC 1.3).
+        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (docs/FORMULAS.md §3).
         ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
         norms = self.decoder_norms() if norms is None else norms
         if latents.is_sparse:

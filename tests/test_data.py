@@ -93,9 +93,9 @@ def test_default_corpus_splits_are_disjoint_and_cover_kjv():
     assert len(list(load_texts("default", max_texts=5))) == 5
     with pytest.raises(ValueError, match="splits"):
         next(load_texts("default", split="test"))
-    shipped = sum(p.stat().st_size for p in (Path(cache_mod.__file__).parent / "corpus").glob("*.gz"))
+    shipped = sum(p.stat().st_size for p in (Path(cache_mod.__file__).parent / "texts").glob("*.gz"))
     assert shipped < 1.5e6 and all(p.stat().st_size <= 1_000_000
-                                   for p in (Path(cache_mod.__file__).parent / "corpus").glob("*.gz"))
+                                   for p in (Path(cache_mod.__file__).parent / "texts").glob("*.gz"))
 
 
 def test_local_text_sources(tmp_path):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections import Counter
 from itertools import islice
 
 import pytest
+from _helpers import identity_sae
 import torch
 import transformers as T
 
@@ -92,15 +92,7 @@ def _sae(d=32, n=128, k=8, seed=0, **kw):
 
 
 def _identity_sae(d=32):
-    """A ReLU SAE whose reconstruction is exactly x: W_enc = W_dec = [I; -I], zero biases."""
-    sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=2 * d, activation="relu", hook_point=HOOK)).eval()
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return identity_sae(d, HOOK)
 
 
 def _windows(tok, n=6, T_=48, seed=0):
@@ -470,9 +462,7 @@ def test_run_eval_end_to_end_tiny(tmp_path, tiny_lm, tiny_tokenizer):
     args = _eval_args(tmp_path / "sae", tmp_path / "out",
                       ["--n-tokens", "3000", "--window", "64", "--downstream-tokens", "200", "--probe-tokens", "2500",
                        "--n2g-latents", "8", "--ablation-latents", "4", "--ablation-context", "32", "--split", "all"])
-    t = time.perf_counter()
     res = run_eval(args, model=tiny_lm, tokenizer=tiny_tokenizer)
-    assert time.perf_counter() - t < 60
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk["meta"]["n_tokens"] == 3000 == res["reconstruction"]["n_tokens"]
     for key in ("fvu", "l0", "dead_fraction", "delta_loss", "kl", "frac_recovered_zero", "mean_probe_loss_sae",
@@ -526,12 +516,9 @@ def test_hf_sae_eval_smollm2(tmp_path, smollm2):
         ids = torch.tensor([tok("In the beginning God created the heaven and the earth.")["input_ids"]])
         sae.b_dec.copy_(run_with_capture(model, ids, ["layers.3.resid_post"])["layers.3.resid_post"][0, 1:].mean(0))
     sae.save_pretrained(tmp_path / "sae")
-    t = time.perf_counter()
     main([str(tmp_path / "sae"), "--out", str(tmp_path / "out"), "--no-progress", "--n-tokens", "4000",
           "--window", "128", "--downstream-tokens", "256", "--probe-tokens", "4000", "--n2g-latents", "8",
           "--ablation-latents", "4", "--ablation-context", "32"])   # the model comes from config.base_model
-    elapsed = time.perf_counter() - t
-    assert elapsed < 120
     out = tmp_path / "out"
     data = json.loads((out / "metrics.json").read_text())
     assert data["meta"]["n_tokens"] == 4000 and data["reconstruction"]["l0"] == pytest.approx(32.0)

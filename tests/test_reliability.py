@@ -24,19 +24,14 @@ from hf_sae.data.cache import (CachedActivations, CorruptMetadataError, CorruptS
                                write_activations)
 from hf_sae.training import SAETrainer, SAETrainingArguments, parse_args, train
 from hf_sae.training import checkpoint as ckpt
-from hf_sae.training.trainer import TrainingDiverged
+from hf_sae.training.guards import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 HP = "layers.0.resid_post"
 STEPS = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_tokens: int, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -232,9 +227,9 @@ def test_nan_rows_in_an_activation_file_are_named_before_any_step(tmp_path):
 
 
 def test_an_sae_too_large_for_memory_is_refused_naming_the_flags(tmp_path, monkeypatch):
-    from hf_sae.training import trainer as tr
+    from hf_sae.training import guards
 
-    monkeypatch.setattr(tr, "available_bytes", lambda device: 10 * 2**20)  # a 10 MiB machine
+    monkeypatch.setattr(guards, "available_bytes", lambda device: 10 * 2**20)  # a 10 MiB machine
     with pytest.raises(ValueError, match=r"n_latents=4096.*--n_latents.*--batch_size"):
         SAETrainer(_small(tmp_path, n_latents=4096), train_data=synthetic(2048))
     assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from _helpers import identity_sae
 import torch
 
 from hf_sae import SAEConfig, SparseAutoencoder
@@ -90,16 +91,7 @@ def ioi(tokenizer):
 
 
 def _identity_sae(d, hook):
-    """A ReLU 'SAE' that reconstructs exactly: W_enc = W_dec = [I; -I], relu(x) - relu(-x) = x."""
-    cfg = SAEConfig(d_in=d, n_latents=2 * d, activation="relu", hook_point=hook)
-    sae = SparseAutoencoder(cfg)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
+    return identity_sae(d, hook)
 
 
 # --------------------------------------------------------------------------- tasks

@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 HP = "layers.0.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These SAEs are tiny: one intra-op thread is faster (and steadier on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_tokens: int, d: int = 16, n_true: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -415,3 +409,19 @@ def test_live_unknown_hook_point_fails_before_work(tmp_path, smollm2):
     with pytest.raises(ValueError, match=r"layers\.99.*0\.\.29"):
         SAETrainer(args, model=model, tokenizer=tok)
     assert not (tmp_path / "out").exists()
+
+
+def test_sae_hyperparameters_of_the_training_arguments_come_from_sae_config():
+    """SAEConfig is the single source of truth: every SAE field of the arguments has its name and default."""
+    import dataclasses
+    import inspect
+
+    from hf_sae import SAEConfig
+
+    sae_params = inspect.signature(SAEConfig.__init__).parameters
+    arg_fields = {f.name: f for f in dataclasses.fields(SAETrainingArguments)}
+    shared = set(small_args(Path("/tmp")).sae_config_kwargs(d_in=16)) - {"d_in"}
+    assert shared <= set(sae_params) and shared <= set(arg_fields) | {"n_latents", "expansion_factor"}
+    for name in shared - {"n_latents", "expansion_factor"}:
+        assert arg_fields[name].default == sae_params[name].default, name
+    assert SAEConfig(d_in=16).n_latents == 16 * SAETrainingArguments().expansion_factor  # both default to 8x

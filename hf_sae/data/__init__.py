@@ -3,8 +3,14 @@
 See ``models`` (SmolLM2 and any HF causal LM), ``corpus`` (texts, windows, token mask),
 ``stream`` (``ActivationStream``) and ``cache`` (``cache_activations``, ``CachedActivations``).
 """
-from .cache import (CachedActivations, CorruptShardError, cache_activations, load_windows,
-                    norm_stats_to_input_scale, write_activations)
+from .cache import (
+                    CachedActivations,
+                    CorruptShardError,
+                    cache_activations,
+                    load_windows,
+                    norm_stats_to_input_scale,
+                    write_activations,
+)
 from .corpus import VALIDATION_BOOKS, iter_windows, load_texts, special_token_ids, token_mask, tokenize_windows
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, load_default_model, load_model
 from .stream import ActivationStream

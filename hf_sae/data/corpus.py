@@ -3,7 +3,7 @@
 Sources (``load_texts``):
 
 - ``"default"``: the King James Bible shipped inside the package (public domain; see
-  ``hf_sae/data/corpus/README.md``), one document per chapter. ``split="train"`` is Genesis
+  ``hf_sae/data/texts/README.md``), one document per chapter. ``split="train"`` is Genesis
   through Philemon (1,133 chapters, ~0.96M SmolLM2 tokens), ``split="validation"`` is the
   last nine books, Hebrews through Revelation (56 chapters, ~36k tokens), ``split="all"``
   is everything.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-CORPUS_DIR = Path(__file__).parent / "corpus"
+CORPUS_DIR = Path(__file__).parent / "texts"
 _DEFAULT_FILES = ("kjv-1.jsonl.gz", "kjv-2.jsonl.gz")
 VALIDATION_BOOKS = ("Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
 """Books of the shipped KJV sample that form ``split="validation"`` (the last nine books)."""

@@ -1,4 +1,4 @@
-"""AFA diagnostic (SPEC 1.3, "Evaluating and Designing SAEs by Approximating Quasi-Orthogonality").
+"""AFA diagnostic (docs/FORMULAS.md §3, "Evaluating and Designing SAEs by Approximating Quasi-Orthogonality").
 
 With (nearly) unit-norm, quasi-orthogonal decoder rows, the norm of the sparse code approximates
 the norm of the centred input: ||z~|| ≈ ||x - b_dec||, z~_i = z_i ||W_dec,i||. All quantities

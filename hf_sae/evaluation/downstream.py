@@ -6,7 +6,7 @@ is replaced at kept positions only (``where(keep, sae(act), act)``); the other p
 the original activation. The loss counts the next-token predictions made *at kept positions*
 (position t predicts token t+1, for t < T-1). All losses are in nats per predicted token.
 
-Reported (Gao et al. 2024, SPEC 1.1)::
+Reported (Gao et al. 2024; docs/FORMULAS.md §1)::
 
     ce_clean, ce_spliced            mean next-token cross-entropy, clean vs SAE spliced in
     delta_loss = ce_spliced - ce_clean

@@ -31,11 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..configuration_sae import KERNELS as BACKENDS  # one list of backend names, kept beside SAEConfig.kernel
 from . import reference
 from .reference import SparseCode
 
 ENV_VAR = "HF_SAE_KERNEL"
-BACKENDS = ("auto", "torch", "triton", "dense")
 
 __all__ = ["ENV_VAR", "BACKENDS", "SparseCode", "GradBuffer", "resolve_backend", "triton_available", "get_ops",
            "sparse_decode", "decode_code", "encode_selected", "topk_among"]
@@ -116,7 +116,7 @@ class GradBuffer:
     """Memory for a parameter's [n, d] gradient, reused from one training step to the next on CPU.
 
     A fresh [n, d] gradient per step costs page faults (the allocator maps new memory for every large
-    tensor: ~30 ms per 100 MB table on 2 cores, a third of the time of the sparse product that fills it).
+    tensor; the cost is measured in benchmarks/RESULTS_speed.md, "Kernel notes").
     The torch ops instead write the table gradient into this buffer, whenever nothing references the
     previous step's gradient any more (``zero_grad(set_to_none=True)``, the default); otherwise (the
     gradient is kept or accumulated) a new tensor is used, as without a buffer. The buffer keeps its

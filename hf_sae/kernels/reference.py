@@ -240,8 +240,7 @@ def _scatter_sorted(code: SparseCode, coef: Tensor, rows: Tensor, row_of_slot: T
 
 CSR_MAX_SLOTS_PER_LATENT = 32
 """Above this many slots per latent (on average) the CSR product is slower than embedding_bag into new
-memory (2 cores, n = 32768, d = 768: 14 vs 49 ms at 4 slots per latent, 77 vs 114 at 19, 282 vs 235 at
-52), so _scatter_sorted ignores ``out`` there."""
+memory (measured: benchmarks/RESULTS_speed.md, "Kernel notes"), so _scatter_sorted ignores ``out`` there."""
 
 
 def can_scatter_into(like: Tensor) -> bool:

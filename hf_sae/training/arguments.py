@@ -38,6 +38,15 @@ RESUME_FREE_FIELDS = frozenset({
 })
 
 
+def _sae_default(name: str):
+    """The default of an SAE hyperparameter: :class:`~hf_sae.SAEConfig` is its single source of truth."""
+    import inspect
+
+    from ..configuration_sae import SAEConfig
+
+    return inspect.signature(SAEConfig.__init__).parameters[name].default
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -46,7 +55,7 @@ def _help(text: str, **kw):
 class SAETrainingArguments:
     """All settings of an SAE training run (see the module docstring for units).
 
-    The recipe switches of Gao et al. (SPEC 1.1) are on by default for the TopK family:
+    The recipe switches of Gao et al. (docs/FORMULAS.md §1) are on by default for the TopK family:
     ``tied_init``, ``auxk``, ``b_dec_init="geometric_median"``, ``normalize_input``,
     ``normalize_decoder``, ``project_decoder_grad``, LR scaled by 1/sqrt(n / 2^14), warmup.
     """
@@ -71,20 +80,25 @@ class SAETrainingArguments:
     shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
                                        default=65536)
     # ------------------------------------------------------------------ SAE
-    activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default="topk")
+    activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default=_sae_default("activation"))
     n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
     expansion_factor: int = _help("n / d when n_latents is not given.", default=8)
-    k: Optional[int] = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.", default=32)
-    k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=None)
-    aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=1.0 / 32)
-    dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.", default=10_000_000)
-    multi_topk: bool = _help("Multi-TopK: also penalise the reconstruction with 4k latents.", default=False)
-    l1_coef: float = _help("L1 coefficient (relu).", default=0.0)
-    l0_coef: float = _help("L0 coefficient (jumprelu).", default=0.0)
-    afa_coef: float = _help("AFA loss coefficient (topafa; paper sweeps 1/128..1/16).", default=0.0)
-    jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).", default=1e-3)
-    jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=1e-3)
-    kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default="auto")
+    k: Optional[int] = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.",
+                             default=_sae_default("k"))
+    k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=_sae_default("k_aux"))
+    aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=_sae_default("aux_coef"))
+    dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.",
+                                       default=_sae_default("dead_tokens_threshold"))
+    multi_topk: bool = _help("Multi-TopK: also penalise the reconstruction with 4k latents.",
+                             default=_sae_default("multi_topk"))
+    l1_coef: float = _help("L1 coefficient (relu).", default=_sae_default("l1_coef"))
+    l0_coef: float = _help("L0 coefficient (jumprelu).", default=_sae_default("l0_coef"))
+    afa_coef: float = _help("AFA loss coefficient (topafa; paper sweeps 1/128..1/16).",
+                            default=_sae_default("afa_coef"))
+    jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).",
+                                           default=_sae_default("jumprelu_init_threshold"))
+    jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=_sae_default("jumprelu_bandwidth"))
+    kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default=_sae_default("kernel"))
     # ------------------------------------------------------------------ recipe switches
     tied_init: bool = _help("Initialise W_enc = W_dec (transposed map); off = independent random W_enc.",
                             default=True)

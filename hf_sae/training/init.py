@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..configuration_sae import input_scale_for
+
 
 @torch.no_grad()
 def geometric_median(x: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
@@ -32,12 +34,7 @@ def geometric_median(x: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: flo
     return y.to(x.dtype)
 
 
-def input_scale_from_mean_sq_norm(mean_sq_norm: float, d: int) -> float:
-    """The scalar s with E||s x||^2 = d given E||x||^2 (``mean_sq_norm``) and the width d."""
-    if not (mean_sq_norm > 0 and math.isfinite(mean_sq_norm)):
-        raise ValueError(f"cannot derive an input scale from E||x||^2 = {mean_sq_norm}: the activations are "
-                         "all zero or not finite")
-    return math.sqrt(d / mean_sq_norm)
+input_scale_from_mean_sq_norm = input_scale_for  # one definition: hf_sae.configuration_sae.input_scale_for
 
 
 @torch.no_grad()

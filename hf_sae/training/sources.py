@@ -272,12 +272,3 @@ def take_tokens(it: Iterator[dict[str, Tensor]], n_tokens: int) -> dict[str, Ten
     if not parts:
         raise ValueError("no activations could be read for the sample")
     return {h: torch.cat([p[h] for p in parts])[:n_tokens] for h in parts[0]}
-
-
-def make_sample_iterable(data, hook_points: list[str]) -> Optional[Iterator[dict[str, Tensor]]]:
-    """A fresh iterator over user-provided data (tensor dict or iterable), for initialisation samples."""
-    if isinstance(data, dict) and all(isinstance(v, Tensor) for v in data.values()):
-        return iter([data])
-    if isinstance(data, Tensor):
-        return iter([_as_hook_dict(data, hook_points)])
-    return (_as_hook_dict(x, hook_points) for x in data)

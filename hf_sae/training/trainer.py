@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,17 +28,25 @@ import torch
 from torch import Tensor, nn
 
 from .._faults import fault_point
-from .._io import publish_dir, remove_leftovers, tmp_name
 from ..configuration_sae import SAEConfig
 from ..evaluation.reconstruction import ReconstructionStats, latent_sums
 from ..modeling_sae import SparseAutoencoder
 from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
+from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
 from .init import initialize_sae
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
-from .sources import (CacheSource, DataExhausted, IterableSource, TensorSource, _as_hook_dict, is_cache_dir,
-                      load_activation_file, take_tokens)
+from .sources import (
+    CacheSource,
+    DataExhausted,
+    IterableSource,
+    TensorSource,
+    _as_hook_dict,
+    is_cache_dir,
+    load_activation_file,
+    take_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,61 +82,6 @@ class TrainerState:
     """micro-batches drawn by each process (the data position)"""
     history: list = field(default_factory=list)
     """logged metric records {step, tokens, "<hook>/<metric>": value}"""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN/Inf; nothing from that point on was saved."""
-
-
-def check_activations(x: Tensor, d: int, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` (and the first bad row) unless ``x`` is a finite [M, d] tensor."""
-    if x.ndim != 2 or x.shape[1] != d:
-        raise ValueError(f"{what} have shape {tuple(x.shape)}, expected [rows, {d}] (the training data's width); "
-                         "give activations of the same hook point and model")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what} are empty; give at least one row or set --eval_tokens 0")
-    finite = torch.isfinite(x).all(dim=1)
-    if not bool(finite.all()):
-        rows = (~finite).nonzero().flatten()
-        raise ValueError(f"{what} contain NaN/Inf values in {len(rows)} row(s), first at row {int(rows[0])}; "
-                         "remove or recompute those rows")
-
-
-def training_bytes(configs: dict[str, SAEConfig], micro_batch: int) -> int:
-    """Rough peak memory of training these SAEs: fp32 weights + gradients + Adam's two moments
-    (4 copies of 2nd + n + d values per SAE) and two [micro_batch, n] fp32 buffers (pre-activations and
-    their top-k / gradient work space)."""
-    total = 0
-    for c in configs.values():
-        n, d = c.n_latents, c.d_in
-        total += 4 * 4 * (2 * n * d + 2 * n + d) + 2 * 4 * micro_batch * n
-    return total
-
-
-def available_bytes(device) -> Optional[int]:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable of /proc/meminfo), or None."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return None
-
-
-def check_memory(configs: dict[str, SAEConfig], micro_batch: int, device) -> None:
-    """``ValueError`` naming ``--n_latents`` / ``--batch_size`` when training cannot fit, before allocating."""
-    need, have = training_bytes(configs, micro_batch), available_bytes(device)
-    if have is not None and need > have:
-        sizes = ", ".join(f"{h}: n_latents={c.n_latents} x d={c.d_in}" for h, c in configs.items())
-        raise ValueError(f"training needs about {need / 2**30:.1f} GiB ({sizes}; weights, gradients, Adam state and "
-                          f"[{micro_batch}, n] pre-activations per micro-batch) but {device} has "
-                          f"{have / 2**30:.1f} GiB free; lower --n_latents / --expansion_factor or --batch_size")
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:
@@ -623,7 +575,7 @@ class SAETrainer:
                 self.save_checkpoint()
         bar.close()
 
-    def _step(self, batches: list[dict[str, Tensor]], window: "_Window") -> None:
+    def _step(self, batches: list[dict[str, Tensor]], window: _Window) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches (see the module docstring)."""
         args, acc, st = self.args, self.accelerator, self.state
         saes = self._saes()
@@ -714,23 +666,12 @@ class SAETrainer:
                 sae.config.training_info = info
                 self.configs[h] = sae.config
                 folder = os.path.join(self.out, h)
-                _export_atomically(folder, lambda tmp: (
-                    sae.save_pretrained(tmp),
+                with atomic_export(folder) as tmp:
+                    sae.save_pretrained(tmp)
                     write_report(tmp, h, st.history, {"base_model": sae.config.base_model, **info},
-                                 plot=args.plot_report)))
+                                 plot=args.plot_report)
         acc.wait_for_everyone()
         return saes
-
-
-def _export_atomically(folder: str, write) -> None:
-    """``write(tmp)`` fills a temporary folder that then replaces ``folder`` in one swap, so a kill leaves
-    the previous export or the new one, never a truncated ``model.safetensors``."""
-    remove_leftovers(folder)
-    tmp = tmp_name(folder)
-    os.makedirs(tmp)
-    write(tmp)
-    fault_point("export.written")
-    publish_dir(tmp, folder, fault="export.between_renames")
 
 
 class _Window:

@@ -3,7 +3,7 @@
 Needs Debian's ``bible-kjv`` + ``bible-kjv-text`` packages::
 
     apt-get install bible-kjv bible-kjv-text
-    python hf_sae/data/corpus/build_kjv.py
+    python hf_sae/data/texts/build_kjv.py
 
 Writes ``kjv-1.jsonl.gz`` (Genesis-Psalms) and ``kjv-2.jsonl.gz`` (Proverbs-Revelation), one
 JSON record per chapter: ``{"book": "Genesis", "chapter": 1, "text": "In the beginning ..."}``
