@@ -1,16 +1,34 @@
-"""Speed of one SAE training step (forward + backward) on CPU: the fused sparse path against the
-dense-autograd path and against the bound (one B x d x n encoder addmm + the top-k).
+"""Speed of one SAE training step on CPU: the trainer's whole step and its forward + backward against
+the bound (one B x d x n encoder addmm + the top-k), a plain sparse torch step, sparsify's step (when
+installed) and the dense-autograd path.
 
 Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 --n 16384 32768
-      --k 32 128 --dead 0 0.25 --dead-kind realistic random --repeats 3 --dense-repeats 1 --threads 2]
+      --k 32 128 --dead 0 0.25 --dead-kind realistic random --repeats 3 --dense-repeats 1 --threads 2
+      --peers plain sparsify]
 
-For every (n, k, dead fraction) it prints: the bound, our step (``kernel="torch"``, the CPU ``auto``
-choice), the dense step (``kernel="dense"``: F.linear + top-k + dense [B, n] code + dense decoder,
-plain autograd), their ratios, and the peak RSS each step adds above what was resident before it
-(model, input and optimizer state; old gradients freed) -- VmHWM after resetting it through
-/proc/self/clear_refs, Linux only. With dead latents the step
-includes AuxK (k_aux = d/2 by default, over the dead latents only). The optimizer update (Adam +
-decoder projection/renormalisation) is the same for both paths and is reported on its own.
+For every (n, k, dead fraction) it prints:
+
+* ``bound``: one B x d x n addmm (with the bias) + ``topk(k)``;
+* ``fwd+bwd``: our forward + backward (``kernel="torch"``, the CPU ``auto`` choice);
+* ``step``: the trainer's whole optimizer step, ``SAETrainer._step`` itself (dead masks from the token
+  counters, forward with AuxK, backward, fire counters, metric window, ``SAEAdam``: decoder-gradient
+  projection, clipping at 1.0, fused Adam, decoder renormalisation) on an ``SAETrainer`` built the way
+  ``train()`` builds it (in-memory data, no output written);
+* ``plain``: a plain sparse torch TopK step (``plain_sparse_step`` below: top-k indices without a graph,
+  the k pre-activations again through ``F.embedding``, the decode through ``F.embedding_bag``, autograd
+  (index_add gradients), AuxK when latents are dead, fused Adam; no projection, clipping or renorm);
+* ``sparsify``: EleutherAI sparsify's ``SparseCoder`` step as its trainer runs it (forward with the dead
+  mask, fvu + auxk_alpha * auxk, backward, gradient projection, torch Adam, renorm, fired mask), when
+  ``sparsify`` is importable (a separate environment; not a dependency of hf_sae);
+* ``dense`` (``kernel="dense"``: F.linear + top-k + dense [B, n] code + dense decoder, plain autograd),
+  forward + backward;
+* the peak RSS our fwd+bwd and the dense step add above what was resident before them (VmHWM after
+  resetting it through /proc/self/clear_refs, Linux only), and the optimizer side alone: ``SAEAdam.step``
+  (``opt s``) and the unfused update it replaced (``unfused opt s``: projection with [n, d] temporaries,
+  ``clip_grad_norm_``, ``torch.optim.Adam`` without ``fused``, renorm).
+
+All steps of a row start from the same weights; with dead latents the steps include AuxK (k_aux = d/2
+by default, over the dead latents only).
 
 Dead latents come in two kinds (``--dead-kind``), both a random set of the given fraction of latents:
 
@@ -31,21 +49,24 @@ times are CUDA-synchronised means over ``--iters`` steps, minimum over ``--repea
 the peak CUDA allocation each step adds (``torch.cuda.max_memory_allocated``).
 
 The cases of a configuration run round-robin in one process so that load from other processes hits
-them alike; times are the minimum over ``--repeats`` rounds, ``ours/bound`` is the median over rounds
-of the ratio within a round, and ``ours/bound cpu`` the ratio of minimum process CPU times (steadier
-than wall time on a shared machine). The "step" includes freeing the old gradients (set to None) as a
-trainer's ``zero_grad`` does.
+them alike; times are the minimum over ``--repeats`` rounds, the ratios ``x/bound`` and ``x/step`` are
+medians over rounds of the ratio within a round, and ``cpu`` columns ratios of minimum process CPU
+times (steadier than wall time on a shared machine). Every step includes freeing the old gradients (set
+to None) as a trainer's ``zero_grad`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from hf_sae import SAEConfig, SparseAutoencoder
 
@@ -141,68 +162,195 @@ def _bound_fn(sae, x, k):
     return go
 
 
+HOOK = "bench"
+
+
+def trainer_for(d: int, n: int, k: int, B: int, workdir: str):
+    """An ``SAETrainer`` set up as ``train()`` sets it up (SAE, counters, Accelerate-prepared bundle and
+    SAEAdam), on in-memory data, ready for ``trainer._step([batch], window)``; no output is written."""
+    from hf_sae.training import SAETrainer, SAETrainingArguments
+
+    args = SAETrainingArguments(hook_points=[HOOK], n_latents=n, k=k, batch_size=B, train_tokens=1000 * B,
+                                output_dir=workdir, log_with=["none"], progress_bar=False, eval_tokens=0,
+                                eval_every_tokens=0, checkpoint_every_tokens=0, plot_report=False,
+                                mixed_precision="no", kernel="torch")
+    trainer = SAETrainer(args, train_data={HOOK: torch.zeros(B, d)})
+    trainer._prepare(trainer._build_saes(trainer.configs))
+    return trainer
+
+
+class PlainSparseStep:
+    """The plain sparse baseline: a TopK SAE training step in plain torch (module docstring, ``plain``).
+
+    Loss = FVU (+ aux_coef * AuxK over the dead latents' top-k_aux pre-activations, normalised by the
+    residual's variance), as in SPEC; no decoder projection, clipping or renormalisation."""
+
+    def __init__(self, sae: SparseAutoencoder, lr: float = 1e-4):
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = (
+            sae.get_parameter(name).detach().clone().requires_grad_() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.k, self.k_aux, self.aux_coef = sae.config.k, sae.config.effective_k_aux, sae.config.aux_coef
+        self.opt = torch.optim.Adam(self.params, lr=lr, fused=True)
+
+    def _code(self, xc, idx):
+        """ReLU of the pre-activations of latents idx [B, w] (with a graph)."""
+        pre = torch.einsum("bd,bwd->bw", xc, F.embedding(idx, self.W_enc))
+        return (pre + F.embedding(idx, self.b_enc[:, None])[..., 0]).relu()
+
+    def __call__(self, x, dead=None):
+        for p in self.params:
+            p.grad = None
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.W_enc.t())
+            idx = pre.topk(self.k, dim=-1, sorted=False).indices
+        x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=self._code(xc, idx), mode="sum") + self.b_dec
+        loss = F.mse_loss(x_hat, x, reduction="sum") / (x - x.mean(0)).square().sum()
+        if dead is not None and self.aux_coef > 0:
+            with torch.no_grad():
+                k_aux = min(self.k_aux, int(dead.sum()))
+                aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+            e = x - x_hat.detach()
+            e_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=self._code(xc, aux_idx), mode="sum")
+            loss = loss + self.aux_coef * F.mse_loss(e_hat, e, reduction="sum") / (e - e.mean(0)).square().sum()
+        loss.backward()
+        self.opt.step()
+
+
+def sparsify_step_fn(sae: SparseAutoencoder, x, dead):
+    """sparsify's SparseCoder step as sparsify's trainer runs it (module docstring), on ``sae``'s weights;
+    None when sparsify is not importable."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its CPU path: embedding_bag (Triton needs a GPU)
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    n, d = sae.W_dec.shape
+    sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=sae.config.k))
+    with torch.no_grad():
+        sc.encoder.weight.copy_(sae.W_enc)
+        sc.encoder.bias.copy_(sae.b_enc)
+        sc.W_dec.copy_(sae.W_dec)
+        sc.b_dec.copy_(sae.b_dec)
+    opt = torch.optim.Adam(sc.parameters(), lr=1e-4)
+    did_fire = torch.zeros(n, dtype=torch.bool)
+
+    def go():
+        sc.set_decoder_norm_to_unit_norm()
+        out = sc(x, dead_mask=dead)
+        (out.fvu + sae.config.aux_coef * out.auxk_loss).backward()
+        sc.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        did_fire[out.latent_indices.flatten()] = True
+    return go
+
+
+def unfused_update(sae: SparseAutoencoder, opt: torch.optim.Optimizer, max_grad_norm: float = 1.0) -> None:
+    """The optimizer side the trainer ran before SAEAdam: projection with [n, d] temporaries,
+    clip_grad_norm_, torch.optim.Adam (not fused), renormalisation."""
+    with torch.no_grad():
+        g, w = sae.W_dec.grad, sae.W_dec
+        g.sub_((g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(1e-12) * w)
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+        opt.step()
+        sae.normalize_decoder_()
+
+
 def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
-               kind: str = "random", seed: int = 0) -> dict:
+               kind: str = "random", seed: int = 0, peers=("plain", "sparsify")) -> dict:
+    from hf_sae.training.trainer import _Window
+
     torch.manual_seed(seed)
     x = torch.randn(B, d)
     dead = random_dead_mask(n, dead_frac)
-    fused = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="torch"))
+    workdir = tempfile.mkdtemp(prefix="bench_train_step_")
+    trainer = trainer_for(d, n, k, B, workdir)
+    cfg = trainer.configs[HOOK]
+    tsae = trainer._saes()[HOOK]
     if dead is not None and kind == "realistic":
-        make_realistic(fused, x, dead)
+        make_realistic(tsae, x, dead)
+    fused = SparseAutoencoder(cfg)
+    fused.load_state_dict(tsae.state_dict())
     stats = dead_stats(fused, x, dead)
     print(f"  dead pre-activations > 0: {stats['pos_frac']:.2%}, AuxK block width {stats['aux_w']}, "
           f"dead latents in the main top-k: {stats['dead_in_topk']:.2%}", file=sys.stderr, flush=True)
-    dense = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, kernel="dense"))
-    dense.load_state_dict(fused.state_dict())
+    dense = SparseAutoencoder(SAEConfig(**{**cfg.to_dict(), "kernel": "dense"})) if dense_repeats else None
+    if dense is not None:
+        dense.load_state_dict(fused.state_dict())
 
     def free_grads():
         for sae in (fused, dense):
-            for p in sae.parameters():
+            for p in sae.parameters() if sae is not None else ():
                 p.grad = None
 
-    def step(sae):
-        return _step_fn(sae, x, dead)
+    thr = cfg.dead_tokens_threshold
 
-    bound = _bound_fn(fused, x, k)
+    def set_counters():  # the dead mask of every trainer step = ``dead``
+        free_grads()
+        trainer.since_fired[HOOK] = torch.where(dead, thr, 0) if dead is not None else torch.zeros(n, dtype=torch.int64)
 
-    opt = torch.optim.Adam(fused.parameters(), lr=1e-4)
-
-    def update():
-        fused.remove_parallel_grad_()
-        opt.step()
-        fused.normalize_decoder_()
-
-    cases = {"bound": bound, "fused": step(fused)}
+    window = _Window()
+    cases = {"bound": (_bound_fn(fused, x, k), free_grads), "fused": (_step_fn(fused, x, dead), free_grads),
+             "step": (lambda: trainer._step([{HOOK: x}], window), set_counters)}
+    if "plain" in peers:
+        plain = PlainSparseStep(fused)
+        cases["plain"] = (lambda: plain(x, dead), free_grads)
+    if "sparsify" in peers:
+        go = sparsify_step_fn(fused, x, dead)
+        if go is None:
+            print("  sparsify is not importable: no sparsify column", file=sys.stderr, flush=True)
+        else:
+            cases["sparsify"] = (go, free_grads)
     times = {name: [] for name in list(cases) + ["dense"]}
     cpus = {name: [] for name in times}
     peaks = {name: [] for name in times}
-    ratios = []  # ours / bound within a round: both saw about the same load
-    for fn in cases.values():
-        fn()  # warm-up (first-touch allocations, lazy inits)
-    step(fused)()
-    update()  # creates Adam's state before anything is measured
-    t_update = min(measure(update)[0] for _ in range(2))
+    ratios = {name: [] for name in cases}  # x / bound and x / step within a round: same load
+    for fn, prep in cases.values():
+        prep()
+        fn()  # warm-up (first-touch allocations, lazy inits, optimizer state)
+    # the optimizer side alone: SAEAdam (the trainer's) and the unfused update it replaced
+    ref_opt = torch.optim.Adam(fused.parameters(), lr=1e-4)
+    t_update, t_unfused = [], []
+    for _ in range(2):
+        free_grads()
+        _step_fn(fused, x, dead)()
+        grads = [p.grad.clone() for p in fused.parameters()]
+        t_unfused.append(measure(lambda: unfused_update(fused, ref_opt))[0])
+        for p, g in zip(tsae.parameters(), grads):
+            p.grad = g
+        t_update.append(measure(trainer.optimizer.step)[0])
+        trainer.optimizer.zero_grad(set_to_none=True)
+    del grads
     for r in range(repeats):
-        for name, fn in cases.items():
-            dt, cpu, pk = measure(fn, free_grads)
+        for name, (fn, prep) in cases.items():
+            dt, cpu, pk = measure(fn, prep)
             times[name].append(dt)
             cpus[name].append(cpu)
             peaks[name].append(pk)
-        ratios.append(times["fused"][-1] / times["bound"][-1])
+        for name in cases:
+            ratios[name].append(times[name][-1] / times["bound"][-1])
         if r < dense_repeats:
             if r == 0:
-                step(dense)()  # warm-up
-            dt, cpu, pk = measure(step(dense), free_grads)
+                _step_fn(dense, x, dead)()  # warm-up
+            dt, cpu, pk = measure(_step_fn(dense, x, dead), free_grads)
             times["dense"].append(dt)
             cpus["dense"].append(cpu)
             peaks["dense"].append(pk)
         print(f"  round {r + 1}/{repeats}: " + "  ".join(f"{k_}={v[-1]:.3f}s" for k_, v in times.items() if v)
-              + f"  ours/bound={ratios[-1]:.2f}", file=sys.stderr, flush=True)
-    out = dict(n=n, k=k, dead=dead_frac, kind=kind, update=t_update, ratio=statistics.median(ratios), **stats)
+              + f"  step/bound={ratios['step'][-1]:.2f}; cpu s: "
+              + "  ".join(f"{k_}={v[-1]:.3f}" for k_, v in cpus.items() if v), file=sys.stderr, flush=True)
+    out = dict(n=n, k=k, dead=dead_frac, kind=kind, update=min(t_update), unfused=min(t_unfused), **stats)
+    out["ratio"] = statistics.median(ratios["fused"])
+    print(f"  opt s: SAEAdam {min(t_update):.3f}, unfused {min(t_unfused):.3f}", file=sys.stderr, flush=True)
+    for name in cases:
+        out[name + "/bound"] = statistics.median(ratios[name])
+        out[name + "/step"] = statistics.median(a / b for a, b in zip(times[name], times["step"]))
     for name in times:
         out[name] = min(times[name]) if times[name] else float("nan")
         out[name + "_cpu"] = min(cpus[name]) if cpus[name] else float("nan")
         out[name + "_peak"] = max(peaks[name]) if peaks[name] else float("nan")
+    shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -317,6 +465,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of the (slow) dense step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peers", nargs="*", default=["plain", "sparsify"], choices=["plain", "sparsify"],
+                    help="CPU only: other steps timed in the same rounds (sparsify when importable)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="CUDA only: parameter/input dtype")
     ap.add_argument("--iters", type=int, default=10, help="CUDA only: steps per timed round")
@@ -329,24 +479,29 @@ def main() -> None:
     os.environ.pop("HF_SAE_KERNEL", None)
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} tokens, "
-          f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds")
+          f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds; load average at the start: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rows = _run_all(args, lambda n, k, dead, kind: run_config(args.batch, args.d, n, k, dead, args.repeats,
-                                                              args.dense_repeats, kind))
-    head = ("|     n |   k |          dead | aux w | bound s | ours s | ours/bound | ours/bound cpu | dense s "
-            "| dense/ours | peak+ ours MB | peak+ dense MB | optimizer s |")
+                                                              args.dense_repeats, kind, peers=args.peers))
+    head = ("|     n |   k |          dead | aux w | bound s | fwd+bwd s | step s | plain s | sparsify s "
+            "| fwd+bwd/bound | step/bound | step/bound cpu | plain/step | sparsify/step | opt s | unfused opt s "
+            "| dense s | dense/fwd+bwd | peak+ fwd+bwd MB | peak+ dense MB |")
     _print_header(head)
+    nan = float("nan")
     for r in rows:
         print(f"| {r['n']:5d} | {r['k']:3d} | {_dead_label(r['dead'], r['kind']):>13} | {r['aux_w']:5d} "
-              f"| {r['bound']:7.3f} | {r['fused']:6.3f} "
-              f"| {r['ratio']:10.2f} | {r['fused_cpu'] / r['bound_cpu']:14.2f} | {r['dense']:7.3f} "
-              f"| {r['dense'] / r['fused']:10.1f} | {r['fused_peak']:13.0f} | {r['dense_peak']:14.0f} "
-              f"| {r['update']:11.3f} |")
+              f"| {r['bound']:7.3f} | {r['fused']:9.3f} | {r['step']:6.3f} | {r.get('plain', nan):7.3f} "
+              f"| {r.get('sparsify', nan):10.3f} | {r['ratio']:13.2f} | {r['step/bound']:10.2f} "
+              f"| {r['step_cpu'] / r['bound_cpu']:14.2f} | {r.get('plain/step', nan):10.2f} "
+              f"| {r.get('sparsify/step', nan):13.2f} | {r['update']:5.3f} | {r['unfused']:13.3f} "
+              f"| {r['dense']:7.3f} | {r['dense'] / r['fused']:13.1f} | {r['fused_peak']:16.0f} "
+              f"| {r['dense_peak']:14.0f} |")
     print("# dead: 'realistic' = dead latents that do not fire (b_enc lowered: 0.5% of their pre-activations > 0, "
           "as in a trained SAE); 'random' = a random set of live latents declared dead (worst case: all k_aux "
           "AuxK slots positive). aux w: width of the fused step's AuxK block (min(k_aux, most dead "
           "pre-activations > 0 in one row)).")
-    print(f"# ours/bound: median over rounds of the within-round ratio; cpu: ratio of the minimum process CPU "
-          f"times; other times: minimum wall seconds. Load average at the end: {os.getloadavg()[0]:.1f} "
+    print(f"# x/bound, x/step: medians over rounds of the within-round ratios; cpu: ratio of the minimum process "
+          f"CPU times; other times: minimum wall seconds. Load average at the end: {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores.")
 
 

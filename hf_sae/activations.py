@@ -189,24 +189,32 @@ def jumprelu(pre: Tensor, sae, x_centered: Tensor) -> Latents:
 
 
 def afa_k(acts: Tensor, dec_norms: Tensor, target_norm: Tensor, cap: Optional[int] = None):
-    """top-AFA's per-token k(x) (docs/FORMULAS.md §3).
+    """top-AFA's per-token k(x) (docs/FORMULAS.md §3; the authors' ``TopAFASAE.forward``).
 
     s_i = (a_i * ||W_dec,i||)^2 sorted descending, c_j = sqrt(sum_{m<=j} s_(m)), and
-    k(x) = argmin_j |c_j - ||x - b_dec|||  + 1 (j counted from 0).
+    k(x) = argmin_j |c_j - ||x - b_dec||| + 1 (j counted from 0, first minimum on ties). When the
+    sorted list covers all n latents the last c_j is forced to +inf (the authors set it to 1e4), so
+    k(x) <= n - 1.
 
-    Args: acts [N, n] >= 0; dec_norms [n]; target_norm [N]; cap: consider only the ``cap`` largest.
-    Returns: (k [N] int64 in [1, cap], order [N, cap] latent ids sorted by s descending).
+    Args: acts [N, n] >= 0; dec_norms [n]; target_norm [N]; cap: consider only the ``cap`` largest
+        (None = all n, the authors' rule).
+    Returns: (k [N] int64 in [1, min(cap, n - 1)], order [N, width] latent ids sorted by s descending).
     """
     s = (acts * dec_norms).square()
-    width = s.shape[-1] if cap is None else min(cap, s.shape[-1])
+    n = s.shape[-1]
+    width = n if cap is None else min(cap, n)
     s_sorted, order = s.topk(width, dim=-1, sorted=True)
     c = s_sorted.cumsum(-1).sqrt()
+    if width == n and n > 1:
+        c[..., -1] = float("inf")
     k = (c - target_norm.unsqueeze(-1)).abs().argmin(-1) + 1
     return k, order
 
 
 def topafa(pre: Tensor, sae, x_centered: Tensor) -> Latents:
-    """top-AFA: keep, per token, the k(x) latents whose cumulative norm best matches ||x - b_dec||."""
+    """top-AFA: keep, per token, the k(x) latents whose cumulative norm best matches ||x - b_dec||
+    (:func:`afa_k`; ``config.k`` is an optional compute cap, None by default). Whether ``pre`` carries
+    b_enc is the model's choice (``SAEConfig.afa_variant``)."""
     acts = pre.relu()
     with torch.no_grad():
         k, order = afa_k(acts, sae.decoder_norms().detach(), x_centered.norm(dim=-1), sae.config.k)

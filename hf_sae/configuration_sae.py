@@ -12,6 +12,10 @@ from transformers import PretrainedConfig
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topafa")
 KERNELS = ("auto", "torch", "triton", "dense")
+AFA_VARIANTS = ("reference", "centred")
+DEFAULT_K = 32
+"""k when none is given, for the activations with a fixed k (top-AFA has none: its k(x) is per token)."""
+INPUT_NORMS = ("none", "layer_norm")
 
 
 def input_scale_for(mean_sq_norm: float, d: int) -> float:
@@ -55,20 +59,36 @@ class SAEConfig(PretrainedConfig):
         n_latents: number of latents n. Defaults to ``expansion_factor * d_in``.
         expansion_factor: n / d, used when ``n_latents`` is not given (default 8).
         activation: one of ``topk``, ``batchtopk``, ``relu``, ``jumprelu``, ``topafa``.
-        k: active latents per token for ``topk``; average active latents per token for ``batchtopk``;
-            the compute cap on k(x) for ``topafa`` (``None`` = no cap, exact); unused for relu/jumprelu.
+        k: active latents per token for ``topk``; average active latents per token for ``batchtopk``
+            (default 32 for both); an optional compute cap on k(x) for ``topafa`` (default ``None`` = no
+            cap, the authors' rule k(x) <= n - 1); unused for relu/jumprelu.
         k_aux: latents used by the AuxK loss (default ``d_in // 2``, capped by the number of dead latents).
         aux_coef: weight alpha of the AuxK loss (paper: 1/32). 0 disables it.
         dead_tokens_threshold: a latent that has not fired for this many training tokens is dead (paper: 10M).
         multi_topk: also penalise the reconstruction with ``4k`` latents (Gao et al. Multi-TopK), weight 1/8.
         l1_coef: weight of the decoder-norm-weighted L1 penalty (``relu``).
         l0_coef: weight of the L0 penalty (``jumprelu``, with the straight-through threshold gradient).
-        afa_coef: weight of the AFA loss mean((||z~|| - ||x - b_dec||)^2) (``topafa``; any activation may use it).
+        afa_coef: weight of the AFA loss (any activation may use it; paper sweeps 1/128 .. 1/16). Its form
+            is set by ``afa_variant``.
+        afa_variant: ``reference`` (default) = the top-AFA authors' code (SewoongLee/top-afa-sae, ``sae.py``):
+            AFA loss mean((||z||_2 - ||x||_2)^2) on the raw latents z and the SAE's (preprocessed,
+            uncentred) input x, and ``topafa`` pre-activations without b_enc (W_enc (x - b_dec); b_enc
+            stays 0). ``centred`` = hf_sae's earlier form: loss mean((||z * ||W_dec,i|| || - ||x - b_dec||)^2)
+            and ``topafa`` pre-activations with b_enc. Both agree with unit decoder rows, b_dec = 0, b_enc = 0.
         jumprelu_init_threshold: initial JumpReLU threshold theta (normalized units).
         jumprelu_bandwidth: width epsilon of the rectangle kernel in the threshold pseudo-gradient.
         batchtopk_threshold_momentum: EMA momentum of the inference threshold estimated during training.
         input_scale: fixed scalar s applied to inputs (x -> s x) and undone on outputs; chosen so that
-            E||s x||^2 = d_in. 1.0 is the identity.
+            E||s x||^2 = d_in. 1.0 is the identity. Applied after ``input_norm``.
+        input_norm: per-token input normalisation, applied before ``input_scale`` and undone on the
+            reconstruction. ``"none"``; or ``"layer_norm"``: ``x -> (x - mu) / (sigma + eps)`` with mu, sigma
+            the mean and standard deviation of the token's d_in entries, undone as ``x^ sigma + mu``
+            (sigma, not sigma + eps, exactly as OpenAI's sparse_autoencoder ``LN``, SAELens
+            ``normalize_activations="layer_norm"`` and the top-AFA / BatchTopK ``input_unit_norm`` do).
+        input_norm_eps: the eps of ``layer_norm``, added to sigma (not under the square root); 1e-5 in all
+            three sources.
+        input_norm_unbiased: sigma with Bessel's correction (divide by d_in - 1; ``torch.std``'s default,
+            used by all three sources) or without (divide by d_in).
         hook_point: where the inputs come from, e.g. ``layers.6.resid_post``.
         base_model: the LM the SAE was trained on (Hub id or path).
         kernel: implementation of the sparse decode/backward: ``auto`` (Triton on GPU, fused torch on
@@ -84,7 +104,7 @@ class SAEConfig(PretrainedConfig):
         n_latents: int | None = None,
         expansion_factor: int | None = None,
         activation: str = "topk",
-        k: int | None = 32,
+        k: int | None = None,
         k_aux: int | None = None,
         aux_coef: float = 1.0 / 32,
         dead_tokens_threshold: int = 10_000_000,
@@ -92,10 +112,14 @@ class SAEConfig(PretrainedConfig):
         l1_coef: float = 0.0,
         l0_coef: float = 0.0,
         afa_coef: float = 0.0,
+        afa_variant: str = "reference",
         jumprelu_init_threshold: float = 1e-3,
         jumprelu_bandwidth: float = 1e-3,
         batchtopk_threshold_momentum: float = 0.99,
         input_scale: float = 1.0,
+        input_norm: str = "none",
+        input_norm_eps: float = 1e-5,
+        input_norm_unbiased: bool = True,
         hook_point: str | None = None,
         base_model: str | None = None,
         kernel: str = "auto",
@@ -110,6 +134,8 @@ class SAEConfig(PretrainedConfig):
             _check(n_latents > 0, "expansion_factor", factor, f"large enough that expansion_factor * d_in >= 1")
         _check(_int(n_latents) and n_latents > 0, "n_latents", n_latents, "a positive integer")
         _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
+        if k is None and activation != "topafa":
+            k = DEFAULT_K
         if activation in ("topk", "batchtopk"):
             _check(_int(k) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
         elif activation == "topafa":
@@ -131,7 +157,13 @@ class SAEConfig(PretrainedConfig):
                "batchtopk_threshold_momentum", batchtopk_threshold_momentum, "in [0, 1)")
         _check(_num(input_scale) and 1e-12 < input_scale < 1e12, "input_scale", input_scale,
                "a finite number in (1e-12, 1e12) (1.0 = identity; sqrt(d / E||x||^2) normalises)")
+        _check(input_norm in INPUT_NORMS, "input_norm", input_norm, f"one of {INPUT_NORMS}")
+        _check(_num(input_norm_eps) and input_norm_eps > 0, "input_norm_eps", input_norm_eps,
+               "a finite number > 0 (a constant token has sigma = 0)")
+        _check(isinstance(input_norm_unbiased, bool), "input_norm_unbiased", input_norm_unbiased, "True or False")
+        _check(input_norm == "none" or d_in > 1, "input_norm", input_norm, "'none' when d_in = 1")
         _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
+        _check(afa_variant in AFA_VARIANTS, "afa_variant", afa_variant, f"one of {AFA_VARIANTS}")
         _check(isinstance(multi_topk, bool), "multi_topk", multi_topk, "True or False")
         _check(hook_point is None or (isinstance(hook_point, str) and hook_point.strip() != ""), "hook_point",
                hook_point, "None or a hook point name such as 'layers.6.resid_post'")
@@ -154,10 +186,14 @@ class SAEConfig(PretrainedConfig):
         self.l1_coef = float(l1_coef)
         self.l0_coef = float(l0_coef)
         self.afa_coef = float(afa_coef)
+        self.afa_variant = afa_variant
         self.jumprelu_init_threshold = float(jumprelu_init_threshold)
         self.jumprelu_bandwidth = float(jumprelu_bandwidth)
         self.batchtopk_threshold_momentum = float(batchtopk_threshold_momentum)
         self.input_scale = float(input_scale)
+        self.input_norm = input_norm
+        self.input_norm_eps = float(input_norm_eps)
+        self.input_norm_unbiased = input_norm_unbiased
         self.hook_point = hook_point
         self.base_model = base_model
         self.kernel = kernel

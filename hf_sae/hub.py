@@ -13,6 +13,8 @@ Repository layout written by :func:`push_to_hub` / :func:`save_for_hub`::
         config.json            save_pretrained output (config.json with auto_map, model.safetensors,
         model.safetensors      and the same three code files, so the folder is also usable on its own)
         ...
+    dashboard/layers.6.resid_post/   optional (``dashboards=``): the static feature browser of that SAE
+        index.html ...         (``hf-sae dashboard``); the card links to it
 
 A single SAE pushed on its own goes to the repository root instead (``layout="auto"``), so that
 ``SAE.from_pretrained("org/gpt2-sae-32k")`` loads it; pass ``layout="subfolders"`` to put it in its
@@ -23,8 +25,11 @@ hook points, and a ``model-index`` with FVU, L0, dead fraction and Δloss per ho
 hook point, the hook point being the result's ``dataset.config``), then a body rendered with
 ``str.format`` from the template. :func:`card_metrics` parses the metrics back from a card.
 
-Metrics for the card are taken from the ``metrics=`` argument, else from each SAE's
-``config.training_info`` (``training_info["metrics"]`` or top level); recognised names (and aliases):
+Metrics for the card are taken from the ``metrics=`` argument (``hf-sae eval``'s ``metrics.json`` is read by
+:func:`read_metrics_file`), else from each SAE's ``config.training_info``: what the trainer writes
+(``final_metrics.eval_*``, measured on the held-out split named by ``eval_split``; else
+``final_metrics.train_*``, labelled split ``train``), or ``training_info["metrics"]`` / its top level.
+The model-index names the split each number was measured on. Recognised names (and aliases):
 ``fvu``, ``l0``, ``dead_fraction`` (``dead_frac``, ``frac_dead``, ``dead_latents_fraction``) and
 ``delta_loss`` (``delta_ce``, ``ce_loss_increase``, ``downstream_delta_loss``). The dataset and the
 number of training tokens come from ``training_info["dataset"]`` and ``training_info["tokens"]``
@@ -40,15 +45,26 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hooks import hook_point_sort_key, parse_hook_point
-from .modeling_sae import SparseAutoencoder
+
+if TYPE_CHECKING:
+    from .modeling_sae import SparseAutoencoder
+
+
+def _sae_class():
+    """The model class, imported on first use (``hf-sae push --help`` needs no transformers)."""
+    from .modeling_sae import SparseAutoencoder
+
+    return SparseAutoencoder
 
 INDEX_FILE = "sae_index.json"
+DASHBOARD_DIR = "dashboard"
 CODE_FILES = ("configuration_sae.py", "modeling_sae.py", "activations.py")
 TEMPLATE_NAME = "sae_card.md"
 LIBRARY_NAME = "hf_sae"
@@ -61,6 +77,10 @@ CARD_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("delta_loss", "Δ loss (nats/token)", ("delta_loss", "delta_ce", "ce_loss_increase", "downstream_delta_loss")),
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+DEFAULT_LICENSE = "apache-2.0"
+"""The card's license when none is given (hf_sae, SmolLM2 and the embedded KJV corpus allow it); the card
+body and :func:`push_to_hub` say it is a default for the uploader to confirm."""
 _TOKENS_KEYS = ("tokens", "training_tokens", "tokens_trained", "n_tokens")
 _DATASET_KEYS = ("dataset", "dataset_name", "dataset_path")
 
@@ -88,30 +108,88 @@ def _finite_number(value: Any, what: str) -> float:
     return float(value)
 
 
+def _metric_sources(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None) -> list[list]:
+    """Candidate metric dicts as ``[[mapping, ...], split]`` groups, best first (see the module docstring)."""
+    if metrics is not None:
+        return [[[metrics], metrics.get("split")]]
+    info = dict(sae.config.training_info or {})
+    groups = []
+    final = info.get("final_metrics")
+    if isinstance(final, Mapping):
+        for prefix, split in (("eval_", info.get("eval_split") or "validation"), ("train_", "train")):
+            groups.append([[{k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}], split])
+    nested = [info["metrics"]] if isinstance(info.get("metrics"), Mapping) else []
+    groups.append([nested + [info], (nested[0].get("split") if nested else None) or info.get("split")])
+    return groups
+
+
+def card_metrics_and_split(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None = None
+                           ) -> tuple[dict[str, float], str | None]:
+    """``(metrics, split)``: the card metrics of one SAE (see :func:`collect_metrics`) and the split they
+    were measured on (``None`` if unrecorded). Numbers of one split are never mixed with another's."""
+    for sources, split in _metric_sources(sae, metrics):
+        out: dict[str, float] = {}
+        for key, _, aliases in CARD_METRICS:
+            for source in sources:
+                hit = next((a for a in aliases if a in source and source[a] is not None), None)
+                if hit is not None:
+                    out[key] = _finite_number(source[hit], f"metric {hit!r} of hook point {sae.config.hook_point!r}")
+                    break
+        if out:
+            return out, split
+    return {}, None
+
+
 def collect_metrics(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The card metrics of one SAE: ``{"fvu", "l0", "dead_fraction", "delta_loss"}`` (those known).
 
-    Taken from ``metrics`` when given, else from ``sae.config.training_info`` (its ``"metrics"`` dict, then
-    its top level), accepting the aliases listed in :data:`CARD_METRICS`. Values must be finite numbers
+    Taken from ``metrics`` when given, else from ``sae.config.training_info`` (the trainer's held-out
+    ``final_metrics.eval_*``, else its ``final_metrics.train_*``, else the ``"metrics"`` dict and the top
+    level), accepting the aliases listed in :data:`CARD_METRICS`. Values must be finite numbers
     (ValueError otherwise); unknown keys are ignored.
     """
-    sources: list[Mapping[str, Any]] = []
-    if metrics is not None:
-        sources.append(metrics)
-    else:
-        info = dict(sae.config.training_info or {})
-        if isinstance(info.get("metrics"), Mapping):
-            sources.append(info["metrics"])
-        sources.append(info)
-    out: dict[str, float] = {}
-    for key, _, aliases in CARD_METRICS:
-        for source in sources:
-            hit = next((a for a in aliases if a in source and source[a] is not None), None)
-            if hit is not None:
-                out[key] = _finite_number(source[hit], f"metric {hit!r} of hook point {sae.config.hook_point!r}")
-                break
-    return out
+    return card_metrics_and_split(sae, metrics)[0]
 
+
+def read_metrics_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Card metrics from a JSON file: ``hf-sae eval``'s ``metrics.json`` (its ``summary``, labelled with the
+    ``meta`` hook point, dataset and split) or ``{hook point: {fvu, l0, dead_fraction, delta_loss, split}}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {path} does not exist (give hf-sae eval's metrics.json or a JSON "
+                                "{hook point: {fvu, l0, dead_fraction, delta_loss}}).")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"metrics file {path} is not valid JSON ({e}).") from None
+    if isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("meta"), dict):
+        meta = data["meta"]
+        if not meta.get("hook_point"):
+            raise ValueError(f"{path} (hf-sae eval output) does not name its hook point in meta.hook_point.")
+        return {meta["hook_point"]: {**data["summary"], "split": meta.get("split"), "dataset": meta.get("dataset")}}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"metrics file {path} must be hf-sae eval's metrics.json or a JSON object "
+                         "{hook point: {metric: value}}.")
+    return data
+
+
+def hub_dataset_id(name) -> str | None:
+    """``name`` if it can be a Hub dataset id (``org/name`` or a canonical ``name``), else None (local paths,
+    ``default``, ``name:config`` strings, descriptions with spaces stay out of the card's metadata)."""
+    if not isinstance(name, str) or name.lower() == "default" or not _HUB_DATASET_ID.fullmatch(name):
+        return None
+    return None if os.path.exists(name) else name
+
+
+def describe_dataset(name) -> str | None:
+    """A reader's label for a recorded dataset (the embedded corpus gets its real name)."""
+    if name is None:
+        return None
+    name = str(name)
+    base, _, split = name.partition(":")
+    if base.lower() == "default" or name.startswith("kjv (hf_sae"):
+        return "King James Bible (the corpus embedded in hf_sae)" + (f", split {split}" if split else "")
+    return name
 
 def _info_value(sae: SparseAutoencoder, keys: Sequence[str]):
     info = dict(sae.config.training_info or {})
@@ -132,8 +210,9 @@ def _index_entry(sae: SparseAutoencoder, folder: str, metrics: Mapping[str, Any]
         "base_model": cfg.base_model,
         "dataset": _info_value(sae, _DATASET_KEYS),
         "training_tokens": _info_value(sae, _TOKENS_KEYS),
-        "metrics": collect_metrics(sae, metrics),
     }
+    entry["metrics"], entry["metrics_split"] = card_metrics_and_split(sae, metrics)
+    entry["metrics_dataset"] = (metrics or {}).get("dataset") or (sae.config.training_info or {}).get("eval_dataset")
     return entry
 
 
@@ -141,7 +220,7 @@ def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bo
     """-> ({hook point: sae}, at_root)."""
     if layout not in ("auto", "root", "subfolders"):
         raise ValueError(f"layout={layout!r} is invalid; use 'auto', 'root' or 'subfolders'.")
-    if isinstance(saes, SparseAutoencoder):
+    if isinstance(saes, _sae_class()):
         hp = saes.config.hook_point
         if hp is None:
             if layout == "subfolders":
@@ -156,7 +235,7 @@ def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bo
                         f"got {type(saes).__name__}")
     out = {}
     for hp, sae in saes.items():
-        if not isinstance(sae, SparseAutoencoder):
+        if not isinstance(sae, _sae_class()):
             raise TypeError(f"saes[{hp!r}] is a {type(sae).__name__}, not a SparseAutoencoder")
         hook_point_folder(hp)
         if sae.config.hook_point not in (None, hp):
@@ -210,6 +289,8 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
         training_tokens = next((e.get("training_tokens") for e in entries if e.get("training_tokens")), None)
     name = repo_id.split("/")[-1]
     dataset = str(dataset) if dataset is not None else None
+    license_confirmed = license is not None
+    license = license or DEFAULT_LICENSE
     # Only Hub ids go into the metadata (a local path as base_model would be rejected by the Hub); the body
     # still names whatever was recorded.
     meta_base = base_model if isinstance(base_model, str) and _HUB_ID.fullmatch(base_model) else None
@@ -220,16 +301,20 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
             value = (entry.get("metrics") or {}).get(key)
             if value is None:
                 continue
+            measured_on = entry.get("metrics_dataset") or dataset
             eval_results.append(EvalResult(
                 task_type="sparse-autoencoding", task_name=f"SAE reconstruction at {hp or 'the hook point'}",
-                dataset_type=str(dataset or "activations"), dataset_name=str(dataset or "activations"),
-                dataset_config=hp or None, metric_type=key, metric_name=display, metric_value=float(value),
+                dataset_type=hub_dataset_id(measured_on) or "activations",
+                dataset_name=describe_dataset(measured_on) or "activations",
+                dataset_config=hp or None, dataset_split=entry.get("metrics_split") or None,
+                metric_type=key, metric_name=display, metric_value=float(value),
             ))
     tags = ["sparse-autoencoder", "hf_sae", "interpretability"]
     tags += sorted({f"hook-point:{hp}" for hp in hook_points if hp}, key=lambda t: _sort_key(t.split(":", 1)[1]))
     tags += sorted({f"activation:{e['activation']}" for e in entries})
     card_data = ModelCardData(
-        library_name=LIBRARY_NAME, base_model=meta_base, datasets=[dataset] if dataset else None,
+        library_name=LIBRARY_NAME, base_model=meta_base,
+        datasets=[hub_dataset_id(dataset)] if hub_dataset_id(dataset) else None,
         license=license, tags=tags, model_name=name if eval_results else None,
         eval_results=eval_results or None, pipeline_tag="feature-extraction",
     )
@@ -252,8 +337,16 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
                        f"{'`' + base_model + '`' if base_model else 'a language model'}, saved with the `hf_sae` "
                        f"library ({where}).")
     training = [f"- Base model: {'`' + base_model + '`' if base_model else 'not recorded'}",
-                f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}",
-                f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}"]
+                f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}"
+                + (f" ({describe_dataset(dataset)})" if dataset and describe_dataset(dataset) != dataset else ""),
+                f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}",
+                "- Metrics measured on: " + (", ".join(sorted({
+                    f"split `{e.get('metrics_split') or 'not recorded'}`"
+                    + (f" of {describe_dataset(e.get('metrics_dataset'))}" if e.get("metrics_dataset") else "")
+                    for e in entries if e.get("metrics")})) or "no metrics recorded"),
+                f"- License: `{license}`" + ("" if license_confirmed else
+                                              " (hf_sae's default, not confirmed by the uploader: check it matches "
+                                              "the base model's and the data's terms)")]
     files = "\n".join(f"- `{e.get('folder') or '.'}/`: `config.json`, `model.safetensors` ({hp or 'root SAE'})"
                       for hp, e in zip(hook_points, entries))
     files += ("\n- `sae_index.json`: hook point → folder, sizes and metrics\n"
@@ -261,7 +354,7 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
     text = template_path().read_text(encoding="utf-8")
     return text.format(
         card_data=card_data.to_yaml(), title=name, description=description, table="\n".join(rows),
-        repo_id=repo_id, subfolder_arg=subfolder_arg, d_in=first["d_in"],
+        repo_id=repo_id, subfolder_arg=subfolder_arg, d_in=first["d_in"], n_latents=first["n_latents"],
         example_hook=f"`{hook_points[0]}`" if hook_points[0] else "its hook point",
         training="\n".join(training), files=files,
     )
@@ -291,7 +384,7 @@ def _sort_key(hp: str):
 def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None, layout: str = "auto",
                  metrics: Mapping[str, Mapping[str, Any]] | None = None, base_model: str | None = None,
                  dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
-                 existing_index: Mapping[str, Any] | None = None) -> Path:
+                 existing_index: Mapping[str, Any] | None = None, dashboards=None) -> Path:
     """Write the exact repository layout (see the module docstring) into ``folder``.
 
     Args:
@@ -304,9 +397,12 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
         base_model, dataset, training_tokens, license: card metadata (defaults from the SAEs' configs).
         existing_index: ``hook_points`` of an index already in the repo; its other hook points are kept in
             the new index and card.
+        dashboards: ``{hook point: site folder}`` (or one folder for one SAE) written by ``hf-sae dashboard``;
+            each is shipped in ``dashboard/<hook point>/`` and linked from the card.
     Returns: the folder path.
     """
     saes, at_root = _normalise_saes(saes, layout)
+    dashboards = _check_dashboards(dashboards, saes)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = dict(metrics or {})
@@ -321,7 +417,15 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
         sub = "" if at_root else hook_point_folder(hp)
         target = folder / sub if sub else folder
         _save_one(sae, target, hp)
+        shipped = index.get(hp, {}).get("dashboard")   # a browser pushed earlier stays in the repo and the card
         index[hp] = _index_entry(sae, sub, metrics.get(hp))
+        if shipped and hp not in dashboards:
+            index[hp]["dashboard"] = shipped
+        if hp in dashboards:
+            rel = f"{DASHBOARD_DIR}/{sub}" if sub else DASHBOARD_DIR
+            shutil.copytree(dashboards[hp], folder / rel, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("autointerp_cache.jsonl"))
+            index[hp]["dashboard"] = rel
     if not at_root:  # the code at the root, for trust_remote_code
         first = folder / hook_point_folder(next(iter(saes)))
         for name in CODE_FILES:
@@ -330,15 +434,51 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
                                                 indent=2, sort_keys=True) + "\n")
     card = render_model_card(index, repo_id or folder.resolve().name, base_model=base_model, dataset=dataset,
                              training_tokens=training_tokens, license=license)
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    (folder / "README.md").write_text(card + _dashboard_section(index, repo_id or folder.resolve().name),
+                                      encoding="utf-8")
     return folder
+
+
+def _check_dashboards(dashboards, saes: Mapping[str, SparseAutoencoder]) -> dict[str, Path]:
+    """{hook point: site folder}, validated before anything is written."""
+    if not dashboards:
+        return {}
+    if isinstance(dashboards, (str, os.PathLike)):
+        if len(saes) != 1:
+            raise ValueError("dashboards= is one folder but several SAEs are pushed; pass {hook point: folder}.")
+        dashboards = {next(iter(saes)): dashboards}
+    out = {}
+    for hp, path in dashboards.items():
+        if hp not in saes:
+            raise ValueError(f"a dashboard is given for hook point {hp!r}, which is not among the SAEs pushed "
+                             f"({sorted(saes)}).")
+        if not (Path(path) / "index.html").is_file() or not (Path(path) / "data" / "meta.js").is_file():
+            raise FileNotFoundError(f"{path} is not a feature-browser site (index.html + data/meta.js); build it "
+                                    "with `hf-sae dashboard SAE --out DIR`.")
+        out[hp] = Path(path)
+    return out
+
+
+def _dashboard_section(index: Mapping[str, Mapping[str, Any]], repo_id: str) -> str:
+    """The card's "Feature browser" section (empty when no hook point has one)."""
+    rows = [(hp, e["dashboard"]) for hp, e in sorted(index.items(), key=lambda kv: _sort_key(kv[0]))
+            if e.get("dashboard")]
+    if not rows:
+        return ""
+    links = "\n".join(f"- `{hp or 'root SAE'}`: [`{d}/index.html`]({d}/index.html)" for hp, d in rows)
+    return (f"\n## Feature browser\n\nA static feature browser (top-activating contexts, activation histograms, "
+            f"promoted tokens, explanations) for each SAE, built with `hf-sae dashboard`:\n\n{links}\n\n"
+            f"It needs no server: download it and open `index.html` from disk:\n\n```python\n"
+            f"from huggingface_hub import snapshot_download\n"
+            f"path = snapshot_download(\"{repo_id}\", allow_patterns=[\"{DASHBOARD_DIR}/*\"])\n"
+            f"print(path + \"/{rows[0][1]}/index.html\")\n```\n")
 
 
 def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[str, Mapping[str, Any]] | None = None,
                 base_model: str | None = None, dataset: str | None = None, training_tokens: int | None = None,
                 license: str | None = None, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                endpoint: str | None = None):
+                endpoint: str | None = None, dashboards=None):
     """Create ``repo_id`` if needed and push one SAE or a set of SAEs with code, index and model card, in a
     single commit. Hook points already in the repo (from an earlier push) stay listed in the index and card.
 
@@ -360,7 +500,8 @@ def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[st
             existing = None
         stage = Path(tmp) / "stage"
         save_for_hub(saes, stage, repo_id=repo_id, layout=layout, metrics=metrics, base_model=base_model,
-                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing)
+                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing,
+                     dashboards=dashboards)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(stage).as_posix(), path_or_fileobj=str(p))
                for p in sorted(stage.rglob("*")) if p.is_file()]
         n = len(_normalise_saes(saes, layout)[0])
@@ -441,9 +582,12 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
     root, folders = _index_at(repo_or_path, **kw)
     if not os.path.isdir(str(repo_or_path)) and re.fullmatch(r"[0-9a-f]{40}", root.name):
         kw["revision"] = root.name  # the snapshot's commit: index and weights come from the same revision
-    if not folders:
+    if not folders:  # perhaps another library's layout (SAELens, sparsify, Gemma Scope, dictionary_learning)
+        foreign = _load_foreign(repo_or_path, pattern, kw, from_pretrained_kwargs)
+        if foreign:
+            return foreign
         raise ValueError(f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
-                         "model_type 'hf_sae').")
+                         "model_type 'hf_sae') and no SAE folder in another library's format.")
     if pattern is not None:
         pats = [pattern] if isinstance(pattern, str) else list(pattern)
         folders = {hp: f for hp, f in folders.items() if any(fnmatch.fnmatchcase(hp, p) for p in pats)}
@@ -458,8 +602,30 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{repo_or_path}: the folder {folder or '.'!r} of hook point {hp!r} has no "
                                     "config.json; the repo is incomplete.")
-        out[hp] = SparseAutoencoder.from_pretrained(path, **from_pretrained_kwargs)
+        out[hp] = _sae_class().from_pretrained(path, **from_pretrained_kwargs)
     return out
+
+
+def _load_foreign(repo_or_path, pattern, kw: dict, from_pretrained_kwargs: dict) -> dict[str, SparseAutoencoder]:
+    """{hook point (or folder): SAE} of the foreign-format folders of a repo (hf_sae.pretrained), converted and
+    cached; ``pattern`` selects by folder name, else by hook point after conversion."""
+    from . import pretrained
+
+    folders = pretrained.find_foreign_folders(repo_or_path, revision=kw["revision"], token=kw["token"],
+                                              local_files_only=kw["local_files_only"], cache_dir=kw["cache_dir"])
+    pats = None if pattern is None else ([pattern] if isinstance(pattern, str) else list(pattern))
+    if pats and any(fnmatch.fnmatchcase(f, p) for f in folders for p in pats):
+        folders = {f: v for f, v in folders.items() if any(fnmatch.fnmatchcase(f, p) for p in pats)}
+    load_kw = {k: v for k, v in kw.items() if k != "endpoint" and v is not None}
+    out = {}
+    for folder in folders:
+        sae = pretrained.load_pretrained(str(repo_or_path), folder or None, **load_kw, **from_pretrained_kwargs)
+        name = sae.config.hook_point or folder
+        if pats is None or any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(folder, p) for p in pats):
+            out[name] = sae
+    if folders and not out:
+        raise ValueError(f"No SAE of {repo_or_path} matches {pats}; its folders: {list(folders)}.")
+    return dict(sorted(out.items(), key=lambda item: _sort_key(item[0])))
 
 
 def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAutoencoder:
@@ -478,6 +644,97 @@ def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAut
     return load_all(repo_or_path, [hook_point], **kwargs)[hook_point]
 
 
+# --------------------------------------------------------------------------------------------- loading errors
+def _listing(names, limit: int = 25) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "") \
+        if names else "nothing"
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` can only be meant as a local path (so it must never be tried on the Hub): it starts
+    with ``.``, ``/`` or ``~``, has more than one ``/`` (a Hub id has one), or its first component is a local
+    folder."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def check_local_sae_path(path, subfolder: str | None = None) -> None:
+    """Before any download: raise ``FileNotFoundError`` naming what exists when ``path`` is meant as a local
+    folder but does not exist (a typo must not turn into a Hub request)."""
+    path = str(path)
+    if os.path.isdir(os.path.expanduser(path)) or not looks_local(path):
+        return
+    p = Path(path).expanduser()
+    parent = next((a for a in p.parents if a.is_dir()), None)
+    if parent is None:
+        raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id, which has the form 'org/name').")
+    saes = sorted(c.parent.name for c in parent.glob("*/config.json"))
+    raise FileNotFoundError(f"{path} does not exist; {parent} holds: {_listing(c.name for c in parent.iterdir())}"
+                            + (f" (SAE folders: {_listing(saes)})" if saes else "")
+                            + ". An SAE folder holds config.json + model.safetensors (save_pretrained).")
+
+
+def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
+    """Files (relative paths) of a local folder (depth <= 2) or a Hub repo; None if they cannot be listed."""
+    if os.path.isdir(str(repo_or_path)):
+        root = Path(repo_or_path)
+        return sorted(p.relative_to(root).as_posix() for p in [*root.glob("*"), *root.glob("*/*")] if p.is_file())
+    try:
+        from huggingface_hub import HfApi
+
+        return sorted(HfApi(token=token).list_repo_files(str(repo_or_path), revision=revision))
+    except Exception:  # noqa: BLE001 -- offline, no such repo, no permission: nothing to list
+        return None
+
+
+def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: str | None = None,
+                        token=None) -> tuple[str | None, str | None]:
+    """Why no SAE loads from ``repo_or_path`` (+ ``subfolder``): returns ``(fallback, message)``.
+
+    ``fallback`` is ``""`` when the SAE asked for by ``subfolder`` is the one at the root (a single SAE pushed
+    to the root, whose config names that hook point): load the root instead. Otherwise ``fallback`` is None
+    and ``message`` lists the SAEs (hook point -> ``subfolder=``) and files the repo or folder holds
+    (``message`` is None when they cannot be listed)."""
+    files = _repo_files(repo_or_path, revision, token)
+    where = f"{repo_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    if files is None:  # offline, private or no such repo: the original error says it best
+        return None, None
+    folders = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith("/config.json")})
+    hook_points: dict[str, str] = {}
+    root_hp = None
+    try:
+        if os.path.isdir(str(repo_or_path)):
+            index_text = (Path(repo_or_path) / INDEX_FILE).read_text() if INDEX_FILE in files else None
+            root_cfg = (Path(repo_or_path) / "config.json").read_text() if "config.json" in files else None
+        else:
+            from huggingface_hub import hf_hub_download
+
+            get = lambda name: Path(hf_hub_download(str(repo_or_path), name, revision=revision,  # noqa: E731
+                                                    token=token)).read_text()
+            index_text = get(INDEX_FILE) if INDEX_FILE in files else None
+            root_cfg = get("config.json") if "config.json" in files else None
+        if index_text:
+            hook_points = {hp: e.get("folder", "") for hp, e in json.loads(index_text).get("hook_points", {}).items()}
+        if root_cfg:
+            root_hp = json.loads(root_cfg).get("hook_point")
+    except Exception:  # noqa: BLE001 -- the listing below is still useful
+        pass
+    if subfolder and "config.json" in files and subfolder in (root_hp, hook_points.get(root_hp or "", None)) \
+            and f"{subfolder}/config.json" not in files:
+        return "", ""
+    if not hook_points:
+        hook_points = {f: f for f in folders}
+    choices = "; ".join(f"{hp} -> subfolder={f!r}" if f else f"{hp} -> the root (no subfolder)"
+                        for hp, f in sorted(hook_points.items(), key=lambda kv: _sort_key(kv[0])))
+    msg = f"no SAE at {where}."
+    if choices:
+        msg += f" It holds SAEs for: {choices} (or load them all with hf_sae.hub.load_all)."
+    msg += f" Files: {_listing(f for f in files if f.count('/') <= 1)}."
+    return None, msg
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``hf-sae push``."""
@@ -489,12 +746,17 @@ def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=None, help="card metadata (default: the SAEs' config.base_model)")
     parser.add_argument("--dataset", default=None, help="card metadata (default: training_info['dataset'])")
     parser.add_argument("--training-tokens", type=int, default=None, help="card metadata")
-    parser.add_argument("--license", default=None, help="card metadata, e.g. apache-2.0")
-    parser.add_argument("--metrics", default=None, help="JSON file {hook point: {fvu, l0, dead_fraction, delta_loss}}")
+    parser.add_argument("--license", default=None, help=f"card metadata, e.g. mit (default: {DEFAULT_LICENSE}, "
+                        "marked in the card as not confirmed until you pass it)")
+    parser.add_argument("--metrics", nargs="+", default=None,
+                        help="hf-sae eval's metrics.json file(s), or a JSON {hook point: {fvu, l0, dead_fraction, "
+                        "delta_loss}} (default: the held-out metrics the trainer stored in each SAE's config)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (default main)")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
+    parser.add_argument("--dashboard", action="append", default=None, metavar="SITE",
+                        help="a feature-browser folder from `hf-sae dashboard` to ship beside its SAE (repeatable)")
     parser.add_argument("--dry-run", metavar="DIR", default=None,
                         help="write the repository layout into DIR instead of pushing")
     return parser
@@ -512,7 +774,7 @@ def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | Spars
             found.extend(subs)
         else:
             raise FileNotFoundError(f"{p} does not exist or is not a folder.")
-    saes = [SparseAutoencoder.from_pretrained(p) for p in found]
+    saes = [_sae_class().from_pretrained(p) for p in found]
     if len(saes) == 1:
         return saes[0]
     out = {}
@@ -524,12 +786,34 @@ def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | Spars
     return out
 
 
+def _dashboards_by_hook_point(sites: Sequence[str], saes) -> dict[str, str]:
+    """{hook point: site} from the hook point each site records (its data/meta.js)."""
+    from .dashboard.site import is_site, read_data
+
+    out = {}
+    for site in sites:
+        if not is_site(site):
+            raise FileNotFoundError(f"--dashboard {site} is not a feature-browser site (index.html + data/meta.js); "
+                                    "build it with `hf-sae dashboard SAE --out DIR`.")
+        hp = read_data(Path(site) / "data" / "meta.js").get("hook_point")
+        if isinstance(saes, SparseAutoencoder):
+            hp = saes.config.hook_point or hp
+        out[hp] = site
+    return out
+
+
 def run_push(args: argparse.Namespace) -> int:
     """``hf-sae push``: load saved SAEs and push them (or, with --dry-run, write the repo layout)."""
     saes = _collect_saved(args.paths)
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    metrics = None
+    for path in args.metrics or []:
+        metrics = {**(metrics or {}), **read_metrics_file(path)}
+    if args.license is None:
+        print(f"[hf-sae push] card license: {DEFAULT_LICENSE} (the default; pass --license to confirm or change it)",
+              file=sys.stderr)
     meta = dict(layout=args.layout, metrics=metrics, base_model=args.base_model, dataset=args.dataset,
-                training_tokens=args.training_tokens, license=args.license)
+                training_tokens=args.training_tokens, license=args.license,
+                dashboards=_dashboards_by_hook_point(args.dashboard or [], saes))
     if args.dry_run:
         out = save_for_hub(saes, args.dry_run, repo_id=args.repo_id, **meta)
         print(f"wrote the repository layout of {args.repo_id} to {out}")
@@ -541,7 +825,9 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "INDEX_FILE", "CODE_FILES", "CARD_METRICS", "template_path", "hook_point_folder", "collect_metrics",
+    "INDEX_FILE", "DASHBOARD_DIR", "CODE_FILES", "CARD_METRICS", "DEFAULT_LICENSE", "template_path",
+    "hook_point_folder", "collect_metrics", "card_metrics_and_split", "read_metrics_file", "hub_dataset_id",
+    "describe_dataset",
     "render_model_card", "card_metrics", "save_for_hub", "push_to_hub", "repo_hook_points", "load_all",
-    "load_sae", "add_push_args", "run_push",
+    "load_sae", "add_push_args", "run_push", "looks_local", "check_local_sae_path", "explain_missing_sae",
 ]

@@ -1,14 +1,17 @@
 """SparseAutoencoder: a transformers PreTrainedModel for TopK / BatchTopK / ReLU / JumpReLU / top-AFA SAEs.
 
-Math (docs/FORMULAS.md §1), in normalized units (inputs scaled by ``config.input_scale``)::
+Math (docs/FORMULAS.md §1), in normalized units x = s N(x_caller) (``s = config.input_scale``; N the per-token
+``config.input_norm``: identity, or layer_norm (x - mu) / (sigma + eps))::
 
-    pre = W_enc (x - b_dec) + b_enc          # [N, n]
+    pre = W_enc (x - b_dec) + b_enc          # [N, n]  (no b_enc for top-AFA, afa_variant="reference")
     z   = act(pre)                           # k-sparse (values, indices) or dense
     x^  = z W_dec + b_dec                    # only the active rows of W_dec take part
 
+and the reconstruction in the caller's units is x^ / s (times sigma, plus mu, under layer_norm).
 ``forward`` takes and returns the caller's units; losses are computed in normalized units (FVU and
-AuxK are scale-free). This file imports only torch, transformers and its two sibling files, so a
-saved folder that carries them loads with ``trust_remote_code=True`` without hf_sae installed.
+AuxK are scale-free); ``mse`` is in the caller's units. This file imports only torch, transformers and
+its two sibling files, so a saved folder that carries them loads with ``trust_remote_code=True``
+without hf_sae installed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,21 @@ from .activations import Latents, get_activation
 from .configuration_sae import SAEConfig
 
 _EPS = 1e-12
+
+
+def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 8 << 20) -> Tensor:
+    """[n, 1] dot products of the rows of a and b [n, d]; on CPU in row blocks of ``block_bytes`` through one
+    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included)."""
+    if a.device.type != "cpu":
+        return (a * b).sum(-1, keepdim=True)
+    rows = max(1, block_bytes // max(1, a.shape[-1] * a.element_size()))
+    out = a.new_empty(a.shape[0], 1)
+    buf = a.new_empty(min(rows, a.shape[0]), a.shape[-1])
+    for lo in range(0, a.shape[0], rows):
+        hi = min(a.shape[0], lo + rows)
+        prod = torch.mul(a[lo:hi], b[lo:hi], out=buf[:hi - lo])
+        torch.sum(prod, -1, keepdim=True, out=out[lo:hi])
+    return out
 
 
 @dataclass
@@ -55,17 +73,22 @@ class SAEOutput(ModelOutput):
     l0_loss: Optional[Tensor] = None
     """scalar L0 of the latents with the JumpReLU pseudo-gradient (jumprelu only, else None)."""
     afa_loss: Optional[Tensor] = None
-    """scalar mean((||z~|| - ||x - b_dec||)^2), z~ = latents times decoder-row norms (normalized units)."""
+    """scalar AFA loss in the form of ``config.afa_variant`` (:meth:`SparseAutoencoder.afa_loss`; normalized units)."""
     multi_topk_fvu: Optional[Tensor] = None
     """scalar FVU with 4k latents (Multi-TopK), when enabled."""
 
 
-def _kernels():
-    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+def _optional(module: str):
+    """An hf_sae module if the package is importable (not under trust_remote_code), else None."""
     try:
-        return importlib.import_module("hf_sae.kernels")
+        return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _kernels():
+    """The fast sparse kernels of hf_sae, if the package is importable (not under trust_remote_code)."""
+    return _optional("hf_sae.kernels")
 
 
 def sparse_decode_reference(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -101,18 +124,44 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if config.activation == "batchtopk":
             self.register_buffer("batchtopk_threshold", torch.tensor(-1.0))
         self.activation = get_activation(config.activation)
+        if not self.uses_b_enc:  # top-AFA as its authors define it has no encoder bias: b_enc stays 0
+            self.b_enc.requires_grad_(False)
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved SAE (local folder, Hub repo, ``subfolder=``). Unlike plain transformers, a
         checkpoint whose tensors are missing, extra or of the wrong shape for its config raises a
-        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file."""
+        ``ValueError`` naming the tensors, and a corrupt weights file raises one naming the file.
+
+        With hf_sae installed, a folder written by another library (SAELens, sparsify, dictionary_learning,
+        Gemma Scope, OpenAI) or a ``hf_sae.pretrained.REGISTRY`` id (e.g. ``"gemma-scope-2b-pt-res"`` with
+        ``subfolder="layer_20/width_16k/average_l0_71"``) is converted on the fly and cached (see
+        ``hf_sae.pretrained``)."""
+        foreign = None if kwargs.get("output_loading_info") else _optional("hf_sae.pretrained")
+        if foreign is not None:
+            sae = foreign.maybe_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs)
+            if sae is not None:
+                return sae
+            try:
+                return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+            except OSError as err:  # no hf_sae config/weights there: perhaps another library's layout
+                return foreign.fallback_load(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs, err)
+        return cls._from_pretrained_checked(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained_checked(cls, pretrained_model_name_or_path, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         where = str(pretrained_model_name_or_path)
         if kwargs.get("subfolder"):
             where += f" (subfolder {kwargs['subfolder']!r})"
+        try:
+            hub = importlib.import_module("hf_sae.hub")  # absent under trust_remote_code: plain errors then
+        except ImportError:
+            hub = None
+        if hub is not None:
+            hub.check_local_sae_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -123,7 +172,18 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                     f"The SAE weights file in {where} is corrupt or truncated ({err}). Re-save it, or re-download "
                     f"it with force_download=True."
                 ) from err
-            raise
+            if hub is None or not isinstance(err, OSError):
+                raise
+            fallback, message = hub.explain_missing_sae(pretrained_model_name_or_path, kwargs.get("subfolder"),
+                                                        kwargs.get("revision"), kwargs.get("token"))
+            if fallback is None:
+                if message is None:
+                    raise
+                raise OSError(message) from err
+            kwargs = {**kwargs, "subfolder": fallback}  # the SAE of that hook point lives at the root
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
         problems = []
         if info.get("missing_keys"):
             problems.append(f"missing tensors {sorted(info['missing_keys'])}")
@@ -188,8 +248,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if g is None:
             return
         w = self.W_dec
-        coef = (g * w).sum(-1, keepdim=True) / w.square().sum(-1, keepdim=True).clamp_min(_EPS)
-        g.sub_(coef * w)
+        coef = _row_dots(g, w).div_(_row_dots(w, w).clamp_min_(_EPS))
+        g.addcmul_(coef, w, value=-1)
 
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]
@@ -199,7 +259,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     # ---------------------------------------------------------------- input handling
     def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
-        """Validate x [..., d], return (x_normalized [N, d], leading shape)."""
+        """Validate x [..., d], return (x_normalized [N, d], leading shape, per-token stats or None)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"SAE input must be a torch.Tensor of shape [..., {self.config.d_in}], got {type(x)}")
         if not x.is_floating_point():
@@ -217,14 +277,50 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"SAE input contains {bad} NaN/Inf values; clean the activations before encoding.")
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.config.d_in).to(self.W_enc.dtype)
+        x, stats = self._normalize(x.reshape(-1, self.config.d_in).to(self.W_enc.dtype))
+        return x, lead, stats
+
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """(s N(x) [N, d], (mu, sigma) [N, 1] each or None): the per-token ``input_norm`` N, then ``input_scale``."""
+        cfg = self.config
+        stats = None
+        if cfg.input_norm == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            sigma = x.std(dim=-1, keepdim=True, correction=1 if cfg.input_norm_unbiased else 0)
+            x = x / (sigma + cfg.input_norm_eps)
+            stats = (mu, sigma)
+        if cfg.input_scale != 1.0:
+            x = x * cfg.input_scale
+        return x, stats
+
+    def _denormalize(self, x_hat: Tensor, stats: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+        """Normalized-unit reconstructions [N, d] -> the caller's units (inverse of :meth:`_normalize`)."""
         if self.config.input_scale != 1.0:
-            x = x * self.config.input_scale
-        return x, lead
+            x_hat = x_hat / self.config.input_scale
+        if stats is not None:
+            x_hat = x_hat * stats[1] + stats[0]
+        return x_hat
+
+    def normalize_input(self, x: Tensor) -> Tensor:
+        """x [..., d] in the caller's units -> [..., d] in normalized units (what W_enc and the latents see)."""
+        xn, lead, _ = self._flatten_input(x)
+        return xn.reshape(*lead, self.config.d_in)
+
+    def input_norm_stats(self, x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Per-token (mu [..., 1], sigma [..., 1]) of x [..., d] that :meth:`decode` needs under
+        ``input_norm="layer_norm"`` to return the caller's units; None when ``input_norm="none"``."""
+        _, lead, stats = self._flatten_input(x)
+        return None if stats is None else tuple(t.reshape(*lead, 1) for t in stats)
+
+    @property
+    def uses_b_enc(self) -> bool:
+        """False for top-AFA in the authors' form (``afa_variant="reference"``): pre = W_enc (x - b_dec)."""
+        return not (self.config.activation == "topafa" and self.config.afa_variant == "reference")
 
     def _pre(self, x: Tensor) -> Tensor:
         """Pre-activations [N, n] of normalized inputs x [N, d]."""
-        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc if self.uses_b_enc else None)
 
     def _activate(self, x: Tensor) -> tuple[Tensor, Latents]:
         pre = self._pre(x)
@@ -275,7 +371,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         k_aux = self._auxk_width(dead_mask)
         with torch.no_grad():
             xc = x - self.b_dec
-            pre = F.linear(xc, self.W_enc, self.b_enc)
+            b_enc = self.b_enc if self.uses_b_enc else torch.zeros_like(self.b_enc)
+            pre = F.linear(xc, self.W_enc, b_enc)
             selected = sparse_fn(pre, self, xc)
             # The pre-activations at the selection, without a gather from pre: a main slot's value is
             # ReLU(pre) * keep, i.e. pre itself wherever it is > 0 -- the only slots that keep a value
@@ -308,7 +405,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                                       [p.shape[1] for p in picks], supports, valid)
         # W_enc's and W_dec's gradients reuse their memory from step to step on CPU (kernels.GradBuffer)
         buffers = self.__dict__.setdefault("_grad_buffers", (kernels.GradBuffer(), kernels.GradBuffer()))
-        parts = kernels.encode_selected(x, self.W_enc, self.b_enc, self.b_dec, code, pre_sel, backend=backend,
+        parts = kernels.encode_selected(x, self.W_enc, b_enc, self.b_dec, code, pre_sel, backend=backend,
                                         grad_buffer=buffers[0]).split(code.blocks, dim=1)
         # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
         main = parts[0].where(selected.values > 0, 0.0)
@@ -325,21 +422,28 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ---------------------------------------------------------------- public API
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., n] (normalized units) of inputs x [..., d] in the caller's units."""
-        xn, lead = self._flatten_input(x)
+        xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
         return latents.to_dense(self.config.n_latents).reshape(*lead, -1)
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [..., w], indices [..., w]) of the active latents; w = k for topk, the batch's widest
         row otherwise (padded slots have value 0)."""
-        xn, lead = self._flatten_input(x)
+        xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
         latents = latents.to_sparse()
         return latents.values.reshape(*lead, -1), latents.indices.reshape(*lead, -1)
 
-    def decode(self, latents: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+    def decode(self, latents: Tensor, indices: Optional[Tensor] = None,
+               norm_stats: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """Reconstruction [..., d] in the caller's units from dense latents [..., n], or from
-        ``(values [..., w], indices [..., w])`` when ``indices`` is given."""
+        ``(values [..., w], indices [..., w])`` when ``indices`` is given. Under ``input_norm="layer_norm"``
+        the caller's units depend on each token's statistics: pass ``norm_stats=sae.input_norm_stats(x)``
+        (``(mu, sigma)`` [..., 1] each)."""
+        if self.config.input_norm != "none" and norm_stats is None:
+            raise ValueError(f"decode: this SAE normalises every token (input_norm={self.config.input_norm!r}), so "
+                             "the reconstruction in the caller's units needs that token's statistics: pass "
+                             "norm_stats=sae.input_norm_stats(x), or use sae(x).reconstruction.")
         if indices is not None:
             if latents.shape != indices.shape:
                 raise ValueError(f"decode: values {tuple(latents.shape)} and indices {tuple(indices.shape)} differ")
@@ -353,9 +457,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             lead = latents.shape[:-1]
             code = Latents(dense=latents.reshape(-1, self.config.n_latents).to(self.W_dec.dtype))
         x_hat = self._decode_normalized(code)
-        if self.config.input_scale != 1.0:
-            x_hat = x_hat / self.config.input_scale
-        return x_hat.reshape(*lead, self.config.d_in)
+        stats = None
+        if self.config.input_norm != "none":
+            stats = tuple(torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
+                          for t in norm_stats)
+        return self._denormalize(x_hat, stats).reshape(*lead, self.config.d_in)
 
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None, return_dense: bool = False) -> SAEOutput:
         """Encode, decode and compute every loss term.
@@ -366,7 +472,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             return_dense: also return dense ``latents`` [..., n] for k-sparse activations.
         """
         cfg = self.config
-        xn, lead = self._flatten_input(x)
+        xn, lead, stats = self._flatten_input(x)
         fused = self._forward_fused(xn, dead_mask)
         if fused is None:
             pre, latents = self._activate(xn)
@@ -379,7 +485,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         err = F.mse_loss(x_hat, xn, reduction="sum")
         fvu = err / total_var
         loss = fvu
-        mse = err / (xn.numel() * cfg.input_scale ** 2)
+        recon = self._denormalize(x_hat, stats)
+        if stats is None:  # caller's units = normalized units / s
+            mse = err / (xn.numel() * cfg.input_scale ** 2)
+        else:
+            mse = F.mse_loss(recon, x.reshape(-1, cfg.d_in).to(recon.dtype))
 
         if fused is None:
             auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
@@ -418,7 +528,6 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             multi = (x_hat4 - xn).square().sum() / total_var
             loss = loss + multi / 8
 
-        recon = x_hat / cfg.input_scale if cfg.input_scale != 1.0 else x_hat
         out = SAEOutput(
             loss=loss, reconstruction=recon.reshape(*lead, cfg.d_in), fvu=fvu, mse=mse, auxk_loss=auxk,
             l1_loss=l1, l0_loss=l0, afa_loss=afa, multi_topk_fvu=multi,
@@ -460,15 +569,27 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return torch.nan_to_num(F.mse_loss(e_hat, e, reduction="sum") / denom, nan=0.0, posinf=0.0)
 
     def afa_loss(self, latents: Latents, x: Tensor, norms: Optional[Tensor] = None) -> Tensor:
-        """mean over tokens of (||z~|| - ||x - b_dec||)^2 with z~_i = z_i ||W_dec,i|| (docs/FORMULAS.md §3).
+        """The AFA loss (docs/FORMULAS.md §3) on normalized inputs x [N, d], in the form ``config.afa_variant``
+        names:
+
+        - ``reference`` (the authors' ``sae.py``): mean over tokens of (||z||_2 - ||x||_2)^2, z the raw
+          latents, x the SAE's input (uncentred);
+        - ``centred``: mean over tokens of (||z~||_2 - ||x - b_dec||_2)^2, z~_i = z_i ||W_dec,i||.
+
         ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
+        z = latents.values if latents.is_sparse else latents.dense
+        if self.config.afa_variant == "reference":
+            return (z.norm(dim=-1) - x.norm(dim=-1)).square().mean()
         norms = self.decoder_norms() if norms is None else norms
-        if latents.is_sparse:
-            z_norm = (latents.values * norms[latents.indices]).norm(dim=-1)
-        else:
-            z_norm = (latents.dense * norms).norm(dim=-1)
-        return (z_norm - (x - self.b_dec).norm(dim=-1)).square().mean()
+        scale = norms[latents.indices] if latents.is_sparse else norms
+        return ((z * scale).norm(dim=-1) - (x - self.b_dec).norm(dim=-1)).square().mean()
 
 
 SAEConfig.register_for_auto_class()
 SparseAutoencoder.register_for_auto_class("AutoModel")
+
+if __name__ == "hf_sae.modeling_sae":  # the installed library, not a copy loaded through trust_remote_code
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(SAEConfig.model_type, SAEConfig, exist_ok=True)
+    AutoModel.register(SAEConfig, SparseAutoencoder, exist_ok=True)

@@ -14,14 +14,17 @@ What it does (everything offline, everything under ``--out``):
    folder + ``training_report.json`` + ``training_curves.png``), checkpoints and logs in ``sae/``;
 4. evaluates it on held-out text with ``hf_sae.evaluation`` (the same code as ``hf-sae eval``): FVU,
    L0, dead latents, and the downstream loss increase when the reconstruction is spliced into the
-   LM: ``eval/metrics.json`` + ``eval/report.html``; prints a summary (``summary.json``).
+   LM: ``eval/metrics.json`` + ``eval/report.html``; prints a summary (``summary.json``);
+5. builds the static feature browser of the SAE (``hf_sae.dashboard``) over ``--dashboard-tokens`` held-out
+   tokens: ``dashboard/index.html`` (open it from disk; ``--dashboard-tokens 0`` skips this step).
 
 Why layer 6: SmolLM2-135M has 30 blocks. Block 6 (about 1/5 of the depth) is past the first blocks,
 whose residual stream mostly re-encodes the current token, but early enough that harvesting is
 cheap: the forward is cut right after block 6, so each token costs 7 of 30 blocks and no unembedding.
 
 Every stage is resumable: rerunning the command reuses the cache, resumes training from the newest
-checkpoint (or re-exports a finished run) and re-evaluates.
+checkpoint (or re-exports a finished run), and reuses the evaluation when it was made of the same SAE
+weights with the same settings (``eval/quickstart_stamp.json``); otherwise it re-evaluates.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default 16384)")
     p.add_argument("--downstream-tokens", type=int, default=4096,
                    help="tokens for the downstream loss (4 full LM forwards; default 4096)")
+    p.add_argument("--dashboard-tokens", type=int, default=8192,
+                   help="held-out tokens for the feature browser (default 8192; 0 = no browser)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores, os.cpu_count())")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -73,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainingArguments, SAETrainer
+    from ._io import sha256_file as file_sha256
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -81,12 +87,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     times: dict = {}
     t0 = time.perf_counter()
 
-    print(f"[quickstart] 1/4 loading SmolLM2-135M (embedded, offline)", flush=True)
+    print(f"[quickstart] 1/5 loading SmolLM2-135M (embedded, offline)", flush=True)
     t = time.perf_counter()
     model, tok = load_model(DEFAULT_MODEL)
     times["load_model"] = time.perf_counter() - t
 
-    print(f"[quickstart] 2/4 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
+    print(f"[quickstart] 2/5 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
           f"held-out tokens -> {out / 'cache'}", flush=True)
     t = time.perf_counter()
     cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
@@ -97,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                           dtype="float16", split="train", progress=progress)
     times["cache_activations"] = time.perf_counter() - t
 
-    print(f"[quickstart] 3/4 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
+    print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
           flush=True)
     t = time.perf_counter()
     targs = SAETrainingArguments(
@@ -112,17 +118,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sae = trainer.train()[hook]
     times["train"] = time.perf_counter() - t
 
-    print("[quickstart] 4/4 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
     t = time.perf_counter()
-    eparser = add_eval_args(argparse.ArgumentParser())
-    eargs = eparser.parse_args([str(out / "sae" / hook), "--metrics", "reconstruction,downstream",
-                                "--n-tokens", str(args.eval_tokens), "--downstream-tokens",
-                                str(args.downstream_tokens), "--out", str(out / "eval")]
-                               + (["--no-progress"] if not progress else []))
-    sae.eval()
-    with torch.no_grad():
-        results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
+    eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
+                 str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
+    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
+    results = _reuse_eval(out / "eval", stamp)
+    if results is not None:
+        print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
+    else:
+        print("[quickstart] 4/5 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
+        eargs = add_eval_args(argparse.ArgumentParser()).parse_args(eval_argv + (["--no-progress"] if not progress
+                                                                                 else []))
+        sae.eval()
+        with torch.no_grad():
+            results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
+        (out / "eval" / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
     times["evaluate"] = time.perf_counter() - t
+
+    dashboard = None
+    if args.dashboard_tokens > 0:
+        from .dashboard import build_dashboard
+
+        print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens", flush=True)
+        t = time.perf_counter()
+        info = build_dashboard(sae, out / "dashboard", model=model, tokenizer=tok, model_name=sae.config.base_model,
+                               n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
+                               sae_label=f"quickstart {hook}", progress=progress)
+        dashboard = info["index_html"]
+        times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     cpu_seconds = time.process_time()
 
@@ -142,11 +165,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "load_average_1min": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
         "paths": {"sae": str(out / "sae" / hook), "curves": str(out / "sae" / hook / "training_curves.png"),
-                  "eval_report": str(out / "eval" / "report.html")},
+                  "eval_report": str(out / "eval" / "report.html"), "dashboard": dashboard},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _print_summary(summary, args)
     return summary
+
+
+STAMP_FILE = "quickstart_stamp.json"
+
+
+def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
+    """The earlier results in ``eval_dir`` when its stamp equals ``stamp`` (same weights, same settings)."""
+    try:
+        if json.loads((eval_dir / STAMP_FILE).read_text()) != stamp:
+            return None
+        return json.loads((eval_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _print_summary(s: dict, args) -> None:
@@ -168,9 +204,11 @@ def _print_summary(s: dict, args) -> None:
         f"  fraction of loss recovered (vs zero / mean ablation) {f(s['frac_recovered_zero'], '.3f')} / "
         f"{f(s['frac_recovered_mean'], '.3f')}",
         f"  time: {_fmt_time(s['seconds']['total'])} total (cache {_fmt_time(s['seconds']['cache_activations'])}, "
-        f"train {_fmt_time(s['seconds']['train'])}, eval {_fmt_time(s['seconds']['evaluate'])}), "
+        f"train {_fmt_time(s['seconds']['train'])}, eval {_fmt_time(s['seconds']['evaluate'])}"
+        f"{', browser ' + _fmt_time(s['seconds']['dashboard']) if 'dashboard' in s['seconds'] else ''}), "
         f"{s['torch_threads']} threads, {_fmt_time(s['cpu_seconds'])} CPU time, load average {s['load_average_1min']}",
         f"  SAE: {s['paths']['sae']}   curves: {s['paths']['curves']}   report: {s['paths']['eval_report']}",
+        f"  feature browser: {s['paths']['dashboard']}" if s["paths"].get("dashboard") else "",
         "",
     ]
     print("\n".join(lines), flush=True)

@@ -166,10 +166,55 @@ def test_saelens_batchtopk_training_form(tmp_path, x):
     _assert_close(lat, acts)
 
 
+def _layer_norm(x):
+    """SAELens 6.54.12 run_time_activation_ln_in / OpenAI LN: (x - mu) / (std + 1e-5), unbiased std."""
+    mu = x.mean(-1, keepdim=True)
+    std = (x - mu).std(-1, keepdim=True)
+    return (x - mu) / (std + 1e-5), mu, std
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_saelens_layer_norm_returns_the_lm_units(tmp_path, x, arch):
+    sd = _saelens_weights(seed=9)
+    cfg = {**_saelens_cfg(arch, **({"k": 3} if arch == "topk" else {})), "normalize_activations": "layer_norm"}
+    sae = C.convert(_write_saelens(tmp_path / arch, cfg, sd), dtype=F64)
+    assert sae.config.input_norm == "layer_norm" and sae.config.input_norm_eps == 1e-5
+    xs = x * torch.linspace(0.1, 30, x.shape[0], dtype=F64)[:, None] - 2  # tokens of very different norms
+    xn, mu, std = _layer_norm(xs)
+    acts, rec_n = saelens_reference(cfg, sd, xn)
+    lat, rec = _ours(sae, xs)
+    _assert_close(lat, acts)
+    _assert_close(rec, rec_n * std + mu)  # run_time_activation_ln_out
+    assert torch.equal(lat != 0, acts != 0)
+    # and back out: the export keeps normalize_activations="layer_norm"
+    back = C.convert(C.export_saelens(sae, tmp_path / "out"), dtype=F64)
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
+    _assert_close(_ours(back, xs)[1], rec)
+
+
+def test_saelens_cfg_without_architecture(tmp_path, x):
+    sd = _saelens_weights(seed=3)
+    cfg6 = _saelens_cfg("topk", k=3)
+    del cfg6["architecture"]  # a SAELens >= 6 cfg must name it
+    with pytest.raises(ValueError, match="no 'architecture' field"):
+        C.convert(_write_saelens(tmp_path / "six", cfg6, sd))
+    unversioned = {k: v for k, v in cfg6.items() if k != "metadata"}
+    with pytest.raises(ValueError, match="'k' but no 'architecture'"):
+        C.convert(_write_saelens(tmp_path / "k", unversioned, sd))
+    # SAELens < 6 (no version): its handle_pre_6_0_config defaults to standard, or topk from activation_fn_str
+    old = {"d_in": D, "d_sae": N, "hook_point": "blocks.4.hook_resid_post", "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True, "normalize_activations": False}
+    sae = C.convert(_write_saelens(tmp_path / "old", old, sd), dtype=F64)
+    assert sae.config.activation == "topk" and sae.config.k == 2
+    old_relu = {k: v for k, v in old.items() if not k.startswith("activation_fn")}
+    assert C.convert(_write_saelens(tmp_path / "old_relu", old_relu, sd), dtype=F64).config.activation == "relu"
+
+
 def test_saelens_refuses_what_it_cannot_represent(tmp_path):
     sd = _saelens_weights()
-    with pytest.raises(ValueError, match="layer_norm.*normalize inputs yourself"):
-        C.convert(_write_saelens(tmp_path / "a", {**_saelens_cfg("standard"), "normalize_activations": "layer_norm"}, sd))
+    with pytest.raises(ValueError, match="constant_norm_rescale.*not supported"):
+        C.convert(_write_saelens(tmp_path / "a", {**_saelens_cfg("standard"),
+                                                  "normalize_activations": "constant_norm_rescale"}, sd))
     with pytest.raises(ValueError, match="architecture 'gated' is not supported"):
         C.convert(_write_saelens(tmp_path / "b", _saelens_cfg("gated"), sd))
     with pytest.raises(ValueError, match="input_scale=<that factor>"):
@@ -341,20 +386,72 @@ def openai_reference(sd, x, layer_norm):
     return lat, (rec * std + mu if layer_norm else rec)
 
 
-def test_openai_topk_needs_layer_norm_consent(tmp_path, x):
-    path = tmp_path / "ae.pt"
-    torch.save(_openai_sd("TopK"), path)
+class _OpenAITopK(torch.nn.Module):
+    """The module structure of openai/sparse_autoencoder's TopK activation, for its state_dict keys: the
+    activation's own state_dict() adds k and the post-activation's class name under its prefix."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        sd = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        sd.update({prefix + "k": self.k, prefix + "postact_fn": "ReLU"})
+        return sd
+
+
+class _OpenAIAutoencoder(torch.nn.Module):
+    """The attribute layout of openai/sparse_autoencoder's Autoencoder (model.py): torch's own state_dict()
+    recursion over it yields exactly the keys of their released checkpoints, plus the two entries their
+    state_dict() override adds ("activation", "activation_state_dict")."""
+
+    def __init__(self, sd_values, k):
+        super().__init__()
+        n, d = sd_values["encoder.weight"].shape
+        self.pre_bias = torch.nn.Parameter(sd_values["pre_bias"])
+        self.encoder = torch.nn.Linear(d, n, bias=False)
+        self.latent_bias = torch.nn.Parameter(sd_values["latent_bias"])
+        self.activation = _OpenAITopK(k)
+        self.decoder = torch.nn.Linear(n, d, bias=False)
+        self.register_buffer("stats_last_nonzero", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("latents_activation_frequency", torch.ones(n))
+        self.register_buffer("latents_mean_square", torch.zeros(n))
+        with torch.no_grad():
+            self.encoder.weight.copy_(sd_values["encoder.weight"])
+            self.decoder.weight.copy_(sd_values["decoder.weight"])
+
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        sd = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        sd[prefix + "activation"] = "TopK"
+        sd[prefix + "activation_state_dict"] = self.activation.state_dict()
+        return sd
+
+
+def test_openai_topk_as_released_imports_with_its_layer_norm(tmp_path, x):
+    values = _openai_sd("TopK", seed=2)
+    path = tmp_path / "5.pt"  # resid_post_v5_32k/autoencoders/5.pt
+    torch.save(_OpenAIAutoencoder(values, k=3).state_dict(), path)
+    keys = set(torch.load(path, weights_only=True))
+    assert {"activation.k", "activation.postact_fn", "activation", "activation_state_dict"} <= keys
     assert C.detect_format(path) == "openai"
-    with pytest.raises(ValueError, match="layer-normalizes every input.*accept_layer_norm=True"):
+    sae = C.convert(path, dtype=F64)
+    assert sae.config.activation == "topk" and sae.config.k == 3 and sae.config.input_norm == "layer_norm"
+    xs = x * torch.linspace(0.2, 40, x.shape[0], dtype=F64)[:, None] + 1.5  # LM-like spread of token norms
+    lat, rec = _ours(sae, xs)  # in the LM's units: no pre-normalisation by the caller
+    ref_lat, ref_rec = openai_reference(values, xs, layer_norm=True)
+    _assert_close(rec, ref_rec, tol=1e-6)  # float32 source weights
+    _assert_close(lat, ref_lat, tol=1e-6)
+    assert torch.equal(lat != 0, ref_lat != 0)
+    # the SAE behind the layer norm, on request
+    behind = C.convert(path, dtype=F64, layer_norm=False)
+    assert behind.config.input_norm == "none"
+    _assert_close(_ours(behind, xs)[1], openai_reference(values, xs, layer_norm=False)[1], tol=1e-6)
+    # a file whose two copies of k disagree is refused
+    sd = torch.load(path, weights_only=True)
+    sd["activation.k"] = 4
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"activation.k=4 disagrees with activation_state_dict\['k'\]=3"):
         C.convert(path)
-    sae = C.convert(path, dtype=F64, accept_layer_norm=True)
-    assert sae.config.activation == "topk" and sae.config.k == 3
-    assert sae.config.training_info["converted_from"]["input_normalization"].startswith("openai_layer_norm")
-    xn, mu, std = C.openai_layer_norm(x)
-    lat, rec = _ours(sae, xn)
-    ref_lat, ref_rec = openai_reference(_openai_sd("TopK"), x, layer_norm=True)
-    _assert_close(rec * std + mu, ref_rec)
-    _assert_close(lat, ref_lat)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -377,7 +474,11 @@ class _Evil:
 def test_openai_bad_files(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({**_openai_sd("ReLU"), "payload": _Evil()}, path)
-    with pytest.raises(ValueError, match="weights_only=True.*never unpickles code"):
+    with pytest.raises(ValueError, match="pickles a print object.*never unpickles code"):
+        C.convert(path)
+    torch.save(_openai_sd("ReLU"), path)
+    path.write_bytes(path.read_bytes()[:300])  # cut off mid-file
+    with pytest.raises(ValueError, match="is truncated or corrupt.*download or copy it again"):
         C.convert(path)
     sd = _openai_sd("ReLU")
     sd["decoder.weight"] = sd["decoder.weight"][:, :7]
@@ -391,7 +492,7 @@ def test_openai_bad_files(tmp_path):
         C.convert(path)
     torch.save(_openai_sd("TopK", k=0), path)
     with pytest.raises(ValueError, match="integer activation_state_dict"):
-        C.convert(path, accept_layer_norm=True)
+        C.convert(path)
     torch.save({**_openai_sd("ReLU"), "activation": "Identity"}, path)
     with pytest.raises(ValueError, match="activation 'Identity' is not supported"):
         C.convert(path)
@@ -451,14 +552,20 @@ def _dl_sd(cls, seed=0, k=3, threshold=0.25):
 def dl_reference(cls, sd, x):
     """dictionary_learning: AutoEncoder f = relu(enc(x - bias)), x^ = dec(f) + bias; AutoEncoderNew f = relu(enc(x)),
     x^ = dec(f) (+ decoder.bias); AutoEncoderTopK topk(relu(enc(x - b_dec))); BatchTopKSAE (use_threshold, the
-    default) relu(..) * (relu(..) > threshold); JumpReluAutoEncoder f = relu(pre*(pre > t)) * ||W_dec_i||,
-    x^ = (f / ||W_dec_i||) W_dec + b_dec with pre = x W_enc + b_enc."""
+    default) relu(..) * (relu(..) > threshold); JumpReluAutoEncoder (0.1.0) f = relu(pre*(pre > t)),
+    x^ = f W_dec + b_dec with pre = x W_enc + b_enc (before 0.1.0: f times ||W_dec_i||, divided out in decode)."""
     sd = {k: v.double() for k, v in sd.items()}
-    if cls == "JumpReluAutoEncoder":
+    if cls in ("JumpReluAutoEncoder", "JumpReluAutoEncoder<0.1"):
         pre = x @ sd["W_enc"] + sd["b_enc"]
-        n = sd["W_dec"].norm(dim=1)
+        n = sd["W_dec"].norm(dim=1) if cls.endswith("<0.1") else torch.ones(sd["W_dec"].shape[0], dtype=F64)
         f = torch.relu(pre * (pre > sd["threshold"])) * n
         return f, (f / n) @ sd["W_dec"] + sd["b_dec"]
+    if cls == "BatchTopKSAE(use_threshold=False)":  # the k * B largest values over the whole batch
+        r = (x - sd["b_dec"]) @ sd["encoder.weight"].T + sd["encoder.bias"]
+        flat = r.relu().flatten()
+        v, i = flat.topk(int(sd["k"]) * x.shape[0])
+        f = torch.zeros_like(flat).scatter(0, i, v).reshape(r.shape)
+        return f, f @ sd["decoder.weight"].T + sd["b_dec"]
     enc = lambda v: v @ sd["encoder.weight"].T + sd["encoder.bias"]  # noqa: E731
     if cls == "AutoEncoder":
         f = enc(x - sd["bias"]).relu()
@@ -493,6 +600,59 @@ def test_dictionary_learning_matches_its_reference(tmp_path, x, cls):
     _assert_close(lat, ref_lat, tol=1e-6)
 
 
+def _dl_folder(folder, cls, sd, **trainer_extra):
+    """ae.pt + config.json as dictionary_learning 0.1.0's trainSAE writes them (trainer.config + buffer.config)."""
+    folder.mkdir(parents=True)
+    torch.save(sd, folder / "ae.pt")
+    trainer = {"trainer_class": cls.replace("AutoEncoder", "Trainer"), "dict_class": cls, "lr": 7e-5, "steps": 1000,
+               "seed": 0, "activation_dim": D, "dict_size": N, "device": "cuda:0", "layer": 3,
+               "lm_name": "EleutherAI/pythia-70m-deduped", "wandb_name": cls, "submodule_name": "resid_post_layer_3",
+               **trainer_extra}
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"d_submodule": D, "io": "out",
+                                                                                    "n_ctxs": 30000, "ctx_len": 128}}))
+    return folder
+
+
+def test_dictionary_learning_jumprelu_latents_follow_the_version(tmp_path, x):
+    sd = _dl_sd("JumpReluAutoEncoder", seed=6)
+    with torch.no_grad():  # decoder rows far from unit norm: a stray ||W_dec,i|| factor cannot hide
+        sd["W_dec"] *= torch.linspace(0.3, 3.0, N)[:, None]
+    folder = _dl_folder(tmp_path / "jr", "JumpReluAutoEncoder", sd, bandwidth=0.001, sparsity_penalty=1.0,
+                        sparsity_warmup_steps=100, target_l0=20)
+    for version, cls in ((None, "JumpReluAutoEncoder"), ("0.1.0", "JumpReluAutoEncoder"),
+                         ("0.0.9", "JumpReluAutoEncoder<0.1")):
+        opts = {} if version is None else {"dictionary_learning_version": version}
+        sae = C.convert(folder, dtype=F64, **opts)
+        ref_lat, ref_rec = dl_reference(cls, sd, x)
+        lat, rec = _ours(sae, x)
+        _assert_close(rec, ref_rec, tol=1e-6)
+        _assert_close(lat, ref_lat, tol=1e-6)
+        assert torch.equal(lat != 0, ref_lat != 0), version
+    # the version recorded in config.json is honoured
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["dictionary_learning_version"] = "0.0.9"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _assert_close(_ours(C.convert(folder, dtype=F64), x)[0], dl_reference("JumpReluAutoEncoder<0.1", sd, x)[0], tol=1e-6)
+    with pytest.raises(ValueError, match="not a version like"):
+        C.convert(folder, dictionary_learning_version="latest")
+
+
+def test_dictionary_learning_batchtopk_without_threshold_selects_over_the_batch(tmp_path, x):
+    sd = _dl_sd("BatchTopKSAE", seed=8, k=2, threshold=0.4)
+    folder = _dl_folder(tmp_path / "btk", "BatchTopKSAE", sd, k=2)
+    sae = C.convert(folder, dtype=F64, use_threshold=False)
+    assert sae.config.activation == "batchtopk" and float(sae.batchtopk_threshold) == pytest.approx(0.4)
+    ref_lat, ref_rec = dl_reference("BatchTopKSAE(use_threshold=False)", sd, x)
+    per_row = _topk_dense(((x - sd["b_dec"].double()) @ sd["encoder.weight"].double().T
+                           + sd["encoder.bias"].double()).relu(), 2)
+    assert not torch.equal(ref_lat != 0, per_row != 0)  # the batch selection differs from a per-row top-k here
+    with torch.no_grad():
+        out = sae.train()(x, return_dense=True)  # train(): the batch-wide selection
+    _assert_close(out.latents, ref_lat, tol=1e-6)
+    _assert_close(out.reconstruction, ref_rec, tol=1e-6)
+    assert torch.equal(out.latents != 0, ref_lat != 0)
+
+
 def test_dictionary_learning_special_cases(tmp_path, x):
     # BatchTopK whose threshold was never estimated (-1): its threshold forward is a plain ReLU (F7)
     sd = _dl_sd("BatchTopKSAE", threshold=-1.0)
@@ -518,6 +678,19 @@ def test_dictionary_learning_special_cases(tmp_path, x):
     (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     with pytest.raises(ValueError, match=r"'decoder.weight' has shape \[10, 6\] but encoder.weight \[10, 6\] implies \[6, 10\]"):
         C.convert(folder)
+    # an ae.pt cut off in transfer says so (not "re-save with state_dict")
+    torch.save(_dl_sd("AutoEncoder"), folder / "ae.pt")
+    (folder / "ae.pt").write_bytes((folder / "ae.pt").read_bytes()[:-200])
+    with pytest.raises(ValueError, match=r"ae.pt is truncated or corrupt \(.*\); download or copy it again\.$"):
+        C.convert(folder)
+
+
+def test_export_refuses_a_layer_norm_saelens_cannot_express(tmp_path):
+    from hf_sae import SAEConfig
+
+    sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=N, k=2, input_norm="layer_norm", input_norm_eps=1e-3))
+    with pytest.raises(ValueError, match="input_norm_eps=0.001"):
+        C.export_saelens(sae, tmp_path / "out")
 
 
 def test_fold_decoder_norms_keeps_reconstruction(tmp_path, x):
@@ -560,3 +733,16 @@ def test_cli_convert_and_export(tmp_path, x):
     assert C.run_convert(args) == 0
     back = C.convert(tmp_path / "sl", dtype=F64)
     _assert_close(_ours(back, x)[1], _ours(sae, x)[1])
+
+
+def test_cli_convert_refusals_are_one_line_with_exit_code_2(tmp_path, capsys):
+    from hf_sae.cli import main
+
+    sd = _saelens_weights()
+    bad = _write_saelens(tmp_path / "gated", _saelens_cfg("gated"), sd)
+    assert main(["convert", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hf-sae convert: error: ") and "'gated' is not supported" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err

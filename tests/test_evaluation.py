@@ -52,7 +52,7 @@ from hf_sae.evaluation.n2g import decode_ngram
 from hf_sae.evaluation.report import write_report
 
 HOOK = "layers.0.resid_post"
-EXTRA_WORDS = ["(", ")", '"', "0", "1", "42", "NASA", "IBM", "one", "two", "The", "In", "said", "man"]
+EXTRA_WORDS = ["(", ")", '"', "0", "1", "42", "NASA", "IBM", "one", "two", "The", "In", "said", "man", "Yes", "No"]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -408,10 +408,11 @@ def test_afa_hand_values_and_streaming():
     assert c["eps_mean"] == pytest.approx(2 * (1 / math.sqrt(2)) / 3)
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(500, generator=g) + 0.5, torch.rand(500, generator=g) + 0.5
-    one, stream = AFAStats(max_points=100), AFAStats(max_points=100)
-    one.update(a, b)
+    xz, fz = a + 1.0, b + 1.0  # a ZF pair (||x||, ||f~||)
+    one, stream = AFAStats(max_points=100, n_latents=9), AFAStats(max_points=100, n_latents=9)
+    one.update(a, b, zf=(xz, fz))
     for s in range(0, 500, 60):
-        stream.update(a[s:s + 60], b[s:s + 60])
+        stream.update(a[s:s + 60], b[s:s + 60], zf=(xz[s:s + 60], fz[s:s + 60]))
     r1, r2 = one.compute(), stream.compute()
     for k in r1:
         assert r2[k] == pytest.approx(r1[k], rel=1e-12)
@@ -420,17 +421,25 @@ def test_afa_hand_values_and_streaming():
     assert r1["afa_norm_mse"] == pytest.approx(float((b.double() - a.double()).square().mean()), rel=1e-12)
     assert one.histogram() == stream.histogram() and sum(one.histogram()["counts"]) == 500
     assert torch.equal(one.points[0], stream.points[0]) and one.points[0].numel() == 100
+    r = (xz.double().square() - fz.double().square()) / fz.double().square()
+    assert r1["eps_lbo_mean"] == pytest.approx(float(r.abs().mean()) / 8, rel=1e-12)
+    assert r1["zf_frac_in_025"] == pytest.approx(float((r.abs() <= 0.25).double().mean()))
 
 
 def test_afa_from_sae_matches_modeling_loss():
     sae = _sae(d=16, n=64, k=4)
     x = torch.randn(50, 16)
     with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(16))  # with b_dec = 0 and unit rows the two AFA forms coincide
         out = sae(x)
     s = AFAStats()
     s.update_from_sae(sae, x, out)
-    # the model's own afa_loss is mean((||z~|| - ||x - b||)^2): the same quantity
-    assert s.compute()["afa_norm_mse"] == pytest.approx(float(out.afa_loss), rel=1e-5)
+    # the centred AFA loss is mean((||z~|| - ||x - b||)^2): the same quantity
+    sae.config.afa_variant = "centred"
+    with torch.no_grad():
+        centred = sae(x).afa_loss
+    assert s.compute()["afa_norm_mse"] == pytest.approx(float(centred), rel=1e-5)
+    assert s.compute()["afa_norm_mse"] != pytest.approx(float(out.afa_loss), rel=1e-3)  # the reference form differs
 
 
 # ------------------------------------------------------------------------------------------ report + CLI
@@ -446,7 +455,7 @@ def test_write_report(tmp_path):
     names = {p.name for p in written}
     assert {"report.html", "l0_histogram.png", "firing_density.png", "afa_zf_plot.png", "afa_gap.png"} <= names
     html = (tmp_path / "report.html").read_text()
-    assert "<img src='l0_histogram.png'" in html and "Reconstruction" in html
+    assert "<img src='data:image/png;base64," in html and "Reconstruction" in html  # inlined: the page alone suffices
     assert (tmp_path / "afa_zf_plot.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -161,7 +161,7 @@ def test_second_push_keeps_the_other_hook_points(hub):
 
 def test_trust_remote_code_in_a_process_without_hf_sae(hub, tmp_path):
     """A fresh interpreter, HF_ENDPOINT set before huggingface_hub is imported, ``import hf_sae`` blocked:
-    transformers downloads the code from the repo root and reproduces the SAE's outputs exactly."""
+    transformers downloads the code from the repo root and reproduces the SAE's outputs (to float32 rounding)."""
     one, sub = _sae("layers.1.resid_post", "jumprelu", 7), _sae("layers.3.attn_out", "topk", 8)
     H.push_to_hub(one, "test-org/remote-root")
     H.push_to_hub({"layers.3.attn_out": sub}, "test-org/remote-sub")
@@ -190,8 +190,10 @@ def test_trust_remote_code_in_a_process_without_hf_sae(hub, tmp_path):
         sub = AutoModel.from_pretrained("test-org/remote-sub", subfolder="layers.3.attn_out", trust_remote_code=True)
         assert "hf_sae" not in sys.modules
         assert type(root).__module__.startswith("transformers_modules."), type(root).__module__
-        assert torch.equal(root(io["x"]).reconstruction, io["root"])
-        assert torch.equal(sub(io["x"]).reconstruction, io["sub"])
+        # equal up to float32 summation order: this process may use other thread counts and the dense path
+        # where hf_sae's own process used its sparse kernels
+        for got, want in ((root(io["x"]).reconstruction, io["root"]), (sub(io["x"]).reconstruction, io["sub"])):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
         print("REMOTE-CODE-OK", type(root).__name__, sub.config.hook_point)
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}

@@ -9,7 +9,7 @@ import torch
 
 from hf_sae import SAEConfig, SparseAutoencoder
 from hf_sae.evaluation import ReconstructionStats, fvu
-from hf_sae.evaluation.afa import AFAStats, afa_batch_stats, afa_norms
+from hf_sae.evaluation.afa import AFAStats, afa_batch_stats, afa_norms, zf_norms
 from hf_sae.evaluation.downstream import DownstreamStats, downstream_batch_stats
 from hf_sae.evaluation.probes import summarize_probe_results
 from hf_sae.evaluation.reconstruction import dead_latents_batch_stats, fvu_batch_stats, l0_batch_stats
@@ -121,9 +121,10 @@ def test_afa_module(batches):
     ref = AFAStats()
     ref.update_from_sae(sae, x, out)
     for sl in chunks:
-        xn, zn = afa_norms(x[sl], sae.b_dec.detach(), sae.decoder_norms().detach(), out.latent_values[sl],
-                           out.latent_indices[sl], input_scale=sae.config.input_scale)
-        m.add(**afa_batch_stats(xn, zn))
+        args = (x[sl], sae.b_dec.detach(), sae.decoder_norms().detach(), out.latent_values[sl],
+                out.latent_indices[sl], None, sae.config.input_scale)
+        m.add(**afa_batch_stats(*afa_norms(*args), zf=zf_norms(*args), n_latents=sae.config.n_latents))
     got, want = m.compute(), ref.compute()
+    assert {"eps_lbo_mean", "eps_lbo_h1_mean", "zf_frac_in_025", "afa_gap_mean"} <= set(want)
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-12), k

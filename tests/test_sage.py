@@ -428,3 +428,100 @@ def test_smollm2_ioi_and_fresh_sae(smollm2):
     assert v["sae"]["fvu"] > 0.5  # an untrained SAE reconstructs poorly ...
     assert v["sae"]["sufficiency"] < v["supervised"]["sufficiency"]  # ... and is less sufficient
     assert set(v["control"]) == {"io", "s", "order"}
+
+
+# --------------------------------------------------------------------------- SAGE validation checks
+
+
+def test_regression_dictionary_removes_the_io_s_cross_terms():
+    # IOI-like design: io != s on every prompt (all ordered pairs of 4 names), a additive in io and s.
+    from hf_sae.evaluation.sage.dictionaries import SupervisedDictionary
+
+    torch.manual_seed(0)
+    names = ["A", "B", "C", "D"]
+    f_io = {v: torch.randn(6, dtype=torch.float64) for v in names}
+    f_s = {v: torch.randn(6, dtype=torch.float64) for v in names}
+    io = [a for a in names for b in names if a != b]
+    s = [b for a in names for b in names if a != b]
+    a = torch.stack([f_io[i] + f_s[j] for i, j in zip(io, s)]) + 0.5
+    attrs = {"io": io, "s": s}
+    reg = SupervisedDictionary.fit(a, attrs, method="regression")
+    mean = SupervisedDictionary.fit(a, attrs)
+    torch.testing.assert_close(reg.reconstruct(attrs), a, rtol=0, atol=1e-10)
+    # the conditional means carry a -1/(n_names - 1) share of the other attribute's feature of the same
+    # name: u_io[v] = g_io[v] - g_s[v] / 3 (g = the feature minus its mean over names)
+    g = lambda f, v: f[v] - torch.stack(list(f.values())).mean(0)  # noqa: E731
+    for v in names:
+        torch.testing.assert_close(mean.feature("io", v), g(f_io, v) - g(f_s, v) / 3, rtol=0, atol=1e-10)
+    assert (mean.reconstruct(attrs) - a).norm() > 0.1
+    # on a balanced product design both fits agree
+    xs = [x for x in "pq" for _ in "rst"]
+    ys = [y for _ in "pq" for y in "rst"]
+    b = torch.randn(6, 4, dtype=torch.float64)
+    m, r = SupervisedDictionary.fit(b, {"x": xs, "y": ys}), SupervisedDictionary.fit(b, {"x": xs, "y": ys}, method="regression")
+    torch.testing.assert_close(r.mean, m.mean)
+    for attr in ("x", "y"):
+        for v in r.features[attr]:
+            torch.testing.assert_close(r.feature(attr, v), m.feature(attr, v))
+    with pytest.raises(ValueError, match="method"):
+        SupervisedDictionary.fit(b, {"x": xs}, method="ols")
+
+
+def test_cross_section_completeness(llama, ioi):
+    from hf_sae.evaluation.sage.validation import cross_section_completeness
+
+    # the last residual stream at END determines the END logits: patching it reproduces the whole effect
+    full = cross_section_completeness(llama, ioi, ["layers.2.resid_post@END"], min_effect=0.0)
+    for attr, r in full["attributes"].items():
+        assert r["ld_patched_all"] == pytest.approx(r["ld_corrupted"], abs=1e-4), attr
+        assert r["complete"] is True
+    assert full["complete"] is True
+    # one early MLP at one position does not
+    part = cross_section_completeness(llama, ioi, ["layers.0.mlp_out@S2"], attributes=["io"], min_effect=0.0)
+    assert abs(part["attributes"]["io"]["fraction"] - 1) > 0.1 and part["complete"] is False
+    # a full effect below min_effect gives no verdict
+    none = cross_section_completeness(llama, ioi, ["layers.0.mlp_out@S2"], attributes=["io"], min_effect=1e9)
+    assert none["attributes"]["io"]["complete"] is None and none["complete"] is False
+
+
+def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
+    from hf_sae.evaluation.sage.validation import compare_sublayer_methods
+
+    fit, ev = ioi.split(12)
+    res_sae = _identity_sae(32, "layers.0.resid_post")  # feeds block 1
+    subs = {"layers.1.mlp_out": _identity_sae(32, "layers.1.mlp_out"),
+            "layers.1.attn_out": _identity_sae(32, "layers.1.attn_out")}
+    locs = ["layers.1.mlp_out@END", "layers.1.attn_out@S2", "layers.1.attn_z.h0@END", "layers.2.mlp_out@END"]
+    out = compare_sublayer_methods(llama, res_sae, subs, fit, ev, locs, edit_steps=(1, 64), n_control=6)
+    assert out["skipped"] == ["layers.1.attn_z.h0@END", "layers.2.mlp_out@END"]
+    assert set(out["locations"]) == {"layers.1.mlp_out@END", "layers.1.attn_out@S2"}
+    for key, r in out["locations"].items():
+        for method in ("residual_recomputed", "sublayer_sae"):  # both exact for identity SAEs
+            assert r[method]["sufficiency"] == pytest.approx(1.0, abs=1e-3), (key, method)
+            assert r[method]["necessity"] == pytest.approx(1.0, abs=1e-3), (key, method)
+            assert r[method]["fvu"] == pytest.approx(0.0, abs=1e-8)
+        assert r["sublayer_sae_control"]["io"]["ld_sae_edit"]["64"] == pytest.approx(
+            r["sublayer_sae_control"]["io"]["ld_counterfactual_patch"], abs=1e-4)
+    # a residual SAE that reconstructs badly is worse by the sublayer method than the exact sublayer SAE
+    bad = SparseAutoencoder(SAEConfig(d_in=32, n_latents=64, activation="topk", k=2,
+                                      hook_point="layers.0.resid_post")).eval()
+    out2 = compare_sublayer_methods(llama, bad, subs, fit, ev, locs[:1], control=False)
+    r = out2["locations"]["layers.1.mlp_out@END"]
+    assert r["residual_recomputed"]["fvu"] > 0.05 and r["sublayer_sae"]["fvu"] == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="hook_point"):
+        compare_sublayer_methods(llama, res_sae, {"layers.1.attn_out": subs["layers.1.mlp_out"]}, fit, ev, locs)
+
+
+def test_supervised_fit_comparison_tiny(llama, ioi):
+    from hf_sae.evaluation.sage.validation import supervised_fit_comparison
+
+    fit, ev = ioi.split(12)
+    loc = "layers.1.resid_pre@END"
+    res = supervised_fit_comparison(llama, fit, ev, [loc])[loc]
+    assert set(res) >= {"mean", "regression", "mean_norm_matched", "regression_norm_matched", "norm_ratio_mean"}
+    assert 0.5 < res["norm_ratio_mean"] < 1.5 and 0.5 < res["norm_ratio_regression"] < 1.5
+    # the same ablation and clean LD underlie every variant; sufficiency is their ratio
+    den = res["ld_clean"] - res["ld_mean_ablation"]
+    for k in ("mean", "regression", "mean_norm_matched"):
+        assert res[k]["sufficiency"] == pytest.approx((res[k]["ld"] - res["ld_mean_ablation"]) / den, rel=1e-9)
+    assert res["mean"]["ld"] != pytest.approx(res["mean_norm_matched"]["ld"], abs=1e-6)  # rescaling changes LD

@@ -84,8 +84,10 @@ def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="one or more hook points, e.g. layers.6.resid_post layers.6.mlp_out (comma-separated works too)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dataset", default="default",
-                        help="'default' (shipped KJV sample), a .txt/.jsonl/.parquet file or folder, or a `datasets` name")
-    parser.add_argument("--split", default="train")
+                        help="'default' (shipped KJV sample), a .txt/.jsonl/.parquet file or folder, a save_to_disk "
+                        "folder, or a `datasets` name ('name' or 'name:config')")
+    parser.add_argument("--split", default="train", help="train, validation or all; a source without a validation "
+                        "split holds out a fixed 5%% of its documents as validation (and train excludes them)")
     parser.add_argument("--text-column", "--text_column", default="text")
     parser.add_argument("--max-tokens", "--max_tokens", type=int, default=None, help="tokens to cache (default: the whole source)")
     parser.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype")

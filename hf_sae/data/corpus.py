@@ -10,9 +10,20 @@ Sources (``load_texts``):
 - a local file or folder: ``.txt`` (documents are paragraphs separated by blank lines),
   ``.jsonl``/``.json`` (one JSON object per line, text in ``text_column``), ``.parquet``
   (text in ``text_column``); each may be ``.gz``-compressed except parquet. A folder reads
-  every such file in sorted order (or the subfolder named ``split`` if it exists).
+  every such file in sorted order (or the subfolder named ``split`` if it exists). A folder
+  written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` is opened with
+  ``datasets.load_from_disk``.
+- a ``datasets.Dataset`` / ``IterableDataset`` / ``DatasetDict`` object, or any iterable of
+  strings (a list, a generator) or of dict rows (text in ``text_column``).
 - anything else: a Hugging Face ``datasets`` dataset name, read with ``streaming=True`` by
   default; ``"name:config"`` selects a configuration (e.g. ``"wikitext:wikitext-103-raw-v1"``).
+
+Held-out data is disjoint from training data for every source. A source without a split of
+the requested name (a single file, a folder without split subfolders, a ``Dataset`` object, a
+dataset that has only ``train``) is split deterministically by document: a document belongs to
+``validation`` when a hash of its text falls in the lowest :data:`HELDOUT_FRACTION` of the range
+(:func:`is_heldout`), and ``train`` then excludes exactly those documents. ``split="all"`` reads
+everything. Iterables of strings passed directly are read as they are (their split is the caller's).
 
 Tokenization (``tokenize_windows`` / ``iter_windows``): documents are tokenized without
 special tokens, joined with the tokenizer's EOS token after each document, and packed
@@ -25,6 +36,7 @@ into windows of ``window`` tokens; with ``add_bos`` each window starts with BOS 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -37,6 +49,11 @@ CORPUS_DIR = Path(__file__).parent / "texts"
 _DEFAULT_FILES = ("kjv-1.jsonl.gz", "kjv-2.jsonl.gz")
 VALIDATION_BOOKS = ("Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
 """Books of the shipped KJV sample that form ``split="validation"`` (the last nine books)."""
+
+HELDOUT_FRACTION = 0.05
+"""Share of documents held out as ``validation`` in sources that have no validation split."""
+TRAIN_SPLITS = ("train",)
+HELDOUT_SPLITS = ("validation", "valid", "val", "test", "heldout", "held-out")
 
 _TEXT_SUFFIXES = (".txt", ".txt.gz", ".text")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -115,17 +132,105 @@ def _file_texts(path: Path, text_column: str) -> Iterator[str]:
     raise ValueError(f"Unsupported text file {path}: use .txt, .jsonl, .json or .parquet (optionally .gz).")
 
 
+def is_heldout(text: str) -> bool:
+    """True when the document ``text`` belongs to the derived ``validation`` split (a fixed function of
+    the text: the same document is on the same side in every run, process and file order)."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return h < HELDOUT_FRACTION * 2.0 ** 64
+
+
+def derived_split(texts: Iterable[str], split: str, source: str = "this source") -> Iterator[str]:
+    """The documents of ``texts`` in ``split`` when the source has no such split: ``train`` keeps the
+    documents that are not :func:`is_heldout`, ``validation`` (and aliases) the held-out ones, ``all``
+    everything. Other split names raise ValueError."""
+    split = (split or "train").lower()
+    if split == "all":
+        yield from texts
+        return
+    if split not in TRAIN_SPLITS + HELDOUT_SPLITS:
+        raise ValueError(f"{source} has no split {split!r}; use 'train', 'validation' (a held-out "
+                         f"{HELDOUT_FRACTION:.0%} of its documents) or 'all'.")
+    held = split in HELDOUT_SPLITS
+    for t in texts:
+        if isinstance(t, str) and is_heldout(t) == held:
+            yield t
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def _local_texts(path: Path, split: str, text_column: str) -> Iterator[str]:
     if path.is_file():
-        yield from _file_texts(path, text_column)
+        yield from derived_split(_file_texts(path, text_column), split, str(path))
         return
-    root = path / split if split and (path / split).is_dir() else path
+    if _is_saved_dataset(path):
+        import datasets
+
+        yield from _dataset_texts(datasets.load_from_disk(str(path)), split, text_column, str(path))
+        return
+    split_l = (split or "train").lower()
+    has_heldout = any((path / h).is_dir() for h in HELDOUT_SPLITS)
+    if split_l != "all" and (path / split).is_dir() and (has_heldout or split_l not in TRAIN_SPLITS):
+        root, derive = path / split, False  # real split folders
+    elif split_l in HELDOUT_SPLITS + TRAIN_SPLITS and (path / "train").is_dir():
+        root, derive = path / "train", True  # only train/: hold out a share of its documents
+    else:
+        root, derive = path, split_l != "all"
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and p.name.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES))
     if not files:
-        raise FileNotFoundError(f"No .txt/.jsonl/.json/.parquet files under {root}.")
-    for f in files:
-        yield from _file_texts(f, text_column)
+        raise FileNotFoundError(f"No .txt/.jsonl/.json/.parquet files under {root} (it holds: "
+                                f"{sorted(p.name for p in root.iterdir())[:20]}).")
+    texts = (t for f in files for t in _file_texts(f, text_column))
+    yield from derived_split(texts, split, str(path)) if derive else texts
+
+
+def _is_datasets_object(obj) -> bool:
+    mod = type(obj).__module__ or ""
+    return mod.startswith("datasets.") and hasattr(obj, "column_names")
+
+
+def _dataset_texts(ds, split: str, text_column: str, source: str) -> Iterator[str]:
+    """Documents of a ``datasets`` object: a DatasetDict / IterableDatasetDict is indexed by ``split`` (or
+    split by document when it lacks it); a Dataset / IterableDataset is split by document."""
+    split = split or "train"
+    if isinstance(ds, dict):  # DatasetDict / IterableDatasetDict
+        has_heldout = any(h in ds for h in HELDOUT_SPLITS)
+        if split in ds and (has_heldout or split.lower() not in TRAIN_SPLITS):
+            ds, derive = ds[split], False
+        elif split.lower() == "all":
+            parts = list(ds.values())
+            yield from (t for part in parts for t in _dataset_texts(part, "all", text_column, source))
+            return
+        elif "train" in ds and split.lower() in HELDOUT_SPLITS + TRAIN_SPLITS:
+            ds, derive = ds["train"], True
+        else:
+            raise ValueError(f"{source} has splits {sorted(ds)}, not {split!r}.")
+    else:
+        derive = True
+    cols = getattr(ds, "column_names", None)
+    if cols is not None and text_column not in cols:
+        raise ValueError(f"{source} has no column {text_column!r} (columns: {cols}); pass text_column=... "
+                         "(--text-column).")
+    texts = (row[text_column] for row in ds)
+    yield from derived_split(texts, split, source) if derive else texts
+
+
+def _iterable_texts(obj, text_column: str) -> Iterator[str]:
+    """Strings, or dict rows holding ``text_column``, from any iterable (list, generator, ...)."""
+    for row in obj:
+        if isinstance(row, str):
+            yield row
+        elif isinstance(row, dict):
+            if text_column not in row:
+                raise ValueError(f"a text row has no {text_column!r} field (fields: {sorted(row)}); pass "
+                                 "text_column=...")
+            yield row[text_column]
+        else:
+            raise TypeError(f"texts must be strings or dict rows with a {text_column!r} field, got "
+                            f"{type(row).__name__}.")
 
 
 def _hub_texts(source: str, split: str, text_column: str, streaming: bool) -> Iterator[str]:
@@ -133,7 +238,14 @@ def _hub_texts(source: str, split: str, text_column: str, streaming: bool) -> It
 
     name, config = (source.split(":", 1) + [None])[:2] if ":" in source else (source, None)
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+        try:
+            ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+        except ValueError as e:  # no such split: hold out a share of train's documents
+            if "split" not in str(e).lower() or (split or "").lower() not in HELDOUT_SPLITS:
+                raise
+            ds = datasets.load_dataset(name, config, split="train", streaming=streaming)
+            yield from _dataset_texts(ds, split, text_column, source)
+            return
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
         raise ValueError(
             f"Could not load text source {source!r} (split {split!r}) with `datasets`: {e}. Pass 'default' "
@@ -146,14 +258,17 @@ def _hub_texts(source: str, split: str, text_column: str, streaming: bool) -> It
         yield row[text_column]
 
 
-def load_texts(source: str = "default", split: str = "train", text_column: str = "text",
+def load_texts(source="default", split: str = "train", text_column: str = "text",
                streaming: bool = True, max_texts: int | None = None) -> Iterator[str]:
     """Iterate over the documents of a text source (see the module docstring for sources).
 
     Args:
-        source: ``"default"`` (shipped KJV), a local file/folder, or a ``datasets`` name.
-        split: ``"train"``/``"validation"``/``"all"`` for the default corpus; the split for
-            ``datasets``; a subfolder name (if it exists) for a local folder.
+        source: ``"default"`` (shipped KJV), a local file/folder (also a ``save_to_disk`` folder), a
+            ``datasets`` name (``"name"`` or ``"name:config"``), a ``datasets`` object, or an iterable of
+            strings / dict rows.
+        split: ``"train"``/``"validation"``/``"all"``; for a source without that split, a held-out
+            share of documents (see the module docstring); the split for ``datasets``; a subfolder
+            name (if it exists) for a local folder.
         text_column: field holding the text in jsonl/parquet/``datasets`` sources.
         streaming: stream a ``datasets`` dataset instead of downloading it first.
         max_texts: stop after this many non-empty documents.
@@ -162,6 +277,16 @@ def load_texts(source: str = "default", split: str = "train", text_column: str =
     """
     if max_texts is not None and max_texts < 0:
         raise ValueError(f"max_texts must be >= 0, got {max_texts}.")
+    if _is_datasets_object(source):
+        it = _dataset_texts(source, split, text_column, f"the {type(source).__name__}")
+        it = (t for t in it if isinstance(t, str) and t.strip())
+        return islice(it, max_texts) if max_texts is not None else it
+    if not isinstance(source, (str, Path)):
+        if isinstance(source, (bytes, dict)) or not isinstance(source, Iterable):
+            raise TypeError(f"a text source is a name/path string, a datasets object or an iterable of strings, "
+                            f"got {type(source).__name__}.")
+        it = (t for t in _iterable_texts(source, text_column) if t.strip())
+        return islice(it, max_texts) if max_texts is not None else it
     src = str(source)
     if src.lower() == "default":
         it = _default_texts(split)
@@ -169,12 +294,20 @@ def load_texts(source: str = "default", split: str = "train", text_column: str =
         path = Path(src).expanduser()
         if path.exists():
             it = _local_texts(path, split, text_column)
-        elif src.startswith((".", "/", "~")) or src.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES):
-            raise FileNotFoundError(f"Text source {src} does not exist.")
+        elif _looks_local(src) or src.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES):
+            parent = next((p for p in path.parents if p.is_dir()), Path("."))
+            raise FileNotFoundError(f"Text source {src} does not exist ({parent} holds: "
+                                    f"{', '.join(sorted(c.name for c in parent.iterdir())[:20]) or 'nothing'}).")
         else:
             it = _hub_texts(src, split, text_column, streaming)
     it = (t for t in it if isinstance(t, str) and t.strip())
     return islice(it, max_texts) if max_texts is not None else it
+
+
+def _looks_local(src: str) -> bool:
+    from ..hub import looks_local  # one rule for "a local path, never a Hub id" (SAE folders and text sources)
+
+    return looks_local(src)
 
 
 def _special_ids(tokenizer) -> tuple[int | None, int | None]:

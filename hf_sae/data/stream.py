@@ -56,19 +56,16 @@ def window_source(texts_or_windows, tokenizer, window: int = 256, add_bos: bool 
                   split: str = "train", text_column: str = "text") -> tuple[Iterator[torch.Tensor], int | None]:
     """Turn what the user passed into an iterator of LongTensor ``[window]`` rows.
 
-    ``texts_or_windows`` may be a LongTensor ``[N, T]`` of ready windows, a source string for
-    :func:`load_texts` (``"default"``, a file/folder, a dataset name), or an iterable of
-    document strings. Returns ``(iterator, N or None if unknown)``.
+    ``texts_or_windows`` may be a LongTensor ``[N, T]`` of ready windows, or anything
+    :func:`load_texts` reads: a source string (``"default"``, a file/folder, a dataset name), a
+    ``datasets`` object, or an iterable of document strings / dict rows. Returns ``(iterator, N or None if unknown)``.
     """
     if isinstance(texts_or_windows, torch.Tensor):
         w = texts_or_windows
         if w.dim() != 2 or w.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"Token windows must be an integer tensor [N, T], got {w.dtype} {tuple(w.shape)}.")
         return iter(w.long()), int(w.shape[0])
-    if isinstance(texts_or_windows, str):
-        texts = load_texts(texts_or_windows, split=split, text_column=text_column)
-    else:
-        texts = texts_or_windows
+    texts = load_texts(texts_or_windows, split=split, text_column=text_column)  # names, datasets objects, iterables
     return iter_windows(texts, tokenizer, window=window, add_bos=add_bos), None
 
 
@@ -186,10 +183,16 @@ class ActivationStream(torch.utils.data.IterableDataset):
         self.process_index, self.num_processes = process_index, num_processes
         self.epoch = 0
         if not isinstance(texts_or_windows, (str, torch.Tensor)) and iter(texts_or_windows) is texts_or_windows:
+            # a generator: can be iterated once only (a trainer reads it as one pass; see ``one_shot``)
             self._one_shot = True  # a generator: can be iterated once only
         else:
             self._one_shot = False
         self._used = False
+
+    @property
+    def one_shot(self) -> bool:
+        """True when the texts are a one-shot iterator (a generator): the stream can be iterated once."""
+        return self._one_shot
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the shuffle buffer with ``seed + epoch`` on the next iteration."""

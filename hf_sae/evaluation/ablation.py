@@ -92,7 +92,9 @@ def latent_ablation_effects(model: nn.Module, sae, input_ids: Tensor, keep: Tens
             for b, (_, p, j) in enumerate(items, start=1):
                 z = sae.encode(act[b, p])[j]
                 values[b - 1] = float(z)
-                out[b, p] = out[b, p] - (z * sae.W_dec[j] / scale).to(act.dtype)
+                stats = sae.input_norm_stats(act[b, p])  # per-token layer norm: the latent's share scales by sigma
+                unit = scale if stats is None else scale / stats[1].to(sae.W_dec.dtype)
+                out[b, p] = out[b, p] - (z * sae.W_dec[j] / unit).to(act.dtype)
             return out
 
         with splice(model, {hook_point: fn}):

@@ -3,18 +3,59 @@
 ``write_report(results, out_dir, zf_points=None)`` takes the JSON-ready ``results`` dict produced by
 :func:`hf_sae.evaluation.run.run_eval` (sections ``reconstruction``, ``downstream``, ``probes``,
 ``n2g``, ``ablation``, ``afa``; each optional) and writes one PNG per plot and the HTML page that
-shows the tables and plots. Returns the list of written paths.
+shows the tables and plots. The page is self-contained: every plot is inlined as a ``data:`` URI, so
+``report.html`` alone can be mailed or uploaded; the PNGs stay beside it for other uses. Every metric
+row says what the number means and whether higher or lower is better (:data:`METRIC_INFO`).
+Returns the list of written paths.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "METRIC_INFO"]
+
+_LOWER, _HIGHER = "lower is better", "higher is better"
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "fvu": ("fraction of variance unexplained, Σ‖x̂ − x‖² / Σ‖x − x̄‖²", _LOWER),
+    "mse": ("mean squared reconstruction error per element (activation units²)", _LOWER),
+    "explained_variance": ("1 − Var(x − x̂) / Var(x)", _HIGHER),
+    "cosine_similarity": ("mean cosine between x and its reconstruction x̂", _HIGHER),
+    "l0": ("mean number of active latents per token", "lower is sparser (at equal FVU)"),
+    "l0_std": ("standard deviation of active latents per token", ""),
+    "dead_fraction": ("share of latents that never fired on the evaluated tokens", _LOWER),
+    "n_dead": ("latents that never fired on the evaluated tokens", _LOWER),
+    "n_tokens": ("tokens evaluated", ""),
+    "ce_clean": ("LM next-token cross-entropy without the SAE (nats/token)", ""),
+    "ce_spliced": ("LM cross-entropy with the SAE reconstruction spliced in (nats/token)", _LOWER),
+    "delta_loss": ("increase of the LM loss when the reconstruction replaces the activation (nats/token)", _LOWER),
+    "kl": ("KL(clean ‖ spliced) of the next-token distributions (nats/token)", _LOWER),
+    "ce_zero_ablation": ("LM loss with the activation set to zero", ""),
+    "ce_mean_ablation": ("LM loss with the activation set to its mean", ""),
+    "frac_recovered_zero": ("share of the zero-ablation loss increase that the SAE recovers", _HIGHER),
+    "frac_recovered_mean": ("share of the mean-ablation loss increase that the SAE recovers", _HIGHER),
+    "mean_probe_loss_sae": ("test BCE of the best single-latent probe, mean over tasks (nats)", _LOWER),
+    "mean_probe_loss_raw_basis": ("same, best single raw activation dimension (baseline)", _LOWER),
+    "mean_probe_loss_random_directions": ("same, best random direction (baseline)", _LOWER),
+    "mean_prior_loss": ("BCE of predicting each task's base rate (no feature)", ""),
+    "n2g_precision": ("N2G explanation precision on held-out windows", _HIGHER),
+    "n2g_recall": ("N2G explanation recall on held-out windows", _HIGHER),
+    "n2g_f1": ("N2G explanation F1 on held-out windows", _HIGHER),
+    "precision": ("explanation precision on held-out windows", _HIGHER),
+    "recall": ("explanation recall on held-out windows", _HIGHER),
+    "f1": ("explanation F1 on held-out windows", _HIGHER),
+    "ablation_sparsity": ("(Σ|Δ|)² / ΣΔ² / V of the downstream effects of ablating one latent", _LOWER),
+    "afa_gap_mean": ("mean of (‖x − b‖² − ‖z̃‖²) / ‖x − b‖² (0 = code norm matches the input's)", "closer to 0 is better"),
+    "afa_gap_abs_mean": ("mean |AFA relative gap|", _LOWER),
+    "eps_max": ("largest |cosine| between two decoder directions", _LOWER),
+    "eps_mean": ("mean |cosine| between decoder directions", _LOWER),
+}
+"""metric name -> (what it measures, which direction is better); shown beside every number."""
 
 
 def _plt():
@@ -44,12 +85,23 @@ def _table(rows, header=None) -> str:
     return "\n".join(out)
 
 
-def _save(fig, path: Path, written: list) -> str:
+def _save(fig, path: Path, written: list) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     written.append(path)
-    return path.name
+    return path
+
+
+def inline_png(path: Path) -> str:
+    """A ``data:image/png;base64,...`` URI holding the PNG at ``path`` (an ``<img src>`` that needs no file)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _metric_table(items) -> str:
+    """Rows ``metric | value | meaning | better`` (meaning and direction from METRIC_INFO when known)."""
+    rows = [(k, v, *METRIC_INFO.get(k, ("", ""))) for k, v in items]
+    return _table(rows, ["metric", "value", "meaning", "better"])
 
 
 def _plot_reconstruction(rec: dict, out: Path, written: list) -> list:
@@ -142,20 +194,44 @@ def _plot_ablation(ab: dict, out: Path, written: list) -> list:
     return [("Ablation sparsity", _save(fig, out / "ablation_sparsity.png", written))]
 
 
+def zf_plot(ax, x_norm, f_norm, n_latents=None, label=None, color=None, bands=True) -> None:
+    """Draw the ZF plot of Lee et al. on ``ax`` as the authors' notebook draws it: ||x|| (the SAE's input,
+    not centred) against ||f~|| (with ||b_dec|| as one more atom), the diagonal, and the error-bound bands
+    ||x|| / sqrt(1 +- e) for e = ε_LBO (h - 1) in (0.25, 0.5, 1) (e = 1: no upper bound)."""
+    from .afa import LBO_BANDS
+
+    xs, fs = [float(v) for v in x_norm], [float(v) for v in f_norm]
+    ax.scatter(xs, fs, s=3, alpha=0.3, label=label, color=color)
+    hi = max(max(xs), max(fs)) * 1.05
+    ax.plot([0, hi], [0, hi], "r--", lw=1, alpha=0.6)
+    if bands:
+        for i, e in enumerate(LBO_BANDS):
+            lo = (1 / (1 + e)) ** 0.5
+            up = (1 / (1 - e)) ** 0.5 if e < 1 else 999.0
+            ax.fill_between([0, hi], [0, lo * hi], [0, up * hi], color="lightblue", alpha=(1, 0.66, 0.33)[i] / 4,
+                            zorder=-1, lw=0)
+            eps = f", ε={e / (n_latents - 1):.1e}" if n_latents else ""
+            ax.plot([0, hi], [0, lo * hi], "k--", lw=0.5, alpha=(1, 0.66, 0.33)[i])
+            ax.text(hi, lo * hi, f" ε(h-1)={e:g}{eps}", fontsize=7, va="center")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("||x||  (SAE input, normalized units)")
+    ax.set_ylabel("||f~||  (latents × ||W_dec,i||, with ||b_dec||)")
+
+
 def _plot_afa(afa: dict, out: Path, written: list, zf_points) -> list:
     plt = _plt()
     imgs = []
-    if zf_points is not None and len(zf_points[0]):
-        xn, zn = zf_points
-        xn, zn = [float(v) for v in xn], [float(v) for v in zn]
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        ax.scatter(xn, zn, s=3, alpha=0.3)
-        hi = max(max(xn), max(zn))
-        ax.plot([0, hi], [0, hi], "k--", lw=1, label="||z~|| = ||x - b_dec||")
-        ax.set_xlabel("||x - b_dec||  (normalized units)")
-        ax.set_ylabel("||z~||")
-        ax.set_title("ZF plot")
-        ax.legend(fontsize=8)
+    if zf_points is None and (out / "afa_zf_plot.png").is_file():  # a re-rendered report keeps the plot
+        imgs.append(("ZF plot", "afa_zf_plot.png"))
+    elif zf_points is not None and len(zf_points[0]):
+        fig, ax = plt.subplots(figsize=(5.6, 4.8))
+        zf_plot(ax, zf_points[0], zf_points[1], afa.get("n_latents"))
+        title = "ZF plot"
+        if "eps_lbo_mean" in afa:
+            title += f" (mean ε_LBO {afa['eps_lbo_mean']:.2e})"
+        ax.set_title(title)
         imgs.append(("ZF plot", _save(fig, out / "afa_zf_plot.png", written)))
     h = afa.get("gap_histogram")
     if h:
@@ -191,7 +267,7 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         parts.append(_table(_scalars(meta), ["", ""]))
     summary = results.get("summary", {})
     if summary:
-        parts.append("<h2>Summary</h2>" + _table(list(summary.items()), ["metric", "value"]))
+        parts.append("<h2>Summary</h2>" + _metric_table(summary.items()))
 
     def section(title, key, plotter, extra=""):
         data = results.get(key)
@@ -200,10 +276,10 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         parts.append(f"<h2>{html.escape(title)}</h2>")
         scal = _scalars(data.get("summary", data))
         if scal:
-            parts.append(_table(scal, ["metric", "value"]))
-        for caption, name in plotter(data):
-            parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption class='small'>"
-                         f"{html.escape(caption)}</figcaption></figure>")
+            parts.append(_metric_table(scal))
+        for caption, path in plotter(data):
+            parts.append(f"<figure><img src='{inline_png(path)}' alt='{html.escape(caption)}'><figcaption "
+                         f"class='small'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
         if extra:
             parts.append(extra)
 
@@ -232,6 +308,10 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         section("Ablation sparsity", "ablation", lambda d: _plot_ablation(d, out, written),
                 _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]))
     section("AFA diagnostic", "afa", lambda d: _plot_afa(d, out, written, zf_points))
+    if results.get("autointerp"):  # added by `hf-sae autointerp --eval-dir`
+        from hf_sae.autointerp.report import autointerp_section
+
+        parts.append("<h2>Automatic interpretation</h2>" + autointerp_section(results["autointerp"], out))
     timings = results.get("timings_s")
     if timings:
         parts.append("<h2>Timings (s)</h2>" + _table(list(timings.items()), ["stage", "seconds"]))

@@ -51,8 +51,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)")
     parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name")
-    parser.add_argument("--split", default="validation", help="split of the text source (default: validation)")
+    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
+                        "save_to_disk folder, or a datasets name ('name' or 'name:config')")
+    parser.add_argument("--split", default="validation", help="split of the text source (default: validation; a "
+                        "source without one holds out a fixed 5%% of its documents, never seen by training)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (sequence length)")
@@ -85,12 +87,7 @@ def _parse_metrics(spec: str) -> list:
 def _load_sae(path: str, subfolder: Optional[str], device):
     from hf_sae import SparseAutoencoder
 
-    p = Path(path).expanduser()
-    if (p.exists() or str(path).startswith((".", "/", "~"))):
-        target = p / subfolder if subfolder else p
-        if not (target / "config.json").is_file():
-            raise FileNotFoundError(f"no SAE at {target}: expected config.json + model.safetensors "
-                                    "(written by SparseAutoencoder.save_pretrained).")
+    p = Path(path).expanduser()  # a missing path or SAE raises an error listing what is there (from_pretrained)
     kw = {"subfolder": subfolder} if subfolder else {}
     sae = SparseAutoencoder.from_pretrained(str(p) if p.exists() else path, **kw)
     return sae.to(device).eval()
@@ -251,6 +248,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         afa = afa_stats.compute()
         afa.update(decoder_cosine_stats(sae.W_dec.detach().cpu()))
         afa["gap_histogram"] = afa_stats.histogram()
+        afa["n_latents"] = cfg.n_latents
         results["afa"] = afa
         timings["afa"] = time.perf_counter() - t
 
@@ -385,8 +383,9 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     if "ablation" in results:
         summary["ablation_sparsity"] = results["ablation"]["summary"]["ablation_sparsity"]
     if "afa" in results:
-        for k in ("afa_gap_mean", "afa_gap_abs_mean", "eps_max", "eps_mean"):
-            summary[k] = results["afa"][k]
+        for k in ("eps_lbo_mean", "eps_lbo_h1_mean", "eps_max", "eps_mean", "afa_gap_mean", "afa_gap_abs_mean"):
+            if k in results["afa"]:
+                summary[k] = results["afa"][k]
     results["summary"] = summary
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

@@ -9,12 +9,28 @@ Command line: ``python scripts/train.py --help`` or ``hf-sae train --help`` (sam
 also from a JSON/YAML file); runs under ``python``, ``accelerate launch`` and ``torchrun``.
 """
 
-from .arguments import SAETrainingArguments, parse_args
-from .cli import add_train_args, run_train, train_main
-from .init import geometric_median, initialize_sae, input_scale_from_mean_sq_norm
-from .schedules import default_lr, lr_at
-from .trainer import SAEBundle, SAETrainer, TrainerState, train
+import importlib
+
+# name -> submodule; imported on first use, so that `hf-sae train --help` does not load the trainer
+# (accelerate, transformers' model code) just to list the flags.
+_LAZY = {
+    "SAETrainingArguments": "arguments", "parse_args": "arguments",
+    "add_train_args": "cli", "run_train": "cli", "train_main": "cli",
+    "geometric_median": "init", "initialize_sae": "init", "input_scale_from_mean_sq_norm": "init",
+    "default_lr": "schedules", "lr_at": "schedules",
+    "SAEBundle": "trainer", "SAETrainer": "trainer", "TrainerState": "trainer", "train": "trainer",
+}
 
 __all__ = ["SAETrainingArguments", "parse_args", "SAETrainer", "SAEBundle", "TrainerState", "train",
            "train_main", "add_train_args", "run_train", "geometric_median", "initialize_sae",
            "input_scale_from_mean_sq_norm", "default_lr", "lr_at"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hf_sae.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
+from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
 from ..configuration_sae import KERNELS as _KERNELS
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
@@ -74,7 +75,9 @@ class SAETrainingArguments:
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
         "(live) or of the cache when it has one.", default=None)
-    dataset: str = _help("Text corpus for live streaming ('default' = the embedded KJV corpus).", default="default")
+    dataset: str = _help("Text corpus for live streaming: 'default' (the embedded KJV corpus), a local file or "
+                         "folder, a save_to_disk folder, or a datasets name ('name' or 'name:config').",
+                         default="default")
     context_length: int = _help("Tokens per LM window when streaming live.", default=256)
     lm_batch_size: int = _help("Windows per LM forward when streaming live.", default=8)
     shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
@@ -83,8 +86,8 @@ class SAETrainingArguments:
     activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default=_sae_default("activation"))
     n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
     expansion_factor: int = _help("n / d when n_latents is not given.", default=8)
-    k: Optional[int] = _help("Active latents per token (topk/batchtopk); the cap on k(x) for topafa.",
-                             default=_sae_default("k"))
+    k: Optional[int] = _help("Active latents per token (topk/batchtopk; default 32). For topafa an optional "
+                             "cap on k(x); default none (k(x) <= n - 1, the authors' rule).", default=_sae_default("k"))
     k_aux: Optional[int] = _help("Latents in the AuxK loss (default d/2).", default=_sae_default("k_aux"))
     aux_coef: float = _help("Weight of the AuxK loss (paper: 1/32).", default=_sae_default("aux_coef"))
     dead_tokens_threshold: int = _help("A latent is dead after this many tokens without firing.",
@@ -93,12 +96,18 @@ class SAETrainingArguments:
                              default=_sae_default("multi_topk"))
     l1_coef: float = _help("L1 coefficient (relu).", default=_sae_default("l1_coef"))
     l0_coef: float = _help("L0 coefficient (jumprelu).", default=_sae_default("l0_coef"))
-    afa_coef: float = _help("AFA loss coefficient (topafa; paper sweeps 1/128..1/16).",
+    afa_coef: float = _help("AFA loss coefficient (any activation; paper sweeps 1/128..1/16).",
                             default=_sae_default("afa_coef"))
+    afa_variant: str = _help("AFA loss / top-AFA form: 'reference' (the authors' code: mean((||z|| - ||x||)^2), "
+                             "top-AFA without b_enc) or 'centred' (decoder-norm-weighted ||z~|| vs ||x - b_dec||, "
+                             "top-AFA with b_enc).", default=_sae_default("afa_variant"))
     jumprelu_init_threshold: float = _help("Initial JumpReLU threshold (normalized units).",
                                            default=_sae_default("jumprelu_init_threshold"))
     jumprelu_bandwidth: float = _help("JumpReLU pseudo-gradient bandwidth.", default=_sae_default("jumprelu_bandwidth"))
     kernel: str = _help("Sparse decode implementation: auto, torch, triton or dense.", default=_sae_default("kernel"))
+    input_norm: str = _help("Per-token input normalisation, undone on the output: none, or layer_norm "
+                            "((x - mean) / (std + 1e-5) per token, as OpenAI's and top-AFA's SAEs).",
+                            default=_sae_default("input_norm"))
     # ------------------------------------------------------------------ recipe switches
     tied_init: bool = _help("Initialise W_enc = W_dec (transposed map); off = independent random W_enc.",
                             default=True)
@@ -175,9 +184,9 @@ class SAETrainingArguments:
             d_in=d_in, activation=self.activation, k=self.k,
             k_aux=self.k_aux, aux_coef=self.aux_coef if self.use_auxk else 0.0,
             dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
-            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef,
+            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef, afa_variant=self.afa_variant,
             jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
-            kernel=self.kernel,
+            kernel=self.kernel, input_norm=self.input_norm,
         )
         if self.n_latents is not None:
             kw["n_latents"] = self.n_latents
@@ -214,9 +223,9 @@ class SAETrainingArguments:
         if self.n_latents is not None and self.n_latents <= 0:
             bad("n_latents", "must be a positive integer (or omit it and set --expansion_factor)")
         if self.k is not None and self.k <= 0:
-            bad("k", "must be a positive integer")
-        if self.k is None and self.activation in ("topk", "batchtopk"):
-            bad("k", f"--activation {self.activation} needs --k (active latents per token)")
+            bad("k", "must be a positive integer (omit it for the default: 32, or no cap for topafa)")
+        if self.afa_variant not in ("reference", "centred"):
+            bad("afa_variant", "must be 'reference' (the top-AFA authors' form) or 'centred'")
         if self.n_latents is not None and self.activation in _K_SPARSE and self.k is not None \
                 and self.k > self.n_latents:
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
@@ -232,6 +241,8 @@ class SAETrainingArguments:
             bad("multi_topk", "Multi-TopK needs --activation topk")
         if self.kernel not in _KERNELS:
             bad("kernel", f"choose one of {_KERNELS}")
+        if self.input_norm not in _INPUT_NORMS:
+            bad("input_norm", f"choose one of {_INPUT_NORMS}")
         if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
             bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
                               f"batch's variance); raise --batch_size to >= "
@@ -427,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for action in _parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        action.default = argparse.SUPPRESS
+        action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")

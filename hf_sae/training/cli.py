@@ -40,8 +40,26 @@ def run_train(args: argparse.Namespace) -> dict:
     return summary
 
 
-def train_main(argv: Optional[list[str]] = None) -> dict:
-    """``python scripts/train.py ARGS``: parse ``argv`` (default ``sys.argv[1:]``) and train."""
+def _script_parser() -> argparse.ArgumentParser:
+    from ..cli import add_common_args
+
     parser = argparse.ArgumentParser(prog="train.py", description="Train sparse autoencoders (hf_sae): one SAE "
                                      "per hook point, live or from cached activations.")
-    return run_train(add_train_args(parser).parse_args(argv))
+    return add_common_args(add_train_args(parser))
+
+
+def train_main(argv: Optional[list[str]] = None) -> dict:
+    """``python scripts/train.py ARGS``: parse ``argv`` (default ``sys.argv[1:]``) and train (errors raise)."""
+    return run_train(_script_parser().parse_args(argv))
+
+
+def script_main(argv: Optional[list[str]] = None) -> int:
+    """``scripts/train.py``'s entry point: :func:`train_main` with the CLI's error convention (one line on
+    stderr and exit status 1; the traceback with ``--debug``). Returns the exit status."""
+    import sys
+
+    from ..cli import run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _script_parser().parse_args(argv)
+    return run_command("train.py", lambda: run_train(args), args.debug)

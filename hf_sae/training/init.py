@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -44,7 +42,8 @@ def initialize_sae(sae, sample: Tensor, *, tied_init: bool = True, b_dec_init: s
     """Initialise an SAE in place from a data sample [m, d] (caller's units).
 
     - ``normalize_input``: set ``config.input_scale`` so that E||s x||^2 = d over the sample (or to
-      ``input_scale`` when given, e.g. from a cache's statistics over all its tokens).
+      ``input_scale`` when given, e.g. from a cache's statistics over all its tokens). Under a per-token
+      ``config.input_norm`` the sample is normalised first and ``input_scale`` (raw units) is ignored.
     - ``b_dec_init``: ``geometric_median`` / ``mean`` of the (scaled) sample, or ``zeros``.
     - ``tied_init`` False: redraw W_enc independently of W_dec (rows uniform on the unit sphere);
       True keeps the model's tied init (W_enc = W_dec, unit rows).
@@ -55,6 +54,10 @@ def initialize_sae(sae, sample: Tensor, *, tied_init: bool = True, b_dec_init: s
     if sample.ndim != 2 or sample.shape[1] != d:
         raise ValueError(f"initialisation sample has shape {tuple(sample.shape)}; expected [m, {d}]")
     sample = sample.float()
+    if sae.config.input_norm != "none":  # statistics of the per-token-normalised inputs the SAE will see
+        sae.config.input_scale = 1.0
+        sample = sae.normalize_input(sample.to(sae.W_enc.dtype)).float()
+        input_scale = None  # a cache's scale is measured on raw activations
     scale = 1.0
     if normalize_input and input_scale:
         scale = float(input_scale)

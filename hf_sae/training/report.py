@@ -107,10 +107,21 @@ def write_report(out_dir: str, hook_point: str, history: list[dict], summary: di
 
 
 def _plot(path: str, hook_point: str, curves: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(hook_point, curves)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def curves_figure(hook_point: str, curves: dict):
+    """The 2x2 matplotlib figure of :func:`write_report` (loss, FVU, L0, dead fraction against tokens, with
+    1.2M-style tick labels; a panel without records says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
@@ -123,6 +134,11 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
                 ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 (labels never overlap)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no record yet: the run was shorter than\none log interval (--log_every_steps)",
+                    ha="center", va="center", transform=ax.transAxes, color="#666")
         values = [v for n in (key, f"eval/{key}") for v in curves.get(n, {}).get("value", []) if v == v]
         if key in ("loss", "fvu") and values and min(values) > 0:
             ax.set_yscale("log")
@@ -133,5 +149,4 @@ def _plot(path: str, hook_point: str, curves: dict) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"SAE training: {hook_point}")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig

@@ -5,7 +5,7 @@ One optimizer step (``SAETrainer._step``), for every hook point h::
     dead_h   = tokens_since_fired_h >= dead_tokens_threshold        (identical on every process)
     out_h    = sae_h(x_h, dead_mask=dead_h)                          (FVU + AuxK [+ L1/L0/AFA/Multi-TopK])
     backward(sum_h out_h.loss)         (DDP averages gradients; gradient accumulation via Accelerate)
-    remove_parallel_grad_(); clip_grad_norm_(max_grad_norm); Adam step at lr_at(tokens); normalize_decoder_()
+    SAEAdam.step(): remove_parallel_grad_(); clip to max_grad_norm; fused Adam at lr_at(tokens); normalize_decoder_()
     fired_h  = all-reduce(sum of fire counts); tokens_since_fired_h <- 0 where fired, += batch_size elsewhere
 
 Data comes from :mod:`hf_sae.training.sources` (tensors, any iterable, an activation cache, or a live
@@ -35,6 +35,8 @@ from . import checkpoint as ckpt
 from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
 from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
 from .init import initialize_sae
+from .launch import OutputDirLock, check_launch, launched_without_gpus
+from .optim import SAEAdam
 from .report import JSONLTracker, truncate_jsonl, write_report
 from .schedules import default_lr, lr_at
 from .sources import (
@@ -118,11 +120,13 @@ class SAETrainer:
         self.log_dir = os.path.join(self.out, "logs")
         _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(
+            cpu=launched_without_gpus(),  # torchrun on CPUs: one gloo group, as with ACCELERATE_USE_CPU=true
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mp,
             log_with=self._trackers(args.log_with),
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=self.log_dir),
         )
         acc = self.accelerator
+        check_launch(acc.num_processes)  # N processes asked for, N running -- else stop before any work
         args.validate(num_processes=acc.num_processes)
         self.micro = args.batch_size // (acc.num_processes * args.gradient_accumulation_steps)
         self.resume_from = self._check_output_dir()
@@ -177,6 +181,8 @@ class SAETrainer:
         found = ckpt.newest_valid(self.ckpt_root)
         if found is None and existing:
             logger.warning("no valid checkpoint in %s (all incomplete); starting afresh", self.ckpt_root)
+        elif found is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting a new run", self.ckpt_root)
         return found
 
     def _build_source(self, train_data):
@@ -192,8 +198,9 @@ class SAETrainer:
                 self._init_iter = lambda: iter([self._tensor_sample(data)])
                 src = TensorSource(data, self.micro, rank, world, seed=args.seed)
                 return src, {h: data[h].shape[1] for h in hps}, None, "in-memory tensors"
+            one_shot = iter(train_data) is train_data or getattr(train_data, "one_shot", False)
             first, rest = self._peek(train_data, hps)
-            if iter(train_data) is train_data:
+            if one_shot:
                 # one-shot iterator: the peeked batch stays part of the data and is the init sample
                 train_data = itertools.chain([first], rest)
                 self._init_iter = lambda: iter([first])
@@ -279,12 +286,14 @@ class SAETrainer:
 
     def _read_eval_data(self) -> Optional[dict[str, Tensor]]:
         args, hps = self.args, list(self.args.hook_points)
+        self.eval_split, self.eval_dataset = None, None  # recorded in training_info (the card names them)
         if args.eval_tokens == 0:
             return None
         if self._user_eval is not None:
             data = _as_hook_dict(self._user_eval, hps) if isinstance(self._user_eval, (Tensor, dict)) else None
             if data is None:
                 raise ValueError("eval_data must be a [M, d] tensor or a dict {hook_point: [M, d]}")
+            self.eval_split, self.eval_dataset = "held-out (eval_data)", "in-memory tensors"
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.eval_activations is not None:
             p = args.eval_activations
@@ -292,8 +301,12 @@ class SAETrainer:
                 from ..data.cache import CachedActivations
 
                 ds = CachedActivations(p, hook_point=hps, shuffle=False)
+                source = str(ds.metadata.get("source") or p)
+                self.eval_split = source.rsplit(":", 1)[1] if ":" in source else "eval_activations"
+                self.eval_dataset = source.rsplit(":", 1)[0] if ":" in source else source
                 return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
-            data, _ = load_activation_file(p, hps)
+            data, meta = load_activation_file(p, hps)
+            self.eval_split, self.eval_dataset = meta.get("split", "eval_activations"), meta.get("dataset", p)
             return {h: v[:args.eval_tokens] for h, v in data.items()}
         if args.activations is None and self.lm is not None:
             from ..data.stream import ActivationStream
@@ -303,6 +316,7 @@ class SAETrainer:
                                           batch_tokens=min(4096, args.eval_tokens), window=args.context_length,
                                           batch_windows=args.lm_batch_size, shuffle_buffer_tokens=0,
                                           max_tokens=args.eval_tokens, seed=args.seed)
+                self.eval_split, self.eval_dataset = "validation", args.dataset
                 return take_tokens(iter(stream), args.eval_tokens)
             except (ValueError, FileNotFoundError) as e:
                 logger.warning("no held-out split for dataset %r (%s); skipping held-out evaluation", args.dataset, e)
@@ -333,13 +347,16 @@ class SAETrainer:
             for h, s in saes.items():
                 s.config.input_scale = scales[h]
 
-    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> torch.optim.Optimizer:
+    def _optimizer(self, saes: dict[str, SparseAutoencoder]) -> SAEAdam:
+        """Adam with the recipe's projection, per-SAE clipping and renormalisation (:class:`SAEAdam`)."""
         args = self.args
         groups = []
         for h, sae in saes.items():
             peak = args.lr if args.lr is not None else default_lr(sae.config.n_latents)
             groups.append({"params": list(sae.parameters()), "lr": peak, "peak_lr": peak, "hook_point": h})
-        return torch.optim.Adam(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return SAEAdam(groups, list(saes.values()), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                       max_grad_norm=args.max_grad_norm, project_decoder_grad=args.project_decoder_grad,
+                       normalize_decoder=args.normalize_decoder)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         out = {}
@@ -472,8 +489,15 @@ class SAETrainer:
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, SparseAutoencoder]:
         """Run (or resume) training; write the SAEs, reports and logs; return {hook_point: SAE}."""
+        lock = OutputDirLock(self.out).acquire() if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, SparseAutoencoder]:
         args, acc = self.args, self.accelerator
-        self.since_fired, self.total_fires = {}, {}
         # held-out data is read and checked first: a bad file fails before any work, not after training
         self.eval_data = self._eval_data() if acc.is_main_process else None
         if self.resume_from is not None:
@@ -486,13 +510,7 @@ class SAETrainer:
             saes = self._build_saes(self.configs)
             self._initialize(saes)
         self._prepare_output_dir()
-        for h, sae in saes.items():
-            n = sae.config.n_latents
-            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
-        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
-        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
-        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
+        self._prepare(saes)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             if acc.is_main_process:
@@ -506,6 +524,19 @@ class SAETrainer:
         finally:
             acc.end_training()
             self._release()
+
+    def _prepare(self, saes: dict[str, SparseAutoencoder]) -> None:
+        """Fresh dead-latent counters, the Accelerate-prepared model and optimizer of ``saes``, and the
+        divergence marker."""
+        acc = self.accelerator
+        self.since_fired, self.total_fires = {}, {}
+        for h, sae in saes.items():
+            n = sae.config.n_latents
+            self.since_fired[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+            self.total_fires[h] = torch.zeros(n, dtype=torch.int64, device=acc.device)
+        self.model, self.optimizer = acc.prepare(SAEBundle(saes), self._optimizer(saes))
+        # step at which the loss first became NaN/Inf (-1: never); kept on the device, read at log/save time
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=acc.device)
 
     def _release(self) -> None:
         """Drop the data, the held-out set and Accelerate's references once training is over, so that
@@ -600,17 +631,11 @@ class SAETrainer:
                     fires[h] += ls["fire_counts"].to(fires[h].device)
                     window.add(h, o, ls)
                 if acc.sync_gradients:
-                    for h, sae in saes.items():
-                        if args.project_decoder_grad:
-                            sae.remove_parallel_grad_()
-                        if args.max_grad_norm > 0:
-                            gn = acc.clip_grad_norm_(sae.parameters(), args.max_grad_norm)
-                            window.add_scalar(h, "grad_norm", float(gn))
-                    self.optimizer.step()
+                    self.optimizer.step()  # SAEAdam: projection, clipping, fused Adam, renormalisation
+                    for h, gn in zip(saes, self.optimizer.optimizer.grad_norms):
+                        if gn is not None:
+                            window.add_scalar(h, "grad_norm", gn)
                     self.optimizer.zero_grad(set_to_none=True)
-                    if args.normalize_decoder:
-                        for sae in saes.values():
-                            sae.normalize_decoder_()
         if acc.num_processes > 1:  # every process must agree on which latents are dead
             flat = acc.reduce(torch.cat([fires[h] for h in saes]), reduction="sum")
             fires = dict(zip(saes, flat.split([len(fires[h]) for h in saes])))
@@ -658,6 +683,8 @@ class SAETrainer:
                                "normalize_input": args.normalize_input, "normalize_decoder": args.normalize_decoder,
                                "project_decoder_grad": args.project_decoder_grad, "multi_topk": args.multi_topk},
                     "init": self.init_info.get(h, {}),
+                    "eval_split": getattr(self, "eval_split", None) if final.get(h) else None,
+                    "eval_dataset": getattr(self, "eval_dataset", None) if final.get(h) else None,
                     "final_metrics": {
                         **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
                         **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
@@ -683,8 +710,11 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add_scalar(self, h: str, name: str, value: float) -> None:
+    def add_scalar(self, h: str, name: str, value: Union[float, Tensor]) -> None:
+        """Add a float or a 0-d tensor (summed where it lives, read once at ``flush``: no host sync)."""
         key = f"{h}/{name}"
+        if isinstance(value, Tensor):
+            value = value.detach().double()
         self.sums[key] = self.sums.get(key, 0.0) + value
         self.counts[key] = self.counts.get(key, 0) + 1
 
@@ -692,12 +722,13 @@ class _Window:
         for name in self._FIELDS:
             v = getattr(out, name, None)
             if v is not None:
-                self.add_scalar(h, name, float(v.detach()))
-        self.add_scalar(h, "l0", float(ls["sum_l0"]) / max(ls["count"], 1))
+                self.add_scalar(h, name, v)
+        self.add_scalar(h, "l0", ls["sum_l0"] / max(ls["count"], 1))
 
     def flush(self, acc, hook_points) -> dict:
         keys = sorted(self.sums)
-        vals = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=acc.device)
+        vals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=acc.device) / self.counts[k]
+                            for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             vals = acc.reduce(vals, reduction="mean")
         self.sums, self.counts = {}, {}

@@ -22,6 +22,18 @@ with one value of ``p``: a name determines its gender), ``E[a | j = w] - E[a]`` 
 
 so that ``E[a] + u_{p,p(w)} + u_{j,w} = E[a | j = w]``. Attributes not declared nested use the
 plain formula.
+
+Regression fit (``method="regression"``). The conditional means above are exact for a balanced
+product design. IOI is not one: IO and S are never the same name, so ``E[a | io = v]`` averages over
+prompts whose S is *not* v and picks up a share of the S-feature of v (and vice versa). The
+regression fit solves the additive model directly, by least squares over the one-hot design::
+
+    min_{c, beta} sum_n || a_n - c - sum_i beta_{i, v_i(n)} ||^2
+
+(minimum-norm solution), then moves each attribute's count-weighted mean of ``beta`` into ``c``
+so that ``mean = c`` and ``u_{i,v} = beta_{i,v}`` keep the conditional-mean convention (features
+average to 0 over the fitting prompts). It equals the conditional-mean fit on a balanced product
+design (tested) and removes the IO/S cross terms otherwise.
 """
 
 from __future__ import annotations
@@ -53,13 +65,16 @@ class SupervisedDictionary:
 
     @classmethod
     def fit(cls, acts: Tensor, attributes: Mapping[str, Sequence], location: str = "",
-            nested: Mapping[str, str] | None = None) -> "SupervisedDictionary":
+            nested: Mapping[str, str] | None = None, method: str = "mean") -> "SupervisedDictionary":
         """Fit ``u_{i,v}`` from activations ``acts`` [N, d] and ``attributes`` ``{i: [v per prompt]}``.
 
         ``nested``: ``{child attribute: parent attribute}`` for attributes whose value determines
         the parent's (see the module docstring); ``ValueError`` if a child value occurs with two
-        parent values. Means are taken in float64 and stored in ``acts``' dtype.
+        parent values. Means are taken in float64 and stored in ``acts``' dtype. ``method``: ``"mean"``
+        (conditional means, the default) or ``"regression"`` (least squares; see the module docstring).
         """
+        if method not in ("mean", "regression"):
+            raise ValueError(f"SupervisedDictionary.fit: method={method!r}; use 'mean' or 'regression'")
         if not isinstance(acts, Tensor) or acts.dim() != 2 or acts.shape[0] < 1:
             shape = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
             raise ValueError(f"SupervisedDictionary.fit: acts must be a [N, d] tensor with N >= 1, got {shape}")
@@ -96,6 +111,9 @@ class SupervisedDictionary:
                     base = x[pmask].mean(0)
                 features[attr][v] = (x[mask].mean(0) - base).to(acts.dtype)
                 counts[attr][v] = int(mask.sum())
+        if method == "regression":
+            mean, features = _regression_fit(x, attributes, counts)
+            features = {a: {v: u.to(acts.dtype) for v, u in f.items()} for a, f in features.items()}
         return cls(location=location, mean=mean.to(acts.dtype), features=features, counts=counts)
 
     @property
@@ -152,6 +170,29 @@ class SupervisedDictionary:
             "feature_norms": {a: {v: float(u.float().norm()) for v, u in f.items()} for a, f in self.features.items()},
             "counts": self.counts,
         }
+
+
+def _regression_fit(x: Tensor, attributes: Mapping[str, Sequence], counts: dict) -> tuple[Tensor, dict]:
+    """Least-squares additive fit of x [N, d] (float64) on one-hot attributes; see the module docstring."""
+    n = x.shape[0]
+    cols, slots = [torch.ones(n, 1, dtype=x.dtype, device=x.device)], []
+    for attr in counts:
+        values = [str(v) for v in attributes[attr]]
+        for v in counts[attr]:
+            cols.append(torch.tensor([[w == v] for w in values], dtype=x.dtype, device=x.device))
+            slots.append((attr, v))
+    design = torch.cat(cols, 1)
+    coef = torch.linalg.pinv(design) @ x  # minimum-norm least squares, [1 + values, d]
+    c = coef[0].clone()
+    features: dict[str, dict[str, Tensor]] = {a: {} for a in counts}
+    for j, (attr, v) in enumerate(slots, start=1):
+        features[attr][v] = coef[j]
+    for attr, f in features.items():
+        w = torch.tensor([counts[attr][v] for v in f], dtype=x.dtype, device=x.device)
+        shift = (torch.stack(list(f.values())) * w[:, None]).sum(0) / w.sum()
+        c = c + shift
+        features[attr] = {v: u - shift for v, u in f.items()}
+    return c, features
 
 
 def fit_dictionaries(acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence],

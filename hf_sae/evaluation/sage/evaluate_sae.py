@@ -118,7 +118,7 @@ def _sae_hook(sae) -> str:
 def sae_reconstruct(sae, x: Tensor) -> Tensor:
     """SAE reconstruction ``dec(enc(x))`` [..., d] in x's units and dtype (no grad)."""
     with torch.no_grad():
-        return sae.decode(sae.encode(x)).to(x.dtype)
+        return sae.decode(sae.encode(x), norm_stats=sae.input_norm_stats(x)).to(x.dtype)
 
 
 def _decoder_directions(sae) -> Tensor:

@@ -65,7 +65,7 @@ def plot_attribution(task_result: dict, path: Path) -> Path | None:
 def plot_patching(task_result: dict, path: Path) -> Path | None:
     """Bar chart: activation-patching effect (ΔLD) of the confirmed top locations, per attribute."""
     conf = task_result.get("patching")
-    if not conf:
+    if not conf or not any(conf.values()):  # --n-confirm 0: nothing was patched
         return None
     plt = _plt()
     attrs = list(conf)
@@ -191,11 +191,21 @@ def _task_html(name: str, t: dict, figs: dict[str, str]) -> str:
             for key, v in d.items():
                 rows.append([key, a, v["ld"], v["effect"], v["fraction"], t["attribution_scores_of_confirmed"][a][key]])
         parts.append(_table(["location", "attribute", "patched LD", "ΔLD", "fraction of full corruption", "attribution est."], rows))
+    if t.get("completeness"):
+        c = t["completeness"]
+        parts.append(f"<h3>Cross-section completeness (all {len(c['locations'])} locations patched at once; "
+                     f"complete when |fraction − 1| ≤ {c['tolerance']}): {'complete' if c['complete'] else 'NOT complete'}</h3>")
+        rows = [[a, v["ld_clean"], v["ld_corrupted"], v["ld_patched_all"], v["fraction"],
+                 "n/a (small effect)" if v["complete"] is None else ("yes" if v["complete"] else "no")]
+                for a, v in c["attributes"].items()]
+        parts.append(_table(["attribute", "LD clean", "LD corrupted", "LD all patched", "fraction", "complete"], rows))
     if t.get("supervised"):
         parts.append("<h3>Supervised dictionaries at the top locations</h3>")
-        rows = [[k, v["ld_mean_ablation"], v["ld"], v["sufficiency"], v["necessity"], v["fvu"]]
+        rows = [[k, v["ld_mean_ablation"], v["ld"], v["sufficiency"], v["necessity"], v["fvu"],
+                 v.get("regression", {}).get("sufficiency"), v.get("regression", {}).get("necessity")]
                 for k, v in t["supervised"].items()]
-        parts.append(_table(["location", "LD mean-ablated", "LD supervised recon", "sufficiency", "necessity", "FVU"], rows))
+        parts.append(_table(["location", "LD mean-ablated", "LD supervised recon", "sufficiency", "necessity", "FVU",
+                             "sufficiency (regression fit)", "necessity (regression fit)"], rows))
     if "sufficiency" in figs:
         parts.append(f'<img src="{figs["sufficiency"]}">')
     for sname, ev in t.get("saes", {}).items():

@@ -32,11 +32,12 @@ from torch import nn
 
 from ...hooks import model_parts, parse_hook_point
 from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
-from .dictionaries import fit_dictionaries
+from .dictionaries import SupervisedDictionary, fit_dictionaries
 from .evaluate_sae import reconstruction_fidelity, evaluate_sae, residual_stream_index, sufficiency_necessity
 from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff, patched_logit_diff
 from .report import write_report
 from .tasks import TASKS, Task, make_task
+from .validation import cross_section_completeness
 
 __all__ = ["add_sage_args", "run_sage", "run_sage_pipeline", "run_task", "attribution_grid"]
 
@@ -140,6 +141,8 @@ def run_task(
     acts_fit = location_activations(model, fit.clean, top, batch_size=batch_size)
     dicts = fit_dictionaries(acts_fit, fit.clean.attributes, nested=task.nested)
     acts_ev = location_activations(model, ev.clean, top, batch_size=batch_size)
+    # Is the cross-section complete: does patching all of it reproduce the full clean -> corrupted change?
+    out["completeness"] = cross_section_completeness(model, ev, top, batch_size=batch_size, cache=cache)
     out["supervised"] = {}
     for loc in top:
         a = acts_ev[loc.key]
@@ -147,8 +150,12 @@ def run_task(
                                        batch_size=batch_size, cache=cache)
         rec = dicts[loc.key].reconstruct(ev.clean.attributes)
         sn = sufficiency_necessity(model, ev.clean, loc, a, rec, out["ld_clean"], ld_ablate, batch_size, cache)
+        reg = SupervisedDictionary.fit(acts_fit[loc.key], fit.clean.attributes, loc.key, nested=task.nested,
+                                       method="regression").reconstruct(ev.clean.attributes)
+        sn_reg = sufficiency_necessity(model, ev.clean, loc, a, reg, out["ld_clean"], ld_ablate, batch_size, cache)
         out["supervised"][loc.key] = {"ld_mean_ablation": ld_ablate, "denominator": out["ld_clean"] - ld_ablate,
-                                      **sn, **reconstruction_fidelity(a, rec)}
+                                      **sn, **reconstruction_fidelity(a, rec),
+                                      "regression": {**sn_reg, **reconstruction_fidelity(a, reg)}}
 
     # SAEs.
     out["saes"] = {}
@@ -254,6 +261,10 @@ def run_sage(args: argparse.Namespace) -> dict:
     for name, t in result["tasks"].items():
         print(f"[sage] {name}: clean LD {t['ld_clean']:.3f} (eval n={t['n_eval']}, "
               f"{100 * t['ld_clean_positive_fraction']:.0f}% > 0); cross-section {t['cross_section']}")
+        c = t["completeness"]
+        fr = ", ".join(f"{a} {v['fraction']:.3f}" for a, v in c["attributes"].items())
+        print(f"[sage] {name}: cross-section {'complete' if c['complete'] else 'NOT complete'} "
+              f"(all locations patched / full corruption: {fr}; tolerance {c['tolerance']})")
     print(f"[sage] report: {paths['html']}  json: {paths['json']}")
     return paths
 

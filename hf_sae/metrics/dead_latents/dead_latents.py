@@ -3,16 +3,21 @@
 Per-batch rows come from ``hf_sae.evaluation.reconstruction.dead_latents_batch_stats(n_latents,
 latent_values=..., latent_indices=...)``; ``compute`` calls the same core as ``hf_sae.evaluation``.
 
+``predictions`` may also be dense latent codes ``[tokens, n_latents]`` (``references`` is not used).
+
 Example::
 
-    metric = evaluate.load("hf_sae/metrics/dead_latents")
+    from hf_sae.evaluation.modules import load_metric
+    load_metric("dead_latents").compute(predictions=sae.encode(x))
+    metric = load_metric("dead_latents")
     metric.add(**dead_latents_batch_stats(sae.config.n_latents, out.latent_values, out.latent_indices))
     metric.compute()   # {"dead_fraction", "n_dead", "n_latents", "density_log10_histogram", "n_tokens"}
 """
 import datasets
 import evaluate
 
-from hf_sae.evaluation.reconstruction import combine_sums, dead_latents_from_sums
+from hf_sae.evaluation.modules import PredictionsReferencesMixin, as_tensor
+from hf_sae.evaluation.reconstruction import combine_sums, dead_latents_batch_stats, dead_latents_from_sums
 
 _DESCRIPTION = "Fraction of latents that never fire over the evaluated tokens, and the log10 firing-density histogram."
 _CITATION = "Gao et al. 2024, Scaling and evaluating sparse autoencoders, arXiv:2406.04093."
@@ -22,7 +27,11 @@ Returns: dead_fraction, n_dead, n_latents, density_log10_histogram {edges, count
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
-class DeadLatents(evaluate.Metric):
+class DeadLatents(PredictionsReferencesMixin, evaluate.Metric):
+    def _stats_from(self, predictions, references=None):
+        z = as_tensor(predictions, "predictions (dense latents)")
+        return dead_latents_batch_stats(z.shape[-1], latents=z)
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_INPUTS,

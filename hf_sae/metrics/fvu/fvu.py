@@ -1,27 +1,30 @@
 """FVU, MSE and explained variance of an SAE's reconstructions, from per-batch sums.
 
-Each "example" given to this metric is the statistics of one batch of tokens, produced by
-``hf_sae.evaluation.reconstruction.fvu_batch_stats(x, x_hat)`` (raw activation rows are not
-passed: evaluate's Arrow conversion would be far too slow for them). ``compute`` sums the rows
-and calls the same core functions as ``hf_sae.evaluation`` and the trainer.
+``predictions`` are reconstructions x_hat and ``references`` the activations x, ``[tokens, d]``
+(tensors, arrays or lists); each batch is stored as one row of statistics
+(``hf_sae.evaluation.reconstruction.fvu_batch_stats(x, x_hat)``, which may also be given directly),
+and ``compute`` sums the rows and calls the same core functions as ``hf_sae.evaluation`` and the trainer.
 
 Example::
 
-    import evaluate
-    from hf_sae.evaluation.reconstruction import fvu_batch_stats
-    metric = evaluate.load("hf_sae/metrics/fvu")
+    from hf_sae.evaluation.modules import load_metric      # = evaluate.load(<installed path>/fvu)
+    metric = load_metric("fvu")
     for x in batches:
-        metric.add(**fvu_batch_stats(x, sae(x).reconstruction))
+        metric.add_batch(predictions=sae(x).reconstruction, references=x)
     metric.compute()   # {"fvu": ..., "mse": ..., "explained_variance": ..., "n_tokens": ...}
+    load_metric("fvu").compute(predictions=x_hat, references=x)   # one call
 """
 import datasets
 import evaluate
 
-from hf_sae.evaluation.reconstruction import combine_sums, explained_variance_from_sums, fvu_from_sums, mse_from_sums
+from hf_sae.evaluation.modules import PredictionsReferencesMixin, as_tensor
+from hf_sae.evaluation.reconstruction import (combine_sums, explained_variance_from_sums, fvu_batch_stats,
+                                              fvu_from_sums, mse_from_sums)
 
 _DESCRIPTION = "Fraction of variance unexplained sum||x - x_hat||^2 / sum||x - mean(x)||^2, MSE per element and explained variance."
 _CITATION = "Gao et al. 2024, Scaling and evaluating sparse autoencoders, arXiv:2406.04093."
-_INPUTS = """Per-batch statistics (one row per batch; see hf_sae.evaluation.reconstruction.fvu_batch_stats):
+_INPUTS = """predictions (x_hat) and references (x), [tokens, d]; or per-batch statistics (one row per batch; see
+hf_sae.evaluation.reconstruction.fvu_batch_stats):
     count (int): tokens in the batch.
     sum_x (list[float]): sum over tokens of x, length d.
     sum_sq_x (float): sum over tokens of ||x||^2.
@@ -31,7 +34,10 @@ Returns: fvu, mse (caller's units squared), explained_variance, n_tokens."""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
-class Fvu(evaluate.Metric):
+class Fvu(PredictionsReferencesMixin, evaluate.Metric):
+    def _stats_from(self, predictions, references):
+        return fvu_batch_stats(as_tensor(references, "references (x)"), as_tensor(predictions, "predictions (x_hat)"))
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,

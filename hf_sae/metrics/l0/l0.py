@@ -3,16 +3,21 @@
 Per-batch rows come from ``hf_sae.evaluation.reconstruction.l0_batch_stats(latent_values=...,
 latent_indices=...)`` (or ``latents=dense``); ``compute`` calls the same core as ``hf_sae.evaluation``.
 
+``predictions`` may also be dense latent codes ``[tokens, n_latents]`` (``references`` is not used).
+
 Example::
 
-    metric = evaluate.load("hf_sae/metrics/l0")
+    from hf_sae.evaluation.modules import load_metric
+    load_metric("l0").compute(predictions=sae.encode(x))
+    metric = load_metric("l0")
     out = sae(x); metric.add(**l0_batch_stats(out.latent_values, out.latent_indices))
     metric.compute()   # {"l0": ..., "l0_std": ..., "l0_histogram": [...], "n_tokens": ...}
 """
 import datasets
 import evaluate
 
-from hf_sae.evaluation.reconstruction import combine_sums, l0_from_sums
+from hf_sae.evaluation.modules import PredictionsReferencesMixin, as_tensor
+from hf_sae.evaluation.reconstruction import combine_sums, l0_batch_stats, l0_from_sums
 
 _DESCRIPTION = "Mean / std / histogram of the number of non-zero latents per token (L0)."
 _CITATION = "Gao et al. 2024, Scaling and evaluating sparse autoencoders, arXiv:2406.04093."
@@ -23,7 +28,10 @@ Returns: l0, l0_std, l0_histogram, n_tokens."""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
-class L0(evaluate.Metric):
+class L0(PredictionsReferencesMixin, evaluate.Metric):
+    def _stats_from(self, predictions, references=None):
+        return l0_batch_stats(latents=as_tensor(predictions, "predictions (dense latents)"))
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_INPUTS,

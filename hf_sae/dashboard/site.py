@@ -1,0 +1,251 @@
+"""The static feature-browser site: shipped assets + data files written from :class:`FeatureStats`.
+
+Layout of a site folder::
+
+    index.html  app.js  style.css      the browser (package data in hf_sae/dashboard/assets/, no network)
+    data/meta.js                       model, hook point, sizes, histogram edges, shard size, flags
+    data/index.js                      one row per latent: density, mean/max activation, top tokens, explanations
+    data/latents_0000.js ...           SHARD_SIZE latents per shard: contexts, histogram, logit effects, neighbours
+    data/texts.js                      "which latents fire on this text" for the texts given at build time
+    data/pool.js                       random contexts with their active latents (autointerp negatives)
+    data/autointerp.js                 written by ``hf-sae autointerp`` (explanations and scores)
+
+Data files are JavaScript, not JSON, so that the site works opened from disk (``file://`` forbids
+``fetch``): each is one call ``HFSAE_DATA([kind, key, payload]);`` that the page loads lazily with a
+``<script>`` tag. :func:`read_data` / :func:`write_data` are the Python side of that format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["SHARD_SIZE", "ASSETS", "write_data", "read_data", "shard_name", "write_site", "latent_record"]
+
+SHARD_SIZE = 256
+"""Latents per data shard: a latent page loads one shard (~0.5-2 MB for 256 latents)."""
+ASSETS = ("index.html", "app.js", "style.css")
+_PREFIX, _SUFFIX = "HFSAE_DATA(", ");\n"
+
+
+def write_data(path: Path, kind: str, key, payload: Any) -> None:
+    """Write one data file (atomically: a reader never sees half a file)."""
+    from hf_sae._io import atomic_write_bytes
+
+    text = (
+        _PREFIX + json.dumps([kind, key, payload], separators=(",", ":"), ensure_ascii=False, allow_nan=False) + _SUFFIX
+    )
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def read_data(path: Path) -> Any:
+    """The payload of a data file written by :func:`write_data`."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not (text.startswith(_PREFIX) and text.endswith(_SUFFIX)):
+        raise ValueError(
+            f"{path} is not a feature-browser data file (expected {_PREFIX}...{_SUFFIX.strip()}); "
+            "rebuild the site with `hf-sae dashboard`."
+        )
+    return json.loads(text[len(_PREFIX) : -len(_SUFFIX)])[2]
+
+
+def shard_name(shard: int) -> str:
+    return f"latents_{shard:04d}.js"
+
+
+def _r(x: float, digits: int = 4) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+class _Vocab:
+    """Token strings of one shard: contexts refer to indices into ``strings``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.index, self.strings = tokenizer, {}, []
+
+    def __call__(self, tid: int) -> int:
+        j = self.index.get(tid)
+        if j is None:
+            j = self.index[tid] = len(self.strings)
+            self.strings.append(self.tokenizer.decode([int(tid)]) if tid >= 0 else "")
+        return j
+
+
+def _context(
+    rows: list, T: int, before: int, after: int, pos: int, ctx_acts: list, vocab: _Vocab, scale: float
+) -> dict:
+    """One context: token indices ``t`` (into the shard vocabulary), activations ``v`` as integers 0..100
+    relative to ``scale`` (the latent's max), the centre's index ``c`` in ``t`` and its activation ``a``."""
+    row, col = divmod(int(pos), T)
+    ids = rows[row]
+    lo, hi = max(0, col - before), min(T, col + after + 1)
+    toks = [vocab(t) for t in ids[lo:hi]]
+    acts = ctx_acts[lo - col + before : hi - col + before]
+    vals = [int(round(100 * a / scale)) if a > 0 and scale > 0 else 0 for a in acts]
+    return {"a": _r(ctx_acts[before], 4), "t": toks, "v": vals, "c": col - lo}
+
+
+def latent_record(st, rows: list, j: int, vocab: _Vocab, extras: dict) -> dict:
+    """The shard entry of latent ``j`` (``rows``: ``st.input_ids.tolist()``; ``extras``: logit effects,
+    neighbours, N2G, by name)."""
+    T, b, a = st.input_ids.shape[1], st.before, st.after
+    scale = float(st.act_max[j])
+    top = [
+        _context(rows, T, b, a, p, c, vocab, scale)
+        for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j].float().tolist())
+        if p >= 0
+    ]
+    sp, sa, sc = st.sample_pos[j].tolist(), st.sample_act[j].tolist(), st.sample_ctx[j].float().tolist()
+    order = sorted((o for o in range(len(sp)) if sp[o] >= 0), key=lambda o: -sa[o])
+    samples = [_context(rows, T, b, a, sp[o], sc[o], vocab, scale) for o in order]
+    count = int(st.count[j])
+    rec = {
+        "id": j,
+        "count": count,
+        "density": _r(count / max(st.n_tokens, 1), 5),
+        "mean": _r(float(st.act_sum[j]) / max(count, 1)),
+        "max": _r(scale),
+        "hist": st.hist[j].tolist(),
+        "top": top,
+        "samples": samples,
+    }
+    for name, fn in extras.items():
+        rec[name] = fn(j, vocab)
+    return rec
+
+
+def _peak_tokens(rec: dict, strings: list, m: int = 3) -> list[str]:
+    """The m most frequent tokens at which a latent's top activations peak."""
+    return [strings[t] for t, _ in Counter(c["t"][c["c"]] for c in rec["top"]).most_common(m)]
+
+
+def copy_assets(out: Path) -> None:
+    src = Path(__file__).resolve().parent / "assets"
+    for name in ASSETS:
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"feature-browser asset {src / name} is missing; reinstall hf_sae (package data).")
+        shutil.copyfile(src / name, out / name)
+
+
+def write_site(
+    st,
+    out,
+    tokenizer,
+    *,
+    meta: dict,
+    logits=None,
+    near=None,
+    n2g: Optional[dict] = None,
+    texts: Sequence[dict] = (),
+    progress: bool = False,
+) -> Path:
+    """Write the site for the gathered :class:`~hf_sae.dashboard.collect.FeatureStats` into ``out``.
+
+    Args:
+        logits: (top values, top ids, bottom values, bottom ids) from ``logit_effects`` or None.
+        near: (cosines, ids) from ``nearest_latents`` or None.
+        n2g: {latent: ``N2GExplanation.to_dict(tokenizer, base)``}.
+        texts: [{"text", "tokens": [str], "latents": [[[latent, act], ...] per token]}].
+    Returns the folder.
+    """
+    from tqdm.auto import tqdm
+
+    from .collect import HIST_EDGES
+
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    copy_assets(out)
+    n = st.top_act.shape[0]
+    n2g = n2g or {}
+
+    def tok_list(vals, ids, vocab):
+        return [[vocab(int(t)), _r(v, 3)] for v, t in zip(vals.tolist(), ids.tolist())]
+
+    extras = {}
+    if logits is not None:
+        tv, ti, bv, bi = logits
+        extras["pos"] = lambda j, vocab: tok_list(tv[j], ti[j], vocab)
+        extras["neg"] = lambda j, vocab: tok_list(bv[j], bi[j], vocab)
+    if near is not None:
+        cv, ci = near
+        extras["near"] = lambda j, vocab: [[int(i), _r(c, 3)] for c, i in zip(cv[j].tolist(), ci[j].tolist())]
+    extras["n2g"] = lambda j, vocab: n2g.get(j)
+
+    ids_rows = st.input_ids.tolist()
+    rows = []
+    n_shards = (n + SHARD_SIZE - 1) // SHARD_SIZE
+    for shard in tqdm(range(n_shards), desc="site", disable=not progress):
+        vocab = _Vocab(tokenizer)
+        recs = [
+            latent_record(st, ids_rows, j, vocab, extras)
+            for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))
+        ]
+        write_data(out / "data" / shard_name(shard), "shard", shard, {"tok": vocab.strings, "latents": recs})
+        for r in recs:
+            j = r["id"]
+            pats = [p.get("text", "") for p in (r["n2g"] or {}).get("patterns", [])]
+            promoted = [vocab.strings[t] for t, _ in r.get("pos", [])[:3]]
+            rows.append(
+                [
+                    j,
+                    r["density"],
+                    r["mean"],
+                    r["max"],
+                    " | ".join(_peak_tokens(r, vocab.strings)),
+                    " | ".join(promoted),
+                    " | ".join(pats[:4]),
+                    _r((r["n2g"] or {}).get("f1", float("nan")), 3),
+                ]
+            )
+    index = {"columns": ["id", "density", "mean", "max", "top_tokens", "promoted", "n2g", "n2g_f1"], "rows": rows}
+    write_data(out / "data" / "index.js", "index", None, index)
+    write_data(out / "data" / "texts.js", "texts", None, list(texts))
+    # the pool of random contexts (negatives for autointerp)
+    vocab = _Vocab(tokenizer)
+    zeros = [0.0] * st.width
+    T = st.input_ids.shape[1]
+    pool = [
+        {**_context(ids_rows, T, st.before, st.after, p, zeros, vocab, 0.0), "active": act}
+        for p, act in zip(st.pool_pos.tolist(), st.pool_active)
+    ]
+    write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
+    meta = {
+        **meta,
+        "n_latents": n,
+        "n_tokens": st.n_tokens,
+        "shard_size": SHARD_SIZE,
+        "n_shards": n_shards,
+        "hist_edges": [_r(e, 3) for e in HIST_EDGES.tolist()],
+        "context": [st.before, st.after],
+        "autointerp": (out / "data" / "autointerp.js").is_file(),
+        "n_texts": len(texts),
+    }
+    write_data(out / "data" / "meta.js", "meta", None, meta)
+    return out
+
+
+def site_size(out) -> int:
+    """Bytes of all files under a site folder."""
+    return sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+
+
+def set_meta_flag(out, **flags) -> None:
+    """Update fields of a site's ``data/meta.js`` (e.g. ``autointerp=True`` once scores are written)."""
+    path = Path(out) / "data" / "meta.js"
+    meta = read_data(path)
+    meta.update(flags)
+    write_data(path, "meta", None, meta)
+
+
+def is_site(path) -> bool:
+    return (Path(path) / "data" / "meta.js").is_file() and (Path(path) / "index.html").is_file()
