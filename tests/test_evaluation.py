@@ -554,3 +554,22 @@ def test_run_eval_dense_activation_sae(tmp_path, tiny_lm, tiny_tokenizer):
     assert "downstream" not in res and "afa" not in res
     assert set(res["probes"]["summary"]) >= {"mean_probe_loss_sae"}
     assert not (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_downstream_reuses_clean_log_probs_exactly(tiny_lm, tiny_tokenizer):
+    """Scoring several SAEs on the same windows: passing the clean log-probs gives the same numbers as
+    recomputing them (and a wrong clean run changes the KL, so the argument is really used)."""
+    from hf_sae.data.corpus import token_mask
+    from hf_sae.evaluation.downstream import clean_next_token_log_probs
+
+    ids = _windows(tiny_tokenizer, n=2)
+    keep = token_mask(ids, tiny_tokenizer)
+    sae = _sae()
+    ref = downstream_batch(tiny_lm, sae, ids, keep, HOOK, ablations=())
+    clean = clean_next_token_log_probs(tiny_lm, ids)
+    assert clean.shape == (*ids.shape[:1], ids.shape[1] - 1, len(tiny_tokenizer))
+    got = downstream_batch(tiny_lm, sae, ids, keep, HOOK, ablations=(), clean_log_probs=clean)
+    for key in ("ce_clean", "ce_spliced", "kl"):
+        assert torch.equal(got[key], ref[key]), key
+    shifted = downstream_batch(tiny_lm, sae, ids, keep, HOOK, ablations=(), clean_log_probs=clean.roll(1, dims=1))
+    assert not torch.equal(shifted["kl"], ref["kl"])

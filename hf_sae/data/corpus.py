@@ -416,3 +416,18 @@ def token_mask(input_ids: torch.LongTensor, tokenizer=None, exclude_first: bool 
         if ids:
             keep &= ~torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
     return keep
+
+
+def windows_with_tokens(source: str, tokenizer, n_tokens: int, window: int = 256, split: str = "validation",
+                        text_column: str = "text") -> torch.LongTensor:
+    """LongTensor ``[N, window]``: the first windows of ``source``/``split`` whose kept positions
+    (:func:`token_mask`) number >= ``n_tokens`` (or every window the source has); ValueError if none."""
+    rows, kept = [], 0
+    for w in iter_windows(load_texts(source, split=split, text_column=text_column), tokenizer, window=window):
+        rows.append(w)
+        kept += int(token_mask(w[None], tokenizer).sum())
+        if kept >= n_tokens:
+            break
+    if not rows:
+        raise ValueError(f"text source {source!r} (split {split!r}) gave no window of {window} tokens.")
+    return torch.stack(rows)

@@ -34,6 +34,7 @@ __all__ = [
     "downstream_batch_stats",
     "DownstreamStats",
     "make_splice_fn",
+    "clean_next_token_log_probs",
     "downstream_batch",
 ]
 
@@ -199,10 +200,16 @@ def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor
 
 
 @torch.no_grad()
+def clean_next_token_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """float32 [B, T-1, V]: log-softmax of the clean model's logits at positions 0..T-2."""
+    return F.log_softmax(_logits(model, input_ids, attention_mask)[:, :-1].float(), dim=-1)
+
+
+@torch.no_grad()
 def downstream_batch(model: nn.Module, reconstruct, input_ids: Tensor, keep: Tensor, hook_point: str,
                      mean_activation: Optional[Tensor] = None,
                      ablations: Sequence[str] = ("zero", "mean"),
-                     attention_mask: Optional[Tensor] = None) -> dict:
+                     attention_mask: Optional[Tensor] = None, clean_log_probs: Optional[Tensor] = None) -> dict:
     """Clean, spliced and ablated next-token losses for one batch.
 
     Args:
@@ -214,6 +221,8 @@ def downstream_batch(model: nn.Module, reconstruct, input_ids: Tensor, keep: Ten
         mean_activation: [d] mean activation at the hook point (needed for ``"mean"`` ablation).
         ablations: subset of ``("zero", "mean")`` to run (one extra forward each).
         attention_mask: optional [B, T].
+        clean_log_probs: optional float32 [B, T-1, V] from :func:`clean_next_token_log_probs` on the same
+            batch, to skip the clean forward when several SAEs are scored on the same windows.
     Returns:
         dict of float32 1-D tensors over the counted predictions: ``ce_clean``, ``ce_spliced``,
         ``kl`` and ``ce_zero`` / ``ce_mean`` for the requested ablations (keys absent otherwise).
@@ -229,9 +238,8 @@ def downstream_batch(model: nn.Module, reconstruct, input_ids: Tensor, keep: Ten
         raise ValueError("the 'mean' ablation needs mean_activation [d] (the mean activation at the hook point).")
     keep = keep.to(input_ids.device).bool()
     pred = prediction_mask(keep, attention_mask)
-    clean = _logits(model, input_ids, attention_mask)
-    lp_clean = F.log_softmax(clean[:, :-1].float(), dim=-1)
-    del clean
+    lp_clean = (clean_next_token_log_probs(model, input_ids, attention_mask) if clean_log_probs is None
+                else clean_log_probs)
     targets = input_ids[:, 1:, None].long()
     out = {"ce_clean": -lp_clean.gather(-1, targets).squeeze(-1)[pred]}
 

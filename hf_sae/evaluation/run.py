@@ -13,6 +13,8 @@ Stages (each can be switched with ``--metrics``):
   ``--downstream-tokens`` tokens.
 - ``ablation``: ``--ablation-latents`` sampled latents ablated one at a time in the spliced
   forward over ``--ablation-context`` tokens.
+- ``n2g_faithful`` (only when named): the paper's N2G (pruned contexts, wildcards, a trie; see
+  ``hf_sae.evaluation.n2g``) for ``--n2g-latents`` latents, built on even windows, scored on odd ones.
 
 Python use::
 
@@ -31,9 +33,12 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["ALL_METRICS", "add_eval_args", "run_eval", "main"]
+__all__ = ["ALL_METRICS", "OPTIONAL_METRICS", "add_eval_args", "run_eval", "main"]
 
 ALL_METRICS = ("reconstruction", "afa", "probes", "n2g", "downstream", "ablation")
+OPTIONAL_METRICS = ("n2g_faithful",)
+"""Metrics run only when named in ``--metrics`` ("all" leaves them out): the faithful N2G re-runs the LM
+on every edited context of every explained latent."""
 MAX_CODE_WIDTH = 256
 """Dense-activation SAEs (relu, jumprelu, batchtopk at inference): the code kept in memory for probes,
 N2G and ablation holds each token's largest MAX_CODE_WIDTH latents (reconstruction metrics use all)."""
@@ -54,7 +59,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (sequence length)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
-    parser.add_argument("--metrics", default="all", help=f"comma-separated subset of {','.join(ALL_METRICS)} (default all)")
+    parser.add_argument("--metrics", default="all", help=f"comma-separated subset of {','.join(ALL_METRICS + OPTIONAL_METRICS)} (default all = all but {','.join(OPTIONAL_METRICS)})")
     parser.add_argument("--downstream-tokens", type=int, default=2048, help="tokens for the downstream loss (4 full forwards each)")
     parser.add_argument("--probe-tokens", type=int, default=30_000, help="tokens for probe recovery (2/3 fit, 1/3 test)")
     parser.add_argument("--probe-baselines", default="raw_basis,random_directions", help="comma list; '' for none")
@@ -73,9 +78,9 @@ def _parse_metrics(spec: str) -> list:
     if spec in (None, "", "all"):
         return list(ALL_METRICS)
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in ALL_METRICS]
+    bad = [m for m in names if m not in ALL_METRICS + OPTIONAL_METRICS]
     if bad:
-        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(ALL_METRICS)} (or 'all').")
+        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(ALL_METRICS + OPTIONAL_METRICS)} (or 'all').")
     return names
 
 
@@ -92,16 +97,8 @@ def _collect_windows(args, tokenizer, n_tokens_needed: int):
     """Token windows whose kept positions number >= n_tokens_needed (or all the source has)."""
     from hf_sae.data import corpus
 
-    texts = corpus.load_texts(args.dataset, split=args.split, text_column=args.text_column)
-    rows, kept = [], 0
-    for w in corpus.iter_windows(texts, tokenizer, window=args.window):
-        rows.append(w)
-        kept += int(corpus.token_mask(w[None], tokenizer).sum())
-        if kept >= n_tokens_needed:
-            break
-    if not rows:
-        raise ValueError(f"text source {args.dataset!r} (split {args.split!r}) gave no window of {args.window} tokens.")
-    return torch.stack(rows)
+    return corpus.windows_with_tokens(args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split,
+                                      text_column=args.text_column)
 
 
 def _trim_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
@@ -309,6 +306,16 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
             results["n2g"] = {"summary": {"n_latents": 0, "note": "no latent fired >= 5 times on the train windows"}}
         timings["n2g"] = time.perf_counter() - t
 
+    # ---------------------------------------------------------------- faithful N2G
+    if "n2g_faithful" in metrics and args.n2g_latents > 0:
+        from .n2g import n2g_faithful_evaluate
+
+        t = time.perf_counter()
+        results["n2g_faithful"] = n2g_faithful_evaluate(
+            model, tokenizer, sae, hook, n_tokens=args.n_tokens, n_latents=args.n2g_latents, dataset=args.dataset,
+            split=args.split, window=args.window, seed=args.seed)
+        timings["n2g_faithful"] = time.perf_counter() - t
+
     # ---------------------------------------------------------------- downstream
     if "downstream" in metrics and args.downstream_tokens > 0:
         t = time.perf_counter()
@@ -370,6 +377,9 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     if "n2g" in results and "f1" in results["n2g"]["summary"]:
         for k in ("precision", "recall", "f1"):
             summary[f"n2g_{k}"] = results["n2g"]["summary"][k]
+    if "n2g_faithful" in results:
+        for k in ("precision", "recall", "f1"):
+            summary[f"n2g_faithful_{k}"] = results["n2g_faithful"]["summary"][k]
     if "ablation" in results:
         summary["ablation_sparsity"] = results["ablation"]["summary"]["ablation_sparsity"]
     if "afa" in results:

@@ -1,0 +1,107 @@
+"""benchmarks/scaling_study.py without training: the manifest, the 'flattened' criterion, and the report
+stage (fits, plots, tables, REPRODUCTION.md) on synthetic runs with known exponents."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("scaling_study", BENCH / "scaling_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_manifest_merges_shared_runs_and_orders_by_priority(study):
+    ns = study.parser().parse_args([])
+    runs = study.build_manifest(ns)
+    names = [r["name"] for r in runs]
+    assert len(names) == len(set(names))
+    shared = next(r for r in runs if r["name"] == f"topk_n{ns.lk_n}_k{ns.k}")
+    assert {"LN", "Lk", "frontier", "multitopk"} <= set(shared["groups"])  # trained once, used by four groups
+    assert all(r["k"] <= r["n"] for r in runs)
+    assert names[0] == f"topk_n{min(ns.sizes)}_k{ns.k}" and names[-1] == f"topk_n{max(ns.sizes)}_k{ns.k}"
+    kw = study.training_kwargs(ns, shared, Path("/c"), Path("/w"))
+    assert kw["lr"] == pytest.approx(ns.lr * math.sqrt(ns.lr_ref_n / shared["n"]))
+    assert kw["train_tokens"] == ns.train_tokens and kw["output_dir"] == f"/w/runs/{shared['name']}"
+    assert study.command_line(kw).startswith("hf-sae train --hook_points layers.6.resid_post ")
+
+
+def test_flattened_criterion(study):
+    key = f"{study.HOOK}/eval/fvu"
+    still_falling = [{"tokens": t, key: 1.0 / t} for t in (1, 2, 3, 4, 5, 6, 7, 8)]
+    flat = [{"tokens": t, key: 0.5 + 0.001 * (t == 1)} for t in (1, 2, 3, 4, 5, 6, 7, 8)]
+    f1 = study.flattened(still_falling, tol=0.02)
+    assert f1["flattened"] is False and f1["last_quarter_rel_drop"] == pytest.approx(0.25)  # 1/6 -> 1/8
+    assert study.flattened(flat, tol=0.02)["flattened"] is True
+    assert study.flattened(flat[:2], tol=0.02)["flattened"] is None  # too few evaluations to tell
+
+
+def _row(name, groups, activation, n, k, fvu, l0, extra=None, **more):
+    return {"name": name, "groups": groups, "activation": activation, "n": n, "k": k, "extra": extra or {},
+            "tokens_trained": 1000, "fvu": fvu, "l0": l0, "dead_heldout": 0.0, "dead_train": 0.001,
+            "train_seconds": 1.0, "flattened": True, "last_quarter_rel_drop": 0.01, "eval_fvu_curve": [],
+            "ce_clean": 3.0, "ce_spliced": 3.0 + fvu, "delta_loss": fvu, "kl": fvu / 2, **more}
+
+
+def test_report_recovers_planted_exponents_and_writes_every_artifact(study, tmp_path):
+    ns = study.parser().parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                                    "--reproduction", str(tmp_path / "REPRODUCTION.md"), "--bootstrap", "20"])
+    beta_n, beta_k = -0.3, -0.5
+    law = lambda n, k: 2.0 * n ** beta_n * (k / 32) ** beta_k + 0.02  # noqa: E731
+    manifest = study.build_manifest(ns)
+    for r in manifest:
+        fvu = law(r["n"], r["k"])
+        extra = {}
+        if r["activation"] == "relu":  # ReLU: worse MSE at a sweep of L0 that brackets k=32
+            fvu, l0 = 2 * law(r["n"], 32), 8 if r["extra"]["l1_coef"] > 0.01 else 128
+        else:
+            l0 = r["k"]
+        if "LN" in r["groups"]:
+            extra.update(probe_loss=1 / math.log(r["n"]), n2g_precision=0.5 + r["n"] / 1e5, n2g_recall=0.3,
+                         ablation_sparsity=0.1, n2g_ngram_precision=0.5, n2g_ngram_recall=0.1)
+        if "multitopk" in r["groups"]:
+            multi = bool(r["extra"].get("multi_topk"))
+            extra["fvu_at_k"] = {str(k): (law(r["n"], k) if multi else law(r["n"], min(k, 32)) * (1 + (k > 32)))
+                                 for k in (16, 32, 64, 128)}
+        row = _row(r["name"], r["groups"], r["activation"], r["n"], r["k"], fvu, l0, r["extra"], **extra)
+        d = tmp_path / "w" / "runs" / r["name"]
+        d.mkdir(parents=True)
+        (d / "study_eval.json").write_text(json.dumps(row))
+    rep = study.stage_report(ns, manifest, tmp_path / "w", tmp_path / "r", {"hook_point": study.HOOK, "model": "m",
+                                                                            "corpus": "c", "command": "cmd"},
+                             log=lambda m: None)
+    assert rep["missing"] == []
+    assert rep["fits"]["L(N)"]["params"]["beta"] == pytest.approx(beta_n, abs=0.02)
+    assert rep["fits"]["L(k)"]["params"]["beta"] == pytest.approx(beta_k, abs=0.03)
+    assert rep["fits"]["L(N,k)"]["rms_log_residual"] < 0.05
+    for png in ("L_of_N", "L_of_k", "L_of_N_k", "frontier", "metrics_vs_size", "progressive_code"):
+        assert (tmp_path / "r" / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png
+    md = (tmp_path / "REPRODUCTION.md").read_text()
+    assert "r/L_of_N.png" in md and "r/tables.md" in md
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if ln.startswith("| §")}
+    assert lines["§3.1 (number of latents), the L(N) law at fixed k"].rstrip(" |").split(" | ")[-1].startswith("agree")
+    assert "| agree (" in lines["§5.2 (comparison with other activation functions), the sparsity-reconstruction frontier"]
+    assert lines["§5.3 (progressive recovery), Multi-TopK"].endswith("| agree |")
+    tables = (tmp_path / "r" / "tables.md").read_text()
+    assert f"beta = {rep['fits']['L(N)']['params']['beta']:.4g} [95 % CI" in tables
+    assert "probe loss (nats): rho = -1.00 -> improves with n" in tables
+
+
+def test_report_with_missing_runs_says_how_to_finish(study, tmp_path):
+    ns = study.parser().parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                                    "--reproduction", str(tmp_path / "R.md")])
+    manifest = study.build_manifest(ns)
+    rep = study.stage_report(ns, manifest, tmp_path / "w", tmp_path / "r", {"hook_point": study.HOOK, "model": "m",
+                                                                            "corpus": "c"}, log=lambda m: None)
+    assert len(rep["missing"]) == len(manifest) and rep["fits"] == {}
+    assert "benchmarks/scaling_study.py" in (tmp_path / "R.md").read_text().split("Not finished")[1]
