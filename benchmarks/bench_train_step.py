@@ -108,7 +108,7 @@ REALISTIC_POSITIVE = 0.005
 """Fraction of (token, dead latent) pre-activations > 0 in the realistic case (0.55% measured in a trained SAE)."""
 
 
-def random_dead_mask(n: int, dead_frac: float, device=None) -> "torch.Tensor | None":
+def random_dead_mask(n: int, dead_frac: float, device=None) -> torch.Tensor | None:
     """bool [n] with round(dead_frac * n) random latents set (global RNG), or None for dead_frac = 0."""
     if dead_frac <= 0:
         return None
@@ -128,7 +128,7 @@ def make_realistic(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor) 
 
 
 @torch.no_grad()
-def dead_stats(sae: SparseAutoencoder, x: torch.Tensor, dead: "torch.Tensor | None") -> dict:
+def dead_stats(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None) -> dict:
     """What AuxK sees on this batch: the fraction of (token, dead latent) pre-activations > 0, the width
     of the fused step's AuxK block (min(k_aux, most positives in one row)) and the fraction of the main
     top-k slots taken by dead latents."""

@@ -305,7 +305,7 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
                         parts.append(f"n={n}, L0={t['l0']:.0f}: TopK {t['fvu']:.3f} vs ReLU+L1 {v:.3f}")
         claim("§5.2 (comparison with other activation functions), the sparsity-reconstruction frontier",
               "TopK has a better MSE-L0 frontier than ReLU + L1 (and is competitive with the other variants).",
-              ("; ".join(parts) + f" (ReLU interpolated in log-log at TopK's L0)") if parts else
+              ("; ".join(parts) + " (ReLU interpolated in log-log at TopK's L0)") if parts else
               "the ReLU sweep does not bracket any TopK L0 (see the plot)",
               (f"agree ({wins}/{total} matched points)" if total and wins == total else
                f"partly ({wins}/{total})" if total else "not testable with this sweep (widen --l1)"),

@@ -290,9 +290,9 @@ def collect(work: Path, manifest) -> list[dict]:
 
 
 def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -> dict:
-    from hf_sae.scaling import fit_joint_law, fit_power_law
-
     import scaling_plots as plots
+
+    from hf_sae.scaling import fit_joint_law, fit_power_law
 
     rows = collect(work, manifest)
     results_dir.mkdir(parents=True, exist_ok=True)

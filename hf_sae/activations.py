@@ -10,8 +10,9 @@ This file imports only torch so that saved SAE folders can carry it for ``trust_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -38,7 +39,7 @@ class Latents(NamedTuple):
         out = self.values.new_zeros(self.values.shape[0], n_latents)
         return out.scatter_add(-1, self.indices, self.values)
 
-    def to_sparse(self) -> "Latents":
+    def to_sparse(self) -> Latents:
         """Sparse form; a dense code is converted with width = max non-zeros in a row (>= 1)."""
         if self.values is not None:
             return self

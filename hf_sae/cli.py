@@ -27,7 +27,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -131,7 +131,7 @@ class SAEConfig(PretrainedConfig):
             factor = 8 if expansion_factor is None else expansion_factor
             _check(_num(factor) and factor > 0, "expansion_factor", factor, "a finite number > 0")
             n_latents = int(round(factor * d_in))
-            _check(n_latents > 0, "expansion_factor", factor, f"large enough that expansion_factor * d_in >= 1")
+            _check(n_latents > 0, "expansion_factor", factor, "large enough that expansion_factor * d_in >= 1")
         _check(_int(n_latents) and n_latents > 0, "n_latents", n_latents, "a positive integer")
         _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
         if k is None and activation != "topafa":

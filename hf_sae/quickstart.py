@@ -33,8 +33,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 HOOK_LAYER = 6
 
@@ -74,11 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
+    from ._io import sha256_file as file_sha256
     from .data.cache import cache_activations
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
-    from .training import SAETrainingArguments, SAETrainer
-    from ._io import sha256_file as file_sha256
+    from .training import SAETrainer, SAETrainingArguments
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     times: dict = {}
     t0 = time.perf_counter()
 
-    print(f"[quickstart] 1/5 loading SmolLM2-135M (embedded, offline)", flush=True)
+    print("[quickstart] 1/5 loading SmolLM2-135M (embedded, offline)", flush=True)
     t = time.perf_counter()
     model, tok = load_model(DEFAULT_MODEL)
     times["load_model"] = time.perf_counter() - t

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
 from hf_sae import ACTIVATIONS, SAEConfig, SparseAutoencoder
-from hf_sae.activations import Latents, afa_k, jumprelu_fn, step_fn
+from hf_sae.activations import afa_k, jumprelu_fn, step_fn
 from hf_sae.modeling_sae import sparse_decode_reference
 
 ALL = sorted(ACTIVATIONS)

@@ -1,7 +1,6 @@
 """hf_sae.data on tiny random Llama models (fast): corpus, windows, mask, stream, cache, reader, corruption, resume."""
 import gzip
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -9,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from hf_sae.data import (ActivationStream, CachedActivations, CorruptShardError, cache_activations, load_texts,
-                         load_windows, norm_stats_to_input_scale, token_mask, tokenize_windows)
+from hf_sae.data import (
+    ActivationStream,
+    CachedActivations,
+    CorruptShardError,
+    cache_activations,
+    load_texts,
+    load_windows,
+    norm_stats_to_input_scale,
+    token_mask,
+    tokenize_windows,
+)
 from hf_sae.data import cache as cache_mod
 from hf_sae.data.models import is_default_model, load_model
 from hf_sae.hooks import run_with_capture

@@ -1,10 +1,8 @@
 """Activation cache on the real SmolLM2 and a cache run killed with SIGKILL (slow tests)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

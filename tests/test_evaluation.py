@@ -10,9 +10,9 @@ from collections import Counter
 from itertools import islice
 
 import pytest
-from _helpers import identity_sae
 import torch
 import transformers as T
+from _helpers import identity_sae
 
 from hf_sae import SAEConfig, SparseAutoencoder
 from hf_sae.evaluation import (

@@ -15,7 +15,6 @@ import re
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,7 @@ def test_top_level_help_imports_neither_torch_nor_transformers():
 
 
 def test_resume_without_checkpoint_says_so(tmp_path, caplog):
-    from hf_sae.training import SAETrainingArguments, SAETrainer
+    from hf_sae.training import SAETrainer, SAETrainingArguments
 
     args = SAETrainingArguments(hook_points=[HP], n_latents=16, k=2, batch_size=64, train_tokens=128,
                                 output_dir=str(tmp_path / "run"), resume=True, log_with=["none"],
@@ -147,10 +146,10 @@ def test_datasets_folders_and_objects(tmp_path):
 
 def test_activation_stream_takes_iterable_datasets_and_trainer_takes_a_generator_stream(tmp_path):
     import datasets
+    from test_data import WORDS, tiny_model, tiny_tokenizer
 
     from hf_sae.data.stream import ActivationStream
     from hf_sae.training import SAETrainingArguments, train
-    from test_data import WORDS, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), layers=1)
@@ -301,9 +300,7 @@ def test_evaluate_modules_load_from_anywhere_and_take_predictions(tmp_path, monk
 
 # ------------------------------------------------------------------------------------------------ launchers
 def test_launch_check_unit():
-    from hf_sae.training.launch import LaunchError, check_launch
-
-    from hf_sae.training.launch import launched_without_gpus
+    from hf_sae.training.launch import LaunchError, check_launch, launched_without_gpus
 
     assert not launched_without_gpus({}) and not launched_without_gpus({"WORLD_SIZE": "1"})
     assert launched_without_gpus({"WORLD_SIZE": "2"}) == (not torch.cuda.is_available())
@@ -316,7 +313,7 @@ def test_launch_check_unit():
 
 
 def test_a_live_run_holding_the_folder_stops_a_second_one(tmp_path):
-    from hf_sae.training import SAETrainingArguments, SAETrainer
+    from hf_sae.training import SAETrainer, SAETrainingArguments
     from hf_sae.training.launch import LOCK_NAME, LaunchError
 
     out = tmp_path / "run"
@@ -399,11 +396,9 @@ def test_report_is_self_contained_and_explains_metrics(tmp_path):
 
 
 def test_training_curves_of_a_run_shorter_than_one_log_interval(tmp_path):
-    from hf_sae.training.report import write_report
-
     import matplotlib.pyplot as plt
 
-    from hf_sae.training.report import curves_figure
+    from hf_sae.training.report import curves_figure, write_report
 
     history = [{"step": 3, "tokens": 1_500_000, f"{HP}/eval/fvu": 0.3},
                {"step": 6, "tokens": 3_000_000, f"{HP}/eval/fvu": 0.2}]

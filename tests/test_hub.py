@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import FakeHub
 
 from hf_sae import SAE, SAEConfig
 from hf_sae import hub as H
-
-from hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
 

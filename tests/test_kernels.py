@@ -12,8 +12,11 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hf_sae import SAEConfig, SparseAutoencoder  # noqa: E402
-from hf_sae import kernels  # noqa: E402
+from hf_sae import (  # noqa: E402
+    SAEConfig,
+    SparseAutoencoder,
+    kernels,  # noqa: E402
+)
 from hf_sae.activations import batchtopk, batchtopk_sparse  # noqa: E402
 from hf_sae.kernels import reference as ref  # noqa: E402
 

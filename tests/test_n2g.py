@@ -4,12 +4,17 @@ recovered exactly on an LM-free setup; the real-model activation function matche
 import pytest
 import torch
 import transformers as T
-
-from hf_sae import SAEConfig, SparseAutoencoder
 from test_evaluation import tiny_lm, tiny_tokenizer  # noqa: F401  (module-scoped fixtures)
 
-from hf_sae.evaluation.n2g import (WILDCARD, N2GTrie, n2g_explain, n2g_faithful_evaluate, n2g_score,
-                                   sae_latent_activation_fn)
+from hf_sae import SAEConfig, SparseAutoencoder
+from hf_sae.evaluation.n2g import (
+    WILDCARD,
+    N2GTrie,
+    n2g_explain,
+    n2g_faithful_evaluate,
+    n2g_score,
+    sae_latent_activation_fn,
+)
 
 BLANK, OF, THE, BEGIN, END = 0, 3, 4, 6, 7
 VOCAB = 50

@@ -18,10 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_sae import SAEConfig
-from hf_sae import _io
-from hf_sae.data.cache import (CachedActivations, CorruptMetadataError, CorruptShardError, _with_checksum,
-                               write_activations)
+from hf_sae import SAEConfig, _io
+from hf_sae.data.cache import (
+    CachedActivations,
+    CorruptMetadataError,
+    CorruptShardError,
+    _with_checksum,
+    write_activations,
+)
 from hf_sae.training import SAETrainer, SAETrainingArguments, parse_args, train
 from hf_sae.training import checkpoint as ckpt
 from hf_sae.training.guards import TrainingDiverged

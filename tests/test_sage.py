@@ -7,8 +7,8 @@ import json
 import re
 
 import pytest
-from _helpers import identity_sae
 import torch
+from _helpers import identity_sae
 
 from hf_sae import SAEConfig, SparseAutoencoder
 from hf_sae.evaluation.sage import (
@@ -31,8 +31,7 @@ from hf_sae.evaluation.sage import (
     recompute_sublayers,
     residual_stream_index,
 )
-from hf_sae.evaluation.sage.tasks import DEFAULT_NAMES, GENDER_TEMPLATES, IOI_TEMPLATES, FEMALE_NAMES, MALE_NAMES
-
+from hf_sae.evaluation.sage.tasks import DEFAULT_NAMES, FEMALE_NAMES, GENDER_TEMPLATES, IOI_TEMPLATES, MALE_NAMES
 
 # --------------------------------------------------------------------------- tiny model fixtures
 

@@ -7,20 +7,24 @@ runs scripts/train.py in subprocesses. Real-SmolLM2 tests are marked slow.
 import json
 import math
 import os
-import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_sae import SparseAutoencoder
-from hf_sae.training import (SAETrainer, SAETrainingArguments, default_lr, geometric_median, initialize_sae,
-                             lr_at, parse_args, train)
+from hf_sae.training import (
+    SAETrainer,
+    SAETrainingArguments,
+    default_lr,
+    geometric_median,
+    initialize_sae,
+    lr_at,
+    parse_args,
+    train,
+)
 from hf_sae.training import checkpoint as ckpt
 from hf_sae.training.sources import IterableSource, TensorSource
 

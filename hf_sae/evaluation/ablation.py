@@ -16,7 +16,7 @@ report gives the mean over sampled latents (lower = sparser downstream effect).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

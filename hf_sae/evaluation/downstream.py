@@ -19,7 +19,8 @@ Everything is a running sum (:class:`DownstreamStats`), so streaming over batche
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

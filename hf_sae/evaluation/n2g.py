@@ -36,8 +36,9 @@ into earlier (also excluded) positions of the same window but never across windo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

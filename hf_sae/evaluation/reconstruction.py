@@ -503,7 +503,7 @@ class ReconstructionStats:
             self.d = int(self.sum_x.shape[-1])
             self.device = self.sum_x.device
 
-    def merge(self, other: "ReconstructionStats") -> "ReconstructionStats":
+    def merge(self, other: ReconstructionStats) -> ReconstructionStats:
         """Add ``other``'s tokens to this one (in place); returns self."""
         if other.d is None:
             return self

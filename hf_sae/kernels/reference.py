@@ -23,7 +23,8 @@ in order, and keeps the random accesses within the [N, d] rows, which stay in ca
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

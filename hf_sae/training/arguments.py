@@ -337,7 +337,7 @@ class SAETrainingArguments:
             raise ValueError(f"{msg} (change the training argument of that name; inputs have d={d_in})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types() -> dict:
     """The fields' resolved types (``dataclasses.Field.type`` is a string here, and HfArgumentParser rewrites
     it in place, so it cannot be relied on)."""

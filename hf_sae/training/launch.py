@@ -97,7 +97,7 @@ class OutputDirLock:
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.held = False
 
-    def acquire(self) -> "OutputDirLock":
+    def acquire(self) -> OutputDirLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()}\n"
         for _ in range(2):

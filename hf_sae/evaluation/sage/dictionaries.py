@@ -65,7 +65,7 @@ class SupervisedDictionary:
 
     @classmethod
     def fit(cls, acts: Tensor, attributes: Mapping[str, Sequence], location: str = "",
-            nested: Mapping[str, str] | None = None, method: str = "mean") -> "SupervisedDictionary":
+            nested: Mapping[str, str] | None = None, method: str = "mean") -> SupervisedDictionary:
         """Fit ``u_{i,v}`` from activations ``acts`` [N, d] and ``attributes`` ``{i: [v per prompt]}``.
 
         ``nested``: ``{child attribute: parent attribute}`` for attributes whose value determines

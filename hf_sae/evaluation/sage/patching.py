@@ -19,8 +19,8 @@ prompt's END position (logits, i.e. unnormalized log-probabilities), see :mod:`.
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +80,7 @@ class Location:
         return "head" if self.head is not None else parse_hook_point(self.hook)[1]
 
     @classmethod
-    def parse(cls, key: str) -> "Location":
+    def parse(cls, key: str) -> Location:
         """``"layers.5.attn_z.h3@END"`` -> Location("layers.5.attn_z", "END", 3)."""
         m = _KEY_RE.match(key) if isinstance(key, str) else None
         if m is None:

@@ -33,7 +33,7 @@ from torch import nn
 from ...hooks import model_parts, parse_hook_point
 from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
 from .dictionaries import SupervisedDictionary, fit_dictionaries
-from .evaluate_sae import reconstruction_fidelity, evaluate_sae, residual_stream_index, sufficiency_necessity
+from .evaluate_sae import evaluate_sae, reconstruction_fidelity, residual_stream_index, sufficiency_necessity
 from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff, patched_logit_diff
 from .report import write_report
 from .tasks import TASKS, Task, make_task

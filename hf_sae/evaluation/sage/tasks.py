@@ -112,7 +112,7 @@ class TaskPrompts:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def as_counterfactual_of(self, clean: "TaskPrompts") -> "TaskPrompts":
+    def as_counterfactual_of(self, clean: TaskPrompts) -> TaskPrompts:
         """These (corrupted) prompts with ``clean``'s answer/wrong tokens and named positions.
 
         Used to score a corrupted prompt with the clean prompt's metric and to read its
@@ -125,7 +125,7 @@ class TaskPrompts:
         return TaskPrompts(self.prompts, self.input_ids, self.lengths, clean.answer_ids, clean.wrong_ids,
                            self.attributes, clean.positions)
 
-    def select(self, index: Sequence[int] | Tensor) -> "TaskPrompts":
+    def select(self, index: Sequence[int] | Tensor) -> TaskPrompts:
         """The prompts at ``index`` (a list/tensor of ints), trimmed to their longest length."""
         idx = torch.as_tensor(index, dtype=torch.long)
         lengths = self.lengths[idx]
@@ -171,7 +171,7 @@ class Task:
     def __len__(self) -> int:
         return len(self.clean)
 
-    def select(self, index: Sequence[int] | Tensor) -> "Task":
+    def select(self, index: Sequence[int] | Tensor) -> Task:
         """The sub-task made of prompts ``index`` (clean and every counterpart alike)."""
         return Task(
             name=self.name,
@@ -184,7 +184,7 @@ class Task:
             nested=dict(self.nested),
         )
 
-    def split(self, n_first: int) -> tuple["Task", "Task"]:
+    def split(self, n_first: int) -> tuple[Task, Task]:
         """``(first n_first prompts, the rest)``: e.g. a fit set for dictionaries and an eval set."""
         if not 0 < n_first < len(self):
             raise ValueError(f"split: n_first={n_first} must be in [1, {len(self) - 1}] for a task of {len(self)} prompts")

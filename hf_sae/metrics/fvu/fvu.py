@@ -18,8 +18,13 @@ import datasets
 import evaluate
 
 from hf_sae.evaluation.modules import PredictionsReferencesMixin, as_tensor
-from hf_sae.evaluation.reconstruction import (combine_sums, explained_variance_from_sums, fvu_batch_stats,
-                                              fvu_from_sums, mse_from_sums)
+from hf_sae.evaluation.reconstruction import (
+    combine_sums,
+    explained_variance_from_sums,
+    fvu_batch_stats,
+    fvu_from_sums,
+    mse_from_sums,
+)
 
 _DESCRIPTION = "Fraction of variance unexplained sum||x - x_hat||^2 / sum||x - mean(x)||^2, MSE per element and explained variance."
 _CITATION = "Gao et al. 2024, Scaling and evaluating sparse autoencoders, arXiv:2406.04093."
