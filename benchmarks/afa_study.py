@@ -212,7 +212,7 @@ def print_tables(results: dict) -> None:
     for name, r in results["runs"].items():
         dl = r.get("delta_lm_loss")
         print(f"| {name} | {r['n_latents']} | {r['k'] if r['k'] else 'none'} | {r['fvu']:.4f} | "
-              f"{'%.4f' % dl if dl is not None else '-'} | {r['l0']:.1f} | {r['l0_p05']} / {r['l0_median']} / "
+              f"{f'{dl:.4f}' if dl is not None else '-'} | {r['l0']:.1f} | {r['l0_p05']} / {r['l0_median']} / "
               f"{r['l0_p95']} | {100 * (r['dead_train'] or 0):.2f} % | {100 * r['dead_heldout']:.2f} % | "
               f"{r['eps_lbo_mean']:.2e} | {r['eps_lbo_h1_mean']:.3f} | {r['eps_mean']:.2e} |")
 

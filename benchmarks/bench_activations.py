@@ -128,9 +128,16 @@ def bench_read(args, tmp: Path) -> list[tuple[str, float, str]]:
     rows += [
         ("datasets load_from_disk .with_format('torch'), shuffled (rows/s)", bs, f"first {n_base} rows; {note}"),
         ("datasets load_from_disk .with_format('torch'), in order (rows/s)", bo, "its best case"),
-        ("CachedActivations shuffled -> fp32, epoch 1 incl. sha256 (rows/s)", cold, f"{cold / bs:.1f}x shuffled baseline"),
-        ("CachedActivations shuffled -> fp32 (rows/s)", warm32,
-         f"{warm32 / bs:.1f}x shuffled baseline, {warm32 / bo:.1f}x in-order (goal >= 5x, >= 1M rows/s)"),
+        (
+            "CachedActivations shuffled -> fp32, epoch 1 incl. sha256 (rows/s)",
+            cold,
+            f"{cold / bs:.1f}x shuffled baseline",
+        ),
+        (
+            "CachedActivations shuffled -> fp32 (rows/s)",
+            warm32,
+            f"{warm32 / bs:.1f}x shuffled baseline, {warm32 / bo:.1f}x in-order (goal >= 5x, >= 1M rows/s)",
+        ),
         ("CachedActivations shuffled -> fp16 (rows/s)", warm16, f"{warm16 / bs:.1f}x shuffled baseline"),
     ]
     return rows
@@ -160,8 +167,10 @@ def main(argv=None):
             rows += bench_harvest(args, Path(tmp))
         if not args.skip_read:
             rows += bench_read(args, Path(tmp))
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"| {'measurement':<68} | {'value':>12} | notes |")
     print(f"|{'-' * 70}|{'-' * 14}|-------|")
     for name, v, note in rows:

@@ -41,7 +41,11 @@ def main() -> None:
     args = p.parse_args()
     here = Path(__file__).resolve().parents[1]
     roots = [("this", here)] + ([("baseline", Path(args.baseline).resolve())] if args.baseline else [])
-    print("| command | " + " | ".join(f"{n} (s) | {n} imports" for n, _ in roots) + (" | ratio |" if args.baseline else " |"))
+    print(
+        "| command | "
+        + " | ".join(f"{n} (s) | {n} imports" for n, _ in roots)
+        + (" | ratio |" if args.baseline else " |")
+    )
     print("|---|" + "---:|---|" * len(roots) + ("---:|" if args.baseline else ""))
     for cmd in args.commands:
         argv = ([cmd] if cmd else []) + ["--help"]

@@ -98,8 +98,11 @@ def main():
     print("\n| stage | seconds |\n|---|---:|")
     for k, v in res["timings_s"].items():
         print(f"| {k} | {v:.1f} |")
-    print(f"\ntokens: {res['meta']['n_tokens']} (reconstruction/AFA/N2G), probes {eargs.probe_tokens}, "
-          f"downstream {eargs.downstream_tokens}, ablation {eargs.ablation_latents} latents x {eargs.ablation_context} ctx")
+    print(
+        f"\ntokens: {res['meta']['n_tokens']} (reconstruction/AFA/N2G), probes {eargs.probe_tokens}, "
+        f"downstream {eargs.downstream_tokens}, ablation {eargs.ablation_latents} latents"
+        f" x {eargs.ablation_context} ctx"
+    )
     print(json.dumps(info, indent=1))
     print(json.dumps(res["summary"], indent=1))
 

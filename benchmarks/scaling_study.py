@@ -418,14 +418,17 @@ def main(argv=None) -> dict:
     meta: dict = {"hook_point": HOOK, "model": "SmolLM2-135M-Instruct (embedded)", "corpus": "KJV (embedded)",
                   "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results")},
                   "niceness": os.nice(0), "torch_threads": torch.get_num_threads(),
-                  "command": "python benchmarks/scaling_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                  "command": "python benchmarks/scaling_study.py "
+                  + " ".join(argv if argv is not None else sys.argv[1:])}
     if "cache" in stages or (cache / "train" / "metadata.json").is_file():
         meta["cached_tokens"] = stage_cache(ns, cache)
         log(f"cache: {meta['cached_tokens']}")
+
     def finish():
         meta["wall_seconds_this_invocation"] = time.perf_counter() - t0
-        meta["train_seconds_total"] = sum((_read_float(work / "runs" / r["name"] / "wall_seconds.txt") or 0)
-                                          for r in manifest)
+        meta["train_seconds_total"] = sum(
+            (_read_float(work / "runs" / r["name"] / "wall_seconds.txt") or 0) for r in manifest
+        )
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
     # one run at a time (train, evaluate, refresh the report), so partial results cover every group early;

@@ -7,7 +7,8 @@ the variable unset, :func:`fault_point` is a dictionary lookup.
 Points in the code: ``train.step`` (after each optimizer step, N = step), ``checkpoint.state_saved``
 (inside a checkpoint write, after the weights and optimizer are written), ``checkpoint.sealed`` (the
 checkpoint complete under its temporary name), ``publish.between_renames`` (an older copy moved aside,
-the new one not yet in place), ``export.written`` (an SAE folder written, not yet moved in place), ``export.between_renames`` (the
+the new one not yet in place), ``export.written`` (an SAE folder written, not yet moved in place),
+``export.between_renames`` (the
 previous export moved aside, the new one not yet in place), ``cache.shard_recorded`` (an activation
 cache's N-th shard written and recorded in progress.json).
 """

@@ -91,7 +91,9 @@ def template_path() -> Path:
     source tree links to it)."""
     path = Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"The model-card template {path} is missing; reinstall hf_sae (it ships as package data).")
+        raise FileNotFoundError(
+            f"The model-card template {path} is missing; reinstall hf_sae (it ships as package data)."
+        )
     return path
 
 
@@ -117,14 +119,15 @@ def _metric_sources(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None) -
     final = info.get("final_metrics")
     if isinstance(final, Mapping):
         for prefix, split in (("eval_", info.get("eval_split") or "validation"), ("train_", "train")):
-            groups.append([[{k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}], split])
+            groups.append([[{k[len(prefix) :]: v for k, v in final.items() if k.startswith(prefix)}], split])
     nested = [info["metrics"]] if isinstance(info.get("metrics"), Mapping) else []
     groups.append([nested + [info], (nested[0].get("split") if nested else None) or info.get("split")])
     return groups
 
 
-def card_metrics_and_split(sae: SparseAutoencoder, metrics: Mapping[str, Any] | None = None
-                           ) -> tuple[dict[str, float], str | None]:
+def card_metrics_and_split(
+    sae: SparseAutoencoder, metrics: Mapping[str, Any] | None = None
+) -> tuple[dict[str, float], str | None]:
     """``(metrics, split)``: the card metrics of one SAE (see :func:`collect_metrics`) and the split they
     were measured on (``None`` if unrecorded). Numbers of one split are never mixed with another's."""
     for sources, split in _metric_sources(sae, metrics):
@@ -156,8 +159,10 @@ def read_metrics_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     ``meta`` hook point, dataset and split) or ``{hook point: {fvu, l0, dead_fraction, delta_loss, split}}``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} does not exist (give hf-sae eval's metrics.json or a JSON "
-                                "{hook point: {fvu, l0, dead_fraction, delta_loss}}).")
+        raise FileNotFoundError(
+            f"metrics file {path} does not exist (give hf-sae eval's metrics.json or a JSON "
+            "{hook point: {fvu, l0, dead_fraction, delta_loss}})."
+        )
     try:
         data = json.loads(path.read_text())
     except ValueError as e:
@@ -168,8 +173,10 @@ def read_metrics_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path} (hf-sae eval output) does not name its hook point in meta.hook_point.")
         return {meta["hook_point"]: {**data["summary"], "split": meta.get("split"), "dataset": meta.get("dataset")}}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"metrics file {path} must be hf-sae eval's metrics.json or a JSON object "
-                         "{hook point: {metric: value}}.")
+        raise ValueError(
+            f"metrics file {path} must be hf-sae eval's metrics.json or a JSON object "
+            "{hook point: {metric: value}}."
+        )
     return data
 
 
@@ -190,6 +197,7 @@ def describe_dataset(name) -> str | None:
     if base.lower() == "default" or name.startswith("kjv (hf_sae"):
         return "King James Bible (the corpus embedded in hf_sae)" + (f", split {split}" if split else "")
     return name
+
 
 def _info_value(sae: SparseAutoencoder, keys: Sequence[str]):
     info = dict(sae.config.training_info or {})
@@ -224,23 +232,29 @@ def _normalise_saes(saes, layout: str) -> tuple[dict[str, SparseAutoencoder], bo
         hp = saes.config.hook_point
         if hp is None:
             if layout == "subfolders":
-                raise ValueError("This SAE has no config.hook_point, so it has no hook-point folder; set "
-                                 "sae.config.hook_point (e.g. 'layers.6.resid_post') or push it with layout='root'.")
+                raise ValueError(
+                    "This SAE has no config.hook_point, so it has no hook-point folder; set "
+                    "sae.config.hook_point (e.g. 'layers.6.resid_post') or push it with layout='root'."
+                )
             hp = ""
         else:
             hook_point_folder(hp)
         return {hp: saes}, layout != "subfolders"
     if not isinstance(saes, Mapping) or not saes:
-        raise TypeError("saes must be a SparseAutoencoder or a non-empty mapping {hook point: SparseAutoencoder}, "
-                        f"got {type(saes).__name__}")
+        raise TypeError(
+            "saes must be a SparseAutoencoder or a non-empty mapping {hook point: SparseAutoencoder}, "
+            f"got {type(saes).__name__}"
+        )
     out = {}
     for hp, sae in saes.items():
         if not isinstance(sae, _sae_class()):
             raise TypeError(f"saes[{hp!r}] is a {type(sae).__name__}, not a SparseAutoencoder")
         hook_point_folder(hp)
         if sae.config.hook_point not in (None, hp):
-            raise ValueError(f"saes[{hp!r}] has config.hook_point={sae.config.hook_point!r}; the key and the config "
-                             "must name the same hook point.")
+            raise ValueError(
+                f"saes[{hp!r}] has config.hook_point={sae.config.hook_point!r}; the key and the config "
+                "must name the same hook point."
+            )
         out[hp] = sae
     if layout == "root":
         if len(out) != 1:
@@ -260,8 +274,10 @@ def _save_one(sae: SparseAutoencoder, folder: Path, hook_point: str) -> None:
         sae.config.hook_point = old
     missing = [f for f in ("config.json", *CODE_FILES) if not (folder / f).is_file()]
     if missing:
-        raise RuntimeError(f"save_pretrained did not write {missing} in {folder}; the pushed repo would not load "
-                           "with trust_remote_code.")
+        raise RuntimeError(
+            f"save_pretrained did not write {missing} in {folder}; the pushed repo would not load "
+            "with trust_remote_code."
+        )
 
 
 # --------------------------------------------------------------------------------------------- model card
@@ -273,9 +289,16 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, base_model: str | None = None,
-                      dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
-                      description: str | None = None) -> str:
+def render_model_card(
+    index: Mapping[str, Mapping[str, Any]],
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    training_tokens: int | None = None,
+    license: str | None = None,
+    description: str | None = None,
+) -> str:
     """The README.md text for a repo holding the SAEs described by ``index`` ({hook point: index entry},
     see :func:`save_for_hub`). YAML metadata is produced by ``huggingface_hub.ModelCardData`` (so the
     model-index parses back with ``ModelCard.load``); the body comes from the template."""
@@ -302,21 +325,31 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
             if value is None:
                 continue
             measured_on = entry.get("metrics_dataset") or dataset
-            eval_results.append(EvalResult(
-                task_type="sparse-autoencoding", task_name=f"SAE reconstruction at {hp or 'the hook point'}",
-                dataset_type=hub_dataset_id(measured_on) or "activations",
-                dataset_name=describe_dataset(measured_on) or "activations",
-                dataset_config=hp or None, dataset_split=entry.get("metrics_split") or None,
-                metric_type=key, metric_name=display, metric_value=float(value),
-            ))
+            eval_results.append(
+                EvalResult(
+                    task_type="sparse-autoencoding",
+                    task_name=f"SAE reconstruction at {hp or 'the hook point'}",
+                    dataset_type=hub_dataset_id(measured_on) or "activations",
+                    dataset_name=describe_dataset(measured_on) or "activations",
+                    dataset_config=hp or None,
+                    dataset_split=entry.get("metrics_split") or None,
+                    metric_type=key,
+                    metric_name=display,
+                    metric_value=float(value),
+                )
+            )
     tags = ["sparse-autoencoder", "hf_sae", "interpretability"]
     tags += sorted({f"hook-point:{hp}" for hp in hook_points if hp}, key=lambda t: _sort_key(t.split(":", 1)[1]))
     tags += sorted({f"activation:{e['activation']}" for e in entries})
     card_data = ModelCardData(
-        library_name=LIBRARY_NAME, base_model=meta_base,
+        library_name=LIBRARY_NAME,
+        base_model=meta_base,
         datasets=[hub_dataset_id(dataset)] if hub_dataset_id(dataset) else None,
-        license=license, tags=tags, model_name=name if eval_results else None,
-        eval_results=eval_results or None, pipeline_tag="feature-extraction",
+        license=license,
+        tags=tags,
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+        pipeline_tag="feature-extraction",
     )
 
     rows = []
@@ -324,39 +357,70 @@ def render_model_card(index: Mapping[str, Mapping[str, Any]], repo_id: str, *, b
         m = e.get("metrics") or {}
         folder = e.get("folder") or "root"
         where = f"`{hp}`" if hp and folder == hp else f"`{hp or '–'}` ({folder})"
-        rows.append(f"| {where} | {e['d_in']} | {e['n_latents']} | {e['activation']} | "
-                    f"{_fmt(e.get('k'))} | {_fmt(m.get('fvu'))} | {_fmt(m.get('l0'))} | "
-                    f"{_fmt(m.get('dead_fraction'))} | {_fmt(m.get('delta_loss'))} |")
+        rows.append(
+            f"| {where} | {e['d_in']} | {e['n_latents']} | {e['activation']} | "
+            f"{_fmt(e.get('k'))} | {_fmt(m.get('fvu'))} | {_fmt(m.get('l0'))} | "
+            f"{_fmt(m.get('dead_fraction'))} | {_fmt(m.get('delta_loss'))} |"
+        )
     first = entries[0]
     subfolder_arg = f', subfolder="{first["folder"]}"' if first.get("folder") else ""
     n = len(entries)
     if description is None:
         kinds = ", ".join(sorted({e["activation"] for e in entries}))
         where = "one folder per hook point" if any(e.get("folder") for e in entries) else "at the repository root"
-        description = (f"{n} sparse autoencoder{'s' if n > 1 else ''} ({kinds}) on the activations of "
-                       f"{'`' + base_model + '`' if base_model else 'a language model'}, saved with the `hf_sae` "
-                       f"library ({where}).")
-    training = [f"- Base model: {'`' + base_model + '`' if base_model else 'not recorded'}",
-                f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}"
-                + (f" ({describe_dataset(dataset)})" if dataset and describe_dataset(dataset) != dataset else ""),
-                f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}",
-                "- Metrics measured on: " + (", ".join(sorted({
-                    f"split `{e.get('metrics_split') or 'not recorded'}`"
-                    + (f" of {describe_dataset(e.get('metrics_dataset'))}" if e.get("metrics_dataset") else "")
-                    for e in entries if e.get("metrics")})) or "no metrics recorded"),
-                f"- License: `{license}`" + ("" if license_confirmed else
-                                              " (hf_sae's default, not confirmed by the uploader: check it matches "
-                                              "the base model's and the data's terms)")]
-    files = "\n".join(f"- `{e.get('folder') or '.'}/`: `config.json`, `model.safetensors` ({hp or 'root SAE'})"
-                      for hp, e in zip(hook_points, entries))
-    files += ("\n- `sae_index.json`: hook point → folder, sizes and metrics\n"
-              "- `configuration_sae.py`, `modeling_sae.py`, `activations.py`: model code for `trust_remote_code`")
+        description = (
+            f"{n} sparse autoencoder{'s' if n > 1 else ''} ({kinds}) on the activations of "
+            f"{'`' + base_model + '`' if base_model else 'a language model'}, saved with the `hf_sae` "
+            f"library ({where})."
+        )
+    training = [
+        f"- Base model: {'`' + base_model + '`' if base_model else 'not recorded'}",
+        f"- Dataset: {'`' + str(dataset) + '`' if dataset else 'not recorded'}"
+        + (f" ({describe_dataset(dataset)})" if dataset and describe_dataset(dataset) != dataset else ""),
+        f"- Training tokens: {f'{int(training_tokens):,}' if training_tokens else 'not recorded'}",
+        "- Metrics measured on: "
+        + (
+            ", ".join(
+                sorted(
+                    {
+                        f"split `{e.get('metrics_split') or 'not recorded'}`"
+                        + (f" of {describe_dataset(e.get('metrics_dataset'))}" if e.get("metrics_dataset") else "")
+                        for e in entries
+                        if e.get("metrics")
+                    }
+                )
+            )
+            or "no metrics recorded"
+        ),
+        f"- License: `{license}`"
+        + (
+            ""
+            if license_confirmed
+            else " (hf_sae's default, not confirmed by the uploader: check it matches "
+            "the base model's and the data's terms)"
+        ),
+    ]
+    files = "\n".join(
+        f"- `{e.get('folder') or '.'}/`: `config.json`, `model.safetensors` ({hp or 'root SAE'})"
+        for hp, e in zip(hook_points, entries)
+    )
+    files += (
+        "\n- `sae_index.json`: hook point → folder, sizes and metrics\n"
+        "- `configuration_sae.py`, `modeling_sae.py`, `activations.py`: model code for `trust_remote_code`"
+    )
     text = template_path().read_text(encoding="utf-8")
     return text.format(
-        card_data=card_data.to_yaml(), title=name, description=description, table="\n".join(rows),
-        repo_id=repo_id, subfolder_arg=subfolder_arg, d_in=first["d_in"], n_latents=first["n_latents"],
+        card_data=card_data.to_yaml(),
+        title=name,
+        description=description,
+        table="\n".join(rows),
+        repo_id=repo_id,
+        subfolder_arg=subfolder_arg,
+        d_in=first["d_in"],
+        n_latents=first["n_latents"],
         example_hook=f"`{hook_points[0]}`" if hook_points[0] else "its hook point",
-        training="\n".join(training), files=files,
+        training="\n".join(training),
+        files=files,
     )
 
 
@@ -381,10 +445,20 @@ def _sort_key(hp: str):
 
 
 # --------------------------------------------------------------------------------------------- saving / pushing
-def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None, layout: str = "auto",
-                 metrics: Mapping[str, Mapping[str, Any]] | None = None, base_model: str | None = None,
-                 dataset: str | None = None, training_tokens: int | None = None, license: str | None = None,
-                 existing_index: Mapping[str, Any] | None = None, dashboards=None) -> Path:
+def save_for_hub(
+    saes,
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    layout: str = "auto",
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    training_tokens: int | None = None,
+    license: str | None = None,
+    existing_index: Mapping[str, Any] | None = None,
+    dashboards=None,
+) -> Path:
     """Write the exact repository layout (see the module docstring) into ``folder``.
 
     Args:
@@ -408,8 +482,9 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
     metrics = dict(metrics or {})
     unknown = set(metrics) - set(saes)
     if unknown:
-        raise ValueError(f"metrics given for hook points {sorted(unknown)} that are not among the SAEs pushed "
-                         f"({sorted(saes)}).")
+        raise ValueError(
+            f"metrics given for hook points {sorted(unknown)} that are not among the SAEs pushed ({sorted(saes)})."
+        )
     index: dict[str, Any] = {k: dict(v) for k, v in (existing_index or {}).items()}
     if at_root:
         index = {hp: e for hp, e in index.items() if e.get("folder")}  # the new root SAE replaces an old one
@@ -417,25 +492,37 @@ def save_for_hub(saes, folder: str | os.PathLike, *, repo_id: str | None = None,
         sub = "" if at_root else hook_point_folder(hp)
         target = folder / sub if sub else folder
         _save_one(sae, target, hp)
-        shipped = index.get(hp, {}).get("dashboard")   # a browser pushed earlier stays in the repo and the card
+        shipped = index.get(hp, {}).get("dashboard")  # a browser pushed earlier stays in the repo and the card
         index[hp] = _index_entry(sae, sub, metrics.get(hp))
         if shipped and hp not in dashboards:
             index[hp]["dashboard"] = shipped
         if hp in dashboards:
             rel = f"{DASHBOARD_DIR}/{sub}" if sub else DASHBOARD_DIR
-            shutil.copytree(dashboards[hp], folder / rel, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("autointerp_cache.jsonl"))
+            shutil.copytree(
+                dashboards[hp],
+                folder / rel,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("autointerp_cache.jsonl"),
+            )
             index[hp]["dashboard"] = rel
     if not at_root:  # the code at the root, for trust_remote_code
         first = folder / hook_point_folder(next(iter(saes)))
         for name in CODE_FILES:
             shutil.copyfile(first / name, folder / name)
-    (folder / INDEX_FILE).write_text(json.dumps({"format": "hf_sae", "version": 1, "hook_points": index},
-                                                indent=2, sort_keys=True) + "\n")
-    card = render_model_card(index, repo_id or folder.resolve().name, base_model=base_model, dataset=dataset,
-                             training_tokens=training_tokens, license=license)
-    (folder / "README.md").write_text(card + _dashboard_section(index, repo_id or folder.resolve().name),
-                                      encoding="utf-8")
+    (folder / INDEX_FILE).write_text(
+        json.dumps({"format": "hf_sae", "version": 1, "hook_points": index}, indent=2, sort_keys=True) + "\n"
+    )
+    card = render_model_card(
+        index,
+        repo_id or folder.resolve().name,
+        base_model=base_model,
+        dataset=dataset,
+        training_tokens=training_tokens,
+        license=license,
+    )
+    (folder / "README.md").write_text(
+        card + _dashboard_section(index, repo_id or folder.resolve().name), encoding="utf-8"
+    )
     return folder
 
 
@@ -450,35 +537,54 @@ def _check_dashboards(dashboards, saes: Mapping[str, SparseAutoencoder]) -> dict
     out = {}
     for hp, path in dashboards.items():
         if hp not in saes:
-            raise ValueError(f"a dashboard is given for hook point {hp!r}, which is not among the SAEs pushed "
-                             f"({sorted(saes)}).")
+            raise ValueError(
+                f"a dashboard is given for hook point {hp!r}, which is not among the SAEs pushed ({sorted(saes)})."
+            )
         if not (Path(path) / "index.html").is_file() or not (Path(path) / "data" / "meta.js").is_file():
-            raise FileNotFoundError(f"{path} is not a feature-browser site (index.html + data/meta.js); build it "
-                                    "with `hf-sae dashboard SAE --out DIR`.")
+            raise FileNotFoundError(
+                f"{path} is not a feature-browser site (index.html + data/meta.js); build it "
+                "with `hf-sae dashboard SAE --out DIR`."
+            )
         out[hp] = Path(path)
     return out
 
 
 def _dashboard_section(index: Mapping[str, Mapping[str, Any]], repo_id: str) -> str:
     """The card's "Feature browser" section (empty when no hook point has one)."""
-    rows = [(hp, e["dashboard"]) for hp, e in sorted(index.items(), key=lambda kv: _sort_key(kv[0]))
-            if e.get("dashboard")]
+    rows = [
+        (hp, e["dashboard"]) for hp, e in sorted(index.items(), key=lambda kv: _sort_key(kv[0])) if e.get("dashboard")
+    ]
     if not rows:
         return ""
     links = "\n".join(f"- `{hp or 'root SAE'}`: [`{d}/index.html`]({d}/index.html)" for hp, d in rows)
-    return (f"\n## Feature browser\n\nA static feature browser (top-activating contexts, activation histograms, "
-            f"promoted tokens, explanations) for each SAE, built with `hf-sae dashboard`:\n\n{links}\n\n"
-            f"It needs no server: download it and open `index.html` from disk:\n\n```python\n"
-            f"from huggingface_hub import snapshot_download\n"
-            f"path = snapshot_download(\"{repo_id}\", allow_patterns=[\"{DASHBOARD_DIR}/*\"])\n"
-            f"print(path + \"/{rows[0][1]}/index.html\")\n```\n")
+    return (
+        f"\n## Feature browser\n\nA static feature browser (top-activating contexts, activation histograms, "
+        f"promoted tokens, explanations) for each SAE, built with `hf-sae dashboard`:\n\n{links}\n\n"
+        f"It needs no server: download it and open `index.html` from disk:\n\n```python\n"
+        f"from huggingface_hub import snapshot_download\n"
+        f'path = snapshot_download("{repo_id}", allow_patterns=["{DASHBOARD_DIR}/*"])\n'
+        f'print(path + "/{rows[0][1]}/index.html")\n```\n'
+    )
 
 
-def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[str, Mapping[str, Any]] | None = None,
-                base_model: str | None = None, dataset: str | None = None, training_tokens: int | None = None,
-                license: str | None = None, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                endpoint: str | None = None, dashboards=None):
+def push_to_hub(
+    saes,
+    repo_id: str,
+    *,
+    layout: str = "auto",
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    training_tokens: int | None = None,
+    license: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    endpoint: str | None = None,
+    dashboards=None,
+):
     """Create ``repo_id`` if needed and push one SAE or a set of SAEs with code, index and model card, in a
     single commit. Hook points already in the repo (from an earlier push) stay listed in the index and card.
 
@@ -499,26 +605,57 @@ def push_to_hub(saes, repo_id: str, *, layout: str = "auto", metrics: Mapping[st
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             existing = None
         stage = Path(tmp) / "stage"
-        save_for_hub(saes, stage, repo_id=repo_id, layout=layout, metrics=metrics, base_model=base_model,
-                     dataset=dataset, training_tokens=training_tokens, license=license, existing_index=existing,
-                     dashboards=dashboards)
-        ops = [CommitOperationAdd(path_in_repo=p.relative_to(stage).as_posix(), path_or_fileobj=str(p))
-               for p in sorted(stage.rglob("*")) if p.is_file()]
+        save_for_hub(
+            saes,
+            stage,
+            repo_id=repo_id,
+            layout=layout,
+            metrics=metrics,
+            base_model=base_model,
+            dataset=dataset,
+            training_tokens=training_tokens,
+            license=license,
+            existing_index=existing,
+            dashboards=dashboards,
+        )
+        ops = [
+            CommitOperationAdd(path_in_repo=p.relative_to(stage).as_posix(), path_or_fileobj=str(p))
+            for p in sorted(stage.rglob("*"))
+            if p.is_file()
+        ]
         n = len(_normalise_saes(saes, layout)[0])
         message = commit_message or f"Upload {n} SAE{'s' if n > 1 else ''} with hf_sae"
-        return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision,
-                                 create_pr=create_pr)
+        return api.create_commit(
+            repo_id, operations=ops, commit_message=message, revision=revision, create_pr=create_pr
+        )
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _local_or_snapshot(repo_or_path, patterns: list[str], *, revision=None, cache_dir=None, token=None,
-                       local_files_only=False, endpoint=None) -> Path:
+def _local_or_snapshot(
+    repo_or_path,
+    patterns: list[str],
+    *,
+    revision=None,
+    cache_dir=None,
+    token=None,
+    local_files_only=False,
+    endpoint=None,
+) -> Path:
     if os.path.isdir(str(repo_or_path)):
         return Path(repo_or_path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(repo_or_path), allow_patterns=patterns, revision=revision, cache_dir=cache_dir,
-                                  token=token, local_files_only=local_files_only, endpoint=endpoint))
+    return Path(
+        snapshot_download(
+            str(repo_or_path),
+            allow_patterns=patterns,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            endpoint=endpoint,
+        )
+    )
 
 
 def _read_index(root: Path) -> dict[str, dict]:
@@ -551,12 +688,25 @@ def _index_at(repo_or_path, **kw) -> tuple[Path, dict[str, str]]:
     return root, {hp: index[hp].get("folder", "") for hp in sorted(index, key=_sort_key)}
 
 
-def repo_hook_points(repo_or_path, *, revision: str | None = None, cache_dir=None, token=None,
-                     local_files_only: bool = False, endpoint: str | None = None) -> dict[str, str]:
+def repo_hook_points(
+    repo_or_path,
+    *,
+    revision: str | None = None,
+    cache_dir=None,
+    token=None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+) -> dict[str, str]:
     """``{hook point: folder}`` of the SAEs in a repo or local folder (``""`` = the root), in forward order.
     Downloads only the index and the config files."""
-    return _index_at(repo_or_path, revision=revision, cache_dir=cache_dir, token=token,
-                     local_files_only=local_files_only, endpoint=endpoint)[1]
+    return _index_at(
+        repo_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        endpoint=endpoint,
+    )[1]
 
 
 def _weight_patterns(folder: str) -> list[str]:
@@ -565,9 +715,17 @@ def _weight_patterns(folder: str) -> list[str]:
     return ["config.json", "model*.safetensors*", *CODE_FILES]
 
 
-def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revision: str | None = None,
-             cache_dir=None, token=None, local_files_only: bool = False, endpoint: str | None = None,
-             **from_pretrained_kwargs) -> dict[str, SparseAutoencoder]:
+def load_all(
+    repo_or_path,
+    pattern: str | Sequence[str] | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir=None,
+    token=None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+    **from_pretrained_kwargs,
+) -> dict[str, SparseAutoencoder]:
     """Load every SAE of a repo (or local folder) as ``{hook point: SparseAutoencoder}``, in forward order.
 
     Args:
@@ -586,22 +744,27 @@ def load_all(repo_or_path, pattern: str | Sequence[str] | None = None, *, revisi
         foreign = _load_foreign(repo_or_path, pattern, kw, from_pretrained_kwargs)
         if foreign:
             return foreign
-        raise ValueError(f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
-                         "model_type 'hf_sae') and no SAE folder in another library's format.")
+        raise ValueError(
+            f"{repo_or_path} holds no hf_sae SAE (no {INDEX_FILE} and no config.json with "
+            "model_type 'hf_sae') and no SAE folder in another library's format."
+        )
     if pattern is not None:
         pats = [pattern] if isinstance(pattern, str) else list(pattern)
         folders = {hp: f for hp, f in folders.items() if any(fnmatch.fnmatchcase(hp, p) for p in pats)}
         if not folders:
-            raise ValueError(f"No hook point of {repo_or_path} matches {pats}; available: "
-                             f"{list(_index_at(repo_or_path, **kw)[1])}.")
+            raise ValueError(
+                f"No hook point of {repo_or_path} matches {pats}; available: {list(_index_at(repo_or_path, **kw)[1])}."
+            )
     patterns = sorted({p for f in folders.values() for p in _weight_patterns(f)})
     root = _local_or_snapshot(repo_or_path, patterns, **kw)
     out = {}
     for hp, folder in folders.items():
         path = root / folder if folder else root
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{repo_or_path}: the folder {folder or '.'!r} of hook point {hp!r} has no "
-                                    "config.json; the repo is incomplete.")
+            raise FileNotFoundError(
+                f"{repo_or_path}: the folder {folder or '.'!r} of hook point {hp!r} has no "
+                "config.json; the repo is incomplete."
+            )
         out[hp] = _sae_class().from_pretrained(path, **from_pretrained_kwargs)
     return out
 
@@ -611,8 +774,13 @@ def _load_foreign(repo_or_path, pattern, kw: dict, from_pretrained_kwargs: dict)
     cached; ``pattern`` selects by folder name, else by hook point after conversion."""
     from . import pretrained
 
-    folders = pretrained.find_foreign_folders(repo_or_path, revision=kw["revision"], token=kw["token"],
-                                              local_files_only=kw["local_files_only"], cache_dir=kw["cache_dir"])
+    folders = pretrained.find_foreign_folders(
+        repo_or_path,
+        revision=kw["revision"],
+        token=kw["token"],
+        local_files_only=kw["local_files_only"],
+        cache_dir=kw["cache_dir"],
+    )
     pats = None if pattern is None else ([pattern] if isinstance(pattern, str) else list(pattern))
     if pats and any(fnmatch.fnmatchcase(f, p) for f in folders for p in pats):
         folders = {f: v for f, v in folders.items() if any(fnmatch.fnmatchcase(f, p) for p in pats)}
@@ -632,12 +800,15 @@ def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAut
     """Load one SAE of a repo or local folder: the one at ``hook_point``, or the only one there is.
     ValueError lists the hook points when the choice is ambiguous or the hook point is absent.
     Keyword arguments are those of :func:`load_all`."""
-    hps = repo_hook_points(repo_or_path, **{k: kwargs[k] for k in ("revision", "cache_dir", "token",
-                                                                  "local_files_only", "endpoint") if k in kwargs})
+    hps = repo_hook_points(
+        repo_or_path,
+        **{k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "endpoint") if k in kwargs},
+    )
     if hook_point is None:
         if len(hps) != 1:
-            raise ValueError(f"{repo_or_path} holds {len(hps)} SAEs {list(hps)}; pass hook_point=... (or use "
-                             "load_all).")
+            raise ValueError(
+                f"{repo_or_path} holds {len(hps)} SAEs {list(hps)}; pass hook_point=... (or use load_all)."
+            )
         hook_point = next(iter(hps))
     if hook_point not in hps:
         raise ValueError(f"{repo_or_path} has no SAE at hook point {hook_point!r}; available: {list(hps)}.")
@@ -647,8 +818,11 @@ def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAut
 # --------------------------------------------------------------------------------------------- loading errors
 def _listing(names, limit: int = 25) -> str:
     names = sorted(names)
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "") \
-        if names else "nothing"
+    return (
+        ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+        if names
+        else "nothing"
+    )
 
 
 def looks_local(path: str) -> bool:
@@ -671,9 +845,11 @@ def check_local_sae_path(path, subfolder: str | None = None) -> None:
     if parent is None:
         raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id, which has the form 'org/name').")
     saes = sorted(c.parent.name for c in parent.glob("*/config.json"))
-    raise FileNotFoundError(f"{path} does not exist; {parent} holds: {_listing(c.name for c in parent.iterdir())}"
-                            + (f" (SAE folders: {_listing(saes)})" if saes else "")
-                            + ". An SAE folder holds config.json + model.safetensors (save_pretrained).")
+    raise FileNotFoundError(
+        f"{path} does not exist; {parent} holds: {_listing(c.name for c in parent.iterdir())}"
+        + (f" (SAE folders: {_listing(saes)})" if saes else "")
+        + ". An SAE folder holds config.json + model.safetensors (save_pretrained)."
+    )
 
 
 def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
@@ -689,8 +865,9 @@ def _repo_files(repo_or_path, revision=None, token=None) -> list[str] | None:
         return None
 
 
-def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: str | None = None,
-                        token=None) -> tuple[str | None, str | None]:
+def explain_missing_sae(
+    repo_or_path, subfolder: str | None = None, revision: str | None = None, token=None
+) -> tuple[str | None, str | None]:
     """Why no SAE loads from ``repo_or_path`` (+ ``subfolder``): returns ``(fallback, message)``.
 
     ``fallback`` is ``""`` when the SAE asked for by ``subfolder`` is the one at the root (a single SAE pushed
@@ -711,8 +888,9 @@ def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: st
         else:
             from huggingface_hub import hf_hub_download
 
-            get = lambda name: Path(hf_hub_download(str(repo_or_path), name, revision=revision,  # noqa: E731
-                                                    token=token)).read_text()
+            def get(name):
+                return Path(hf_hub_download(str(repo_or_path), name, revision=revision, token=token)).read_text()
+
             index_text = get(INDEX_FILE) if INDEX_FILE in files else None
             root_cfg = get("config.json") if "config.json" in files else None
         if index_text:
@@ -721,13 +899,19 @@ def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: st
             root_hp = json.loads(root_cfg).get("hook_point")
     except Exception:  # noqa: BLE001 -- the listing below is still useful
         pass
-    if subfolder and "config.json" in files and subfolder in (root_hp, hook_points.get(root_hp or "", None)) \
-            and f"{subfolder}/config.json" not in files:
+    if (
+        subfolder
+        and "config.json" in files
+        and subfolder in (root_hp, hook_points.get(root_hp or "", None))
+        and f"{subfolder}/config.json" not in files
+    ):
         return "", ""
     if not hook_points:
         hook_points = {f: f for f in folders}
-    choices = "; ".join(f"{hp} -> subfolder={f!r}" if f else f"{hp} -> the root (no subfolder)"
-                        for hp, f in sorted(hook_points.items(), key=lambda kv: _sort_key(kv[0])))
+    choices = "; ".join(
+        f"{hp} -> subfolder={f!r}" if f else f"{hp} -> the root (no subfolder)"
+        for hp, f in sorted(hook_points.items(), key=lambda kv: _sort_key(kv[0]))
+    )
     msg = f"no SAE at {where}."
     if choices:
         msg += f" It holds SAEs for: {choices} (or load them all with hf_sae.hub.load_all)."
@@ -738,27 +922,49 @@ def explain_missing_sae(repo_or_path, subfolder: str | None = None, revision: st
 # --------------------------------------------------------------------------------------------- CLI
 def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``hf-sae push``."""
-    parser.add_argument("paths", nargs="+", help="saved SAE folders (config.json + model.safetensors), or a folder "
-                        "whose subfolders are saved SAEs (one per hook point)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        help="saved SAE folders (config.json + model.safetensors), or a folder "
+        "whose subfolders are saved SAEs (one per hook point)",
+    )
     parser.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/smollm2-saes")
-    parser.add_argument("--layout", choices=("auto", "root", "subfolders"), default="auto",
-                        help="auto: a single SAE at the repo root, several in hook-point folders")
+    parser.add_argument(
+        "--layout",
+        choices=("auto", "root", "subfolders"),
+        default="auto",
+        help="auto: a single SAE at the repo root, several in hook-point folders",
+    )
     parser.add_argument("--base-model", default=None, help="card metadata (default: the SAEs' config.base_model)")
     parser.add_argument("--dataset", default=None, help="card metadata (default: training_info['dataset'])")
     parser.add_argument("--training-tokens", type=int, default=None, help="card metadata")
-    parser.add_argument("--license", default=None, help=f"card metadata, e.g. mit (default: {DEFAULT_LICENSE}, "
-                        "marked in the card as not confirmed until you pass it)")
-    parser.add_argument("--metrics", nargs="+", default=None,
-                        help="hf-sae eval's metrics.json file(s), or a JSON {hook point: {fvu, l0, dead_fraction, "
-                        "delta_loss}} (default: the held-out metrics the trainer stored in each SAE's config)")
+    parser.add_argument(
+        "--license",
+        default=None,
+        help=f"card metadata, e.g. mit (default: {DEFAULT_LICENSE}, "
+        "marked in the card as not confirmed until you pass it)",
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="hf-sae eval's metrics.json file(s), or a JSON {hook point: {fvu, l0, dead_fraction, "
+        "delta_loss}} (default: the held-out metrics the trainer stored in each SAE's config)",
+    )
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (default main)")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
-    parser.add_argument("--dashboard", action="append", default=None, metavar="SITE",
-                        help="a feature-browser folder from `hf-sae dashboard` to ship beside its SAE (repeatable)")
-    parser.add_argument("--dry-run", metavar="DIR", default=None,
-                        help="write the repository layout into DIR instead of pushing")
+    parser.add_argument(
+        "--dashboard",
+        action="append",
+        default=None,
+        metavar="SITE",
+        help="a feature-browser folder from `hf-sae dashboard` to ship beside its SAE (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run", metavar="DIR", default=None, help="write the repository layout into DIR instead of pushing"
+    )
     return parser
 
 
@@ -793,8 +999,10 @@ def _dashboards_by_hook_point(sites: Sequence[str], saes) -> dict[str, str]:
     out = {}
     for site in sites:
         if not is_site(site):
-            raise FileNotFoundError(f"--dashboard {site} is not a feature-browser site (index.html + data/meta.js); "
-                                    "build it with `hf-sae dashboard SAE --out DIR`.")
+            raise FileNotFoundError(
+                f"--dashboard {site} is not a feature-browser site (index.html + data/meta.js); "
+                "build it with `hf-sae dashboard SAE --out DIR`."
+            )
         hp = read_data(Path(site) / "data" / "meta.js").get("hook_point")
         if isinstance(saes, SparseAutoencoder):
             hp = saes.config.hook_point or hp
@@ -809,25 +1017,59 @@ def run_push(args: argparse.Namespace) -> int:
     for path in args.metrics or []:
         metrics = {**(metrics or {}), **read_metrics_file(path)}
     if args.license is None:
-        print(f"[hf-sae push] card license: {DEFAULT_LICENSE} (the default; pass --license to confirm or change it)",
-              file=sys.stderr)
-    meta = dict(layout=args.layout, metrics=metrics, base_model=args.base_model, dataset=args.dataset,
-                training_tokens=args.training_tokens, license=args.license,
-                dashboards=_dashboards_by_hook_point(args.dashboard or [], saes))
+        print(
+            f"[hf-sae push] card license: {DEFAULT_LICENSE} (the default; pass --license to confirm or change it)",
+            file=sys.stderr,
+        )
+    meta = dict(
+        layout=args.layout,
+        metrics=metrics,
+        base_model=args.base_model,
+        dataset=args.dataset,
+        training_tokens=args.training_tokens,
+        license=args.license,
+        dashboards=_dashboards_by_hook_point(args.dashboard or [], saes),
+    )
     if args.dry_run:
         out = save_for_hub(saes, args.dry_run, repo_id=args.repo_id, **meta)
         print(f"wrote the repository layout of {args.repo_id} to {out}")
         return 0
-    info = push_to_hub(saes, args.repo_id, private=args.private or None, token=args.token, revision=args.revision,
-                       commit_message=args.commit_message, **meta)
+    info = push_to_hub(
+        saes,
+        args.repo_id,
+        private=args.private or None,
+        token=args.token,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        **meta,
+    )
     print(f"pushed to {args.repo_id}: {info.commit_url}")
     return 0
 
 
 __all__ = [
-    "INDEX_FILE", "DASHBOARD_DIR", "CODE_FILES", "CARD_METRICS", "DEFAULT_LICENSE", "template_path",
-    "hook_point_folder", "collect_metrics", "card_metrics_and_split", "read_metrics_file", "hub_dataset_id",
+    "INDEX_FILE",
+    "DASHBOARD_DIR",
+    "CODE_FILES",
+    "CARD_METRICS",
+    "DEFAULT_LICENSE",
+    "template_path",
+    "hook_point_folder",
+    "collect_metrics",
+    "card_metrics_and_split",
+    "read_metrics_file",
+    "hub_dataset_id",
     "describe_dataset",
-    "render_model_card", "card_metrics", "save_for_hub", "push_to_hub", "repo_hook_points", "load_all",
-    "load_sae", "add_push_args", "run_push", "looks_local", "check_local_sae_path", "explain_missing_sae",
+    "render_model_card",
+    "card_metrics",
+    "save_for_hub",
+    "push_to_hub",
+    "repo_hook_points",
+    "load_all",
+    "load_sae",
+    "add_push_args",
+    "run_push",
+    "looks_local",
+    "check_local_sae_path",
+    "explain_missing_sae",
 ]

@@ -392,11 +392,14 @@ class _Handler(BaseHTTPRequestHandler):
                     folders.add(base + "/".join(parts[:i]))
             if recursive or len(parts) == 1:
                 oid = commit.files[p]
-                entries.append({"type": "file", "path": p, "oid": oid, "size": (self.hub.blob_dir / oid).stat().st_size})
+                size = (self.hub.blob_dir / oid).stat().st_size
+                entries.append({"type": "file", "path": p, "oid": oid, "size": size})
         if prefix and not entries and not folders:
             raise _HTTPError(404, f"{prefix} does not exist on {rev}", "EntryNotFound")
-        dirs = [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0}
-                for f in sorted(folders)]
+        dirs = [
+            {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0}
+            for f in sorted(folders)
+        ]
         self._json(200, dirs + entries)
 
     def _resolve(self, method, query, repo, rev, path, body):
@@ -415,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
                 start = int(m.group(1))
                 end = int(m.group(2)) if m.group(2) else len(data) - 1
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-                data, status = data[start:end + 1], 206
+                data, status = data[start : end + 1], 206
         if method == "HEAD":
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")

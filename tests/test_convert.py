@@ -234,10 +234,13 @@ def test_saelens_bad_files(tmp_path):
     del bad["b_enc"]
     with pytest.raises(ValueError, match=r"missing tensors \['b_enc'\]"):
         C.convert(_write_saelens(tmp_path / "missing", _saelens_cfg("standard"), bad))
-    with pytest.raises(ValueError, match=r"'W_enc' has shape \[6, 10\] but cfg.json \(d_in=6, d_sae=12\) implies \[6, 12\]"):
+    with pytest.raises(ValueError,
+                       match=r"'W_enc' has shape \[6, 10\] but cfg.json \(d_in=6, d_sae=12\) implies \[6, 12\]"):
         C.convert(_write_saelens(tmp_path / "shape", {**_saelens_cfg("standard"), "d_sae": 12}, sd))
     with pytest.raises(ValueError, match=r"does not define \['W_skip'\]"):
-        C.convert(_write_saelens(tmp_path / "extra", _saelens_cfg("standard"), {**sd, "W_skip": torch.eye(D, dtype=F64)}))
+        C.convert(
+            _write_saelens(tmp_path / "extra", _saelens_cfg("standard"), {**sd, "W_skip": torch.eye(D, dtype=F64)})
+        )
     nan = dict(sd)
     nan["W_dec"] = nan["W_dec"].clone()
     nan["W_dec"][0, 0] = float("nan")
@@ -263,8 +266,15 @@ def test_saelens_export_round_trip(tmp_path, x, activation):
     from hf_sae import SAEConfig
 
     torch.manual_seed(0)
-    cfg = SAEConfig(d_in=D, n_latents=N, activation=activation, k=3, input_scale=2.5, hook_point="layers.3.attn_z",
-                    base_model="HuggingFaceTB/SmolLM2-135M")
+    cfg = SAEConfig(
+        d_in=D,
+        n_latents=N,
+        activation=activation,
+        k=3,
+        input_scale=2.5,
+        hook_point="layers.3.attn_z",
+        base_model="HuggingFaceTB/SmolLM2-135M",
+    )
     sae = SparseAutoencoder(cfg).to(F64).eval()
     with torch.no_grad():
         sae.b_enc.copy_(_rand(N, seed=5, scale=0.3))
@@ -306,17 +316,34 @@ def test_export_refuses_topafa_and_unset_batchtopk(tmp_path):
 def _write_sparsify(folder, k=3, extra_cfg=None, extra_sd=None, seed=0, n=N):
     folder.mkdir(parents=True, exist_ok=True)
     W = _rand(n, D, seed=seed)
-    sd = {"encoder.weight": W, "encoder.bias": _rand(n, seed=seed + 1, scale=0.2),
-          "W_dec": W / W.norm(dim=1, keepdim=True), "b_dec": _rand(D, seed=seed + 2, scale=0.3), **(extra_sd or {})}
+    sd = {
+        "encoder.weight": W,
+        "encoder.bias": _rand(n, seed=seed + 1, scale=0.2),
+        "W_dec": W / W.norm(dim=1, keepdim=True),
+        "b_dec": _rand(D, seed=seed + 2, scale=0.3),
+        **(extra_sd or {}),
+    }
     save_file(sd, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"expansion_factor": 32, "normalize_decoder": True, "num_latents": n,
-                                                 "k": k, "multi_topk": False, "skip_connection": False, "d_in": D,
-                                                 **(extra_cfg or {})}))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": n,
+                "k": k,
+                "multi_topk": False,
+                "skip_connection": False,
+                "d_in": D,
+                **(extra_cfg or {}),
+            }
+        )
+    )
     return sd
 
 
 def sparsify_reference(sd, k, x):
-    """sparsify SparseCoder: top_acts, top_idx = topk(relu(encoder(x - b_dec)), k); out = sum top_acts * W_dec[idx] + b_dec."""
+    """sparsify SparseCoder: top_acts, top_idx = topk(relu(encoder(x - b_dec)), k);
+    out = sum top_acts * W_dec[idx] + b_dec."""
     pre = torch.relu((x - sd["b_dec"]) @ sd["encoder.weight"].T + sd["encoder.bias"])
     v, i = pre.topk(k, dim=-1)
     return _topk_dense(pre, k), torch.einsum("nk,nkd->nd", v, sd["W_dec"][i]) + sd["b_dec"]
@@ -324,8 +351,13 @@ def sparsify_reference(sd, k, x):
 
 def test_sparsify_run_folder_converts_every_hook_point(tmp_path, x):
     run = tmp_path / "run"
-    sds = {"layers.1": _write_sparsify(run / "layers.1", seed=1), "layers.2.mlp": _write_sparsify(run / "layers.2.mlp", k=2, seed=2)}
-    (run / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "dataset": "EleutherAI/fineweb-edu-dedup-10b"}))
+    sds = {
+        "layers.1": _write_sparsify(run / "layers.1", seed=1),
+        "layers.2.mlp": _write_sparsify(run / "layers.2.mlp", k=2, seed=2),
+    }
+    (run / "config.json").write_text(
+        json.dumps({"model": "EleutherAI/pythia-70m", "dataset": "EleutherAI/fineweb-edu-dedup-10b"})
+    )
     done = C.convert_tree(run, tmp_path / "out", dtype=torch.float64)
     assert sorted(done) == ["layers.1.resid_post", "layers.2.mlp_out"]
     for name, k, hp in (("layers.1", 3, "layers.1.resid_post"), ("layers.2.mlp", 2, "layers.2.mlp_out")):
@@ -348,7 +380,9 @@ def test_sparsify_refusals_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"does not define \['W_skip'\]"):
         C.convert(tmp_path / "s")
     _write_sparsify(tmp_path / "m", extra_cfg={"num_latents": 12})
-    with pytest.raises(ValueError, match=r"'encoder.weight' has shape \[10, 6\] but cfg.json \(d_in=6, num_latents=12\)"):
+    with pytest.raises(
+        ValueError, match=r"'encoder.weight' has shape \[10, 6\] but cfg.json \(d_in=6, num_latents=12\)"
+    ):
         C.convert(tmp_path / "m")
     _write_sparsify(tmp_path / "k", k=11)
     with pytest.raises(ValueError, match=r"k=11 must be in \[1, 10\]"):
@@ -358,11 +392,15 @@ def test_sparsify_refusals_and_bad_files(tmp_path):
 # ------------------------------------------------------------------------------------------- OpenAI
 def _openai_sd(activation="TopK", k=3, tied=False, seed=0):
     enc = _rand(N, D, seed=seed).float()
-    sd = {"pre_bias": _rand(D, seed=seed + 1, scale=0.3).float(), "encoder.weight": enc,
-          "latent_bias": _rand(N, seed=seed + 2, scale=0.2).float(),
-          "stats_last_nonzero": torch.zeros(N, dtype=torch.long),
-          "latents_activation_frequency": torch.ones(N), "latents_mean_square": torch.zeros(N),
-          "activation": activation}
+    sd = {
+        "pre_bias": _rand(D, seed=seed + 1, scale=0.3).float(),
+        "encoder.weight": enc,
+        "latent_bias": _rand(N, seed=seed + 2, scale=0.2).float(),
+        "stats_last_nonzero": torch.zeros(N, dtype=torch.long),
+        "latents_activation_frequency": torch.ones(N),
+        "latents_mean_square": torch.zeros(N),
+        "activation": activation,
+    }
     if tied:
         sd["decoder.linear.weight"] = enc
     else:
@@ -483,7 +521,9 @@ def test_openai_bad_files(tmp_path):
     sd = _openai_sd("ReLU")
     sd["decoder.weight"] = sd["decoder.weight"][:, :7]
     torch.save(sd, path)
-    with pytest.raises(ValueError, match=r"'decoder.weight' has shape \[6, 7\] but encoder.weight \[10, 6\] implies \[6, 10\]"):
+    with pytest.raises(
+        ValueError, match=r"'decoder.weight' has shape \[6, 7\] but encoder.weight \[10, 6\] implies \[6, 10\]"
+    ):
         C.convert(path)
     sd = _openai_sd("ReLU")
     del sd["latent_bias"]
@@ -504,8 +544,14 @@ def test_gemmascope_hand_computed(tmp_path):
     latents 0 and 2; recon = 2*[1, 0] + 1.2*[1, 1] + b_dec [1, -1] = [4.2, 0.2]."""
     folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82"
     folder.mkdir(parents=True)
-    np.savez(folder / "params.npz", W_enc=np.array([[1.0, 0, 1], [0, 1, 1]]), b_enc=np.array([0.0, 0, -1]),
-             W_dec=np.array([[1.0, 0], [0, 1], [1, 1]]), b_dec=np.array([1.0, -1]), threshold=np.array([0.5, 0.5, 0.5]))
+    np.savez(
+        folder / "params.npz",
+        W_enc=np.array([[1.0, 0, 1], [0, 1, 1]]),
+        b_enc=np.array([0.0, 0, -1]),
+        W_dec=np.array([[1.0, 0], [0, 1], [1, 1]]),
+        b_dec=np.array([1.0, -1]),
+        threshold=np.array([0.5, 0.5, 0.5]),
+    )
     sae = C.convert(folder, dtype=F64)
     assert sae.config.activation == "jumprelu" and sae.config.hook_point == "layers.12.resid_post"
     lat, rec = _ours(sae, torch.tensor([[2.0, 0.2]], dtype=F64))
@@ -515,9 +561,13 @@ def test_gemmascope_hand_computed(tmp_path):
 
 
 def test_gemmascope_random_and_bad_files(tmp_path, x):
-    p = {"W_enc": _rand(D, N, seed=1).numpy(), "W_dec": _rand(N, D, seed=2, scale=0.3).numpy(),
-         "b_enc": _rand(N, seed=3, scale=0.3).numpy(), "b_dec": _rand(D, seed=4).numpy(),
-         "threshold": (_rand(N, seed=5, scale=0.6)).numpy()}
+    p = {
+        "W_enc": _rand(D, N, seed=1).numpy(),
+        "W_dec": _rand(N, D, seed=2, scale=0.3).numpy(),
+        "b_enc": _rand(N, seed=3, scale=0.3).numpy(),
+        "b_dec": _rand(D, seed=4).numpy(),
+        "threshold": (_rand(N, seed=5, scale=0.6)).numpy(),
+    }
     np.savez(tmp_path / "params.npz", **p)
     sae = C.convert(tmp_path / "params.npz", dtype=F64, hook_point="layers.3.mlp_out")
     t = {k: torch.from_numpy(v) for k, v in p.items()}
@@ -543,10 +593,21 @@ def _dl_sd(cls, seed=0, k=3, threshold=0.25):
     if cls == "AutoEncoderNew":
         return {"encoder.weight": enc, "encoder.bias": b_enc, "decoder.weight": dec, "decoder.bias": b_dec}
     if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
-        return {"encoder.weight": enc, "encoder.bias": b_enc, "decoder.weight": dec, "b_dec": b_dec,
-                "k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(threshold)}
-    return {"W_enc": enc.T.contiguous(), "b_enc": b_enc, "W_dec": dec.T.contiguous(), "b_dec": b_dec,
-            "threshold": _rand(N, seed=seed + 4, scale=0.5).float()}
+        return {
+            "encoder.weight": enc,
+            "encoder.bias": b_enc,
+            "decoder.weight": dec,
+            "b_dec": b_dec,
+            "k": torch.tensor(k, dtype=torch.int),
+            "threshold": torch.tensor(threshold),
+        }
+    return {
+        "W_enc": enc.T.contiguous(),
+        "b_enc": b_enc,
+        "W_dec": dec.T.contiguous(),
+        "b_dec": b_dec,
+        "threshold": _rand(N, seed=seed + 4, scale=0.5).float(),
+    }
 
 
 def dl_reference(cls, sd, x):
@@ -578,20 +639,33 @@ def dl_reference(cls, sd, x):
     return f, f @ sd["decoder.weight"].T + sd["b_dec"]
 
 
-@pytest.mark.parametrize("cls", ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder"])
+@pytest.mark.parametrize(
+    "cls", ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder"]
+)
 def test_dictionary_learning_matches_its_reference(tmp_path, x, cls):
     folder = tmp_path / cls
     folder.mkdir()
     sd = _dl_sd(cls, seed=4)
     torch.save(sd, folder / "ae.pt")
-    trainer = {"dict_class": cls, "activation_dim": D, "dict_size": N, "layer": 5, "lm_name": "EleutherAI/pythia-70m-deduped"}
+    trainer = {
+        "dict_class": cls,
+        "activation_dim": D,
+        "dict_size": N,
+        "layer": 5,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+    }
     if "k" in sd:
         trainer["k"] = int(sd["k"])
     (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 128}}))
     assert C.detect_format(folder) == "dictionary_learning"
     sae = C.convert(folder, dtype=F64)
-    expected = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-                "JumpReluAutoEncoder": "jumprelu"}[cls]
+    expected = {
+        "AutoEncoder": "relu",
+        "AutoEncoderNew": "relu",
+        "AutoEncoderTopK": "topk",
+        "BatchTopKSAE": "batchtopk",
+        "JumpReluAutoEncoder": "jumprelu",
+    }[cls]
     assert sae.config.activation == expected
     assert sae.config.hook_point == "layers.5.resid_post" and sae.config.base_model == "EleutherAI/pythia-70m-deduped"
     ref_lat, ref_rec = dl_reference(cls, sd, x)
@@ -604,12 +678,24 @@ def _dl_folder(folder, cls, sd, **trainer_extra):
     """ae.pt + config.json as dictionary_learning 0.1.0's trainSAE writes them (trainer.config + buffer.config)."""
     folder.mkdir(parents=True)
     torch.save(sd, folder / "ae.pt")
-    trainer = {"trainer_class": cls.replace("AutoEncoder", "Trainer"), "dict_class": cls, "lr": 7e-5, "steps": 1000,
-               "seed": 0, "activation_dim": D, "dict_size": N, "device": "cuda:0", "layer": 3,
-               "lm_name": "EleutherAI/pythia-70m-deduped", "wandb_name": cls, "submodule_name": "resid_post_layer_3",
-               **trainer_extra}
-    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"d_submodule": D, "io": "out",
-                                                                                    "n_ctxs": 30000, "ctx_len": 128}}))
+    trainer = {
+        "trainer_class": cls.replace("AutoEncoder", "Trainer"),
+        "dict_class": cls,
+        "lr": 7e-5,
+        "steps": 1000,
+        "seed": 0,
+        "activation_dim": D,
+        "dict_size": N,
+        "device": "cuda:0",
+        "layer": 3,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+        "wandb_name": cls,
+        "submodule_name": "resid_post_layer_3",
+        **trainer_extra,
+    }
+    (folder / "config.json").write_text(
+        json.dumps({"trainer": trainer, "buffer": {"d_submodule": D, "io": "out", "n_ctxs": 30000, "ctx_len": 128}})
+    )
     return folder
 
 
@@ -617,10 +703,20 @@ def test_dictionary_learning_jumprelu_latents_follow_the_version(tmp_path, x):
     sd = _dl_sd("JumpReluAutoEncoder", seed=6)
     with torch.no_grad():  # decoder rows far from unit norm: a stray ||W_dec,i|| factor cannot hide
         sd["W_dec"] *= torch.linspace(0.3, 3.0, N)[:, None]
-    folder = _dl_folder(tmp_path / "jr", "JumpReluAutoEncoder", sd, bandwidth=0.001, sparsity_penalty=1.0,
-                        sparsity_warmup_steps=100, target_l0=20)
-    for version, cls in ((None, "JumpReluAutoEncoder"), ("0.1.0", "JumpReluAutoEncoder"),
-                         ("0.0.9", "JumpReluAutoEncoder<0.1")):
+    folder = _dl_folder(
+        tmp_path / "jr",
+        "JumpReluAutoEncoder",
+        sd,
+        bandwidth=0.001,
+        sparsity_penalty=1.0,
+        sparsity_warmup_steps=100,
+        target_l0=20,
+    )
+    for version, cls in (
+        (None, "JumpReluAutoEncoder"),
+        ("0.1.0", "JumpReluAutoEncoder"),
+        ("0.0.9", "JumpReluAutoEncoder<0.1"),
+    ):
         opts = {} if version is None else {"dictionary_learning_version": version}
         sae = C.convert(folder, dtype=F64, **opts)
         ref_lat, ref_rec = dl_reference(cls, sd, x)
@@ -632,7 +728,9 @@ def test_dictionary_learning_jumprelu_latents_follow_the_version(tmp_path, x):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["dictionary_learning_version"] = "0.0.9"
     (folder / "config.json").write_text(json.dumps(cfg))
-    _assert_close(_ours(C.convert(folder, dtype=F64), x)[0], dl_reference("JumpReluAutoEncoder<0.1", sd, x)[0], tol=1e-6)
+    _assert_close(
+        _ours(C.convert(folder, dtype=F64), x)[0], dl_reference("JumpReluAutoEncoder<0.1", sd, x)[0], tol=1e-6
+    )
     with pytest.raises(ValueError, match="not a version like"):
         C.convert(folder, dictionary_learning_version="latest")
 
@@ -643,8 +741,9 @@ def test_dictionary_learning_batchtopk_without_threshold_selects_over_the_batch(
     sae = C.convert(folder, dtype=F64, use_threshold=False)
     assert sae.config.activation == "batchtopk" and float(sae.batchtopk_threshold) == pytest.approx(0.4)
     ref_lat, ref_rec = dl_reference("BatchTopKSAE(use_threshold=False)", sd, x)
-    per_row = _topk_dense(((x - sd["b_dec"].double()) @ sd["encoder.weight"].double().T
-                           + sd["encoder.bias"].double()).relu(), 2)
+    per_row = _topk_dense(
+        ((x - sd["b_dec"].double()) @ sd["encoder.weight"].double().T + sd["encoder.bias"].double()).relu(), 2
+    )
     assert not torch.equal(ref_lat != 0, per_row != 0)  # the batch selection differs from a per-row top-k here
     with torch.no_grad():
         out = sae.train()(x, return_dense=True)  # train(): the batch-wide selection
@@ -676,7 +775,9 @@ def test_dictionary_learning_special_cases(tmp_path, x):
     sd["decoder.weight"] = sd["decoder.weight"].T.contiguous()
     torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, folder / "ae.pt")  # torch.compile prefix is stripped
     (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
-    with pytest.raises(ValueError, match=r"'decoder.weight' has shape \[10, 6\] but encoder.weight \[10, 6\] implies \[6, 10\]"):
+    with pytest.raises(
+        ValueError, match=r"'decoder.weight' has shape \[10, 6\] but encoder.weight \[10, 6\] implies \[6, 10\]"
+    ):
         C.convert(folder)
     # an ae.pt cut off in transfer says so (not "re-save with state_dict")
     torch.save(_dl_sd("AutoEncoder"), folder / "ae.pt")
@@ -705,7 +806,9 @@ def test_fold_decoder_norms_keeps_reconstruction(tmp_path, x):
     _assert_close(rec_f, rec_p)
     _assert_close(lat_f, lat_p * sd["W_dec"].norm(dim=1))  # latents carry the decoder norms (F2)
     with pytest.raises(ValueError, match="exact only for ReLU/JumpReLU"):
-        C.convert(_write_saelens(tmp_path / "t", _saelens_cfg("topk", k=2), _saelens_weights()), fold_decoder_norms=True)
+        C.convert(
+            _write_saelens(tmp_path / "t", _saelens_cfg("topk", k=2), _saelens_weights()), fold_decoder_norms=True
+        )
 
 
 def test_format_table_and_hook_names():

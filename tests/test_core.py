@@ -387,7 +387,7 @@ def test_topk_sae_recovers_known_sparse_features():
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     last_fire = torch.zeros(512, dtype=torch.long)
     tokens = 0
-    for step in range(300):
+    for _step in range(300):
         x = batch(256)
         out = sae(x, dead_mask=(tokens - last_fire) > 2560)
         opt.zero_grad()

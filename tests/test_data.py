@@ -144,9 +144,16 @@ def test_token_mask_excludes_first_and_special():
     tok = tiny_tokenizer()
     ids = torch.tensor([[1, 5, 2, 6], [7, 0, 8, 1]])
     assert token_mask(ids, tok).tolist() == [[False, True, False, True], [False, False, True, False]]
-    assert token_mask(ids, tok, exclude_first=False).tolist() == [[False, True, False, True], [True, False, True, False]]
-    assert token_mask(ids, tok, exclude_special=False).tolist() == [[False, True, True, True], [False, True, True, True]]
-    assert token_mask(ids, [5, 8], exclude_first=False).tolist() == [[True, False, True, True], [True, True, False, True]]
+    want = [[False, True, False, True], [True, False, True, False]]
+    assert token_mask(ids, tok, exclude_first=False).tolist() == want
+    assert token_mask(ids, tok, exclude_special=False).tolist() == [
+        [False, True, True, True],
+        [False, True, True, True],
+    ]
+    assert token_mask(ids, [5, 8], exclude_first=False).tolist() == [
+        [True, False, True, True],
+        [True, True, False, True],
+    ]
     with pytest.raises(ValueError):
         token_mask(torch.zeros(2, 2, 2, dtype=torch.long), tok)
 
@@ -194,7 +201,7 @@ def test_cache_matches_direct_forward_and_stats(tiny, cached):
         m = json.loads((out / h / "metadata.json").read_text())
         ref64 = ref[:3000].double()
         np.testing.assert_allclose(m["mean"], ref64.mean(0).numpy(), rtol=1e-9, atol=1e-12)
-        msn = float((ref64 ** 2).sum(1).mean())
+        msn = float((ref64**2).sum(1).mean())
         assert m["mean_sq_norm"] == pytest.approx(msn, rel=1e-9)
         assert m["input_scale"] == pytest.approx((32 / msn) ** 0.5, rel=1e-9)
         assert reader.input_scale == m["input_scale"]
@@ -220,8 +227,9 @@ def test_fp16_and_bf16_storage_round_trip(tiny, tmp_path):
         r = CachedActivations(tmp_path / dt, shuffle=False, dtype=None)
         x = r.to_tensor()
         assert x.dtype == tdt and torch.equal(x, ref[:400].to(tdt))
-        assert torch.equal(next(iter(CachedActivations(tmp_path / dt, shuffle=False, batch_size=400))),
-                           ref[:400].to(tdt).float())
+        assert torch.equal(
+            next(iter(CachedActivations(tmp_path / dt, shuffle=False, batch_size=400))), ref[:400].to(tdt).float()
+        )
 
 
 def test_reader_epochs_cover_every_row_once(cached):
@@ -269,7 +277,7 @@ def test_reader_process_sharding_and_workers(cached):
         keys += [(int(w), int(p)) for b in bs for w, p in zip(b["windows"], b["positions"])]
     assert len(keys) == 3000 and len(set(keys)) == 3000
     single = torch.cat(list(CachedActivations(out, HOOKS[0], batch_size=200)))
-    assert torch.equal(torch.cat([per[r][i * 200:(i + 1) * 200] for i in range(5) for r in range(3)]), single)
+    assert torch.equal(torch.cat([per[r][i * 200 : (i + 1) * 200] for i in range(5) for r in range(3)]), single)
     # DataLoader workers split a process's batches but keep its order
     r = CachedActivations(out, HOOKS[0], batch_size=200, process_index=1, num_processes=3)
     assert torch.equal(torch.cat(list(r)), per[1])
@@ -343,8 +351,10 @@ def test_corrupt_shards_raise_naming_the_file(cached, tmp_path):
 
 def _shas(path):
     meta = json.loads((Path(path) / "metadata.json").read_text())
-    return [[s["sha256"] for s in json.loads((Path(path) / h / "metadata.json").read_text())["shards"]]
-            for h in meta["hook_points"]]
+    return [
+        [s["sha256"] for s in json.loads((Path(path) / h / "metadata.json").read_text())["shards"]]
+        for h in meta["hook_points"]
+    ]
 
 
 class _Killed(Exception):
@@ -412,9 +422,24 @@ def test_cache_cli(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "load_model", lambda name, dtype=None, device=None: (model, tok))
     (tmp_path / "t.txt").write_text(" ".join(WORDS * 40) + "\n\n" + " ".join(WORDS[::-1] * 40) + "\n")
-    meta = cache_mod.cache_main(["--model", "tiny", "--hook-points", "layers.1.resid_post,layers.1.attn_out",
-                                 "--dataset", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"),
-                                 "--max-tokens", "500", "--window", "64", "--device", "cpu"])
+    meta = cache_mod.cache_main(
+        [
+            "--model",
+            "tiny",
+            "--hook-points",
+            "layers.1.resid_post,layers.1.attn_out",
+            "--dataset",
+            str(tmp_path / "t.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-tokens",
+            "500",
+            "--window",
+            "64",
+            "--device",
+            "cpu",
+        ]
+    )
     assert meta["num_tokens"] == 500 and meta["hook_points"] == ["layers.1.resid_post", "layers.1.attn_out"]
     assert CachedActivations(tmp_path / "o", "layers.1.attn_out").num_tokens == 500
 
@@ -430,8 +455,17 @@ def test_activation_stream_matches_forward_and_shards(tiny):
     keep = token_mask(w, tok)
     seen = []
     for rank in range(2):
-        s = ActivationStream(model, tok, HOOKS, w, batch_tokens=100, shuffle_buffer_tokens=300,
-                             process_index=rank, num_processes=2, batch_windows=5)
+        s = ActivationStream(
+            model,
+            tok,
+            HOOKS,
+            w,
+            batch_tokens=100,
+            shuffle_buffer_tokens=300,
+            process_index=rank,
+            num_processes=2,
+            batch_windows=5,
+        )
         batches = list(s)
         assert all(b[HOOKS[0]].shape == (100, 32) for b in batches[:-1])
         assert set(batches[0]) == set(HOOKS) | {"input_ids", "positions", "windows"}
@@ -457,8 +491,13 @@ def test_write_activations_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 24, generator=g) * 3 + 1
     y = torch.randn(1000, 8, generator=g)
-    meta = write_activations(tmp_path / "w", {"layers.1.resid_post": x, "layers.1.mlp_out": y}, dtype="float32",
-                             input_ids=torch.arange(1000), shard_tokens=300)
+    meta = write_activations(
+        tmp_path / "w",
+        {"layers.1.resid_post": x, "layers.1.mlp_out": y},
+        dtype="float32",
+        input_ids=torch.arange(1000),
+        shard_tokens=300,
+    )
     assert meta["num_tokens"] == 1000 and meta["num_shards"] == 4
     r = CachedActivations(tmp_path / "w", "layers.1.resid_post", shuffle=False)
     assert torch.equal(r.to_tensor(), x) and torch.equal(r.tokens()[0], torch.arange(1000))

@@ -207,9 +207,11 @@ def test_downstream_functions_hand_values():
     r1, r2 = s1.compute(), s2.compute()
     for k in r1:
         assert r2[k] == pytest.approx(r1[k], rel=1e-12)
-    assert r1["delta_loss"] == pytest.approx(float(vals["ce_spliced"].double().mean() - vals["ce_clean"].double().mean()))
+    want = float(vals["ce_spliced"].double().mean() - vals["ce_clean"].double().mean())
+    assert r1["delta_loss"] == pytest.approx(want)
     assert r1["frac_recovered_zero"] == pytest.approx(
-        loss_recovered(r1["ce_clean"], r1["ce_spliced"], float(vals["ce_zero"].double().mean())))
+        loss_recovered(r1["ce_clean"], r1["ce_spliced"], float(vals["ce_zero"].double().mean()))
+    )
 
 
 def test_identity_sae_gives_zero_delta_loss_and_kl(tiny_lm, tiny_tokenizer):
@@ -219,7 +221,7 @@ def test_identity_sae_gives_zero_delta_loss_and_kl(tiny_lm, tiny_tokenizer):
     keep = token_mask(ids, tiny_tokenizer)
     sae = _identity_sae()
     x = torch.randn(20, 32)
-    assert torch.equal(sae(x).reconstruction, x)           # the construction is exact
+    assert torch.equal(sae(x).reconstruction, x)  # the construction is exact
     mean = torch.randn(32)
     out = downstream_batch(tiny_lm, sae, ids, keep, HOOK, mean_activation=mean)
     assert out["ce_clean"].numel() == int(keep[:, :-1].sum())
@@ -263,8 +265,10 @@ def test_probe_fit_hand_value_and_sparse_equals_dense():
     bt = b_s.clone().requires_grad_(True)
     z = v[:, 0].double() * wt + bt
     torch.nn.functional.binary_cross_entropy_with_logits(z, yy.double()).backward()
-    assert abs(float(wt.grad)) < 1e-4 and abs(float(bt.grad)) < 1e-4     # vs ~0.1 at the start
-    assert float(probe_loss_sparse(v, torch.zeros(400, 1, dtype=torch.long), yy, w_s, b_s)[0]) == pytest.approx(float(l_s[0]), abs=1e-9)
+    assert abs(float(wt.grad)) < 1e-4 and abs(float(bt.grad)) < 1e-4  # vs ~0.1 at the start
+    assert float(probe_loss_sparse(v, torch.zeros(400, 1, dtype=torch.long), yy, w_s, b_s)[0]) == pytest.approx(
+        float(l_s[0]), abs=1e-9
+    )
 
 
 def test_planted_latent_gets_near_zero_probe_loss():
@@ -276,10 +280,10 @@ def test_planted_latent_gets_near_zero_probe_loss():
     M = int(keep.sum())
     y = labels[keep]
     idx = torch.stack([torch.randperm(n - 1, generator=g)[: k - 1] for _ in range(M)])
-    idx = torch.where(idx >= 7, idx + 1, idx)                 # latent 7 never appears among the random ones
+    idx = torch.where(idx >= 7, idx + 1, idx)  # latent 7 never appears among the random ones
     vals = torch.rand(M, k - 1, generator=g) * 3
     code_i = torch.cat([idx, torch.full((M, 1), 7)], 1)
-    code_v = torch.cat([vals, y.float()[:, None] * 2.5], 1)   # latent 7 = 2.5 * label
+    code_v = torch.cat([vals, y.float()[:, None] * 2.5], 1)  # latent 7 = 2.5 * label
     x = torch.randn(M, 8, generator=g)
     out = run_probe_tasks({"planted": labels}, keep, torch.arange(N) % 3 != 2, code_v, code_i, n, x=x, n_random=8)
     res = {r.method: r for r in out["results"]}
@@ -287,8 +291,9 @@ def test_planted_latent_gets_near_zero_probe_loss():
     assert res["sae"].test_loss < 0.02 and res["sae"].train_loss < 0.02
     assert res["raw_basis"].test_loss > 0.5 and res["random_directions"].test_loss > 0.5
     assert out["mean_probe_loss"]["sae"] == pytest.approx(res["sae"].test_loss)
-    s = summarize_probe_results([{"task": "a", "method": "sae", "test_loss": 0.1},
-                                 {"task": "b", "method": "sae", "test_loss": 0.3}])
+    s = summarize_probe_results(
+        [{"task": "a", "method": "sae", "test_loss": 0.1}, {"task": "b", "method": "sae", "test_loss": 0.3}]
+    )
     assert s["mean_probe_loss"]["sae"] == pytest.approx(0.2) and s["n_tasks"]["sae"] == 2
 
 
@@ -312,7 +317,7 @@ def test_task_labels_hand_checked(tiny_tokenizer):
     assert on("starts_sentence") == ["NASA"]
     assert on("inside_parens") == ["one", "two"]
     assert on("inside_quotes") == ["42"]
-    assert on("starts_word") == []      # a word-level tokenizer has no word-boundary markers
+    assert on("starts_word") == []  # a word-level tokenizer has no word-boundary markers
     with pytest.raises(ValueError, match="unknown probe tasks"):
         task_labels(ids, tiny_tokenizer, tasks=["nope"])
 
@@ -336,11 +341,11 @@ def test_n2g_planted_token_and_bigram_latents():
     keep = torch.ones_like(ids, dtype=torch.bool)
     keep[:, 0] = False
     acts = torch.zeros(40, 30, 3)
-    acts[..., 0] = (ids == 7).float() * (1 + torch.rand(40, 30, generator=g))     # fires exactly on token 7
+    acts[..., 0] = (ids == 7).float() * (1 + torch.rand(40, 30, generator=g))  # fires exactly on token 7
     prev = torch.zeros_like(ids)
     prev[:, 1:] = ids[:, :-1]
-    acts[..., 1] = ((prev == 3) & (ids == 5)).float()                               # fires on the bigram "3 5"
-    acts[..., 2] = (torch.rand(40, 30, generator=g) < 0.2).float()                  # random: not explainable
+    acts[..., 1] = ((prev == 3) & (ids == 5)).float()  # fires on the bigram "3 5"
+    acts[..., 2] = (torch.rand(40, 30, generator=g) < 0.2).float()  # random: not explainable
     train = torch.arange(40) % 2 == 0
     ex = n2g_evaluate(ids, keep, train, acts, [100, 101, 102], vocab_size=10)
     e0, e1, e2 = ex
@@ -374,18 +379,19 @@ def test_latent_ablation_effects_on_tiny_lm(tiny_lm, tiny_tokenizer):
     keep = token_mask(ids, tiny_tokenizer)
     sae = _sae()
     acts = run_with_capture(tiny_lm, ids, [HOOK])[HOOK]
-    p0 = int(keep[0, 2:12].nonzero()[0]) + 2           # an early kept position of window 0
-    p1 = int(keep[1].nonzero()[-1])                    # the last kept position of window 1
+    p0 = int(keep[0, 2:12].nonzero()[0]) + 2  # an early kept position of window 0
+    p1 = int(keep[1].nonzero()[-1])  # the last kept position of window 1
     with torch.no_grad():
         v, i = sae.encode_sparse(acts[0, p0])
     j_active = int(i[v.argmax()])
     inactive = sorted(set(range(128)) - set(i.tolist()))[0]
-    res = latent_ablation_effects(tiny_lm, sae, ids, keep, HOOK,
-                                  [(0, p0, j_active), (0, p0, inactive), (1, p1, j_active)], batch_size=2)
+    res = latent_ablation_effects(
+        tiny_lm, sae, ids, keep, HOOK, [(0, p0, j_active), (0, p0, inactive), (1, p1, j_active)], batch_size=2
+    )
     assert res[0]["latent"] == j_active and res[0]["value"] == pytest.approx(float(v.max()), rel=1e-5)
     V = tiny_lm.config.vocab_size
     assert 1 / V <= res[0]["sparsity"] <= 1 and res[0]["n_positions"] == 24 - p0
-    assert res[1]["value"] == 0.0 and math.isnan(res[1]["sparsity"])       # nothing to ablate: no effect
+    assert res[1]["value"] == 0.0 and math.isnan(res[1]["sparsity"])  # nothing to ablate: no effect
     assert res[2]["row"] == 1 and res[2]["position"] == p1
     with pytest.raises(ValueError, match="not a kept position"):
         latent_ablation_effects(tiny_lm, sae, ids, keep, HOOK, [(0, 0, 1)])
@@ -412,7 +418,7 @@ def test_afa_hand_values_and_streaming():
     one, stream = AFAStats(max_points=100, n_latents=9), AFAStats(max_points=100, n_latents=9)
     one.update(a, b, zf=(xz, fz))
     for s in range(0, 500, 60):
-        stream.update(a[s:s + 60], b[s:s + 60], zf=(xz[s:s + 60], fz[s:s + 60]))
+        stream.update(a[s : s + 60], b[s : s + 60], zf=(xz[s : s + 60], fz[s : s + 60]))
     r1, r2 = one.compute(), stream.compute()
     for k in r1:
         assert r2[k] == pytest.approx(r1[k], rel=1e-12)
@@ -446,11 +452,19 @@ def test_afa_from_sae_matches_modeling_loss():
 
 
 def test_write_report(tmp_path):
-    res = {"meta": {"hook_point": HOOK}, "summary": {"fvu": 0.1},
-           "reconstruction": {"fvu": 0.1, "l0": 2.0, "histograms": {
-               "l0": {"values": [0, 1, 2], "counts": [0, 3, 5]},
-               "density_log10": {"edges": [-2, -1, 0], "counts": [1, 2], "n_dead": 0}}},
-           "afa": {"afa_gap_mean": 0.1, "gap_histogram": {"edges": [0, 0.5, 1], "counts": [2, 3]}}}
+    res = {
+        "meta": {"hook_point": HOOK},
+        "summary": {"fvu": 0.1},
+        "reconstruction": {
+            "fvu": 0.1,
+            "l0": 2.0,
+            "histograms": {
+                "l0": {"values": [0, 1, 2], "counts": [0, 3, 5]},
+                "density_log10": {"edges": [-2, -1, 0], "counts": [1, 2], "n_dead": 0},
+            },
+        },
+        "afa": {"afa_gap_mean": 0.1, "gap_histogram": {"edges": [0, 0.5, 1], "counts": [2, 3]}},
+    }
     written = write_report(res, tmp_path, zf_points=([1.0, 2.0], [1.1, 1.9]))
     names = {p.name for p in written}
     assert {"report.html", "l0_histogram.png", "firing_density.png", "afa_zf_plot.png", "afa_gap.png"} <= names
@@ -468,27 +482,64 @@ def _eval_args(sae_path, out, extra=()):
 def test_run_eval_end_to_end_tiny(tmp_path, tiny_lm, tiny_tokenizer):
     sae = _sae()
     sae.save_pretrained(tmp_path / "sae")
-    args = _eval_args(tmp_path / "sae", tmp_path / "out",
-                      ["--n-tokens", "3000", "--window", "64", "--downstream-tokens", "200", "--probe-tokens", "2500",
-                       "--n2g-latents", "8", "--ablation-latents", "4", "--ablation-context", "32", "--split", "all"])
+    args = _eval_args(
+        tmp_path / "sae",
+        tmp_path / "out",
+        [
+            "--n-tokens",
+            "3000",
+            "--window",
+            "64",
+            "--downstream-tokens",
+            "200",
+            "--probe-tokens",
+            "2500",
+            "--n2g-latents",
+            "8",
+            "--ablation-latents",
+            "4",
+            "--ablation-context",
+            "32",
+            "--split",
+            "all",
+        ],
+    )
     res = run_eval(args, model=tiny_lm, tokenizer=tiny_tokenizer)
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk["meta"]["n_tokens"] == 3000 == res["reconstruction"]["n_tokens"]
-    for key in ("fvu", "l0", "dead_fraction", "delta_loss", "kl", "frac_recovered_zero", "mean_probe_loss_sae",
-                "mean_probe_loss_raw_basis", "n2g_f1", "ablation_sparsity", "afa_gap_mean", "eps_max"):
+    for key in (
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "delta_loss",
+        "kl",
+        "frac_recovered_zero",
+        "mean_probe_loss_sae",
+        "mean_probe_loss_raw_basis",
+        "n2g_f1",
+        "ablation_sparsity",
+        "afa_gap_mean",
+        "eps_max",
+    ):
         assert key in on_disk["summary"], key
     assert on_disk["reconstruction"]["l0"] == pytest.approx(8.0)
     assert len(on_disk["probes"]["per_task"]) >= 5
     assert on_disk["downstream"]["n_predictions"] == 200
-    for f in ("report.html", "l0_histogram.png", "firing_density.png", "downstream.png", "probes.png",
-              "afa_zf_plot.png", "afa_gap.png"):
+    for f in (
+        "report.html",
+        "l0_histogram.png",
+        "firing_density.png",
+        "downstream.png",
+        "probes.png",
+        "afa_zf_plot.png",
+        "afa_gap.png",
+    ):
         assert (tmp_path / "out" / f).is_file(), f
     # the reconstruction numbers equal a direct one-shot computation on the same tokens
     from hf_sae.data import corpus
     from hf_sae.hooks import run_with_capture
 
-    ids = corpus.tokenize_windows(corpus.load_texts("default", split="all"), tiny_tokenizer, window=64,
-                                  max_windows=70)
+    ids = corpus.tokenize_windows(corpus.load_texts("default", split="all"), tiny_tokenizer, window=64, max_windows=70)
     keep = corpus.token_mask(ids, tiny_tokenizer)
     flat = keep.flatten().clone()
     flat[flat.nonzero().squeeze(-1)[3000:]] = False
@@ -503,8 +554,11 @@ def test_run_eval_bad_inputs(tmp_path, tiny_lm, tiny_tokenizer):
     sae = _sae()
     sae.save_pretrained(tmp_path / "sae")
     with pytest.raises(ValueError, match="unknown metrics"):
-        run_eval(_eval_args(tmp_path / "sae", tmp_path / "o", ["--metrics", "fvu,bogus"]), model=tiny_lm,
-                 tokenizer=tiny_tokenizer)
+        run_eval(
+            _eval_args(tmp_path / "sae", tmp_path / "o", ["--metrics", "fvu,bogus"]),
+            model=tiny_lm,
+            tokenizer=tiny_tokenizer,
+        )
     wrong = _sae(d=16, n=32, k=4)
     with pytest.raises(ValueError, match="d_in=16"):
         run_eval(_eval_args(tmp_path / "sae", tmp_path / "o"), sae=wrong, model=tiny_lm, tokenizer=tiny_tokenizer)
@@ -517,17 +571,43 @@ def test_hf_sae_eval_smollm2(tmp_path, smollm2):
 
     model, tok = smollm2
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SAEConfig(d_in=576, expansion_factor=4, k=32, hook_point="layers.3.resid_post",
-                                      base_model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    sae = SparseAutoencoder(
+        SAEConfig(
+            d_in=576,
+            expansion_factor=4,
+            k=32,
+            hook_point="layers.3.resid_post",
+            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        )
+    )
     with torch.no_grad():  # b_dec at the data mean keeps FVU meaningful for an untrained SAE
         from hf_sae.hooks import run_with_capture
 
         ids = torch.tensor([tok("In the beginning God created the heaven and the earth.")["input_ids"]])
         sae.b_dec.copy_(run_with_capture(model, ids, ["layers.3.resid_post"])["layers.3.resid_post"][0, 1:].mean(0))
     sae.save_pretrained(tmp_path / "sae")
-    main([str(tmp_path / "sae"), "--out", str(tmp_path / "out"), "--no-progress", "--n-tokens", "4000",
-          "--window", "128", "--downstream-tokens", "256", "--probe-tokens", "4000", "--n2g-latents", "8",
-          "--ablation-latents", "4", "--ablation-context", "32"])   # the model comes from config.base_model
+    main(
+        [
+            str(tmp_path / "sae"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--n-tokens",
+            "4000",
+            "--window",
+            "128",
+            "--downstream-tokens",
+            "256",
+            "--probe-tokens",
+            "4000",
+            "--n2g-latents",
+            "8",
+            "--ablation-latents",
+            "4",
+            "--ablation-context",
+            "32",
+        ]
+    )  # the model comes from config.base_model
     out = tmp_path / "out"
     data = json.loads((out / "metrics.json").read_text())
     assert data["meta"]["n_tokens"] == 4000 and data["reconstruction"]["l0"] == pytest.approx(32.0)
@@ -544,12 +624,33 @@ def test_run_eval_dense_activation_sae(tmp_path, tiny_lm, tiny_tokenizer):
     each token's largest latents, the reconstruction statistics use the full dense code."""
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=32, n_latents=800, activation="relu", hook_point=HOOK)).eval()
-    args = _eval_args("relu-sae", tmp_path / "out",
-                      ["--n-tokens", "1500", "--window", "64", "--metrics", "reconstruction,probes,n2g,ablation",
-                       "--probe-tokens", "1500", "--probe-baselines", "", "--n2g-latents", "4",
-                       "--ablation-latents", "2", "--ablation-context", "32", "--split", "all", "--no-report"])
+    args = _eval_args(
+        "relu-sae",
+        tmp_path / "out",
+        [
+            "--n-tokens",
+            "1500",
+            "--window",
+            "64",
+            "--metrics",
+            "reconstruction,probes,n2g,ablation",
+            "--probe-tokens",
+            "1500",
+            "--probe-baselines",
+            "",
+            "--n2g-latents",
+            "4",
+            "--ablation-latents",
+            "2",
+            "--ablation-context",
+            "32",
+            "--split",
+            "all",
+            "--no-report",
+        ],
+    )
     res = run_eval(args, sae=sae, model=tiny_lm, tokenizer=tiny_tokenizer)
-    assert res["meta"]["code_truncated_to"] == 256          # ~half of 800 random ReLU latents are active
+    assert res["meta"]["code_truncated_to"] == 256  # ~half of 800 random ReLU latents are active
     assert 256 < res["reconstruction"]["l0"] < 800
     assert "downstream" not in res and "afa" not in res
     assert set(res["probes"]["summary"]) >= {"mean_probe_loss_sae"}

@@ -380,13 +380,15 @@ def test_accelerate_launch_num_processes_on_cpu_stops_instead_of_training_one_pr
     assert not (tmp_path / "out" / HP).exists()
 
 
-# ------------------------------------------------------------------------------------------------ reports, quickstart, cache
+# ----------------------------------------------------------------------------------- reports, quickstart, cache
 def test_report_is_self_contained_and_explains_metrics(tmp_path):
     from hf_sae.evaluation.report import write_report
 
-    results = {"meta": {"hook_point": HP}, "summary": {"fvu": 0.2, "l0": 30.0},
-               "reconstruction": {"fvu": 0.2, "l0": 30.0, "histograms": {"l0": {"values": [29, 30, 31],
-                                                                                 "counts": [1, 5, 2]}}}}
+    results = {
+        "meta": {"hook_point": HP},
+        "summary": {"fvu": 0.2, "l0": 30.0},
+        "reconstruction": {"fvu": 0.2, "l0": 30.0, "histograms": {"l0": {"values": [29, 30, 31], "counts": [1, 5, 2]}}},
+    }
     write_report(results, tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "src='l0_histogram.png'" not in page
@@ -400,8 +402,10 @@ def test_training_curves_of_a_run_shorter_than_one_log_interval(tmp_path):
 
     from hf_sae.training.report import curves_figure, write_report
 
-    history = [{"step": 3, "tokens": 1_500_000, f"{HP}/eval/fvu": 0.3},
-               {"step": 6, "tokens": 3_000_000, f"{HP}/eval/fvu": 0.2}]
+    history = [
+        {"step": 3, "tokens": 1_500_000, f"{HP}/eval/fvu": 0.3},
+        {"step": 6, "tokens": 3_000_000, f"{HP}/eval/fvu": 0.2},
+    ]
     write_report(str(tmp_path), HP, history, {}, plot=True)
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     curves = json.loads((tmp_path / "training_report.json").read_text())["curves"]

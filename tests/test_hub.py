@@ -239,14 +239,29 @@ def test_cli_push_dry_run_and_push(hub, tmp_path):
     b.save_pretrained(tmp_path / "saved" / "b")
     (tmp_path / "m.json").write_text(json.dumps({"layers.4.resid_post": {"fvu": 0.11, "l0": 4}}))
     parser = H.add_push_args(argparse.ArgumentParser())
-    args = parser.parse_args([str(tmp_path / "saved"), "--repo-id", "test-org/cli", "--metrics", str(tmp_path / "m.json"),
-                              "--dry-run", str(tmp_path / "layout")])
+    args = parser.parse_args(
+        [
+            str(tmp_path / "saved"),
+            "--repo-id",
+            "test-org/cli",
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--dry-run",
+            str(tmp_path / "layout"),
+        ]
+    )
     assert H.run_push(args) == 0
     assert (tmp_path / "layout" / "layers.5.mlp_out" / "model.safetensors").is_file()
     assert (tmp_path / "layout" / "modeling_sae.py").is_file()
     assert "test-org/cli" not in hub.repos
-    assert H.run_push(parser.parse_args([str(tmp_path / "saved"), "--repo-id", "test-org/cli",
-                                         "--metrics", str(tmp_path / "m.json")])) == 0
+    assert (
+        H.run_push(
+            parser.parse_args(
+                [str(tmp_path / "saved"), "--repo-id", "test-org/cli", "--metrics", str(tmp_path / "m.json")]
+            )
+        )
+        == 0
+    )
     got = H.load_all("test-org/cli")
     _same(got["layers.4.resid_post"], a)
     _same(got["layers.5.mlp_out"], b)

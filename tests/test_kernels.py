@@ -217,8 +217,15 @@ def test_functions_reject_bad_codes():
     with pytest.raises(ValueError, match="int64"):
         kernels.sparse_decode(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), W, backend="torch")
     with pytest.raises(ValueError, match=r"x \(2, 4\)"):
-        kernels.encode_selected(torch.ones(2, 4), W, torch.zeros(5), torch.zeros(3), torch.zeros(2, 1, dtype=torch.long),
-                                torch.zeros(2, 1), backend="torch")
+        kernels.encode_selected(
+            torch.ones(2, 4),
+            W,
+            torch.zeros(5),
+            torch.zeros(3),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.zeros(2, 1),
+            backend="torch",
+        )
 
 
 # ------------------------------------------------------------------------------ dispatch
@@ -259,8 +266,10 @@ def test_topk_among_equals_masked_topk():
     got = kernels.topk_among(pre, mask, 5)
     want = pre.masked_fill(~mask, float("-inf")).topk(5, dim=-1).indices
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    assert torch.equal(kernels.topk_among(pre, torch.ones(40, dtype=torch.bool), 3).sort(-1).values,
-                       pre.topk(3, dim=-1).indices.sort(-1).values)
+    assert torch.equal(
+        kernels.topk_among(pre, torch.ones(40, dtype=torch.bool), 3).sort(-1).values,
+        pre.topk(3, dim=-1).indices.sort(-1).values,
+    )
     with pytest.raises(ValueError, match="allowed columns"):
         kernels.topk_among(pre, mask, int(mask.sum()) + 1)
     same, (cols, local) = kernels.topk_among(pre, mask, 5, return_support=True)
@@ -298,8 +307,17 @@ def test_batchtopk_sparse_equals_dense_selection(skewed):
 # ------------------------------------------------------------------------------ the fused step
 def make_sae(activation, kernel, multi=False, n=64, d=16, k=4):
     torch.manual_seed(0)
-    cfg = SAEConfig(d_in=d, n_latents=n, activation=activation, k=k, k_aux=8, kernel=kernel, multi_topk=multi,
-                    afa_coef=0.1 if activation == "topafa" else 0.0, input_scale=1.5)
+    cfg = SAEConfig(
+        d_in=d,
+        n_latents=n,
+        activation=activation,
+        k=k,
+        k_aux=8,
+        kernel=kernel,
+        multi_topk=multi,
+        afa_coef=0.1 if activation == "topafa" else 0.0,
+        input_scale=1.5,
+    )
     sae = SparseAutoencoder(cfg).double()
     with torch.no_grad():  # break the tied init and the zero biases so that every gradient is generic
         sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
@@ -330,8 +348,9 @@ def step(sae, x, dead_mask):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation, multi", [("topk", False), ("topk", True), ("batchtopk", False),
-                                               ("topafa", False)])
+@pytest.mark.parametrize(
+    "activation, multi", [("topk", False), ("topk", True), ("batchtopk", False), ("topafa", False)]
+)
 def test_fused_step_matches_dense_reference(activation, multi, backend):
     x = torch.randn(3, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     dead = torch.arange(64) % 3 == 0  # 22 dead latents, k_aux = 8: AuxK active
@@ -405,9 +424,10 @@ def test_fused_step_bfloat16_runs_and_matches_dense():
 
 # ------------------------------------------------------------------------------ AuxK slot pruning
 def test_topk_among_positive_only_keeps_every_positive_entry():
-    pre = torch.tensor([[0.5, -1.0, 2.0, 0.1, -0.2, 3.0],
-                        [-0.3, -1.0, -2.0, 0.0, -0.2, 1.0],
-                        [-0.3, 4.0, -2.0, 0.0, 5.0, -1.0]], dtype=torch.float64)
+    pre = torch.tensor(
+        [[0.5, -1.0, 2.0, 0.1, -0.2, 3.0], [-0.3, -1.0, -2.0, 0.0, -0.2, 1.0], [-0.3, 4.0, -2.0, 0.0, 5.0, -1.0]],
+        dtype=torch.float64,
+    )
     mask = torch.tensor([True, True, True, True, True, False])  # column 5 is not allowed
     idx, (cols, local) = kernels.topk_among(pre, mask, 4, return_support=True, positive_only=True)
     assert idx.shape == (3, 3)  # row 0 has three allowed positives (0.5, 2.0, 0.1): 4 -> 3 columns

@@ -377,16 +377,43 @@ def _invalid_sae_values(name: str) -> list:
            "aux_coef": [-0.5], "l1_coef": [-0.5], "l0_coef": [-0.5], "afa_coef": [-0.5],
            "jumprelu_init_threshold": [0.0, -1.0], "jumprelu_bandwidth": [0.0],
            "d_in": [0, -3, 2.5], "n_latents": [0, -3, 2.5], "expansion_factor": [0, -1.0],
-           "k": [0, -1, 65, 2.5], "input_norm_eps": [0.0, -1.0], "k_aux": [0, 65, 2.5], "dead_tokens_threshold": [0, 1.5]}[name]
-    pool = [v for v in _NUMBER_POOL if not (v is None and name in ("n_latents", "k", "k_aux", "expansion_factor"))
-            and not (v is True and name == "input_norm_eps")]
+           "k": [0, -1, 65, 2.5], "input_norm_eps": [0.0, -1.0], "k_aux": [0, 65, 2.5],
+           "dead_tokens_threshold": [0, 1.5]}[name]
+    pool = [
+        v
+        for v in _NUMBER_POOL
+        if not (v is None and name in ("n_latents", "k", "k_aux", "expansion_factor"))
+        and not (v is True and name == "input_norm_eps")
+    ]
     return own + random.Random(name).sample(pool, 4)
 
 
-SAE_FIELDS = ["d_in", "n_latents", "expansion_factor", "activation", "k", "k_aux", "aux_coef",
-              "dead_tokens_threshold", "multi_topk", "l1_coef", "l0_coef", "afa_coef", "jumprelu_init_threshold",
-              "jumprelu_bandwidth", "batchtopk_threshold_momentum", "input_scale", "hook_point", "base_model",
-              "kernel", "training_info", "input_norm", "input_norm_eps", "input_norm_unbiased", "afa_variant"]
+SAE_FIELDS = [
+    "d_in",
+    "n_latents",
+    "expansion_factor",
+    "activation",
+    "k",
+    "k_aux",
+    "aux_coef",
+    "dead_tokens_threshold",
+    "multi_topk",
+    "l1_coef",
+    "l0_coef",
+    "afa_coef",
+    "jumprelu_init_threshold",
+    "jumprelu_bandwidth",
+    "batchtopk_threshold_momentum",
+    "input_scale",
+    "hook_point",
+    "base_model",
+    "kernel",
+    "training_info",
+    "input_norm",
+    "input_norm_eps",
+    "input_norm_unbiased",
+    "afa_variant",
+]
 
 
 @pytest.mark.parametrize("name", SAE_FIELDS)
@@ -422,8 +449,9 @@ def _invalid_arg_values(f) -> list:
 NO_WRONG_VALUE = {"seed", "activations", "eval_activations"}  # any int seeds; paths are checked by validate()
 
 
-@pytest.mark.parametrize("f", [f for f in fields(SAETrainingArguments) if f.name not in NO_WRONG_VALUE],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "f", [f for f in fields(SAETrainingArguments) if f.name not in NO_WRONG_VALUE], ids=lambda f: f.name
+)
 def test_fuzzed_training_arguments_are_rejected_at_construction_naming_the_flag(f):
     for value in _invalid_arg_values(f):
         if f.name == "seed":
@@ -462,7 +490,8 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, m
     assert calls == [20]
     assert ckpt.newest_valid(str(tmp_path / "out" / "checkpoints")).endswith(ckpt.checkpoint_name(256 * 20))
     monkeypatch.undo()
-    trainer = SAETrainer(_small(tmp_path, checkpoint_every_tokens=0, resume=True), train_data=synthetic(4096),
-                         eval_data=synthetic(512))
+    trainer = SAETrainer(
+        _small(tmp_path, checkpoint_every_tokens=0, resume=True), train_data=synthetic(4096), eval_data=synthetic(512)
+    )
     saes = trainer.train()
     assert trainer.state.step == 20 and saes[HP].config.training_info["final_metrics"]["eval_fvu"] < 1

@@ -120,7 +120,10 @@ def test_ioi_task_shapes_positions_and_counterparts(tokenizer, ioi):
     assert torch.equal(p.input_ids[ar, c.positions["IO"]], p.answer_ids)
     sub = ioi.select([3, 1])
     assert sub.clean.prompts == [c.prompts[3], c.prompts[1]]
-    assert sub.corrupted["s"].attributes["s"] == [ioi.corrupted["s"].attributes["s"][3], ioi.corrupted["s"].attributes["s"][1]]
+    assert sub.corrupted["s"].attributes["s"] == [
+        ioi.corrupted["s"].attributes["s"][3],
+        ioi.corrupted["s"].attributes["s"][1],
+    ]
 
 
 def test_gender_task(tokenizer):
@@ -183,8 +186,9 @@ def test_supervised_dictionary_nested_attribute_hand_computed():
     plain = SupervisedDictionary.fit(a, attrs)  # the plain formula double-counts gender here
     assert torch.allclose(plain.reconstruct(attrs)[0], torch.tensor([2.0, -1.5]))
     with pytest.raises(ValueError, match="not nested"):
-        SupervisedDictionary.fit(a, {"gender": ["m", "f", "f", "f"], "name": ["m1", "m1", "f1", "f1"]},
-                                 nested={"name": "gender"})
+        SupervisedDictionary.fit(
+            a, {"gender": ["m", "f", "f", "f"], "name": ["m1", "m1", "f1", "f1"]}, nested={"name": "gender"}
+        )
 
 
 # --------------------------------------------------------------------------- locations and patching
@@ -242,7 +246,8 @@ def test_prefix_cache_resume_matches_full_forward(tokenizer, ioi, llama, arch):
     assert resumed == pytest.approx(full, abs=1e-5)
     # no replacement: the clean LD recorded by the cache
     assert mean_logit_diff(model, prompts, batch_size=10, cache=cache) == pytest.approx(
-        mean_logit_diff(model, prompts), abs=1e-5)
+        mean_logit_diff(model, prompts), abs=1e-5
+    )
     with pytest.raises(ValueError, match="other prompts"):
         patched_logit_diff(model, prompts.select(range(5)), {loc: vals[:5]}, batch_size=10, cache=cache)
 
@@ -253,8 +258,11 @@ def test_prefix_cache_resume_matches_full_forward(tokenizer, ioi, llama, arch):
 def test_attribution_matches_finite_difference(tokenizer, ioi):
     model = _tiny_llama(len(tokenizer), dtype=torch.float64)
     task = ioi.select(range(8))
-    locs = [Location("layers.1.resid_pre", "IO"), Location("layers.2.attn_z", "END", 1),
-            Location("layers.0.mlp_out", "IO")]
+    locs = [
+        Location("layers.1.resid_pre", "IO"),
+        Location("layers.2.attn_z", "END", 1),
+        Location("layers.0.mlp_out", "IO"),
+    ]
     res = attribution_patching(model, task, locs, attributes=["io"], batch_size=5, progress=False)
     cf = task.corrupted["io"].as_counterfactual_of(task.clean)
     a = location_activations(model, task.clean, locs)
@@ -300,8 +308,13 @@ def test_identity_sae_is_perfectly_sufficient_and_necessary(llama, ioi):
     fit, ev = ioi.split(12)
     hook = "layers.0.resid_post"  # stream entering block 1
     sae = _identity_sae(32, hook)
-    locs = [Location(hook, "END"), Location(hook, "S2"), Location("layers.1.attn_z", "END", 0),
-            Location("layers.1.mlp_out", "END"), Location("layers.2.mlp_out", "END")]
+    locs = [
+        Location(hook, "END"),
+        Location(hook, "S2"),
+        Location("layers.1.attn_z", "END", 0),
+        Location("layers.1.mlp_out", "END"),
+        Location("layers.2.mlp_out", "END"),
+    ]
     rec = recompute_sublayers(llama, sae, ev.clean, locs[2:4])
     true = location_activations(llama, ev.clean, locs[2:4])
     for k in rec:
@@ -384,12 +397,41 @@ def test_cli_end_to_end_tiny(tmp_path, tokenizer, llama):
     sae_dir = tmp_path / "sae"
     _identity_sae(32, "layers.1.resid_pre").save_pretrained(sae_dir)
     parser = add_sage_args(argparse.ArgumentParser())
-    args = parser.parse_args([
-        "--model", str(model_dir), "--sae", str(sae_dir), "--tasks", "ioi", "gender", "--n-fit", "16",
-        "--n-eval", "12", "--n-attribution", "8", "--top-resid", "2", "--top-head", "1", "--top-mlp", "1",
-        "--n-sublayer", "2", "--edit-steps", "1", "4", "--n-control", "6", "--batch-size", "8",
-        "--out", str(tmp_path / "out"), "--no-progress",
-    ])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--sae",
+            str(sae_dir),
+            "--tasks",
+            "ioi",
+            "gender",
+            "--n-fit",
+            "16",
+            "--n-eval",
+            "12",
+            "--n-attribution",
+            "8",
+            "--top-resid",
+            "2",
+            "--top-head",
+            "1",
+            "--top-mlp",
+            "1",
+            "--n-sublayer",
+            "2",
+            "--edit-steps",
+            "1",
+            "4",
+            "--n-control",
+            "6",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     paths = run_sage(args)
     data = json.loads((tmp_path / "out" / "sage.json").read_text())
     ioi = data["tasks"]["ioi"]
@@ -419,8 +461,9 @@ def test_smollm2_ioi_and_fresh_sae(smollm2):
     torch.manual_seed(0)
     hook = "layers.26.resid_pre"  # the END residual stream after SmolLM2's IOI heads (layers 23-25)
     sae = SparseAutoencoder(SAEConfig(d_in=576, expansion_factor=2, activation="topk", k=16, hook_point=hook)).eval()
-    res = evaluate_sae(model, sae, fit, ev, [Location(hook, "END")], edit_steps=(1, 4), n_control=8,
-                       batch_size=16, progress=False)
+    res = evaluate_sae(
+        model, sae, fit, ev, [Location(hook, "END")], edit_steps=(1, 4), n_control=8, batch_size=16, progress=False
+    )
     v = res["locations"][f"{hook}@END"]
     assert v["denominator"] > 2.0  # mean-ablating the END residual here removes most of the LD
     assert v["supervised"]["sufficiency"] > 0.5  # supervised features recover most of it
@@ -457,7 +500,10 @@ def test_regression_dictionary_removes_the_io_s_cross_terms():
     xs = [x for x in "pq" for _ in "rst"]
     ys = [y for _ in "pq" for y in "rst"]
     b = torch.randn(6, 4, dtype=torch.float64)
-    m, r = SupervisedDictionary.fit(b, {"x": xs, "y": ys}), SupervisedDictionary.fit(b, {"x": xs, "y": ys}, method="regression")
+    m, r = (
+        SupervisedDictionary.fit(b, {"x": xs, "y": ys}),
+        SupervisedDictionary.fit(b, {"x": xs, "y": ys}, method="regression"),
+    )
     torch.testing.assert_close(r.mean, m.mean)
     for attr in ("x", "y"):
         for v in r.features[attr]:
@@ -488,8 +534,10 @@ def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
 
     fit, ev = ioi.split(12)
     res_sae = _identity_sae(32, "layers.0.resid_post")  # feeds block 1
-    subs = {"layers.1.mlp_out": _identity_sae(32, "layers.1.mlp_out"),
-            "layers.1.attn_out": _identity_sae(32, "layers.1.attn_out")}
+    subs = {
+        "layers.1.mlp_out": _identity_sae(32, "layers.1.mlp_out"),
+        "layers.1.attn_out": _identity_sae(32, "layers.1.attn_out"),
+    }
     locs = ["layers.1.mlp_out@END", "layers.1.attn_out@S2", "layers.1.attn_z.h0@END", "layers.2.mlp_out@END"]
     out = compare_sublayer_methods(llama, res_sae, subs, fit, ev, locs, edit_steps=(1, 64), n_control=6)
     assert out["skipped"] == ["layers.1.attn_z.h0@END", "layers.2.mlp_out@END"]
@@ -500,10 +548,12 @@ def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
             assert r[method]["necessity"] == pytest.approx(1.0, abs=1e-3), (key, method)
             assert r[method]["fvu"] == pytest.approx(0.0, abs=1e-8)
         assert r["sublayer_sae_control"]["io"]["ld_sae_edit"]["64"] == pytest.approx(
-            r["sublayer_sae_control"]["io"]["ld_counterfactual_patch"], abs=1e-4)
+            r["sublayer_sae_control"]["io"]["ld_counterfactual_patch"], abs=1e-4
+        )
     # a residual SAE that reconstructs badly is worse by the sublayer method than the exact sublayer SAE
-    bad = SparseAutoencoder(SAEConfig(d_in=32, n_latents=64, activation="topk", k=2,
-                                      hook_point="layers.0.resid_post")).eval()
+    bad = SparseAutoencoder(
+        SAEConfig(d_in=32, n_latents=64, activation="topk", k=2, hook_point="layers.0.resid_post")
+    ).eval()
     out2 = compare_sublayer_methods(llama, bad, subs, fit, ev, locs[:1], control=False)
     r = out2["locations"]["layers.1.mlp_out@END"]
     assert r["residual_recomputed"]["fvu"] > 0.05 and r["sublayer_sae"]["fvu"] == pytest.approx(0.0, abs=1e-8)

@@ -26,15 +26,18 @@ def test_joint_law_recovers_known_parameters():
     N, k = np.meshgrid([2.0**i for i in range(11, 17)], [8.0, 16.0, 32.0, 64.0])
     N, k = N.ravel(), k.ravel()
     lk, ln = np.log(k), np.log(N)
-    L = np.exp(true["a"] + true["b_k"] * lk + true["b_n"] * ln + true["g"] * lk * ln) + np.exp(true["z"] + true["h"] * lk)
+    L = np.exp(true["a"] + true["b_k"] * lk + true["b_n"] * ln + true["g"] * lk * ln) + np.exp(
+        true["z"] + true["h"] * lk
+    )
     fit = fit_joint_law(N, k, L)
     for name in ("b_n", "b_k", "h"):
         assert fit.params[name] == pytest.approx(true[name], abs=0.05), name
     assert fit.rms_log_residual < 1e-3
 
 
-@pytest.mark.parametrize("N, L, match", [([1, 2], [1, 1], "at least 3"), ([1, 2, 3], [1, -1, 1], "positive"),
-                                         ([1, 2, 3], [1, 1], "differ")])
+@pytest.mark.parametrize(
+    "N, L, match", [([1, 2], [1, 1], "at least 3"), ([1, 2, 3], [1, -1, 1], "positive"), ([1, 2, 3], [1, 1], "differ")]
+)
 def test_bad_sweeps_raise(N, L, match):
     with pytest.raises(ValueError, match=match):
         fit_power_law(N, L)

@@ -90,7 +90,9 @@ def test_report_recovers_planted_exponents_and_writes_every_artifact(study, tmp_
     assert "r/L_of_N.png" in md and "r/tables.md" in md
     lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if ln.startswith("| §")}
     assert lines["§3.1 (number of latents), the L(N) law at fixed k"].rstrip(" |").split(" | ")[-1].startswith("agree")
-    assert "| agree (" in lines["§5.2 (comparison with other activation functions), the sparsity-reconstruction frontier"]
+    assert (
+        "| agree (" in lines["§5.2 (comparison with other activation functions), the sparsity-reconstruction frontier"]
+    )
     assert lines["§5.3 (progressive recovery), Multi-TopK"].endswith("| agree |")
     tables = (tmp_path / "r" / "tables.md").read_text()
     assert f"beta = {rep['fits']['L(N)']['params']['beta']:.4g} [95 % CI" in tables
@@ -98,10 +100,17 @@ def test_report_recovers_planted_exponents_and_writes_every_artifact(study, tmp_
 
 
 def test_report_with_missing_runs_says_how_to_finish(study, tmp_path):
-    ns = study.parser().parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
-                                    "--reproduction", str(tmp_path / "R.md")])
+    ns = study.parser().parse_args(
+        ["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--reproduction", str(tmp_path / "R.md")]
+    )
     manifest = study.build_manifest(ns)
-    rep = study.stage_report(ns, manifest, tmp_path / "w", tmp_path / "r", {"hook_point": study.HOOK, "model": "m",
-                                                                            "corpus": "c"}, log=lambda m: None)
+    rep = study.stage_report(
+        ns,
+        manifest,
+        tmp_path / "w",
+        tmp_path / "r",
+        {"hook_point": study.HOOK, "model": "m", "corpus": "c"},
+        log=lambda m: None,
+    )
     assert len(rep["missing"]) == len(manifest) and rep["fits"] == {}
     assert "benchmarks/scaling_study.py" in (tmp_path / "R.md").read_text().split("Not finished")[1]

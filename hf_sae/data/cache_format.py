@@ -131,7 +131,8 @@ def _dtype_name(dtype) -> str:
             if v == dtype:
                 return k
     name = str(dtype).replace("torch.", "").lower()
-    name = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}.get(name, name)
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
     if name not in _DTYPES:
         raise ValueError(f"Unsupported cache dtype {dtype!r}: use 'float16', 'bfloat16' or 'float32'.")
     return name
@@ -153,8 +154,14 @@ def _features(d: int, dtype_name: str, window: int | None = None):
         return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=window)})
     v = datasets.Value(_ARROW_CHILD[dtype_name])
     act = List(v, length=d) if List is not None else datasets.Sequence(v, length=d)
-    return datasets.Features({"activation": act, "input_ids": datasets.Value("int32"),
-                              "position": datasets.Value("int32"), "window": datasets.Value("int32")})
+    return datasets.Features(
+        {
+            "activation": act,
+            "input_ids": datasets.Value("int32"),
+            "position": datasets.Value("int32"),
+            "window": datasets.Value("int32"),
+        }
+    )
 
 
 _atomic_write_bytes = atomic_write_bytes
@@ -182,8 +189,10 @@ _sha256_file = sha256_file
 
 
 def _fix_hint(path: Path) -> str:
-    return (f"delete it (or its cache folder) and re-run the same `hf-sae cache ... --resume` command "
-            f"(resume re-checks every shard and regenerates {path.name} and the shards after it)")
+    return (
+        f"delete it (or its cache folder) and re-run the same `hf-sae cache ... --resume` command "
+        f"(resume re-checks every shard and regenerates {path.name} and the shards after it)"
+    )
 
 
 def _check_shard_file(path: Path, expected_bytes: int | None, expected_sha: str | None) -> None:
@@ -192,10 +201,13 @@ def _check_shard_file(path: Path, expected_bytes: int | None, expected_sha: str 
     size = path.stat().st_size
     if expected_bytes is not None and size != expected_bytes:
         kind = "truncated" if size < expected_bytes else "longer than recorded"
-        raise CorruptShardError(f"Cached shard {path} is {kind} ({size} bytes, expected {expected_bytes}); "
-                                f"{_fix_hint(path)}.")
+        raise CorruptShardError(
+            f"Cached shard {path} is {kind} ({size} bytes, expected {expected_bytes}); {_fix_hint(path)}."
+        )
     if expected_sha is not None:
         got = _sha256_file(path)
         if got != expected_sha:
-            raise CorruptShardError(f"Cached shard {path} is corrupt (sha256 {got[:12]}... != recorded "
-                                    f"{expected_sha[:12]}...); {_fix_hint(path)}.")
+            raise CorruptShardError(
+                f"Cached shard {path} is corrupt (sha256 {got[:12]}... != recorded "
+                f"{expected_sha[:12]}...); {_fix_hint(path)}."
+            )

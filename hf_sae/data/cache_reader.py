@@ -71,7 +71,8 @@ class CachedActivations(torch.utils.data.IterableDataset):
     Items are FloatTensor ``[batch, d]`` (``dtype``; ``None`` keeps the storage dtype), or, with
     ``return_tokens=True`` or a list of hook points, a dict ``{hook_point: [batch, d], ...,
     "input_ids": LongTensor [batch], "positions": LongTensor [batch], "windows": LongTensor
-    [batch]}`` (tokens only with ``return_tokens``; ``windows`` indexes :func:`load_windows`). Several hook points of one cache share rows, so a list of hook points
+    [batch]}`` (tokens only with ``return_tokens``; ``windows`` indexes :func:`load_windows`). Several hook
+    points of one cache share rows, so a list of hook points
     gives aligned activations of the same tokens.
 
     Sharding: batch ``t`` of the global epoch order goes to process ``t % num_processes``; with
@@ -95,10 +96,23 @@ class CachedActivations(torch.utils.data.IterableDataset):
         input_scale: ``sqrt(d / E||x||^2)`` from the caching run's statistics.
     """
 
-    def __init__(self, path, hook_point=None, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
-                 shuffle_buffer_shards: int = 8, process_index: int = 0, num_processes: int = 1,
-                 dtype: torch.dtype | None = torch.float32, return_tokens: bool = False, verify: bool = True,
-                 drop_last: bool = False, accelerator=None, prefetch: int = 0):
+    def __init__(
+        self,
+        path,
+        hook_point=None,
+        batch_size: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer_shards: int = 8,
+        process_index: int = 0,
+        num_processes: int = 1,
+        dtype: torch.dtype | None = torch.float32,
+        return_tokens: bool = False,
+        verify: bool = True,
+        drop_last: bool = False,
+        accelerator=None,
+        prefetch: int = 0,
+    ):
         super().__init__()
         if accelerator is not None:
             process_index, num_processes = accelerator.process_index, accelerator.num_processes
@@ -215,13 +229,17 @@ class CachedActivations(torch.utils.data.IterableDataset):
                 toks = []
                 for name in ("input_ids", "position", "window"):
                     c = table.column(name).combine_chunks()
-                    toks.append(torch.from_numpy(np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c),
-                                                               offset=c.offset * 4)))
+                    toks.append(
+                        torch.from_numpy(
+                            np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c), offset=c.offset * 4)
+                        )
+                    )
         except (CorruptShardError, CorruptMetadataError):
             raise
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError / KeyError on damaged files
-            raise CorruptShardError(f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); "
-                                    f"{_fix_hint(path)}.") from e
+            raise CorruptShardError(
+                f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); {_fix_hint(path)}."
+            ) from e
         out = (x, toks[0], toks[1], toks[2])
         self._maps[key] = out
         return out
@@ -231,7 +249,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
         n = len(self.shard_rows)
         order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
         S = self.shuffle_buffer_shards
-        return [order[j:j + S] for j in range(0, n, S)]
+        return [order[j : j + S] for j in range(0, n, S)]
 
     def _gather(self, pieces, n_rows):
         B = n_rows
@@ -254,16 +272,16 @@ class CachedActivations(torch.utils.data.IterableDataset):
                 contiguous = not self.shuffle and bool(local[-1] - local[0] == b - a - 1)
                 for k in range(len(self.dirs)):
                     x, *t_toks = self._open(k, shard)
-                    dst = outs[k][at:at + b - a]
+                    dst = outs[k][at : at + b - a]
                     if contiguous:
-                        dst.copy_(x[int(local[0]):int(local[0]) + b - a])
+                        dst.copy_(x[int(local[0]) : int(local[0]) + b - a])
                     elif x.dtype == dst.dtype:
                         torch.index_select(x, 0, local, out=dst)
                     else:
                         dst.copy_(x.index_select(0, local))
                     if k == 0 and toks is not None:
                         for dst_t, src_t in zip(toks, t_toks):
-                            dst_t[at:at + b - a] = src_t.index_select(0, local)
+                            dst_t[at : at + b - a] = src_t.index_select(0, local)
                 at += b - a
         if not self._multi and not self.return_tokens:
             return outs[0]
@@ -317,7 +335,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         P, rank, B = self.num_processes, self.process_index, self.batch_size
         per_proc = len(self)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2 ** 63))
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
         groups = self._groups(gen)
         t = 0  # global batch counter
         pieces, have = [], 0
@@ -336,7 +354,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
             start = 0
             while start < total:
                 take = min(B - have, total - start)
-                pieces.append((group, offsets, perm[start:start + take]))
+                pieces.append((group, offsets, perm[start : start + take]))
                 have += take
                 start += take
                 if have == B:

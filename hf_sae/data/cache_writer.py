@@ -120,7 +120,7 @@ def _verify_progress(out_dir: Path, progress: dict, hook_points) -> None:
                 _check_shard_file(out_dir / info["file"], info["bytes"], info["sha256"])
         except (CorruptShardError, KeyError) as e:
             warnings.warn(f"Resume: {e if isinstance(e, CorruptShardError) else 'incomplete record'}; "
-                          f"regenerating from shard {rec['index']} on.")
+                          f"regenerating from shard {rec['index']} on.", stacklevel=2)
             break
         good.append(rec)
     progress["shards"] = good
@@ -255,7 +255,8 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
             pass
         raise
     if max_tokens is not None and state["num_tokens"] < max_tokens:
-        warnings.warn(f"The source ran out after {state['num_tokens']} tokens (max_tokens={max_tokens}).")
+        warnings.warn(f"The source ran out after {state['num_tokens']} tokens (max_tokens={max_tokens}).",
+                      stacklevel=2)
     state["complete"] = True
     _atomic_write_json(out / "progress.json", state)
     return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
@@ -284,7 +285,8 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
         _hook_dir_name(h)
     n = {t.shape[0] for t in acts.values()}
     if len(n) != 1 or any(t.dim() != 2 for t in acts.values()):
-        raise ValueError(f"All activations must be [N, d] with the same N, got {[tuple(t.shape) for t in acts.values()]}.")
+        shapes = [tuple(t.shape) for t in acts.values()]
+        raise ValueError(f"All activations must be [N, d] with the same N, got {shapes}.")
     N = n.pop()
     dtype_name = _dtype_name(dtype)
     for h, t in acts.items():  # before anything is written: a NaN/Inf row would poison every statistic
@@ -292,10 +294,15 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
         finite = torch.isfinite(stored).all(dim=1)
         if not bool(finite.all()):
             rows = (~finite).nonzero().flatten()
-            raise ValueError(f"activations for {h!r} have NaN/Inf values in {len(rows)} row(s), first at row "
-                             f"{int(rows[0])} (after casting to {dtype_name}); remove or recompute them"
-                             + (" (float16 overflows past 65504: use bfloat16 or float32)"
-                                if dtype_name == "float16" and bool(torch.isfinite(t[rows[0]]).all()) else ""))
+            raise ValueError(
+                f"activations for {h!r} have NaN/Inf values in {len(rows)} row(s), first at row "
+                f"{int(rows[0])} (after casting to {dtype_name}); remove or recompute them"
+                + (
+                    " (float16 overflows past 65504: use bfloat16 or float32)"
+                    if dtype_name == "float16" and bool(torch.isfinite(t[rows[0]]).all())
+                    else ""
+                )
+            )
     dims = {h: int(t.shape[1]) for h, t in acts.items()}
     ids = torch.zeros(N, dtype=torch.long) if input_ids is None else input_ids.long()
     pos = torch.zeros(N, dtype=torch.long) if positions is None else positions.long()
@@ -304,9 +311,19 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
         raise ValueError(f"{out} exists and is not empty; choose a new folder.")
     for h in hook_points:
         (out / h).mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": {"format_version": FORMAT_VERSION, "model": model_name, "hook_points": hook_points,
-                             "dtype": dtype_name, "source": "tensors"},
-             "windows_done": 0, "num_tokens": 0, "shards": [], "complete": False}
+    state = {
+        "fingerprint": {
+            "format_version": FORMAT_VERSION,
+            "model": model_name,
+            "hook_points": hook_points,
+            "dtype": dtype_name,
+            "source": "tensors",
+        },
+        "windows_done": 0,
+        "num_tokens": 0,
+        "shards": [],
+        "complete": False,
+    }
     writer = _ShardWriter(out, hook_points, dims, dtype_name, 0, state)
     try:
         for i, a in enumerate(tqdm(range(0, N, shard_tokens), disable=not progress, desc="writing shards")):
@@ -318,9 +335,19 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
                 xf = x.double()
                 stats[h] = {"sum": xf.sum(0).tolist(), "sum_sq_norm": float((xf * xf).sum())}
                 xs[h] = x
-            writer.submit({"index": i, "win_start": 0, "win_end": 0, "acts": xs, "stats": stats,
-                           "input_ids": ids[a:b], "positions": pos[a:b],
-                           "windows": torch.zeros(b - a, dtype=torch.long), "window_tokens": None})
+            writer.submit(
+                {
+                    "index": i,
+                    "win_start": 0,
+                    "win_end": 0,
+                    "acts": xs,
+                    "stats": stats,
+                    "input_ids": ids[a:b],
+                    "positions": pos[a:b],
+                    "windows": torch.zeros(b - a, dtype=torch.long),
+                    "window_tokens": None,
+                }
+            )
         writer.close()
     except BaseException:
         writer.close()
@@ -358,22 +385,33 @@ class _ShardBuffer:
             xf = x.float()
             sq = float((xf * xf).sum(dtype=torch.float64))
             if not math.isfinite(sq):
-                why = ("use dtype float32 or bfloat16 (float16 overflows past 65504)" if self.dtype_name == "float16"
-                       else "the model produced NaN/inf")
+                why = (
+                    "use dtype float32 or bfloat16 (float16 overflows past 65504)"
+                    if self.dtype_name == "float16"
+                    else "the model produced NaN/inf"
+                )
                 raise ValueError(f"Non-finite activations at {h!r} (after casting to {self.dtype_name}): {why}.")
             self.acts[h].append(x)
             self.sums[h] += xf.sum(0, dtype=torch.float64)
             self.sq[h] += sq
-        for name, t in (("input_ids", hb.input_ids[:n]), ("positions", hb.positions[:n]),
-                        ("windows", hb.windows[:n]), ("window_tokens", hb.window_tokens)):
+        for name, t in (
+            ("input_ids", hb.input_ids[:n]),
+            ("positions", hb.positions[:n]),
+            ("windows", hb.windows[:n]),
+            ("window_tokens", hb.window_tokens),
+        ):
             self.tokens[name].append(t)
         self.rows += n
 
     def payload(self, index: int, win_start: int, win_end: int) -> dict:
-        return {"index": index, "win_start": win_start, "win_end": win_end,
-                "acts": {h: torch.cat(self.acts[h]) for h in self.hook_points},
-                "stats": {h: {"sum": self.sums[h].tolist(), "sum_sq_norm": self.sq[h]} for h in self.hook_points},
-                **{name: torch.cat(parts) for name, parts in self.tokens.items()}}
+        return {
+            "index": index,
+            "win_start": win_start,
+            "win_end": win_end,
+            "acts": {h: torch.cat(self.acts[h]) for h in self.hook_points},
+            "stats": {h: {"sum": self.sums[h].tolist(), "sum_sq_norm": self.sq[h]} for h in self.hook_points},
+            **{name: torch.cat(parts) for name, parts in self.tokens.items()},
+        }
 
 
 def _open_run(out: Path, fp: dict, hook_points, resume: bool, overwrite: bool) -> dict:
@@ -385,18 +423,24 @@ def _open_run(out: Path, fp: dict, hook_points, resume: bool, overwrite: bool) -
         if overwrite:
             shutil.rmtree(out)
         elif not prog_path.is_file():
-            raise ValueError(f"{out} exists, is not empty and is not an hf_sae cache; choose another folder "
-                             f"or pass overwrite=True (--overwrite) to delete it.")
+            raise ValueError(
+                f"{out} exists, is not empty and is not an hf_sae cache; choose another folder "
+                f"or pass overwrite=True (--overwrite) to delete it."
+            )
         elif not resume:
-            raise ValueError(f"{out} already holds a cache; pass resume=True (--resume) to continue it "
-                             f"or overwrite=True (--overwrite) to start again.")
+            raise ValueError(
+                f"{out} already holds a cache; pass resume=True (--resume) to continue it "
+                f"or overwrite=True (--overwrite) to start again."
+            )
         else:
             state = _read_json(prog_path)
             if state.get("fingerprint") != fp:
                 old = state.get("fingerprint", {})
                 diff = {k: (old.get(k), fp[k]) for k in fp if old.get(k) != fp[k]}
-                raise ValueError(f"Cannot resume {out}: it was written with different settings {diff} "
-                                 f"(old, new); use another folder or overwrite=True.")
+                raise ValueError(
+                    f"Cannot resume {out}: it was written with different settings {diff} "
+                    f"(old, new); use another folder or overwrite=True."
+                )
             _verify_progress(out, state, hook_points)
     if state is None:
         state = {"fingerprint": fp, "windows_done": 0, "num_tokens": 0, "shards": [], "complete": False}
@@ -409,9 +453,27 @@ def _open_run(out: Path, fp: dict, hook_points, resume: bool, overwrite: bool) -
     return state
 
 
-def _shard_loop(model, tokenizer, texts_or_windows, hook_points, dims, dtype_name, state, writer, target,
-                batch_windows, shard_tokens, window, add_bos, exclude_first, exclude_special, split, text_column,
-                progress, total) -> None:
+def _shard_loop(
+    model,
+    tokenizer,
+    texts_or_windows,
+    hook_points,
+    dims,
+    dtype_name,
+    state,
+    writer,
+    target,
+    batch_windows,
+    shard_tokens,
+    window,
+    add_bos,
+    exclude_first,
+    exclude_special,
+    split,
+    text_column,
+    progress,
+    total,
+) -> None:
     """Harvest the windows after ``state["windows_done"]`` and submit shards of >= ``shard_tokens`` whole windows
     to ``writer`` until ``target`` tokens are cached in all or the source ends."""
     from tqdm.auto import tqdm
@@ -426,8 +488,9 @@ def _shard_loop(model, tokenizer, texts_or_windows, hook_points, dims, dtype_nam
     new_buf = lambda: _ShardBuffer(hook_points, dims, _DTYPES[dtype_name], dtype_name)  # noqa: E731
     buf, win_start, win_cur = new_buf(), start, start
     shard_index = len(state["shards"])
-    for hb in harvest(model, tokenizer, windows, hook_points, batch_windows, exclude_first, exclude_special,
-                      window_offset=start):
+    for hb in harvest(
+        model, tokenizer, windows, hook_points, batch_windows, exclude_first, exclude_special, window_offset=start
+    ):
         n = min(hb.input_ids.shape[0], int(min(target - done_tokens - buf.rows, 2**62)))
         buf.add(hb, n)
         win_cur += hb.n_windows

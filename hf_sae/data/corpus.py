@@ -412,14 +412,18 @@ def token_mask(input_ids: torch.LongTensor, tokenizer=None, exclude_first: bool 
     if exclude_special:
         if tokenizer is None:
             raise ValueError("token_mask(exclude_special=True) needs the tokenizer (or a list of ids to exclude).")
-        ids = special_token_ids(tokenizer) if hasattr(tokenizer, "convert_tokens_to_ids") else sorted(int(i) for i in tokenizer)
+        if hasattr(tokenizer, "convert_tokens_to_ids"):
+            ids = special_token_ids(tokenizer)
+        else:
+            ids = sorted(int(i) for i in tokenizer)
         if ids:
             keep &= ~torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
     return keep
 
 
-def windows_with_tokens(source: str, tokenizer, n_tokens: int, window: int = 256, split: str = "validation",
-                        text_column: str = "text") -> torch.LongTensor:
+def windows_with_tokens(
+    source: str, tokenizer, n_tokens: int, window: int = 256, split: str = "validation", text_column: str = "text"
+) -> torch.LongTensor:
     """LongTensor ``[N, window]``: the first windows of ``source``/``split`` whose kept positions
     (:func:`token_mask`) number >= ``n_tokens`` (or every window the source has); ValueError if none."""
     rows, kept = [], 0

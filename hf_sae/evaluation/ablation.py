@@ -60,14 +60,18 @@ def latent_ablation_effects(model: nn.Module, sae, input_ids: Tensor, keep: Tens
     from hf_sae.hooks import splice
 
     if input_ids.ndim != 2 or keep.shape != input_ids.shape:
-        raise ValueError(f"input_ids [B, C] and keep [B, C] must match; got {tuple(input_ids.shape)}, {tuple(keep.shape)}.")
+        raise ValueError(
+            f"input_ids [B, C] and keep [B, C] must match; got {tuple(input_ids.shape)}, {tuple(keep.shape)}."
+        )
     if batch_size < 2:
         raise ValueError("batch_size must be >= 2 (one unablated row + at least one ablated row).")
     B, C = input_ids.shape
     for r, p, j in targets:
         if not (0 <= r < B and 0 <= p < C and 0 <= j < sae.config.n_latents):
-            raise ValueError(f"target (row={r}, position={p}, latent={j}) is out of range "
-                             f"(B={B}, C={C}, n_latents={sae.config.n_latents}).")
+            raise ValueError(
+                f"target (row={r}, position={p}, latent={j}) is out of range "
+                f"(B={B}, C={C}, n_latents={sae.config.n_latents})."
+            )
         if not bool(keep[r, p]):
             raise ValueError(f"target (row={r}, position={p}) is not a kept position; the SAE is not spliced there.")
     by_row = defaultdict(list)
@@ -78,11 +82,11 @@ def latent_ablation_effects(model: nn.Module, sae, input_ids: Tensor, keep: Tens
     chunks = []
     for r, items in by_row.items():
         for s in range(0, len(items), batch_size - 1):
-            chunks.append((r, items[s:s + batch_size - 1]))
+            chunks.append((r, items[s : s + batch_size - 1]))
     for r, items in tqdm(chunks, desc="ablation", disable=not progress):
         n = 1 + len(items)
-        ids = input_ids[r:r + 1].expand(n, C)
-        kmask = keep[r:r + 1].expand(n, C)
+        ids = input_ids[r : r + 1].expand(n, C)
+        kmask = keep[r : r + 1].expand(n, C)
         values = torch.zeros(len(items))
 
         def fn(act: Tensor) -> Tensor:
@@ -104,7 +108,10 @@ def latent_ablation_effects(model: nn.Module, sae, input_ids: Tensor, keep: Tens
             s = ablation_sparsity(delta)
             ok = ~torch.isnan(s)
             results[i] = {
-                "row": r, "position": p, "latent": j, "value": float(values[b - 1]),
+                "row": r,
+                "position": p,
+                "latent": j,
+                "value": float(values[b - 1]),
                 "sparsity": float(s[ok].mean()) if ok.any() else float("nan"),
                 "n_positions": int(ok.sum()),
                 "effect_l2": float(delta[0].double().norm()),

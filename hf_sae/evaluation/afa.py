@@ -213,7 +213,8 @@ class AFAStats:
         """Add tokens given ||x - b_dec|| [N] and ||z~|| [N] (normalized units; see :func:`afa_norms`)
         and optionally the ZF pair (||x|| [N], ||f~|| [N]) (:func:`zf_norms`)."""
         if x_norm.shape != z_norm.shape or x_norm.ndim != 1:
-            raise ValueError(f"x_norm and z_norm must be 1-D of equal length, got {tuple(x_norm.shape)}, {tuple(z_norm.shape)}.")
+            raise ValueError(f"x_norm and z_norm must be 1-D of equal length, got {tuple(x_norm.shape)}, "
+                             f"{tuple(z_norm.shape)}.")
         x_norm, z_norm = x_norm.detach(), z_norm.detach()
         gap = afa_relative_gap(x_norm, z_norm)
         ok = ~torch.isnan(gap)
@@ -230,7 +231,9 @@ class AFAStats:
             return
         xz, fz = (t.detach().double() for t in zf)
         if xz.shape != x_norm.shape or fz.shape != x_norm.shape:
-            raise ValueError(f"the ZF pair must be [N={x_norm.shape[0]}] each, got {tuple(xz.shape)}, {tuple(fz.shape)}.")
+            raise ValueError(
+                f"the ZF pair must be [N={x_norm.shape[0]}] each, got {tuple(xz.shape)}, {tuple(fz.shape)}."
+            )
         fs = fz.square()
         keep = fs > 0
         r = (xz.square() - fs)[keep] / fs[keep]
@@ -249,18 +252,34 @@ class AFAStats:
         """Convenience: add a batch given the SAE, its input x [..., d] (caller's units) and ``sae(x)``."""
         with torch.no_grad():  # normalized units: input_scale and any per-token input_norm applied
             x = sae.normalize_input(x)
-        args = (x, sae.b_dec.detach(), sae.decoder_norms().detach(), out.latent_values, out.latent_indices,
-                out.latents if out.latent_values is None else None)
+        args = (
+            x,
+            sae.b_dec.detach(),
+            sae.decoder_norms().detach(),
+            out.latent_values,
+            out.latent_indices,
+            out.latents if out.latent_values is None else None,
+        )
         self.n_latents = sae.config.n_latents
         self.update(*afa_norms(*args), zf=zf_norms(*args))
 
     def sums_dict(self) -> dict:
         """The per-batch statistics consumed by the ``afa`` evaluate module (:func:`afa_from_sums`'s arguments)."""
         b025, b050, b100 = self.n_bands
-        return {"count": self.count, "sum_gap": self.sum_gap, "sum_sq_gap": self.sum_sq_gap,
-                "sum_abs_gap": self.sum_abs_gap, "sum_sq_norm_diff": self.sum_sq_norm_diff,
-                "zf_count": self.zf_count, "sum_lbo": self.sum_lbo, "sum_lbo_signed": self.sum_lbo_signed,
-                "n_band_025": b025, "n_band_050": b050, "n_band_100": b100, "n_latents": self.n_latents or 0}
+        return {
+            "count": self.count,
+            "sum_gap": self.sum_gap,
+            "sum_sq_gap": self.sum_sq_gap,
+            "sum_abs_gap": self.sum_abs_gap,
+            "sum_sq_norm_diff": self.sum_sq_norm_diff,
+            "zf_count": self.zf_count,
+            "sum_lbo": self.sum_lbo,
+            "sum_lbo_signed": self.sum_lbo_signed,
+            "n_band_025": b025,
+            "n_band_050": b050,
+            "n_band_100": b100,
+            "n_latents": self.n_latents or 0,
+        }
 
     def compute(self) -> dict:
         """See :func:`afa_from_sums`."""

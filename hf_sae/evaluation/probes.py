@@ -476,10 +476,22 @@ def summarize_probe_results(rows: Sequence) -> dict:
     }
 
 
-def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values: Tensor, code_indices: Tensor,
-                    n_latents: int, x: Optional[Tensor] = None, baselines: Sequence[str] = ("raw_basis", "random_directions"),
-                    n_random: Optional[int] = None, min_count: int = 20, seed: int = 0, l2: float = 1e-4,
-                    screen: Optional[int] = 64, progress: bool = False) -> dict:
+def run_probe_tasks(
+    labels: dict,
+    keep: Tensor,
+    train_rows: Tensor,
+    code_values: Tensor,
+    code_indices: Tensor,
+    n_latents: int,
+    x: Optional[Tensor] = None,
+    baselines: Sequence[str] = ("raw_basis", "random_directions"),
+    n_random: Optional[int] = None,
+    min_count: int = 20,
+    seed: int = 0,
+    l2: float = 1e-4,
+    screen: Optional[int] = 64,
+    progress: bool = False,
+) -> dict:
     """Run every task: best latent vs baselines.
 
     Args:
@@ -527,14 +539,22 @@ def run_probe_tasks(labels: dict, keep: Tensor, train_rows: Tensor, code_values:
         ytr, yte = y[tr], y[te]
         counts = [int(ytr.sum()), int((~ytr).sum()), int(yte.sum()), int((~yte).sum())]
         if min(counts) < min_count:
-            skipped[task] = (f"too few examples (train pos/neg {counts[0]}/{counts[1]}, test pos/neg "
-                             f"{counts[2]}/{counts[3]}; need >= {min_count})")
+            skipped[task] = (
+                f"too few examples (train pos/neg {counts[0]}/{counts[1]}, test pos/neg "
+                f"{counts[2]}/{counts[3]}; need >= {min_count})"
+            )
             continue
-        results.append(best_probe_sparse(task, code_tr, code_te, ytr, yte, n_latents, l2=l2,
-                                         train_entries=ent_tr, test_entries=ent_te))
+        results.append(
+            best_probe_sparse(
+                task, code_tr, code_te, ytr, yte, n_latents, l2=l2, train_entries=ent_tr, test_entries=ent_te
+            )
+        )
         for method, (f_tr, f_te) in feats.items():
             results.append(best_probe_dense(task, method, f_tr, f_te, ytr, yte, l2=l2, screen=screen))
     out = {"results": results, "skipped": skipped}
-    out.update(summarize_probe_results(results) if results else {"mean_probe_loss": {}, "n_tasks": {},
-                                                                 "mean_prior_loss": float("nan"), "per_task": {}})
+    out.update(
+        summarize_probe_results(results)
+        if results
+        else {"mean_probe_loss": {}, "n_tasks": {}, "mean_prior_loss": float("nan"), "per_task": {}}
+    )
     return out

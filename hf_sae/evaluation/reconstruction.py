@@ -73,7 +73,9 @@ def _flat_pair(x: Tensor, x_hat: Tensor, mask: Optional[Tensor] = None) -> tuple
     d = x.shape[-1]
     if mask is not None:
         if mask.shape != x.shape[:-1]:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected {tuple(x.shape[:-1])} (x without its last dim).")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}; expected {tuple(x.shape[:-1])} (x without its last dim)."
+            )
         x, x_hat = x[mask.bool()], x_hat[mask.bool()]
     x = x.detach().reshape(-1, d).double()
     x_hat = x_hat.detach().reshape(-1, d).double()
@@ -100,8 +102,10 @@ def _flat_code(latent_values=None, latent_indices=None, latents=None, n_latents=
     if latent_values is None or latent_indices is None:
         raise ValueError("a sparse code needs both latent_values and latent_indices ([..., w] each).")
     if latent_values.shape != latent_indices.shape:
-        raise ValueError(f"latent_values {tuple(latent_values.shape)} and latent_indices "
-                         f"{tuple(latent_indices.shape)} must have the same shape [..., w].")
+        raise ValueError(
+            f"latent_values {tuple(latent_values.shape)} and latent_indices "
+            f"{tuple(latent_indices.shape)} must have the same shape [..., w]."
+        )
     v, i = latent_values.detach(), latent_indices
     if mask is not None:
         v, i = v[mask.bool()], i[mask.bool()]
@@ -110,8 +114,9 @@ def _flat_code(latent_values=None, latent_indices=None, latents=None, n_latents=
     if not torch.isfinite(v).all():
         raise ValueError("latent_values contain NaN/Inf.")
     if n_latents is not None and i.numel() and (int(i.min()) < 0 or int(i.max()) >= n_latents):
-        raise ValueError(f"latent_indices must lie in [0, n_latents={n_latents}); got range "
-                         f"[{int(i.min())}, {int(i.max())}].")
+        raise ValueError(
+            f"latent_indices must lie in [0, n_latents={n_latents}); got range [{int(i.min())}, {int(i.max())}]."
+        )
     return v != 0, i
 
 
@@ -142,9 +147,13 @@ def reconstruction_sums(x: Tensor, x_hat: Tensor, mask: Optional[Tensor] = None)
     }
 
 
-def latent_sums(latent_values: Optional[Tensor] = None, latent_indices: Optional[Tensor] = None,
-                latents: Optional[Tensor] = None, n_latents: Optional[int] = None,
-                mask: Optional[Tensor] = None) -> dict:
+def latent_sums(
+    latent_values: Optional[Tensor] = None,
+    latent_indices: Optional[Tensor] = None,
+    latents: Optional[Tensor] = None,
+    n_latents: Optional[int] = None,
+    mask: Optional[Tensor] = None,
+) -> dict:
     """Per-batch sums of a latent code: L0 and firing counts.
 
     Give either a sparse code (``latent_values``/``latent_indices`` [..., w]; slots with value 0
@@ -234,16 +243,24 @@ def cosine_similarity(x: Tensor, x_hat: Tensor, mask: Optional[Tensor] = None) -
     return float(s["sum_cos"]) / s["count"] if s["count"] else float("nan")
 
 
-def l0(latent_values: Optional[Tensor] = None, latent_indices: Optional[Tensor] = None,
-       latents: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> float:
+def l0(
+    latent_values: Optional[Tensor] = None,
+    latent_indices: Optional[Tensor] = None,
+    latents: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> float:
     """Mean number of non-zero latents per token (sparse code [..., w] or dense latents [..., n])."""
     nz, _ = _flat_code(latent_values, latent_indices, latents, None, mask)
     return float(nz.sum(-1).double().mean()) if nz.shape[0] else float("nan")
 
 
-def fire_counts(latent_values: Optional[Tensor] = None, latent_indices: Optional[Tensor] = None,
-                latents: Optional[Tensor] = None, n_latents: Optional[int] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+def fire_counts(
+    latent_values: Optional[Tensor] = None,
+    latent_indices: Optional[Tensor] = None,
+    latents: Optional[Tensor] = None,
+    n_latents: Optional[int] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """int64 [n]: for each latent, the number of tokens on which it is non-zero."""
     return latent_sums(latent_values, latent_indices, latents, n_latents, mask)["fire_counts"]
 
@@ -252,7 +269,9 @@ def dead_fraction(fire_counts: Tensor) -> float:
     """Fraction of latents that never fired (fire_counts == 0) over the evaluated tokens."""
     fire_counts = torch.as_tensor(fire_counts)
     if fire_counts.ndim != 1 or fire_counts.numel() == 0:
-        raise ValueError(f"fire_counts must be a non-empty 1-D tensor [n_latents], got shape {tuple(fire_counts.shape)}.")
+        raise ValueError(
+            f"fire_counts must be a non-empty 1-D tensor [n_latents], got shape {tuple(fire_counts.shape)}."
+        )
     return float((fire_counts == 0).double().mean())
 
 
@@ -345,8 +364,12 @@ def fvu_batch_stats(x: Tensor, x_hat: Tensor, mask: Optional[Tensor] = None) -> 
     return as_python(s)
 
 
-def l0_batch_stats(latent_values: Optional[Tensor] = None, latent_indices: Optional[Tensor] = None,
-                   latents: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> dict:
+def l0_batch_stats(
+    latent_values: Optional[Tensor] = None,
+    latent_indices: Optional[Tensor] = None,
+    latents: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> dict:
     """Per-batch statistics of the ``l0`` evaluate module: ``count``, ``sum_l0``, ``sum_sq_l0``, ``l0_hist``."""
     n = None
     if latents is None and latent_indices is not None:
@@ -356,9 +379,13 @@ def l0_batch_stats(latent_values: Optional[Tensor] = None, latent_indices: Optio
     return as_python(s)
 
 
-def dead_latents_batch_stats(n_latents: int, latent_values: Optional[Tensor] = None,
-                             latent_indices: Optional[Tensor] = None, latents: Optional[Tensor] = None,
-                             mask: Optional[Tensor] = None) -> dict:
+def dead_latents_batch_stats(
+    n_latents: int,
+    latent_values: Optional[Tensor] = None,
+    latent_indices: Optional[Tensor] = None,
+    latents: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> dict:
     """Per-batch statistics of the ``dead_latents`` evaluate module: ``count``, ``fire_counts`` [n]."""
     s = latent_sums(latent_values, latent_indices, latents, n_latents, mask)
     return as_python({"count": s["count"], "fire_counts": s["fire_counts"]})
@@ -379,8 +406,12 @@ def l0_from_sums(count, sum_l0, sum_sq_l0, l0_hist=None) -> dict:
 def dead_latents_from_sums(count, fire_counts) -> dict:
     """``{"dead_fraction", "n_dead", "n_latents", "density_log10_histogram"}`` from per-latent fire counts."""
     fc = torch.as_tensor(fire_counts, dtype=torch.int64)
-    return {"dead_fraction": dead_fraction(fc), "n_dead": int((fc == 0).sum()), "n_latents": int(fc.numel()),
-            "density_log10_histogram": firing_density_histogram(fc, int(count))}
+    return {
+        "dead_fraction": dead_fraction(fc),
+        "n_dead": int((fc == 0).sum()),
+        "n_latents": int(fc.numel()),
+        "density_log10_histogram": firing_density_histogram(fc, int(count)),
+    }
 
 
 # ----------------------------------------------------------------------------------- running statistics
@@ -433,9 +464,15 @@ class ReconstructionStats:
         return self.device
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, latent_values: Optional[Tensor] = None,
-               latent_indices: Optional[Tensor] = None, latents: Optional[Tensor] = None,
-               mask: Optional[Tensor] = None) -> None:
+    def update(
+        self,
+        x: Tensor,
+        x_hat: Tensor,
+        latent_values: Optional[Tensor] = None,
+        latent_indices: Optional[Tensor] = None,
+        latents: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> None:
         """Add a batch.
 
         Args:
@@ -468,8 +505,10 @@ class ReconstructionStats:
         elif latents is not None:
             ls = latent_sums(latents=latents, n_latents=self.n_latents, mask=mask)
         else:
-            raise ValueError("ReconstructionStats(n_latents=...) needs the latent code in update(): "
-                             "latent_values + latent_indices, or dense latents.")
+            raise ValueError(
+                "ReconstructionStats(n_latents=...) needs the latent code in update(): "
+                "latent_values + latent_indices, or dense latents."
+            )
         if ls["count"] != s["count"]:
             raise ValueError(f"the latent code covers {ls['count']} tokens but x covers {s['count']}.")
         self._add_latent_sums(ls)
@@ -491,9 +530,22 @@ class ReconstructionStats:
     def state_dict(self) -> dict:
         """The accumulators (tensors and ints); summing two state dicts element-wise merges them
         (``l0_hist`` may differ in length: pad with zeros, as :meth:`merge` does)."""
-        return {k: getattr(self, k) for k in ("count", "latent_count", "sum_x", "sum_err", "sum_sq_x",
-                                               "sum_sq_err", "sum_cos", "sum_l0", "sum_sq_l0", "l0_hist",
-                                               "fire_counts")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "count",
+                "latent_count",
+                "sum_x",
+                "sum_err",
+                "sum_sq_x",
+                "sum_sq_err",
+                "sum_cos",
+                "sum_l0",
+                "sum_sq_l0",
+                "l0_hist",
+                "fire_counts",
+            )
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the accumulators by ``state`` (e.g. the sum of several workers' state dicts)."""
@@ -508,7 +560,9 @@ class ReconstructionStats:
         if other.d is None:
             return self
         if self.d is None:
-            self.load_state_dict({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.state_dict().items()})
+            self.load_state_dict(
+                {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.state_dict().items()}
+            )
             return self
         if other.d != self.d or other.n_latents != self.n_latents:
             raise ValueError("cannot merge ReconstructionStats of different d or n_latents.")
@@ -516,8 +570,15 @@ class ReconstructionStats:
         for k in ("sum_x", "sum_err", "sum_sq_x", "sum_sq_err", "sum_cos"):
             getattr(self, k).add_(getattr(other, k).to(self.device))
         if other.fire_counts is not None:
-            self._add_latent_sums({"count": other.latent_count, "fire_counts": other.fire_counts,
-                                   "sum_l0": other.sum_l0, "sum_sq_l0": other.sum_sq_l0, "l0_hist": other.l0_hist})
+            self._add_latent_sums(
+                {
+                    "count": other.latent_count,
+                    "fire_counts": other.fire_counts,
+                    "sum_l0": other.sum_l0,
+                    "sum_sq_l0": other.sum_sq_l0,
+                    "l0_hist": other.l0_hist,
+                }
+            )
         return self
 
     # -- results
@@ -531,8 +592,9 @@ class ReconstructionStats:
             "n_tokens": int(self.count),
             "mse": mse_from_sums(self.count, self.d, self.sum_sq_err),
             "fvu": fvu_from_sums(self.count, self.sum_x, self.sum_sq_x, self.sum_sq_err),
-            "explained_variance": explained_variance_from_sums(self.count, self.sum_x, self.sum_sq_x,
-                                                               self.sum_err, self.sum_sq_err),
+            "explained_variance": explained_variance_from_sums(
+                self.count, self.sum_x, self.sum_sq_x, self.sum_err, self.sum_sq_err
+            ),
             "cosine_similarity": float(self.sum_cos) / self.count,
         }
         if self.fire_counts is not None:
@@ -542,7 +604,7 @@ class ReconstructionStats:
             out["n_dead"] = int((self.fire_counts == 0).sum())
             out["dead_fraction"] = dead_fraction(self.fire_counts)
             alive = self.fire_counts[self.fire_counts > 0].double()
-            out["density_median_log10"] = (float(torch.log10(alive.median() / n)) if alive.numel() else float("nan"))
+            out["density_median_log10"] = float(torch.log10(alive.median() / n)) if alive.numel() else float("nan")
         return out
 
     def firing_density(self) -> Tensor:

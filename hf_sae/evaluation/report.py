@@ -50,7 +50,10 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "recall": ("explanation recall on held-out windows", _HIGHER),
     "f1": ("explanation F1 on held-out windows", _HIGHER),
     "ablation_sparsity": ("(Σ|Δ|)² / ΣΔ² / V of the downstream effects of ablating one latent", _LOWER),
-    "afa_gap_mean": ("mean of (‖x − b‖² − ‖z̃‖²) / ‖x − b‖² (0 = code norm matches the input's)", "closer to 0 is better"),
+    "afa_gap_mean": (
+        "mean of (‖x − b‖² − ‖z̃‖²) / ‖x − b‖² (0 = code norm matches the input's)",
+        "closer to 0 is better",
+    ),
     "afa_gap_abs_mean": ("mean |AFA relative gap|", _LOWER),
     "eps_max": ("largest |cosine| between two decoder directions", _LOWER),
     "eps_mean": ("mean |cosine| between decoder directions", _LOWER),
@@ -130,8 +133,12 @@ def _plot_reconstruction(rec: dict, out: Path, written: list) -> list:
 def _plot_downstream(ds: dict, out: Path, written: list) -> list:
     plt = _plt()
     names, vals = [], []
-    for key, label in (("ce_clean", "clean"), ("ce_spliced", "SAE spliced"), ("ce_mean_ablation", "mean ablation"),
-                       ("ce_zero_ablation", "zero ablation")):
+    for key, label in (
+        ("ce_clean", "clean"),
+        ("ce_spliced", "SAE spliced"),
+        ("ce_mean_ablation", "mean ablation"),
+        ("ce_zero_ablation", "zero ablation"),
+    ):
         if key in ds:
             names.append(label)
             vals.append(ds[key])
@@ -152,12 +159,21 @@ def _plot_probes(pr: dict, out: Path, written: list) -> list:
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(tasks)), 3.6))
     width = 0.8 / (len(methods) + 1)
     for i, m in enumerate(methods):
-        ax.bar([j + i * width for j in range(len(tasks))], [per_task[t].get(m, float("nan")) for t in tasks],
-               width=width, label=m)
+        ax.bar(
+            [j + i * width for j in range(len(tasks))],
+            [per_task[t].get(m, float("nan")) for t in tasks],
+            width=width,
+            label=m,
+        )
     priors = pr.get("prior_per_task", {})
     if priors:
-        ax.bar([j + len(methods) * width for j in range(len(tasks))], [priors.get(t, float("nan")) for t in tasks],
-               width=width, label="prior (no feature)", color="#bbbbbb")
+        ax.bar(
+            [j + len(methods) * width for j in range(len(tasks))],
+            [priors.get(t, float("nan")) for t in tasks],
+            width=width,
+            label="prior (no feature)",
+            color="#bbbbbb",
+        )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("test BCE of best 1-D probe (nats)")
@@ -208,8 +224,9 @@ def zf_plot(ax, x_norm, f_norm, n_latents=None, label=None, color=None, bands=Tr
         for i, e in enumerate(LBO_BANDS):
             lo = (1 / (1 + e)) ** 0.5
             up = (1 / (1 - e)) ** 0.5 if e < 1 else 999.0
-            ax.fill_between([0, hi], [0, lo * hi], [0, up * hi], color="lightblue", alpha=(1, 0.66, 0.33)[i] / 4,
-                            zorder=-1, lw=0)
+            ax.fill_between(
+                [0, hi], [0, lo * hi], [0, up * hi], color="lightblue", alpha=(1, 0.66, 0.33)[i] / 4, zorder=-1, lw=0
+            )
             eps = f", ε={e / (n_latents - 1):.1e}" if n_latents else ""
             ax.plot([0, hi], [0, lo * hi], "k--", lw=0.5, alpha=(1, 0.66, 0.33)[i])
             ax.text(hi, lo * hi, f" ε(h-1)={e:g}{eps}", fontsize=7, va="center")
@@ -260,8 +277,11 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list = []
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hf_sae evaluation</title>"
-             f"<style>{_CSS}</style></head><body>", "<h1>SAE evaluation report</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>hf_sae evaluation</title>"
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>SAE evaluation report</h1>",
+    ]
     meta = results.get("meta", {})
     if meta:
         parts.append(_table(_scalars(meta), ["", ""]))
@@ -278,8 +298,10 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         if scal:
             parts.append(_metric_table(scal))
         for caption, path in plotter(data):
-            parts.append(f"<figure><img src='{inline_png(path)}' alt='{html.escape(caption)}'><figcaption "
-                         f"class='small'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='{inline_png(path)}' alt='{html.escape(caption)}'><figcaption "
+                f"class='small'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>"
+            )
         if extra:
             parts.append(extra)
 
@@ -287,8 +309,14 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
     section("Downstream loss", "downstream", lambda d: _plot_downstream(d, out, written))
     pr = results.get("probes")
     if pr:
-        rows = [(t, *(m.get(k, float("nan")) for k in ("sae", "raw_basis", "random_directions")),
-                 pr.get("prior_per_task", {}).get(t, float("nan"))) for t, m in pr.get("per_task", {}).items()]
+        rows = [
+            (
+                t,
+                *(m.get(k, float("nan")) for k in ("sae", "raw_basis", "random_directions")),
+                pr.get("prior_per_task", {}).get(t, float("nan")),
+            )
+            for t, m in pr.get("per_task", {}).items()
+        ]
         extra = _table(rows, ["task", "SAE", "raw basis", "random directions", "prior"])
         if pr.get("skipped"):
             extra += _table(list(pr["skipped"].items()), ["skipped task", "reason"])
@@ -299,14 +327,24 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
         for x in n2g.get("latents", [])[:100]:
             pats = ", ".join(repr(p.get("text", p.get("code"))) for p in x["patterns"][:6])
             rows.append((x["latent"], x["precision"], x["recall"], x["f1"], x["n_fires_test"], pats))
-        section("N2G explainability", "n2g", lambda d: _plot_n2g(d, out, written),
-                _table(rows, ["latent", "precision", "recall", "F1", "test fires", "patterns"]))
+        section(
+            "N2G explainability",
+            "n2g",
+            lambda d: _plot_n2g(d, out, written),
+            _table(rows, ["latent", "precision", "recall", "F1", "test fires", "patterns"]),
+        )
     ab = results.get("ablation")
     if ab:
-        rows = [(x["latent"], x["row"], x["position"], x["value"], x["sparsity"], x["effect_l2"])
-                for x in ab.get("latents", [])[:100]]
-        section("Ablation sparsity", "ablation", lambda d: _plot_ablation(d, out, written),
-                _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]))
+        rows = [
+            (x["latent"], x["row"], x["position"], x["value"], x["sparsity"], x["effect_l2"])
+            for x in ab.get("latents", [])[:100]
+        ]
+        section(
+            "Ablation sparsity",
+            "ablation",
+            lambda d: _plot_ablation(d, out, written),
+            _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]),
+        )
     section("AFA diagnostic", "afa", lambda d: _plot_afa(d, out, written, zf_points))
     if results.get("autointerp"):  # added by `hf-sae autointerp --eval-dir`
         from hf_sae.autointerp.report import autointerp_section
@@ -315,8 +353,11 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
     timings = results.get("timings_s")
     if timings:
         parts.append("<h2>Timings (s)</h2>" + _table(list(timings.items()), ["stage", "seconds"]))
-    parts.append("<h2>Raw results</h2><details><summary>JSON</summary><pre>"
-                 + html.escape(json.dumps(results, indent=1, default=str)[:200_000]) + "</pre></details>")
+    parts.append(
+        "<h2>Raw results</h2><details><summary>JSON</summary><pre>"
+        + html.escape(json.dumps(results, indent=1, default=str)[:200_000])
+        + "</pre></details>"
+    )
     parts.append("</body></html>")
     page = out / "report.html"
     page.write_text("\n".join(parts), encoding="utf-8")

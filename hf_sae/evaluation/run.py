@@ -48,21 +48,43 @@ N2G and ablation holds each token's largest MAX_CODE_WIDTH latents (reconstructi
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``hf-sae eval`` arguments to ``parser`` (returns it)."""
     parser.add_argument("sae_path", help="folder (or Hub id) of a saved SparseAutoencoder")
-    parser.add_argument("--subfolder", default=None, help="subfolder holding the SAE (e.g. one hook point of a multi-SAE repo)")
-    parser.add_argument("--model", default=None,
-                        help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--subfolder", default=None, help="subfolder holding the SAE (e.g. one hook point of a multi-SAE repo)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)"
+    )
     parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument("--dataset", default="default", help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
-                        "save_to_disk folder, or a datasets name ('name' or 'name:config')")
-    parser.add_argument("--split", default="validation", help="split of the text source (default: validation; a "
-                        "source without one holds out a fixed 5%% of its documents, never seen by training)")
+    parser.add_argument(
+        "--dataset",
+        default="default",
+        help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
+        "save_to_disk folder, or a datasets name ('name' or 'name:config')",
+    )
+    parser.add_argument(
+        "--split",
+        default="validation",
+        help="split of the text source (default: validation; a "
+        "source without one holds out a fixed 5%% of its documents, never seen by training)",
+    )
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)")
+    parser.add_argument(
+        "--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)"
+    )
     parser.add_argument("--window", type=int, default=256, help="tokens per window (sequence length)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
-    parser.add_argument("--metrics", default="all", help=f"comma-separated subset of {','.join(ALL_METRICS + OPTIONAL_METRICS)} (default all = all but {','.join(OPTIONAL_METRICS)})")
-    parser.add_argument("--downstream-tokens", type=int, default=2048, help="tokens for the downstream loss (4 full forwards each)")
-    parser.add_argument("--probe-tokens", type=int, default=30_000, help="tokens for probe recovery (2/3 fit, 1/3 test)")
+    parser.add_argument(
+        "--metrics",
+        default="all",
+        help=f"comma-separated subset of {','.join(ALL_METRICS + OPTIONAL_METRICS)} "
+        f"(default all = all but {','.join(OPTIONAL_METRICS)})",
+    )
+    parser.add_argument(
+        "--downstream-tokens", type=int, default=2048, help="tokens for the downstream loss (4 full forwards each)"
+    )
+    parser.add_argument(
+        "--probe-tokens", type=int, default=30_000, help="tokens for probe recovery (2/3 fit, 1/3 test)"
+    )
     parser.add_argument("--probe-baselines", default="raw_basis,random_directions", help="comma list; '' for none")
     parser.add_argument("--n2g-latents", type=int, default=64, help="latents sampled for N2G")
     parser.add_argument("--ablation-latents", type=int, default=16, help="latents sampled for ablation sparsity")
@@ -98,8 +120,9 @@ def _collect_windows(args, tokenizer, n_tokens_needed: int):
     """Token windows whose kept positions number >= n_tokens_needed (or all the source has)."""
     from hf_sae.data import corpus
 
-    return corpus.windows_with_tokens(args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split,
-                                      text_column=args.text_column)
+    return corpus.windows_with_tokens(
+        args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split, text_column=args.text_column
+    )
 
 
 def _trim_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
@@ -177,8 +200,10 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     keep_all = corpus.token_mask(ids, tokenizer)
     n_avail = int(keep_all.sum())
     if n_avail < need:
-        print(f"[hf-sae eval] warning: {args.dataset!r}/{args.split} has only {n_avail} usable tokens "
-              f"(< --n-tokens {need}); evaluating on {n_avail}.")
+        print(
+            f"[hf-sae eval] warning: {args.dataset!r}/{args.split} has only {n_avail} usable tokens "
+            f"(< --n-tokens {need}); evaluating on {n_avail}."
+        )
     keep = _trim_mask(keep_all, need)
     N, T = ids.shape
     timings["tokenize"] = time.perf_counter() - t
@@ -195,8 +220,8 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     n_seen = 0
     sae_time = 0.0
     for s in tqdm(range(0, N, args.batch_size), desc="activations", disable=not progress):
-        b_ids = ids[s:s + args.batch_size].to(device)
-        b_keep = keep[s:s + args.batch_size].to(device)
+        b_ids = ids[s : s + args.batch_size].to(device)
+        b_keep = keep[s : s + args.batch_size].to(device)
         if not b_keep.any():
             continue
         acts = run_with_capture(model, b_ids, [hook])[hook]
@@ -228,10 +253,21 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     rec["histograms"] = stats.histograms()
     results: dict = {
         "meta": {
-            "sae_path": str(args.sae_path), "subfolder": args.subfolder, "hook_point": hook, "model": model_name,
-            "activation": cfg.activation, "k": cfg.k, "d_in": cfg.d_in, "n_latents": cfg.n_latents,
-            "dataset": args.dataset, "split": args.split, "window": args.window, "n_tokens": rec["n_tokens"],
-            "device": str(device), "seed": args.seed, "torch_threads": torch.get_num_threads(),
+            "sae_path": str(args.sae_path),
+            "subfolder": args.subfolder,
+            "hook_point": hook,
+            "model": model_name,
+            "activation": cfg.activation,
+            "k": cfg.k,
+            "d_in": cfg.d_in,
+            "n_latents": cfg.n_latents,
+            "dataset": args.dataset,
+            "split": args.split,
+            "window": args.window,
+            "n_tokens": rec["n_tokens"],
+            "device": str(device),
+            "seed": args.seed,
+            "torch_threads": torch.get_num_threads(),
             "code_truncated_to": MAX_CODE_WIDTH if code_truncated else None,
         },
     }
@@ -262,14 +298,26 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         labels = task_labels(p_ids, tokenizer)
         train_rows = torch.arange(n_rows) % 3 != 2
         baselines = [b for b in args.probe_baselines.split(",") if b]
-        pr = run_probe_tasks(labels, p_keep, train_rows, codes_v[:n_probe], codes_i[:n_probe], cfg.n_latents,
-                             x=torch.cat(x_probe) if x_probe else None, baselines=baselines, seed=args.seed,
-                             progress=progress)
+        pr = run_probe_tasks(
+            labels,
+            p_keep,
+            train_rows,
+            codes_v[:n_probe],
+            codes_i[:n_probe],
+            cfg.n_latents,
+            x=torch.cat(x_probe) if x_probe else None,
+            baselines=baselines,
+            seed=args.seed,
+            progress=progress,
+        )
         res_rows = [r.to_dict() for r in pr["results"]]
         results["probes"] = {
-            "summary": {**{f"mean_probe_loss_{m}": v for m, v in pr["mean_probe_loss"].items()},
-                        "mean_prior_loss": pr["mean_prior_loss"], "n_tasks": len(pr["per_task"]),
-                        "n_skipped": len(pr["skipped"])},
+            "summary": {
+                **{f"mean_probe_loss_{m}": v for m, v in pr["mean_probe_loss"].items()},
+                "mean_prior_loss": pr["mean_prior_loss"],
+                "n_tasks": len(pr["per_task"]),
+                "n_skipped": len(pr["skipped"]),
+            },
             "per_task": pr["per_task"],
             "prior_per_task": {r["task"]: r["prior_loss"] for r in res_rows if r["method"] == "sae"},
             "results": res_rows,
@@ -298,11 +346,11 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
             kept_pos = keep.flatten().nonzero().squeeze(-1)
             flat = dense.view(-1, len(sel))
             flat[kept_pos[tok], col[hit]] = codes_v[hit]
-            exps = n2g_evaluate(ids, keep, train_rows, dense, sel, vocab_size=max(len(tokenizer), int(ids.max()) + 1),
-                                progress=progress)
+            exps = n2g_evaluate(
+                ids, keep, train_rows, dense, sel, vocab_size=max(len(tokenizer), int(ids.max()) + 1), progress=progress
+            )
             base = max(len(tokenizer), int(ids.max()) + 1)
-            results["n2g"] = {"summary": summarize_n2g(exps),
-                              "latents": [e.to_dict(tokenizer, base) for e in exps]}
+            results["n2g"] = {"summary": summarize_n2g(exps), "latents": [e.to_dict(tokenizer, base) for e in exps]}
         else:
             results["n2g"] = {"summary": {"n_latents": 0, "note": "no latent fired >= 5 times on the train windows"}}
         timings["n2g"] = time.perf_counter() - t
@@ -313,8 +361,17 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
 
         t = time.perf_counter()
         results["n2g_faithful"] = n2g_faithful_evaluate(
-            model, tokenizer, sae, hook, n_tokens=args.n_tokens, n_latents=args.n2g_latents, dataset=args.dataset,
-            split=args.split, window=args.window, seed=args.seed)
+            model,
+            tokenizer,
+            sae,
+            hook,
+            n_tokens=args.n_tokens,
+            n_latents=args.n2g_latents,
+            dataset=args.dataset,
+            split=args.split,
+            window=args.window,
+            seed=args.seed,
+        )
         timings["n2g_faithful"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- downstream
@@ -328,8 +385,9 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         ds = DownstreamStats()
         for s in tqdm(range(0, n_rows, bs), desc="downstream", disable=not progress):
             e = min(s + bs, n_rows)
-            o = downstream_batch(model, sae, ids[s:e].to(device), ds_keep[s:e].to(device), hook,
-                                 mean_activation=mean_act.to(device))
+            o = downstream_batch(
+                model, sae, ids[s:e].to(device), ds_keep[s:e].to(device), hook, mean_activation=mean_act.to(device)
+            )
             ds.update(o["ce_clean"], o["ce_spliced"], o["kl"], o["ce_zero"], o["ce_mean"])
         results["downstream"] = ds.compute()
         timings["downstream"] = time.perf_counter() - t
@@ -357,8 +415,16 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
             pick = int(occ[torch.randint(occ.numel(), (1,), generator=g)])
             targets.append((int(rows_k[pick]), int(pos_k[pick]), int(lat)))
         targets.sort()
-        eff = latent_ablation_effects(model, sae, ids[:n_ab_rows, :C].to(device), keep[:n_ab_rows, :C].to(device),
-                                      hook, targets, batch_size=max(2, args.batch_size), progress=progress)
+        eff = latent_ablation_effects(
+            model,
+            sae,
+            ids[:n_ab_rows, :C].to(device),
+            keep[:n_ab_rows, :C].to(device),
+            hook,
+            targets,
+            batch_size=max(2, args.batch_size),
+            progress=progress,
+        )
         results["ablation"] = {"summary": summarize_ablation(eff), "latents": eff, "context": C}
         timings["ablation"] = time.perf_counter() - t
 
@@ -403,8 +469,10 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
     results["out_dir"] = str(out_dir)
     if progress:
         print(json.dumps(results["summary"], indent=1))
-    print(f"[hf-sae eval] {rec['n_tokens']} tokens in {timings['total']:.1f} s; wrote {out_dir / 'metrics.json'}"
-          + ("" if getattr(args, "no_report", False) else f" and {out_dir / 'report.html'}"))
+    print(
+        f"[hf-sae eval] {rec['n_tokens']} tokens in {timings['total']:.1f} s; wrote {out_dir / 'metrics.json'}"
+        + ("" if getattr(args, "no_report", False) else f" and {out_dir / 'report.html'}")
+    )
     return results
 
 

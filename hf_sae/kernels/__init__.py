@@ -97,7 +97,9 @@ def get_ops(backend: str) -> ModuleType:
 
 def _check_code(values: Tensor, indices: Tensor, n: int, name: str) -> None:
     if values.ndim != 2 or indices.shape != values.shape:
-        raise ValueError(f"{name}: values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, w].")
+        raise ValueError(
+            f"{name}: values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, w]."
+        )
     if indices.dtype != torch.long:
         raise ValueError(f"{name}: indices must be int64, got {indices.dtype}; use indices.long().")
     # Range check on CPU only: on CUDA it would synchronise every call (indices come from topk there).
@@ -183,8 +185,13 @@ class _SparseDecode(torch.autograd.Function):
         return g_values, g_W, None, None, None
 
 
-def decode_code(values: Tensor, code: SparseCode, W_dec: Tensor, backend: Optional[str] = "auto",
-                grad_buffer: Optional[GradBuffer] = None) -> tuple[Tensor, ...]:
+def decode_code(
+    values: Tensor,
+    code: SparseCode,
+    W_dec: Tensor,
+    backend: Optional[str] = "auto",
+    grad_buffer: Optional[GradBuffer] = None,
+) -> tuple[Tensor, ...]:
     """Sparse decode (no b_dec) of every column block of ``code``.
 
     Args:
@@ -254,8 +261,16 @@ class _EncodeSelected(torch.autograd.Function):
         return g_x, g_W, g_b, g_bdec, None, None, None, None
 
 
-def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices, pre_values: Tensor,
-                    backend: Optional[str] = "auto", grad_buffer: Optional[GradBuffer] = None) -> Tensor:
+def encode_selected(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    indices,
+    pre_values: Tensor,
+    backend: Optional[str] = "auto",
+    grad_buffer: Optional[GradBuffer] = None,
+) -> Tensor:
     """Differentiable encoder pre-activations at a selection made beforehand.
 
     ``pre_values`` must equal ``(F.linear(x - b_dec, W_enc, b_enc)).gather(1, indices)`` (computed
@@ -277,8 +292,10 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
     if isinstance(indices, SparseCode):
         code = indices
         if code.shape != pre_values.shape or code.n != n:
-            raise ValueError(f"encode_selected: code {tuple(code.shape)} over {code.n} latents does not match "
-                             f"pre_values {tuple(pre_values.shape)} and W_enc {tuple(W_enc.shape)}.")
+            raise ValueError(
+                f"encode_selected: code {tuple(code.shape)} over {code.n} latents does not match "
+                f"pre_values {tuple(pre_values.shape)} and W_enc {tuple(W_enc.shape)}."
+            )
     else:
         _check_code(pre_values, indices, n, "encode_selected")
         code = SparseCode(indices, n)
@@ -287,15 +304,22 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indi
     resolved = resolve_backend(backend, W_enc.device)
     if resolved == "dense":
         return torch.nn.functional.linear(x - b_dec, W_enc, b_enc).gather(1, code.idx)
-    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, pre_values.to(W_enc.dtype), code, get_ops(resolved),
-                                 grad_buffer)
+    return _EncodeSelected.apply(
+        x, W_enc, b_enc, b_dec, pre_values.to(W_enc.dtype), code, get_ops(resolved), grad_buffer
+    )
 
 
 # ------------------------------------------------------------------------------------ selection
 
 
-def topk_among(pre: Tensor, column_mask: Tensor, k: int, return_support: bool = False, positive_only: bool = False,
-               return_values: bool = False):
+def topk_among(
+    pre: Tensor,
+    column_mask: Tensor,
+    k: int,
+    return_support: bool = False,
+    positive_only: bool = False,
+    return_values: bool = False,
+):
     """Indices [N, k] (into [0, n)) of the k largest entries of each row of ``pre`` [N, n] among the
     columns where ``column_mask`` [n] (bool) is True -- AuxK's top-k_aux over dead latents.
 

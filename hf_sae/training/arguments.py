@@ -128,30 +128,37 @@ class SAETrainingArguments:
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     lr: Optional[float] = _help("Adam learning rate (default 2e-4 / sqrt(n / 2^14)).", default=None)
     lr_schedule: str = _help("constant or cosine (after the warmup).", default="constant")
-    lr_warmup_tokens: Optional[int] = _help("Linear LR warmup length (default: 5 percent of train_tokens).", default=None)
+    lr_warmup_tokens: Optional[int] = _help("Linear LR warmup length (default: 5 percent of train_tokens).",
+                                            default=None)
     lr_min_ratio: float = _help("Final LR / peak LR of the cosine schedule.", default=0.0)
     adam_beta1: float = _help("Adam beta1.", default=0.9)
     adam_beta2: float = _help("Adam beta2.", default=0.999)
     adam_epsilon: float = _help("Adam epsilon (Gao et al.: 6.25e-10).", default=6.25e-10)
     max_grad_norm: float = _help("Gradient clipping (global L2 norm per SAE); 0 disables.", default=1.0)
-    tp_size: int = _help("Latent (tensor) parallelism: each SAE's latents are split over tp_size processes "
-                         "(hf_sae.parallel); the processes form (processes / tp_size) data-parallel replicas. "
-                         "1 = plain data parallelism.", default=1)
+    tp_size: int = _help(
+        "Latent (tensor) parallelism: each SAE's latents are split over tp_size processes "
+        "(hf_sae.parallel); the processes form (processes / tp_size) data-parallel replicas. "
+        "1 = plain data parallelism.",
+        default=1,
+    )
     mixed_precision: str = _help("auto (bf16 on a GPU that supports it, else fp32), no, or bf16.", default="auto")
     seed: int = _help("Seed of the initialisation and of the data order.", default=0)
     # ------------------------------------------------------------------ evaluation, checkpoints, logging
     output_dir: str = _help("Where SAEs, checkpoints, logs and reports go.", default="sae_out")
-    overwrite_output_dir: bool = _help("Start afresh even if output_dir holds checkpoints (deletes them).",
-                                       default=False)
+    overwrite_output_dir: bool = _help(
+        "Start afresh even if output_dir holds checkpoints (deletes them).", default=False
+    )
     resume: bool = _help("Continue from the newest valid checkpoint in output_dir.", default=False)
     eval_every_tokens: int = _help("Held-out evaluation period in tokens (0 = only at the end).", default=1_000_000)
     eval_tokens: int = _help("Held-out tokens per evaluation.", default=32768)
     checkpoint_every_tokens: int = _help("Checkpoint period in tokens (0 = only at the end).", default=5_000_000)
     save_total_limit: int = _help("Checkpoints kept (oldest deleted first; >= 1).", default=2)
     log_every_steps: int = _help("Training-metric logging period in optimizer steps.", default=10)
-    log_with: list[str] = _help("Trackers: jsonl, tensorboard, wandb, none, or auto (= jsonl + tensorboard when "
-                                "installed + wandb when installed and WANDB_API_KEY/WANDB_MODE is set).",
-                                default_factory=lambda: ["auto"])
+    log_with: list[str] = _help(
+        "Trackers: jsonl, tensorboard, wandb, none, or auto (= jsonl + tensorboard when "
+        "installed + wandb when installed and WANDB_API_KEY/WANDB_MODE is set).",
+        default_factory=lambda: ["auto"],
+    )
     run_name: str = _help("Tracker run name.", default="sae")
     progress_bar: bool = _help("Show a progress bar with tokens/s and ETA.", default=True)
     plot_report: bool = _help("Draw training_curves.png beside training_report.json.", default=True)
@@ -185,12 +192,21 @@ class SAETrainingArguments:
     def sae_config_kwargs(self, d_in: int) -> dict:
         """Keyword arguments of :class:`~hf_sae.SAEConfig` for an input width ``d_in``."""
         kw = dict(
-            d_in=d_in, activation=self.activation, k=self.k,
-            k_aux=self.k_aux, aux_coef=self.aux_coef if self.use_auxk else 0.0,
-            dead_tokens_threshold=self.dead_tokens_threshold, multi_topk=self.multi_topk,
-            l1_coef=self.l1_coef, l0_coef=self.l0_coef, afa_coef=self.afa_coef, afa_variant=self.afa_variant,
-            jumprelu_init_threshold=self.jumprelu_init_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth,
-            kernel=self.kernel, input_norm=self.input_norm,
+            d_in=d_in,
+            activation=self.activation,
+            k=self.k,
+            k_aux=self.k_aux,
+            aux_coef=self.aux_coef if self.use_auxk else 0.0,
+            dead_tokens_threshold=self.dead_tokens_threshold,
+            multi_topk=self.multi_topk,
+            l1_coef=self.l1_coef,
+            l0_coef=self.l0_coef,
+            afa_coef=self.afa_coef,
+            afa_variant=self.afa_variant,
+            jumprelu_init_threshold=self.jumprelu_init_threshold,
+            jumprelu_bandwidth=self.jumprelu_bandwidth,
+            kernel=self.kernel,
+            input_norm=self.input_norm,
         )
         if self.n_latents is not None:
             kw["n_latents"] = self.n_latents
@@ -204,8 +220,7 @@ class SAETrainingArguments:
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
 
-        if not self.hook_points or not all(isinstance(h, str) and h.strip() and " " not in h
-                                           for h in self.hook_points):
+        if not self.hook_points or not all(isinstance(h, str) and h.strip() and " " not in h for h in self.hook_points):
             bad("hook_points", "give at least one hook point name, e.g. --hook_points layers.6.resid_post")
         if len(set(self.hook_points)) != len(self.hook_points):
             bad("hook_points", "a hook point is listed twice")
@@ -214,9 +229,19 @@ class SAETrainingArguments:
                 bad(name, "must be a non-empty string")
         if self.activation not in _ACTIVATIONS:
             bad("activation", f"choose one of {_ACTIVATIONS}")
-        for name in ("train_tokens", "batch_size", "gradient_accumulation_steps", "context_length",
-                     "lm_batch_size", "init_tokens", "expansion_factor", "dead_tokens_threshold",
-                     "save_total_limit", "log_every_steps", "tp_size"):
+        for name in (
+            "train_tokens",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "context_length",
+            "lm_batch_size",
+            "init_tokens",
+            "expansion_factor",
+            "dead_tokens_threshold",
+            "save_total_limit",
+            "log_every_steps",
+            "tp_size",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer")
@@ -230,8 +255,12 @@ class SAETrainingArguments:
             bad("k", "must be a positive integer (omit it for the default: 32, or no cap for topafa)")
         if self.afa_variant not in ("reference", "centred"):
             bad("afa_variant", "must be 'reference' (the top-AFA authors' form) or 'centred'")
-        if self.n_latents is not None and self.activation in _K_SPARSE and self.k is not None \
-                and self.k > self.n_latents:
+        if (
+            self.n_latents is not None
+            and self.activation in _K_SPARSE
+            and self.k is not None
+            and self.k > self.n_latents
+        ):
             bad("k", f"k must be <= n_latents={self.n_latents}: lower --k or raise --n_latents")
         if self.k_aux is not None and self.k_aux <= 0:
             bad("k_aux", "must be a positive integer (or omit it for d/2)")
@@ -248,9 +277,12 @@ class SAETrainingArguments:
         if self.input_norm not in _INPUT_NORMS:
             bad("input_norm", f"choose one of {_INPUT_NORMS}")
         if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
-            bad("batch_size", f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
-                              f"batch's variance); raise --batch_size to >= "
-                              f"{MIN_MICRO_BATCH * self.gradient_accumulation_steps}")
+            bad(
+                "batch_size",
+                f"must give at least {MIN_MICRO_BATCH} tokens per micro-batch (FVU divides by the "
+                f"batch's variance); raise --batch_size to >= "
+                f"{MIN_MICRO_BATCH * self.gradient_accumulation_steps}",
+            )
         if self.tp_size > 1:
             if self.gradient_accumulation_steps != 1:
                 bad("gradient_accumulation_steps", "must be 1 with --tp_size > 1 (raise --batch_size instead)")
@@ -295,31 +327,45 @@ class SAETrainingArguments:
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
 
         if self.tp_size > 1 and num_processes is not None and num_processes % self.tp_size:
-            bad("tp_size", f"must divide the number of processes ({num_processes}); launch a multiple of "
-                           f"{self.tp_size} processes")
+            bad(
+                "tp_size",
+                f"must divide the number of processes ({num_processes}); launch a multiple of {self.tp_size} processes",
+            )
         # the data is split over data-parallel replicas: processes / tp_size (the tp_size processes of one
         # replica share its micro-batches)
-        split = (num_processes or 1) // self.tp_size * self.gradient_accumulation_steps if num_processes \
+        split = (
+            (num_processes or 1) // self.tp_size * self.gradient_accumulation_steps
+            if num_processes
             else self.gradient_accumulation_steps
+        )
         if self.batch_size % split:
-            bad("batch_size", f"must be divisible by data-parallel replicas x gradient_accumulation_steps = "
-                              f"{split // self.gradient_accumulation_steps} x {self.gradient_accumulation_steps} "
-                              f"= {split} ({num_processes} processes / tp_size {self.tp_size})")
+            bad(
+                "batch_size",
+                f"must be divisible by data-parallel replicas x gradient_accumulation_steps = "
+                f"{split // self.gradient_accumulation_steps} x {self.gradient_accumulation_steps} "
+                f"= {split} ({num_processes} processes / tp_size {self.tp_size})",
+            )
         if self.batch_size < MIN_MICRO_BATCH * split:
-            bad("batch_size", f"gives {self.batch_size // split} tokens per micro-batch over {split} "
-                              f"replicas x accumulation steps; raise it to >= {MIN_MICRO_BATCH * split}")
+            bad(
+                "batch_size",
+                f"gives {self.batch_size // split} tokens per micro-batch over {split} "
+                f"replicas x accumulation steps; raise it to >= {MIN_MICRO_BATCH * split}",
+            )
         import importlib.util
 
         if "wandb" in self.log_with and importlib.util.find_spec("wandb") is None:
             bad("log_with", "wandb is not installed: `pip install wandb`, or drop wandb from --log_with")
-        if "tensorboard" in self.log_with and not (importlib.util.find_spec("tensorboard")
-                                                   or importlib.util.find_spec("tensorboardX")):
+        if "tensorboard" in self.log_with and not (
+            importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        ):
             bad("log_with", "tensorboard is not installed: `pip install tensorboard`, or use --log_with auto/jsonl")
         for path_field in ("activations", "eval_activations"):
             p = getattr(self, path_field)
             if p is not None and not p.startswith("hf://datasets/") and not os.path.exists(p):
-                raise FileNotFoundError(f"--{path_field} {p!r} does not exist; give a cache folder or a "
-                                        ".safetensors/.pt activation file, or omit it to stream live")
+                raise FileNotFoundError(
+                    f"--{path_field} {p!r} does not exist; give a cache folder or a "
+                    ".safetensors/.pt activation file, or omit it to stream live"
+                )
         # The SAE config checks the remaining fields (coefficients, k vs n_latents); with an expansion
         # factor n depends on d, so the trainer checks again once d is known (still before any work).
         if self.n_latents is not None:
@@ -358,8 +404,9 @@ def _coerce(name: str, annotation, value):
     optional = typing.get_origin(annotation) is typing.Union and type(None) in args
     if optional:
         annotation = next(a for a in args if a is not type(None))
-    base = {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation) or \
-        ("list[str]" if typing.get_origin(annotation) is list else str(annotation))
+    base = {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation) or (
+        "list[str]" if typing.get_origin(annotation) is list else str(annotation)
+    )
 
     def bad(why):
         return ValueError(f"--{name}={value!r} is invalid: {why}")
@@ -441,8 +488,10 @@ def _load_config_file(path: str) -> dict:
     known = {f.name for f in fields(SAETrainingArguments)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"config file {path!r} has unknown keys {unknown}; valid keys are the fields of "
-                         f"SAETrainingArguments (see --help)")
+        raise ValueError(
+            f"config file {path!r} has unknown keys {unknown}; valid keys are the fields of "
+            f"SAETrainingArguments (see --help)"
+        )
     return data
 
 

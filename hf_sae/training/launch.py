@@ -63,19 +63,23 @@ def check_launch(num_processes: int, env: dict | None = None, argv: list[str] | 
     env = os.environ if env is None else env
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world > 1 and num_processes == 1:
-        gpu = "; on GPUs, check that torch sees them" if env.get("ACCELERATE_USE_CPU", "").lower() in ("", "false", "0") \
+        gpu = (
+            "; on GPUs, check that torch sees them"
+            if env.get("ACCELERATE_USE_CPU", "").lower() in ("", "false", "0")
             else ""
+        )
         raise LaunchError(
             f"the launcher started {world} processes (WORLD_SIZE={world}) but Accelerate runs this one alone, so "
             f"{world} independent trainings would write the same folder. On CPUs run: "
-            f"{working_command(world, argv)}{gpu}.")
-    if num_processes == 1 and "WORLD_SIZE" not in env and "ACCELERATE_MIXED_PRECISION" in env \
-            and "MASTER_PORT" in env:
+            f"{working_command(world, argv)}{gpu}."
+        )
+    if num_processes == 1 and "WORLD_SIZE" not in env and "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env:
         raise LaunchError(
             "`accelerate launch --num_processes N` started ONE process here (Accelerate's CPU launcher needs "
             "mpirun for more), so the run would silently train on 1 process. Run: "
             f"{working_command(2, argv)} (or ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
-            "--num_processes 2 ...), or drop --num_processes for one process.")
+            "--num_processes 2 ...), or drop --num_processes for one process."
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -113,10 +117,13 @@ class OutputDirLock:
                     raise LaunchError(
                         f"another training (pid {pid}) is writing {os.path.dirname(self.path)}; wait for it, or "
                         "choose another --output_dir. (Several processes of one launch mean the launcher did not "
-                        f"start them as one group: use {working_command(2)}.)") from None
+                        f"start them as one group: use {working_command(2)}.)"
+                    ) from None
                 if host not in ("", socket.gethostname()):
-                    raise LaunchError(f"{os.path.dirname(self.path)} is being written by a run on host {host} "
-                                      f"(delete {self.path} if that run is gone).") from None
+                    raise LaunchError(
+                        f"{os.path.dirname(self.path)} is being written by a run on host {host} "
+                        f"(delete {self.path} if that run is gone)."
+                    ) from None
                 os.unlink(self.path)  # stale: that process is gone
                 continue
             with os.fdopen(fd, "w") as f:

@@ -180,7 +180,8 @@ def attribution_patching(
     attributes = list(task.attribute_names) if attributes is None else list(attributes)
     for a in attributes:
         if a not in task.corrupted:
-            raise ValueError(f"task {task.name} has no corrupted counterpart for attribute {a!r}; it has {sorted(task.corrupted)}")
+            raise ValueError(f"task {task.name} has no corrupted counterpart for attribute {a!r}; "
+                             f"it has {sorted(task.corrupted)}")
     hooks = sorted({l.hook for l in locations})
     d_head = model_parts(model).d_head
     n = len(task)

@@ -128,7 +128,11 @@ class SupervisedDictionary:
         return u if u is not None else torch.zeros_like(self.mean)
 
     def _stack(self, attribute: str, values: Sequence) -> Tensor:
-        return torch.stack([self.feature(attribute, v) for v in values]) if len(values) else self.mean.new_zeros(0, self.mean.numel())
+        return (
+            torch.stack([self.feature(attribute, v) for v in values])
+            if len(values)
+            else self.mean.new_zeros(0, self.mean.numel())
+        )
 
     def reconstruct(self, attributes: Mapping[str, Sequence]) -> Tensor:
         """Supervised reconstructions [N, d]: ``E[a] + sum_i u_{i, v_i}`` for each prompt.
@@ -150,8 +154,10 @@ class SupervisedDictionary:
     def edit(self, acts: Tensor, attribute: str, old_values: Sequence, new_values: Sequence) -> Tensor:
         """Supervised edit [N, d]: ``acts - u_{i, old} + u_{i, new}`` for attribute ``i``."""
         if acts.dim() != 2 or acts.shape[0] != len(old_values) or len(old_values) != len(new_values):
-            raise ValueError(f"edit at {self.location}: acts {tuple(acts.shape)}, {len(old_values)} old and "
-                             f"{len(new_values)} new values must agree in N")
+            raise ValueError(
+                f"edit at {self.location}: acts {tuple(acts.shape)}, {len(old_values)} old and "
+                f"{len(new_values)} new values must agree in N"
+            )
         delta = self._stack(attribute, list(new_values)) - self._stack(attribute, list(old_values))
         return acts + delta.to(acts.dtype)
 
@@ -195,7 +201,8 @@ def _regression_fit(x: Tensor, attributes: Mapping[str, Sequence], counts: dict)
     return c, features
 
 
-def fit_dictionaries(acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence],
-                     nested: Mapping[str, str] | None = None) -> dict[str, SupervisedDictionary]:
+def fit_dictionaries(
+    acts: Mapping[str, Tensor], attributes: Mapping[str, Sequence], nested: Mapping[str, str] | None = None
+) -> dict[str, SupervisedDictionary]:
     """Fit one :class:`SupervisedDictionary` per location: ``{key: acts [N, d]}`` -> ``{key: dictionary}``."""
     return {k: SupervisedDictionary.fit(v, attributes, location=k, nested=nested) for k, v in acts.items()}

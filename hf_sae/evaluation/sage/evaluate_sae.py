@@ -110,7 +110,9 @@ def classify_location(sae_hook: str, loc: Location | str) -> str | None:
 def _sae_hook(sae) -> str:
     hook = getattr(getattr(sae, "config", None), "hook_point", None)
     if not hook:
-        raise ValueError("the SAE has no config.hook_point; set it (e.g. sae.config.hook_point = 'layers.6.resid_post')")
+        raise ValueError(
+            "the SAE has no config.hook_point; set it (e.g. sae.config.hook_point = 'layers.6.resid_post')"
+        )
     parse_hook_point(hook)
     return hook
 
@@ -213,7 +215,10 @@ def _best_threshold(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def best_probe_latents(
-    z_fit: Tensor, attrs_fit: dict[str, list[str]], z_eval: Tensor, attrs_eval: dict[str, list[str]],
+    z_fit: Tensor,
+    attrs_fit: dict[str, list[str]],
+    z_eval: Tensor,
+    attrs_eval: dict[str, list[str]],
     attributes: Sequence[str] | None = None,
 ) -> dict[str, dict]:
     """Best single-latent 1-D probe for each attribute value (one-vs-rest), chosen on the fit set.
@@ -238,8 +243,12 @@ def best_probe_latents(
             tpr = (pred & y_ev).sum().item() / pos if pos else float("nan")
             tnr = (~pred & ~y_ev).sum().item() / neg if neg else float("nan")
             acc = 0.5 * (tpr + tnr) if pos and neg else float("nan")
-            per[v] = {"latent": j, "threshold": float(thr[j]), "fit_balanced_accuracy": float(bal[j]),
-                      "balanced_accuracy": acc}
+            per[v] = {
+                "latent": j,
+                "threshold": float(thr[j]),
+                "fit_balanced_accuracy": float(bal[j]),
+                "balanced_accuracy": acc,
+            }
         vals = [p["balanced_accuracy"] for p in per.values() if p["balanced_accuracy"] == p["balanced_accuracy"]]
         out[attr] = {"mean_balanced_accuracy": sum(vals) / len(vals) if vals else float("nan"), "per_value": per}
     return out
@@ -257,8 +266,10 @@ def greedy_latent_edit(z: Tensor, z_target: Tensor, directions: Tensor, steps: S
     for each k in ``steps``.
     """
     if z.shape != z_target.shape or z.dim() != 2 or directions.shape[0] != z.shape[1]:
-        raise ValueError(f"greedy_latent_edit: z {tuple(z.shape)}, z_target {tuple(z_target.shape)} and "
-                         f"directions {tuple(directions.shape)} do not match ([N, n], [N, n], [n, d])")
+        raise ValueError(
+            f"greedy_latent_edit: z {tuple(z.shape)}, z_target {tuple(z_target.shape)} and "
+            f"directions {tuple(directions.shape)} do not match ([N, n], [N, n], [n, d])"
+        )
     steps = sorted({int(s) for s in steps})
     if not steps or steps[0] < 1:
         raise ValueError(f"greedy_latent_edit: steps must be positive integers, got {steps}")
@@ -291,8 +302,15 @@ def _ratio(num: float, den: float) -> float:
 
 
 def sufficiency_necessity(
-    model: nn.Module, prompts, loc: Location, acts: Tensor, recon: Tensor,
-    ld_clean: float, ld_ablate: float, batch_size: int = 64, cache: PrefixCache | None = None,
+    model: nn.Module,
+    prompts,
+    loc: Location,
+    acts: Tensor,
+    recon: Tensor,
+    ld_clean: float,
+    ld_ablate: float,
+    batch_size: int = 64,
+    cache: PrefixCache | None = None,
 ) -> dict[str, float]:
     """Patch ``recon`` [N, d] (sufficiency) and ``acts - recon + mean(recon)`` (necessity) at ``loc``.
 
@@ -302,8 +320,12 @@ def sufficiency_necessity(
     nec_vals = acts - recon + recon.mean(0, keepdim=True)
     ld_nec = patched_logit_diff(model, prompts, {loc: nec_vals}, batch_size=batch_size, cache=cache)
     den = ld_clean - ld_ablate
-    return {"ld": ld, "sufficiency": _ratio(ld - ld_ablate, den), "necessity_ld": ld_nec,
-            "necessity": _ratio(ld_clean - ld_nec, den)}
+    return {
+        "ld": ld,
+        "sufficiency": _ratio(ld - ld_ablate, den),
+        "necessity_ld": ld_nec,
+        "necessity": _ratio(ld_clean - ld_nec, den),
+    }
 
 
 def reconstruction_fidelity(true: Tensor, approx: Tensor) -> dict[str, float]:
@@ -379,12 +401,14 @@ def evaluate_sae(
     bar = tqdm(covered, desc=f"SAGE eval {hook}", disable=not progress)
     for loc in bar:
         key, mode = loc.key, modes[loc.key]
-        d = dictionaries.get(key) or SupervisedDictionary.fit(acts_fit[key], fit_task.clean.attributes, key,
-                                                                   nested=fit_task.nested)
+        d = dictionaries.get(key) or SupervisedDictionary.fit(
+            acts_fit[key], fit_task.clean.attributes, key, nested=fit_task.nested
+        )
         dictionaries[key] = d
         a = acts_ev[key]
-        ld_ablate = patched_logit_diff(model, clean_ev, {loc: a.mean(0, keepdim=True).expand_as(a)},
-                                       batch_size=batch_size, cache=cache)
+        ld_ablate = patched_logit_diff(
+            model, clean_ev, {loc: a.mean(0, keepdim=True).expand_as(a)}, batch_size=batch_size, cache=cache
+        )
         sup_rec = d.reconstruct(clean_ev.attributes)
         if mode == "direct":
             if a.shape[-1] != d_in:
@@ -397,26 +421,42 @@ def evaluate_sae(
             "ld_clean": ld_clean,
             "ld_mean_ablation": ld_ablate,
             "denominator": ld_clean - ld_ablate,
-            "supervised": {**sufficiency_necessity(model, clean_ev, loc, a, sup_rec, ld_clean, ld_ablate, batch_size, cache),
-                           **reconstruction_fidelity(a, sup_rec)},
-            "sae": {**sufficiency_necessity(model, clean_ev, loc, a, sae_rec, ld_clean, ld_ablate, batch_size, cache),
-                    **reconstruction_fidelity(a, sae_rec)},
-            "probe": best_probe_latents(z_fit[feeder[key].key], fit_task.clean.attributes,
-                                        z_ev[feeder[key].key], clean_ev.attributes),
+            "supervised": {
+                **sufficiency_necessity(model, clean_ev, loc, a, sup_rec, ld_clean, ld_ablate, batch_size, cache),
+                **reconstruction_fidelity(a, sup_rec),
+            },
+            "sae": {
+                **sufficiency_necessity(model, clean_ev, loc, a, sae_rec, ld_clean, ld_ablate, batch_size, cache),
+                **reconstruction_fidelity(a, sae_rec),
+            },
+            "probe": best_probe_latents(
+                z_fit[feeder[key].key], fit_task.clean.attributes, z_ev[feeder[key].key], clean_ev.attributes
+            ),
             "cosine": best_cosine_latents(directions, d) if mode == "direct" else None,
         }
         if control and mode == "direct":
             if ctrl_cache is None:
                 ctrl_cache = cache if ctrl_task is eval_task else PrefixCache(model, ctrl_task.clean, batch_size)
-            entry["control"] = _control(model, sae, directions, ctrl_task, loc, d, edit_steps, match_fraction,
-                                        batch_size, ctrl_cache)
+            entry["control"] = _control(
+                model, sae, directions, ctrl_task, loc, d, edit_steps, match_fraction, batch_size, ctrl_cache
+            )
         result["locations"][key] = entry
     result["dictionaries"] = {k: dictionaries[k].to_dict() for k in result["locations"]}
     return result
 
 
-def _control(model, sae, directions, task: Task, loc: Location, d: SupervisedDictionary,
-             edit_steps, match_fraction, batch_size, cache: PrefixCache | None = None) -> dict:
+def _control(
+    model,
+    sae,
+    directions,
+    task: Task,
+    loc: Location,
+    d: SupervisedDictionary,
+    edit_steps,
+    match_fraction,
+    batch_size,
+    cache: PrefixCache | None = None,
+) -> dict:
     """Sparse controllability at a direct location, for every attribute (see module docstring)."""
     clean = task.clean
     a = location_activations(model, clean, [loc], batch_size=batch_size)[loc.key]

@@ -85,7 +85,8 @@ class Location:
         m = _KEY_RE.match(key) if isinstance(key, str) else None
         if m is None:
             raise ValueError(
-                f"invalid location {key!r}; expected '<hook point>@<POSITION>' or 'layers.<i>.attn_z.h<head>@<POSITION>', "
+                f"invalid location {key!r}; expected '<hook point>@<POSITION>' or "
+                f"'layers.<i>.attn_z.h<head>@<POSITION>', "
                 "e.g. 'layers.5.resid_pre@END'"
             )
         head = m.group("head")
@@ -105,8 +106,9 @@ def _d_head(model: nn.Module) -> int:
 
 def _positions(prompts: TaskPrompts, loc: Location) -> Tensor:
     if loc.position not in prompts.positions:
-        raise ValueError(f"location {loc.key}: the task has no position {loc.position!r}; "
-                         f"it has {sorted(prompts.positions)}")
+        raise ValueError(
+            f"location {loc.key}: the task has no position {loc.position!r}; it has {sorted(prompts.positions)}"
+        )
     return prompts.positions[loc.position]
 
 
@@ -226,9 +228,13 @@ def _start_layer(hooks) -> int | None:
     return min(layers) if layers else None
 
 
-def logit_diff(model: nn.Module, prompts: TaskPrompts, batch_size: int = 64,
-               replacements: Mapping[str, Callable[[Tensor, slice], Tensor]] | None = None,
-               cache: PrefixCache | None = None) -> Tensor:
+def logit_diff(
+    model: nn.Module,
+    prompts: TaskPrompts,
+    batch_size: int = 64,
+    replacements: Mapping[str, Callable[[Tensor, slice], Tensor]] | None = None,
+    cache: PrefixCache | None = None,
+) -> Tensor:
     """Per-prompt logit difference ``logit[answer] - logit[wrong]`` at END: Tensor [N] (logits).
 
     ``replacements`` (optional) maps hook points to ``fn(act [b, T, D], rows: slice) -> act'``,
@@ -335,12 +341,16 @@ def patch_functions(
                 vals = v[rows].to(device=out.device, dtype=out.dtype)
                 if loc.head is None:
                     if vals.shape[-1] != out.shape[-1]:
-                        raise ValueError(f"patch value for {loc.key} has width {vals.shape[-1]}, the hook has {out.shape[-1]}")
+                        raise ValueError(
+                            f"patch value for {loc.key} has width {vals.shape[-1]}, the hook has {out.shape[-1]}"
+                        )
                     out[ar, pos] = vals
                 else:
                     lo = loc.head * d_head
                     if vals.shape[-1] != d_head or lo + d_head > out.shape[-1]:
-                        raise ValueError(f"patch value for {loc.key} must have width d_head={d_head} inside {out.shape[-1]}")
+                        raise ValueError(
+                            f"patch value for {loc.key} must have width d_head={d_head} inside {out.shape[-1]}"
+                        )
                     out[ar, pos, lo : lo + d_head] = vals
             return out
 
@@ -368,4 +378,3 @@ def patched_logit_diff(
             raise ValueError(f"hook {h} is both patched and in extra replacements")
         reps[h] = f
     return mean_logit_diff(model, prompts, batch_size=batch_size, replacements=reps, cache=cache)
-

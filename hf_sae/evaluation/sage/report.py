@@ -44,8 +44,9 @@ def plot_attribution(task_result: dict, path: Path) -> Path | None:
     plt = _plt()
     attrs = list(grid["scores"])
     cols = grid["columns"]
-    fig, axes = plt.subplots(1, len(attrs), figsize=(1.2 + 0.45 * len(cols) * len(attrs), 0.18 * grid["n_layers"] + 2.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(attrs), figsize=(1.2 + 0.45 * len(cols) * len(attrs), 0.18 * grid["n_layers"] + 2.2), squeeze=False
+    )
     for ax, a in zip(axes[0], attrs):
         m = grid["scores"][a]
         vmax = max(1e-6, max(abs(v) for row in m for v in row))
@@ -75,8 +76,9 @@ def plot_patching(task_result: dict, path: Path) -> Path | None:
     for i, a in enumerate(attrs):
         ax.bar([k + i * w for k in range(len(keys))], [conf[a][key]["effect"] for key in keys], width=w, label=a)
         est = task_result["attribution_scores_of_confirmed"][a]
-        ax.scatter([k + i * w for k in range(len(keys))], [est[key] for key in keys], color="k", marker="x", s=14,
-                   zorder=3)
+        ax.scatter(
+            [k + i * w for k in range(len(keys))], [est[key] for key in keys], color="k", marker="x", s=14, zorder=3
+        )
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks([k + 0.4 - w / 2 for k in range(len(keys))])
     ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=7)
@@ -168,20 +170,29 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def _task_html(name: str, t: dict, figs: dict[str, str]) -> str:
     parts = [f"<h2>Task {html.escape(name)}</h2><p>{html.escape(t.get('description', ''))}</p>"]
-    parts.append(_table(
-        ["prompts (eval)", "clean LD mean", "clean LD std", "fraction LD > 0"],
-        [[t["n_eval"], t["ld_clean"], t["ld_clean_std"], t["ld_clean_positive_fraction"]]],
-    ))
-    parts.append("<h3>Corrupted counterparts</h3>" + _table(
-        ["attribute", "LD under clean metric", "own LD (its answer)"],
-        [[a, v["ld_clean_metric"], v["ld_own"]] for a, v in t["corrupted"].items()],
-    ))
+    parts.append(
+        _table(
+            ["prompts (eval)", "clean LD mean", "clean LD std", "fraction LD > 0"],
+            [[t["n_eval"], t["ld_clean"], t["ld_clean_std"], t["ld_clean_positive_fraction"]]],
+        )
+    )
+    parts.append(
+        "<h3>Corrupted counterparts</h3>"
+        + _table(
+            ["attribute", "LD under clean metric", "own LD (its answer)"],
+            [[a, v["ld_clean_metric"], v["ld_own"]] for a, v in t["corrupted"].items()],
+        )
+    )
     if "attribution" in figs:
         parts.append(f'<h3>Attribution patching</h3><img src="{figs["attribution"]}">')
     top = t.get("attribution", {}).get("top", [])
     if top:
         attrs = [k for k in top[0] if k != "location"]
-        parts.append(_table(["location"] + [f"est. ΔLD {a}" for a in attrs], [[r["location"]] + [r[a] for a in attrs] for r in top]))
+        parts.append(
+            _table(
+                ["location"] + [f"est. ΔLD {a}" for a in attrs], [[r["location"]] + [r[a] for a in attrs] for r in top]
+            )
+        )
     if t.get("patching"):
         parts.append("<h3>Activation patching of the top locations</h3>")
         if "patching" in figs:
@@ -190,22 +201,59 @@ def _task_html(name: str, t: dict, figs: dict[str, str]) -> str:
         for a, d in t["patching"].items():
             for key, v in d.items():
                 rows.append([key, a, v["ld"], v["effect"], v["fraction"], t["attribution_scores_of_confirmed"][a][key]])
-        parts.append(_table(["location", "attribute", "patched LD", "ΔLD", "fraction of full corruption", "attribution est."], rows))
+        parts.append(
+            _table(
+                ["location", "attribute", "patched LD", "ΔLD", "fraction of full corruption", "attribution est."], rows
+            )
+        )
     if t.get("completeness"):
         c = t["completeness"]
-        parts.append(f"<h3>Cross-section completeness (all {len(c['locations'])} locations patched at once; "
-                     f"complete when |fraction − 1| ≤ {c['tolerance']}): {'complete' if c['complete'] else 'NOT complete'}</h3>")
-        rows = [[a, v["ld_clean"], v["ld_corrupted"], v["ld_patched_all"], v["fraction"],
-                 "n/a (small effect)" if v["complete"] is None else ("yes" if v["complete"] else "no")]
-                for a, v in c["attributes"].items()]
+        parts.append(
+            f"<h3>Cross-section completeness (all {len(c['locations'])} locations patched at once; "
+            f"complete when |fraction − 1| ≤ {c['tolerance']}): {'complete' if c['complete'] else 'NOT complete'}</h3>"
+        )
+        rows = [
+            [
+                a,
+                v["ld_clean"],
+                v["ld_corrupted"],
+                v["ld_patched_all"],
+                v["fraction"],
+                "n/a (small effect)" if v["complete"] is None else ("yes" if v["complete"] else "no"),
+            ]
+            for a, v in c["attributes"].items()
+        ]
         parts.append(_table(["attribute", "LD clean", "LD corrupted", "LD all patched", "fraction", "complete"], rows))
     if t.get("supervised"):
         parts.append("<h3>Supervised dictionaries at the top locations</h3>")
-        rows = [[k, v["ld_mean_ablation"], v["ld"], v["sufficiency"], v["necessity"], v["fvu"],
-                 v.get("regression", {}).get("sufficiency"), v.get("regression", {}).get("necessity")]
-                for k, v in t["supervised"].items()]
-        parts.append(_table(["location", "LD mean-ablated", "LD supervised recon", "sufficiency", "necessity", "FVU",
-                             "sufficiency (regression fit)", "necessity (regression fit)"], rows))
+        rows = [
+            [
+                k,
+                v["ld_mean_ablation"],
+                v["ld"],
+                v["sufficiency"],
+                v["necessity"],
+                v["fvu"],
+                v.get("regression", {}).get("sufficiency"),
+                v.get("regression", {}).get("necessity"),
+            ]
+            for k, v in t["supervised"].items()
+        ]
+        parts.append(
+            _table(
+                [
+                    "location",
+                    "LD mean-ablated",
+                    "LD supervised recon",
+                    "sufficiency",
+                    "necessity",
+                    "FVU",
+                    "sufficiency (regression fit)",
+                    "necessity (regression fit)",
+                ],
+                rows,
+            )
+        )
     if "sufficiency" in figs:
         parts.append(f'<img src="{figs["sufficiency"]}">')
     for sname, ev in t.get("saes", {}).items():
@@ -214,19 +262,67 @@ def _task_html(name: str, t: dict, figs: dict[str, str]) -> str:
         for k, v in ev["locations"].items():
             probe = "; ".join(f"{a}: {_fmt(p['mean_balanced_accuracy'], 2)}" for a, p in v["probe"].items())
             cos = "; ".join(f"{a}: {_fmt(p['mean_best_cosine'], 2)}" for a, p in (v["cosine"] or {}).items()) or "–"
-            rows.append([k, v["mode"], v["denominator"], v["supervised"]["sufficiency"], v["sae"]["sufficiency"],
-                         v["supervised"]["necessity"], v["sae"]["necessity"], v["sae"]["fvu"], probe, cos])
-        parts.append(_table(["location", "mode", "LD clean − ablated", "suff. supervised", "suff. SAE", "nec. supervised",
-                             "nec. SAE", "SAE FVU", "best 1-D probe bal. acc.", "best |cos| with u"], rows))
+            rows.append(
+                [
+                    k,
+                    v["mode"],
+                    v["denominator"],
+                    v["supervised"]["sufficiency"],
+                    v["sae"]["sufficiency"],
+                    v["supervised"]["necessity"],
+                    v["sae"]["necessity"],
+                    v["sae"]["fvu"],
+                    probe,
+                    cos,
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "location",
+                    "mode",
+                    "LD clean − ablated",
+                    "suff. supervised",
+                    "suff. SAE",
+                    "nec. supervised",
+                    "nec. SAE",
+                    "SAE FVU",
+                    "best 1-D probe bal. acc.",
+                    "best |cos| with u",
+                ],
+                rows,
+            )
+        )
         crow = []
         for k, v in ev["locations"].items():
             for a, c in (v.get("control") or {}).items():
                 last = max(c["ld_sae_edit"], key=int)
-                crow.append([k, a, c["ld_clean"], c["ld_counterfactual_patch"], c["ld_supervised_edit"],
-                             f"{c['ld_sae_edit'][last]:.3f} (k={last})", c["latents_needed"]])
+                crow.append(
+                    [
+                        k,
+                        a,
+                        c["ld_clean"],
+                        c["ld_counterfactual_patch"],
+                        c["ld_supervised_edit"],
+                        f"{c['ld_sae_edit'][last]:.3f} (k={last})",
+                        c["latents_needed"],
+                    ]
+                )
         if crow:
-            parts.append(_table(["location", "attribute", "LD clean", "LD counterfactual patch", "LD supervised edit",
-                                 "LD SAE edit", "latents to match supervised"], crow))
+            parts.append(
+                _table(
+                    [
+                        "location",
+                        "attribute",
+                        "LD clean",
+                        "LD counterfactual patch",
+                        "LD supervised edit",
+                        "LD SAE edit",
+                        "latents to match supervised",
+                    ],
+                    crow,
+                )
+            )
         if ev.get("uncovered"):
             parts.append(f"<p>Not covered by this SAE: {html.escape(', '.join(ev['uncovered']))}</p>")
     if "control" in figs:
@@ -243,8 +339,12 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     sections = []
     for name, t in result.get("tasks", {}).items():
         figs = {}
-        for kind, fn in (("attribution", plot_attribution), ("patching", plot_patching),
-                         ("sufficiency", plot_sufficiency), ("control", plot_control)):
+        for kind, fn in (
+            ("attribution", plot_attribution),
+            ("patching", plot_patching),
+            ("sufficiency", plot_sufficiency),
+            ("control", plot_control),
+        ):
             p = fn(t, out / f"{name}_{kind}.png")
             if p is not None:
                 figs[kind] = p.name
@@ -255,10 +355,11 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, str]:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;margin:0.6em 0}}
 td,th{{border:1px solid #bbb;padding:2px 6px;font-size:12px}} img{{max-width:100%}}</style></head><body>
 <h1>SAGE: ground-truth SAE evaluation</h1>
-<p>Model: {html.escape(str(result.get('model', '')))}. LD = logit difference (logits) at the last prompt token.
-Sufficiency = (LD[patched] − LD[mean-ablated]) / (LD[clean] − LD[mean-ablated]); necessity = (LD[clean] − LD[a − â + E â]) / (LD[clean] − LD[mean-ablated]).</p>
+<p>Model: {html.escape(str(result.get("model", "")))}. LD = logit difference (logits) at the last prompt token.
+Sufficiency = (LD[patched] − LD[mean-ablated]) / (LD[clean] − LD[mean-ablated]);
+necessity = (LD[clean] − LD[a − â + E â]) / (LD[clean] − LD[mean-ablated]).</p>
 <p><small>settings: {settings}</small></p>
-{''.join(sections)}
+{"".join(sections)}
 </body></html>"""
     (out / "index.html").write_text(page)
     paths["html"] = str(out / "index.html")

@@ -196,22 +196,41 @@ def add_sage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="SAE folder(s) saved by hf_sae (config.hook_point must be set); "
                              "'PATH::SUBFOLDER' loads a subfolder of a multi-hook-point folder/repo")
     parser.add_argument("--fresh-sae", nargs="*", default=[], metavar="HOOK",
-                        help="also evaluate an untrained TopK SAE (8x, k=32) at these hook points (a baseline/smoke test)")
+                        help="also evaluate an untrained TopK SAE (8x, k=32) at these hook points "
+                        "(a baseline/smoke test)")
     parser.add_argument("--tasks", nargs="+", default=["ioi", "gender"], choices=sorted(TASKS))
     parser.add_argument("--n-fit", type=int, default=96, help="prompts for dictionaries / probe thresholds")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out prompts for every reported number")
     parser.add_argument("--n-attribution", type=int, default=32, help="fitting prompts used for attribution patching")
-    parser.add_argument("--kinds", nargs="+", default=list(NODE_KINDS), choices=list(NODE_KINDS),
-                        help="node kinds searched for cross-sections")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(NODE_KINDS),
+        choices=list(NODE_KINDS),
+        help="node kinds searched for cross-sections",
+    )
     parser.add_argument("--top-resid", type=int, default=4, help="residual locations kept in the cross-section")
     parser.add_argument("--top-head", type=int, default=4, help="attention-head locations kept")
     parser.add_argument("--top-mlp", type=int, default=2, help="MLP locations kept")
-    parser.add_argument("--n-confirm", type=int, default=None,
-                        help="how many kept locations to confirm by activation patching (default all)")
-    parser.add_argument("--n-sublayer", type=int, default=4,
-                        help="sublayer locations per residual SAE (best attribution scores in the block it feeds)")
-    parser.add_argument("--edit-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                        help="numbers of SAE latents edited at which controllability is measured")
+    parser.add_argument(
+        "--n-confirm",
+        type=int,
+        default=None,
+        help="how many kept locations to confirm by activation patching (default all)",
+    )
+    parser.add_argument(
+        "--n-sublayer",
+        type=int,
+        default=4,
+        help="sublayer locations per residual SAE (best attribution scores in the block it feeds)",
+    )
+    parser.add_argument(
+        "--edit-steps",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="numbers of SAE latents edited at which controllability is measured",
+    )
     parser.add_argument("--n-control", type=int, default=32, help="eval prompts used for controllability")
     parser.add_argument("--no-control", action="store_true", help="skip the controllability edits")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -250,21 +269,37 @@ def run_sage(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, device=args.device)
     saes = _load_saes(args.sae, args.fresh_sae, model, args.device)
     result = run_sage_pipeline(
-        model, tokenizer, tasks=args.tasks, saes=saes, model_name=str(args.model),
-        n_fit=args.n_fit, n_eval=args.n_eval, n_attribution=args.n_attribution, kinds=args.kinds,
+        model,
+        tokenizer,
+        tasks=args.tasks,
+        saes=saes,
+        model_name=str(args.model),
+        n_fit=args.n_fit,
+        n_eval=args.n_eval,
+        n_attribution=args.n_attribution,
+        kinds=args.kinds,
         top_per_kind={"resid": args.top_resid, "head": args.top_head, "mlp": args.top_mlp},
-        n_confirm=args.n_confirm, n_sublayer=args.n_sublayer, edit_steps=args.edit_steps,
-        n_control=args.n_control, control=not args.no_control, batch_size=args.batch_size, seed=args.seed,
+        n_confirm=args.n_confirm,
+        n_sublayer=args.n_sublayer,
+        edit_steps=args.edit_steps,
+        n_control=args.n_control,
+        control=not args.no_control,
+        batch_size=args.batch_size,
+        seed=args.seed,
         progress=not args.no_progress,
     )
     paths = write_report(result, args.out)
     for name, t in result["tasks"].items():
-        print(f"[sage] {name}: clean LD {t['ld_clean']:.3f} (eval n={t['n_eval']}, "
-              f"{100 * t['ld_clean_positive_fraction']:.0f}% > 0); cross-section {t['cross_section']}")
+        print(
+            f"[sage] {name}: clean LD {t['ld_clean']:.3f} (eval n={t['n_eval']}, "
+            f"{100 * t['ld_clean_positive_fraction']:.0f}% > 0); cross-section {t['cross_section']}"
+        )
         c = t["completeness"]
         fr = ", ".join(f"{a} {v['fraction']:.3f}" for a, v in c["attributes"].items())
-        print(f"[sage] {name}: cross-section {'complete' if c['complete'] else 'NOT complete'} "
-              f"(all locations patched / full corruption: {fr}; tolerance {c['tolerance']})")
+        print(
+            f"[sage] {name}: cross-section {'complete' if c['complete'] else 'NOT complete'} "
+            f"(all locations patched / full corruption: {fr}; tolerance {c['tolerance']})"
+        )
     print(f"[sage] report: {paths['html']}  json: {paths['json']}")
     return paths
 

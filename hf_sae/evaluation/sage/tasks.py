@@ -22,7 +22,8 @@ LD = logit[IO] - logit[S].
 
 ``gender`` — pronoun gender: "Yesterday, Mary was late for work because" -> " she" (vs " he").
 Attributes ``gender`` (``male``/``female``) and ``name`` (nested in gender: ``Task.nested``).
-Corruptions: ``gender`` swaps the name for one of the other gender (answer and wrong pronoun swap), ``name`` swaps it for another name of the
+Corruptions: ``gender`` swaps the name for one of the other gender (answer and wrong pronoun swap), ``name``
+swaps it for another name of the
 same gender. LD = logit[correct pronoun] - logit[other pronoun].
 
 Prompts are right-padded to a common length; as the LMs here are causal, padding after a prompt
@@ -75,12 +76,48 @@ GENDER_TEMPLATES = (
 )
 
 MALE_NAMES = (
-    "John", "Tom", "James", "David", "Michael", "Paul", "Mark", "Peter", "Daniel", "Jack",
-    "Kevin", "Eric", "Steve", "George", "Robert", "Richard", "Thomas", "William", "Henry", "Frank",
+    "John",
+    "Tom",
+    "James",
+    "David",
+    "Michael",
+    "Paul",
+    "Mark",
+    "Peter",
+    "Daniel",
+    "Jack",
+    "Kevin",
+    "Eric",
+    "Steve",
+    "George",
+    "Robert",
+    "Richard",
+    "Thomas",
+    "William",
+    "Henry",
+    "Frank",
 )
 FEMALE_NAMES = (
-    "Mary", "Sarah", "Anna", "Lisa", "Emma", "Kate", "Laura", "Susan", "Rachel", "Alice",
-    "Jane", "Amy", "Emily", "Grace", "Helen", "Karen", "Linda", "Lucy", "Maria", "Julia",
+    "Mary",
+    "Sarah",
+    "Anna",
+    "Lisa",
+    "Emma",
+    "Kate",
+    "Laura",
+    "Susan",
+    "Rachel",
+    "Alice",
+    "Jane",
+    "Amy",
+    "Emily",
+    "Grace",
+    "Helen",
+    "Karen",
+    "Linda",
+    "Lucy",
+    "Maria",
+    "Julia",
 )
 #: Name pool for IOI (mixed genders, alternating so that a prefix of the pool stays balanced).
 DEFAULT_NAMES = tuple(n for pair in zip(FEMALE_NAMES, MALE_NAMES) for n in pair)
@@ -120,10 +157,19 @@ class TaskPrompts:
         e.g. IOI's ``order`` corruption moves the IO name to the other slot).
         """
         if len(clean) != len(self) or clean.input_ids.shape[1] != self.input_ids.shape[1]:
-            raise ValueError(f"as_counterfactual_of: prompts {tuple(self.input_ids.shape)} and clean "
-                             f"{tuple(clean.input_ids.shape)} must have the same shape")
-        return TaskPrompts(self.prompts, self.input_ids, self.lengths, clean.answer_ids, clean.wrong_ids,
-                           self.attributes, clean.positions)
+            raise ValueError(
+                f"as_counterfactual_of: prompts {tuple(self.input_ids.shape)} and clean "
+                f"{tuple(clean.input_ids.shape)} must have the same shape"
+            )
+        return TaskPrompts(
+            self.prompts,
+            self.input_ids,
+            self.lengths,
+            clean.answer_ids,
+            clean.wrong_ids,
+            self.attributes,
+            clean.positions,
+        )
 
     def select(self, index: Sequence[int] | Tensor) -> TaskPrompts:
         """The prompts at ``index`` (a list/tensor of ints), trimmed to their longest length."""
@@ -187,7 +233,9 @@ class Task:
     def split(self, n_first: int) -> tuple[Task, Task]:
         """``(first n_first prompts, the rest)``: e.g. a fit set for dictionaries and an eval set."""
         if not 0 < n_first < len(self):
-            raise ValueError(f"split: n_first={n_first} must be in [1, {len(self) - 1}] for a task of {len(self)} prompts")
+            raise ValueError(
+                f"split: n_first={n_first} must be in [1, {len(self) - 1}] for a task of {len(self)} prompts"
+            )
         return self.select(range(n_first)), self.select(range(n_first, len(self)))
 
 
@@ -222,9 +270,7 @@ def _find(ids: list[int], token: int) -> list[int]:
     return [i for i, t in enumerate(ids) if t == token]
 
 
-def _pack(
-    rows: list[dict], attribute_names: Sequence[str], position_names: Sequence[str], pad_id: int
-) -> TaskPrompts:
+def _pack(rows: list[dict], attribute_names: Sequence[str], position_names: Sequence[str], pad_id: int) -> TaskPrompts:
     """Rows of {prompt, ids, answer, wrong, attrs{}, pos{}} -> right-padded TaskPrompts."""
     t_max = max(len(r["ids"]) for r in rows)
     ids = torch.full((len(rows), t_max), pad_id, dtype=torch.long)
@@ -262,7 +308,10 @@ def _ioi_row(tokenizer, template: str, io: str, s: str, order: str) -> dict | No
     if len(io_pos) != 1 or len(s_pos) != 2:
         return None
     return {
-        "prompt": prompt, "ids": ids, "answer": io_id, "wrong": s_id,
+        "prompt": prompt,
+        "ids": ids,
+        "answer": io_id,
+        "wrong": s_id,
         "attrs": {"io": io, "s": s, "order": order},
         "pos": {"IO": io_pos[0], "S1": s_pos[0], "S2": s_pos[1]},
     }
@@ -349,8 +398,14 @@ def _gender_row(tokenizer, template: str, name: str, gender: str, he: int, she: 
     if len(pos) != 1:
         return None
     answer, wrong = (he, she) if gender == "male" else (she, he)
-    return {"prompt": prompt, "ids": ids, "answer": answer, "wrong": wrong,
-            "attrs": {"gender": gender, "name": name}, "pos": {"NAME": pos[0]}}
+    return {
+        "prompt": prompt,
+        "ids": ids,
+        "answer": answer,
+        "wrong": wrong,
+        "attrs": {"gender": gender, "name": name},
+        "pos": {"NAME": pos[0]},
+    }
 
 
 def make_gender_task(
@@ -393,15 +448,18 @@ def make_gender_task(
     while len(clean) < n_prompts:
         tries += 1
         if tries > 20 * n_prompts + 100:
-            raise ValueError(f"make_gender_task could only build {len(clean)} of {n_prompts} prompts; check names/templates")
+            raise ValueError(
+                f"make_gender_task could only build {len(clean)} of {n_prompts} prompts; check names/templates"
+            )
         template = templates[len(clean) % len(templates)]
         gender = "male" if (len(clean) // len(templates)) % 2 == 0 else "female"
         same, other = (males, females) if gender == "male" else (females, males)
         name, name2 = rng.sample(same, 2)
         row = _gender_row(tokenizer, template, name, gender, he, she)
         rows = {
-            "gender": _gender_row(tokenizer, template, rng.choice(other),
-                                  "female" if gender == "male" else "male", he, she),
+            "gender": _gender_row(
+                tokenizer, template, rng.choice(other), "female" if gender == "male" else "male", he, she
+            ),
             "name": _gender_row(tokenizer, template, name2, gender, he, she),
         }
         if row is None or any(r is None or len(r["ids"]) != len(row["ids"]) for r in rows.values()):

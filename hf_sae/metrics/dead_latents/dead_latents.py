@@ -44,7 +44,9 @@ class DeadLatents(PredictionsReferencesMixin, evaluate.Metric):
     def _compute(self, count, fire_counts):
         widths = {len(f) for f in fire_counts}
         if len(widths) != 1:
-            raise ValueError(f"fire_counts rows have different lengths {sorted(widths)}; every row must have n_latents entries.")
+            raise ValueError(
+                f"fire_counts rows have different lengths {sorted(widths)}; every row must have n_latents entries."
+            )
         s = combine_sums({"count": count, "fire_counts": fire_counts})
         out = dead_latents_from_sums(int(s["count"]), s["fire_counts"])
         out["n_tokens"] = int(s["count"])

@@ -26,7 +26,8 @@ from hf_sae.evaluation.reconstruction import (
     mse_from_sums,
 )
 
-_DESCRIPTION = "Fraction of variance unexplained sum||x - x_hat||^2 / sum||x - mean(x)||^2, MSE per element and explained variance."
+_DESCRIPTION = ("Fraction of variance unexplained sum||x - x_hat||^2 / sum||x - mean(x)||^2, MSE per element and "
+                "explained variance.")
 _CITATION = "Gao et al. 2024, Scaling and evaluating sparse autoencoders, arXiv:2406.04093."
 _INPUTS = """predictions (x_hat) and references (x), [tokens, d]; or per-batch statistics (one row per batch; see
 hf_sae.evaluation.reconstruction.fvu_batch_stats):
@@ -48,23 +49,27 @@ class Fvu(PredictionsReferencesMixin, evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_INPUTS,
-            features=datasets.Features({
-                "count": datasets.Value("int64"),
-                "sum_x": datasets.Sequence(datasets.Value("float64")),
-                "sum_sq_x": datasets.Value("float64"),
-                "sum_err": datasets.Sequence(datasets.Value("float64")),
-                "sum_sq_err": datasets.Value("float64"),
-            }),
+            features=datasets.Features(
+                {
+                    "count": datasets.Value("int64"),
+                    "sum_x": datasets.Sequence(datasets.Value("float64")),
+                    "sum_sq_x": datasets.Value("float64"),
+                    "sum_err": datasets.Sequence(datasets.Value("float64")),
+                    "sum_sq_err": datasets.Value("float64"),
+                }
+            ),
         )
 
     def _compute(self, count, sum_x, sum_sq_x, sum_err, sum_sq_err):
-        s = combine_sums({"count": count, "sum_x": sum_x, "sum_sq_x": sum_sq_x, "sum_err": sum_err,
-                          "sum_sq_err": sum_sq_err})
+        s = combine_sums(
+            {"count": count, "sum_x": sum_x, "sum_sq_x": sum_sq_x, "sum_err": sum_err, "sum_sq_err": sum_sq_err}
+        )
         n, d = int(s["count"]), int(s["sum_x"].numel())
         return {
             "fvu": fvu_from_sums(n, s["sum_x"], s["sum_sq_x"], s["sum_sq_err"]),
             "mse": mse_from_sums(n, d, s["sum_sq_err"]),
-            "explained_variance": explained_variance_from_sums(n, s["sum_x"], s["sum_sq_x"], s["sum_err"],
-                                                               s["sum_sq_err"]),
+            "explained_variance": explained_variance_from_sums(
+                n, s["sum_x"], s["sum_sq_x"], s["sum_err"], s["sum_sq_err"]
+            ),
             "n_tokens": n,
         }
