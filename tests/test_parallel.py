@@ -154,7 +154,7 @@ def _worker(rank, data_path, out_dir):
     from hf_sae.parallel import make_mesh
 
     _trainer_phase(out_dir)
-    X = torch.load(data_path)
+    X = torch.load(data_path, weights_only=True)
     for name, (tp, ranks) in MESHES.items():
         mesh = make_mesh(tp, ranks)
         if mesh is None:
@@ -209,13 +209,13 @@ def test_reference_exercises_auxk_and_afa(runs):
 @pytest.mark.parametrize("job", list(JOBS))
 def test_sharded_training_equals_single_process(runs, mesh, job):
     tmp, ref = runs
-    _assert_same(torch.load(tmp / f"{mesh}-{job}.pt"), ref[job], job)
+    _assert_same(torch.load(tmp / f"{mesh}-{job}.pt", weights_only=True), ref[job], job)
 
 
 @pytest.mark.parametrize("job", list(JOBS))
 def test_resume_from_sharded_checkpoint_is_exact(runs, job):
     tmp, _ = runs
-    run = torch.load(tmp / f"dp2xtp2-{job}.pt")
+    run = torch.load(tmp / f"dp2xtp2-{job}.pt", weights_only=True)
     for k, v in run["state"].items():
         assert torch.equal(run["resumed_state"][k], v), k
 
@@ -271,7 +271,7 @@ def test_reshard_4_2_1(runs):
     again = SparseAutoencoder.from_pretrained(str(tmp / "consolidated"))
     torch.testing.assert_close(again.W_dec.double(), ref[job]["half"]["W_dec"], rtol=1e-6, atol=1e-7)
     # 4 -> 2: resumed on 2 ranks and finished: the SAE one process trains throughout
-    _assert_same(torch.load(tmp / "tp2-from-tp4-topk.pt"), ref[job], job, start=HALF)
+    _assert_same(torch.load(tmp / "tp2-from-tp4-topk.pt", weights_only=True), ref[job], job, start=HALF)
     # 4 -> 1: loaded and re-saved by one rank, every tensor (weights, Adam moments, counters) is unchanged
     model = ShardedSAE.from_full(_fresh(job), make_mesh(1))
     opt = torch.optim.Adam(model.parameters(), lr=LR)
