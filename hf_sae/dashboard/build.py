@@ -243,19 +243,9 @@ def build_dashboard(
 
 def add_dashboard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``hf-sae dashboard`` arguments."""
-    parser.add_argument("sae_path", help="folder (or Hub id) of a saved SparseAutoencoder")
-    parser.add_argument(
-        "--subfolder", default=None, help="subfolder holding the SAE (one hook point of a multi-SAE repo)"
-    )
-    parser.add_argument(
-        "--model", default=None, help="causal LM (default: the SAE's base_model, else the embedded SmolLM2)"
-    )
-    parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument(
-        "--dataset",
-        default="default",
-        help="text source: 'default' (shipped KJV), a local file/folder, or a datasets name",
-    )
+    from ..evaluation.run import add_sae_source_args
+
+    add_sae_source_args(parser)
     parser.add_argument(
         "--split", default="validation", help="split of the text source (default: validation, held out)"
     )

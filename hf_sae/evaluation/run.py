@@ -45,8 +45,8 @@ MAX_CODE_WIDTH = 256
 N2G and ablation holds each token's largest MAX_CODE_WIDTH latents (reconstruction metrics use all)."""
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``hf-sae eval`` arguments to ``parser`` (returns it)."""
+def add_sae_source_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every command that runs an SAE over text shares: the SAE, the LM and the text source."""
     parser.add_argument("sae_path", help="folder (or Hub id) of a saved SparseAutoencoder")
     parser.add_argument(
         "--subfolder", default=None, help="subfolder holding the SAE (e.g. one hook point of a multi-SAE repo)"
@@ -61,6 +61,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
         "save_to_disk folder, or a datasets name ('name' or 'name:config')",
     )
+    return parser
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``hf-sae eval`` arguments to ``parser`` (returns it)."""
+    add_sae_source_args(parser)
     parser.add_argument(
         "--split",
         default="validation",
