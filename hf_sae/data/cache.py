@@ -33,6 +33,7 @@ import argparse
 
 import torch
 
+from ..placement import add_placement_args
 from .cache_format import (  # noqa: F401  (the cache API, re-exported)
     _ARROW_CHILD,
     _DTYPES,
@@ -141,6 +142,7 @@ def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dtype", "--model_dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the LM"
     )
+    add_placement_args(parser, dashes=True)  # --device_map auto --max_memory ...: an LM larger than one device
     return parser
 
 
@@ -150,7 +152,8 @@ def run_cache(args: argparse.Namespace) -> dict:
 
     hooks = [h for item in args.hook_points for h in item.split(",") if h]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model(args.model, dtype=_DTYPES[args.model_dtype], device=device)
+    model, tok = load_model(args.model, dtype=_DTYPES[args.model_dtype], device=device, device_map=args.device_map,
+                            max_memory=args.max_memory, offload_folder=args.offload_folder)
     meta = cache_activations(
         model,
         tok,

@@ -173,8 +173,13 @@ class CachedActivations(torch.utils.data.IterableDataset):
         return T if self.num_processes == 1 else T // self.num_processes
 
     # -- shard access
-    def _shard_path(self, k: int, i: int) -> Path:
+    def _shard_file(self, k: int, i: int) -> Path:
+        """Where shard ``i`` of hook point ``k`` lies in the cache folder (named in error messages)."""
         return self.dirs[k] / self.metas[k]["shards"][i]["file"]
+
+    def _shard_path(self, k: int, i: int) -> Path:
+        """The readable local file of the shard (a remote reader fetches it first)."""
+        return self._shard_file(k, i)
 
     def _verify_one(self, k: int, i: int) -> None:
         info = self.metas[k]["shards"][i]
@@ -196,10 +201,24 @@ class CachedActivations(torch.utils.data.IterableDataset):
         hit = self._maps.get(key)
         if hit is not None:
             return hit
+        path = self._shard_file(k, i)
+        try:
+            out = self._columns(k, i, self._read_table(k, i))
+        except (CorruptShardError, CorruptMetadataError):
+            raise
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError / KeyError on damaged files
+            raise CorruptShardError(
+                f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); {_fix_hint(path)}."
+            ) from e
+        self._maps[key] = out
+        return out
+
+    def _read_table(self, k: int, i: int):
+        """Shard ``i`` of hook point ``k`` as a pyarrow Table, memory-mapped (checksum checked first when
+        ``verify``, else the file size)."""
         import pyarrow as pa
 
-        path = self._shard_path(k, i)
-        info = self.metas[k]["shards"][i]
+        key, path = (k, i), self._shard_path(k, i)
         fut = self._verified.get(key)
         if fut is not None:
             fut.result()
@@ -207,42 +226,38 @@ class CachedActivations(torch.utils.data.IterableDataset):
             self._verified[key] = None
             self._verify_one(k, i)
         else:
-            _check_shard_file(path, info["bytes"], None)
-        try:
-            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-            _check_shard_schema(path, table, self.metas[k], info)
-            col = table.column("activation")
-            if col.num_chunks != 1:
-                col = pa.chunked_array([col.combine_chunks()])
-            child = col.chunk(0).flatten()
-            dtype_name = self.metas[k]["dtype"]
-            np_dtype = np.dtype(_NP[dtype_name])
-            if len(child) != info["num_rows"] * self.dims[k]:
-                raise ValueError(f"{len(child)} values, expected {info['num_rows']} x {self.dims[k]}")
-            buf = child.buffers()[1]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only memory map: we only ever read from it
-                arr = np.frombuffer(buf, dtype=np_dtype, count=len(child), offset=child.offset * np_dtype.itemsize)
-                x = torch.from_numpy(arr).view(-1, self.dims[k])
-                if dtype_name == "bfloat16":
-                    x = x.view(torch.bfloat16)
-                toks = []
-                for name in ("input_ids", "position", "window"):
-                    c = table.column(name).combine_chunks()
-                    toks.append(
-                        torch.from_numpy(
-                            np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c), offset=c.offset * 4)
-                        )
-                    )
-        except (CorruptShardError, CorruptMetadataError):
-            raise
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError / KeyError on damaged files
-            raise CorruptShardError(
-                f"Cached shard {path} cannot be read ({type(e).__name__}: {e}); {_fix_hint(path)}."
-            ) from e
-        out = (x, toks[0], toks[1], toks[2])
-        self._maps[key] = out
-        return out
+            _check_shard_file(path, self.metas[k]["shards"][i]["bytes"], None)
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+
+    def _columns(self, k: int, i: int, table):
+        """(activations [rows, d], input_ids, positions, windows [rows] int32) viewing ``table``'s buffers
+        (no copy), after checking its schema and row count against the metadata."""
+        import pyarrow as pa
+
+        path, info = self._shard_file(k, i), self.metas[k]["shards"][i]
+        _check_shard_schema(path, table, self.metas[k], info)
+        col = table.column("activation")
+        if col.num_chunks != 1:
+            col = pa.chunked_array([col.combine_chunks()])
+        child = col.chunk(0).flatten()
+        dtype_name = self.metas[k]["dtype"]
+        np_dtype = np.dtype(_NP[dtype_name])
+        if len(child) != info["num_rows"] * self.dims[k]:
+            raise ValueError(f"{len(child)} values, expected {info['num_rows']} x {self.dims[k]}")
+        buf = child.buffers()[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory map: we only ever read from it
+            arr = np.frombuffer(buf, dtype=np_dtype, count=len(child), offset=child.offset * np_dtype.itemsize)
+            x = torch.from_numpy(arr).view(-1, self.dims[k])
+            if dtype_name == "bfloat16":
+                x = x.view(torch.bfloat16)
+            toks = []
+            for name in ("input_ids", "position", "window"):
+                c = table.column(name).combine_chunks()
+                toks.append(
+                    torch.from_numpy(np.frombuffer(c.buffers()[1], dtype=np.int32, count=len(c), offset=c.offset * 4))
+                )
+        return (x, toks[0], toks[1], toks[2])
 
     # -- iteration
     def _groups(self, gen):

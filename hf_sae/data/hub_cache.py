@@ -102,9 +102,64 @@ class HubCachedActivations(CachedActivations):
         self._fetch_lock = threading.Lock()
 
 
-def open_cache(path, **kwargs) -> CachedActivations:
-    """:class:`HubCachedActivations` for ``hf://datasets/...``, else :class:`CachedActivations`."""
-    return HubCachedActivations(path, **kwargs) if is_hub_cache(path) else CachedActivations(path, **kwargs)
+class _StreamedShards:
+    """Shards read through ``datasets`` streaming (``load_dataset("arrow", data_files=<shard>,
+    streaming=True)``) instead of memory-mapped local files: the rows arrive over fsspec (a local or
+    shared-storage path, or ``hf://datasets/...`` through ``HfFileSystem``), nothing is written to disk,
+    and only the shards of the current shuffle groups are held in memory. Order, shuffle and process
+    sharding are the memory-mapped reader's, so the batches are identical.
+
+    Integrity: each shard's schema and row count are checked against ``metadata.json`` as it arrives;
+    its sha256 (which needs the whole file) is not (the memory-mapped reader verifies it)."""
+
+    streaming = True
+
+    def _shard_uri(self, k: int, i: int) -> str:
+        raise NotImplementedError
+
+    def _verify_one(self, k: int, i: int) -> None:  # no file here to hash; see the class docstring
+        return None
+
+    def _prefetch_verify(self, shard_ids) -> None:
+        return None
+
+    def _read_table(self, k: int, i: int):
+        import pyarrow as pa
+        from datasets import load_dataset
+
+        held = 2 * self.shuffle_buffer_shards * len(self.dirs)  # the shards of this group and the next
+        while len(self._maps) >= held:
+            self._maps.pop(next(iter(self._maps)))
+        ds = load_dataset("arrow", data_files=[self._shard_uri(k, i)], split="train", streaming=True)
+        parts = list(ds.with_format("arrow").iter(batch_size=self.metas[k]["shards"][i]["num_rows"] or 1))
+        return pa.concat_tables(parts) if parts else pa.table({})
+
+
+class StreamingCachedActivations(_StreamedShards, CachedActivations):
+    """:class:`~hf_sae.data.cache.CachedActivations` over a cache folder (local or shared storage), with
+    its shards streamed by ``datasets`` (see :class:`_StreamedShards`)."""
+
+    def _shard_uri(self, k: int, i: int) -> str:
+        return str(self._shard_file(k, i))
+
+
+class StreamingHubCachedActivations(_StreamedShards, HubCachedActivations):
+    """:class:`HubCachedActivations` with the shards streamed from the Hub by ``datasets``
+    (``hf://datasets/org/name@rev/<hook point>/shard-*.arrow``) instead of downloaded: only the small
+    metadata files are fetched."""
+
+    def _shard_uri(self, k: int, i: int) -> str:
+        rel = f"{self.dirs[k].name}/{self.metas[k]['shards'][i]['file']}"
+        return f"{HUB_PREFIX}{self.repo_id}{'@' + self.revision if self.revision else ''}/{rel}"
+
+
+def open_cache(path, streaming: bool = False, **kwargs) -> CachedActivations:
+    """The reader of the cache at ``path``: :class:`HubCachedActivations` for ``hf://datasets/...``, else
+    :class:`CachedActivations`; with ``streaming=True`` their ``datasets``-streaming twins (no shard is
+    written to disk; the batches are the same)."""
+    if is_hub_cache(path):
+        return (StreamingHubCachedActivations if streaming else HubCachedActivations)(path, **kwargs)
+    return (StreamingCachedActivations if streaming else CachedActivations)(path, **kwargs)
 
 
 def cache_exists(path) -> bool:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..placement import check_device_map, parse_max_memory
+
 DEFAULT_MODEL = "smollm2-135m"
 """Alias of the embedded default model (SmolLM2-135M-Instruct, d_model 576, 30 layers)."""
 
@@ -156,7 +158,8 @@ def convert_default_model(force: bool = False) -> Path:
 
 
 def _finish(model, tokenizer, dtype, device):
-    model = model.to(device=device, dtype=dtype)
+    if not is_dispatched(model):  # a dispatched model stays where accelerate placed (and offloaded) it
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -164,19 +167,62 @@ def _finish(model, tokenizer, dtype, device):
     return model, tokenizer
 
 
-def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+# --------------------------------------------------------------------------- LMs larger than one device
+
+
+def is_dispatched(model) -> bool:
+    """True for a model loaded with a ``device_map`` (accelerate's big-model path: layers spread over
+    devices, or offloaded to the CPU or disk and loaded at forward time)."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def input_device(model) -> torch.device:
+    """Where to put a model's input ids: its first parameter's device, or for a dispatched model the
+    device of its first placed module (the embedding); offloaded ("cpu"/"disk") placements take CPU
+    inputs, which accelerate's hooks move to the execution device."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        return torch.device("cuda", first) if isinstance(first, int) else torch.device(
+            "cpu" if first in ("cpu", "disk") else first)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _placement_kwargs(device_map, max_memory, offload_folder) -> dict:
+    """``from_pretrained`` keyword arguments of the big-model path (empty without a device_map)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("--max_memory / --offload_folder need --device_map (e.g. --device_map auto)")
+        return {}
+    check_device_map(device_map)
+    kw = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
+    if offload_folder is None:  # weights that fit neither a GPU nor the CPU budget go to disk
+        offload_folder = tempfile.mkdtemp(prefix="hf_sae_offload_")
+    kw["offload_folder"] = str(offload_folder)
+    return kw
+
+
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       device_map=None, max_memory=None, offload_folder=None):
     """Load the embedded SmolLM2-135M-Instruct (offline) as ``(model, tokenizer)``, eval mode, no grads.
 
     Args:
         dtype: parameter dtype (weights are stored in fp32).
-        device: where to put the model.
+        device: where to put the model (ignored with a ``device_map``).
+        device_map, max_memory, offload_folder: the big-model placement, as for :func:`load_model`.
     Returns:
         ``(LlamaForCausalLM, tokenizer)``; hidden size 576, 30 layers, vocabulary 49152.
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = convert_default_model()
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                             **_placement_kwargs(device_map, max_memory, offload_folder))
     model.name_or_path = DEFAULT_MODEL_HUB_ID
     model.config._name_or_path = DEFAULT_MODEL_HUB_ID
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -184,7 +230,8 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    device_map=None, max_memory=None, offload_folder=None,
 ):
     """Load a causal LM and its tokenizer, eval mode, no grads.
 
@@ -193,12 +240,20 @@ def load_model(
             give the embedded offline copy; anything else is a Hub id or a local folder
             passed to ``AutoModelForCausalLM`` / ``AutoTokenizer``.
         dtype: parameter dtype.
-        device: where to put the model.
+        device: where to put the model (without ``device_map``).
+        device_map: None (the whole model on ``device``), or accelerate's big-model placement for an LM
+            larger than one device: ``"auto"`` (or ``"balanced"``, ``"sequential"``, a dict) fills the
+            GPUs in order, then the CPU, then disk, each up to ``max_memory``. Offloaded layers are
+            loaded onto the execution device for their forward only; hook points resolve on the same
+            module names (:mod:`hf_sae.hooks`), so capture and splice work unchanged.
+        max_memory: ``{device: size}`` or ``"cpu=2GiB,0=70GiB"`` (:func:`hf_sae.placement.parse_max_memory`).
+        offload_folder: where disk-offloaded weights go (default: a temporary folder).
     Returns:
         ``(model, tokenizer)``; a tokenizer without a pad token gets ``pad = eos``.
     """
     if is_default_model(name_or_path):
-        return load_default_model(dtype=dtype, device=device)
+        return load_default_model(dtype, device, device_map, max_memory, offload_folder)
+    placement = _placement_kwargs(device_map, max_memory, offload_folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(str(name_or_path)).expanduser()
@@ -206,7 +261,8 @@ def load_model(
     if looks_local and not p.is_dir():
         raise FileNotFoundError(f"Model folder {p} does not exist; pass a folder with config.json or a Hub id.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p) if looks_local else name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(p) if looks_local else name_or_path, dtype=dtype,
+                                                     **placement)
         tokenizer = AutoTokenizer.from_pretrained(str(p) if looks_local else name_or_path)
     except OSError as e:
         raise OSError(

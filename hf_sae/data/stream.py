@@ -16,6 +16,7 @@ from itertools import islice
 import torch
 
 from .corpus import iter_windows, load_texts, token_mask
+from .models import input_device
 
 
 @dataclass
@@ -69,13 +70,6 @@ def window_source(texts_or_windows, tokenizer, window: int = 256, add_bos: bool 
     return iter_windows(texts, tokenizer, window=window, add_bos=add_bos), None
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 def harvest(model, tokenizer, windows: Iterable[torch.Tensor], hook_points, batch_windows: int = 8,
             exclude_first: bool = True, exclude_special: bool = True, window_offset: int = 0,
             window_filter=None, out_device=None) -> Iterator[HarvestBatch]:
@@ -96,7 +90,7 @@ def harvest(model, tokenizer, windows: Iterable[torch.Tensor], hook_points, batc
     hook_points = _as_hook_list(hook_points)
     if batch_windows < 1:
         raise ValueError(f"batch_windows must be >= 1, got {batch_windows}.")
-    device = _model_device(model)
+    device = input_device(model)
     it = iter(windows)
     gidx = window_offset
     while True:
@@ -119,10 +113,9 @@ def harvest(model, tokenizer, windows: Iterable[torch.Tensor], hook_points, batc
         with torch.no_grad():
             acts = run_with_capture(model, ids.to(device), hook_points)
         out = {}
-        flat_dev = flat.to(device)
         for h in hook_points:
-            a = acts[h]
-            a = a.reshape(-1, a.shape[-1]).index_select(0, flat_dev)
+            a = acts[h]  # on the device of its layer (layers of a dispatched LM may sit on different devices)
+            a = a.reshape(-1, a.shape[-1]).index_select(0, flat.to(a.device))
             out[h] = a.to(out_device) if out_device is not None else a
         yield HarvestBatch(acts=out, input_ids=ids.view(-1)[flat], positions=flat % T,
                            windows=idx[flat // T], window_tokens=ids, n_windows=n_chunk)

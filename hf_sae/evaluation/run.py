@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from ..placement import add_placement_args
+
 __all__ = ["ALL_METRICS", "OPTIONAL_METRICS", "add_eval_args", "run_eval", "main"]
 
 ALL_METRICS = ("reconstruction", "afa", "probes", "n2g", "downstream", "ablation")
@@ -97,6 +99,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ablation-context", type=int, default=64, help="context length of the ablation forwards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    add_placement_args(parser, dashes=True)  # an LM larger than one device: --device_map auto --max_memory ...
     parser.add_argument("--out", default=None, help="output folder (default: ./eval_<sae folder name>)")
     parser.add_argument("--no-report", action="store_true", help="write metrics.json only (no PNG/HTML)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -193,7 +196,9 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         raise ValueError("the SAE's config has no hook_point; pass --hook-point (e.g. layers.6.resid_post).")
     model_name = args.model or cfg.base_model or DEFAULT_MODEL
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(model_name, device=device)
+        model, tokenizer = load_model(model_name, device=device, device_map=getattr(args, "device_map", None),
+                                      max_memory=getattr(args, "max_memory", None),
+                                      offload_folder=getattr(args, "offload_folder", None))
     dim = hook_point_dim(model, hook)
     if dim != cfg.d_in:
         raise ValueError(f"hook point {hook!r} of {model_name} has width {dim} but the SAE expects d_in={cfg.d_in}.")

@@ -76,31 +76,40 @@ class ShardedSAETrainer(SAETrainer):
         return {h: shard.to_full() for h, shard in self._shards().items()}
 
     def _step(self, batches: list[dict[str, Tensor]], window) -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches: each micro-batch's loss
+        (its global-batch loss over the DP replicas, under the Accelerator's autocast: bf16 with
+        ``--mixed_precision bf16``) is divided by the number of micro-batches and back-propagated, as
+        ``accelerator.backward`` does in :class:`SAETrainer`; then one gradient reduction + clipping +
+        Adam step, and the dead-latent counters advance once with the fires of every micro-batch."""
         args, st, dev = self.args, self.state, self.accelerator.device
         shards = self._shards()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(st.tokens, group["peak_lr"], args.train_tokens, args.warmup_tokens,
                                 args.lr_schedule, args.lr_min_ratio)
-        (mb,) = batches  # gradient_accumulation_steps == 1 (checked by the arguments)
-        mb = {h: x.to(dev, non_blocking=True) for h, x in mb.items()}
         dead = {h: self.since_fired[h] >= shards[h].config.dead_tokens_threshold for h in shards}
-        outs = self.model(mb, dead)
-        loss = sum(o.output.loss for o in outs)
-        self._first_bad_step = torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                           st.step + 1, self._first_bad_step)
-        loss.backward()
-        for (h, shard), o in zip(shards.items(), outs):
+        fires = {h: torch.zeros_like(self.since_fired[h]) for h in shards}
+        for mb in batches:
+            mb = {h: x.to(dev, non_blocking=True) for h, x in mb.items()}
+            with self.accelerator.autocast():
+                outs = self.model(mb, dead)
+            loss = sum(o.output.loss for o in outs)
+            self._first_bad_step = torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                               st.step + 1, self._first_bad_step)
+            (loss / len(batches)).backward()
+            for h, o in zip(shards, outs):
+                fires[h] += o.fires
+                window.add(h, o.output, {"sum_l0": float(o.l0), "count": 1})
+        for h, shard in shards.items():
             gn = finish_gradients(shard, args.max_grad_norm, args.project_decoder_grad)
             if args.max_grad_norm > 0:
                 window.add_scalar(h, "grad_norm", gn)
-            window.add(h, o.output, {"sum_l0": float(o.l0), "count": 1})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for (h, shard), o in zip(shards.items(), outs):
+        for h, shard in shards.items():
             if args.normalize_decoder:
                 shard.normalize_decoder_()
-            fires, self.since_fired[h] = update_since_fired(shard, o.fires, self.since_fired[h], args.batch_size)
-            self.total_fires[h] += fires
+            fired, self.since_fired[h] = update_since_fired(shard, fires[h], self.since_fired[h], args.batch_size)
+            self.total_fires[h] += fired
 
     def _dead_fraction(self, h: str) -> float:
         shard = self._shards()[h]

@@ -26,6 +26,7 @@ from typing import Optional
 from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
 from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
 from ..configuration_sae import KERNELS as _KERNELS
+from ..placement import PLACEMENT_HELP, check_device_map, parse_max_memory
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
 MIN_MICRO_BATCH = 8
@@ -35,7 +36,8 @@ MIN_MICRO_BATCH = 8
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
     "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
-    "run_name", "lm_batch_size", "plot_report", "tp_size",
+    "run_name", "lm_batch_size", "plot_report", "tp_size", "max_memory", "offload_folder",
+    "streaming",
 })
 
 
@@ -73,6 +75,10 @@ class SAETrainingArguments:
         "hf_sae.data.cache (or one pushed to the Hub: hf://datasets/org/name[@rev]), or a .safetensors/.pt file "
         "holding one [N, d] tensor per hook point "
         "(key = hook point). None = stream live from model_name_or_path over `dataset`.", default=None)
+    streaming: bool = _help(
+        "Read the --activations cache through datasets streaming (load_dataset(..., streaming=True)): no shard "
+        "is downloaded or written locally, each process streams only the shards it reads. Same batches, same SAE.",
+        default=False)
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
         "(live) or of the cache when it has one.", default=None)
@@ -83,6 +89,9 @@ class SAETrainingArguments:
     lm_batch_size: int = _help("Windows per LM forward when streaming live.", default=8)
     shuffle_buffer_tokens: int = _help("Shuffle buffer of the live stream in tokens (0 = stream order).",
                                        default=65536)
+    device_map: Optional[str] = _help(PLACEMENT_HELP["device_map"] + " (one process only).", default=None)
+    max_memory: Optional[str] = _help(PLACEMENT_HELP["max_memory"] + ".", default=None)
+    offload_folder: Optional[str] = _help(PLACEMENT_HELP["offload_folder"] + ".", default=None)
     # ------------------------------------------------------------------ SAE
     activation: str = _help(f"SAE activation: one of {_ACTIVATIONS}.", default=_sae_default("activation"))
     n_latents: Optional[int] = _help("Number of latents n (default expansion_factor * d).", default=None)
@@ -283,13 +292,21 @@ class SAETrainingArguments:
                 f"batch's variance); raise --batch_size to >= "
                 f"{MIN_MICRO_BATCH * self.gradient_accumulation_steps}",
             )
+        from ..data.hub_cache import is_hub_cache
+
+        if self.streaming and not (self.activations and (os.path.isdir(self.activations)
+                                                         or is_hub_cache(self.activations))):
+            bad("streaming", "streams an activation cache: give --activations a cache folder or hf://datasets/...")
+        if self.device_map is not None and self.activations is not None:
+            bad("device_map", "places the live LM, but --activations trains without one: drop --device_map")
+        for name in ("max_memory", "offload_folder"):
+            if getattr(self, name) is not None and self.device_map is None:
+                bad(name, "needs --device_map (e.g. --device_map auto)")
+        check_device_map(self.device_map)  # a bad --device_map / --max_memory fails here, before any work
+        parse_max_memory(self.max_memory)
         if self.tp_size > 1:
-            if self.gradient_accumulation_steps != 1:
-                bad("gradient_accumulation_steps", "must be 1 with --tp_size > 1 (raise --batch_size instead)")
             if self.n_latents is not None and self.n_latents % self.tp_size:
                 bad("n_latents", f"must be a multiple of --tp_size={self.tp_size}")
-            if self.mixed_precision == "bf16":
-                bad("mixed_precision", "bf16 autocast is not supported with --tp_size > 1 yet; use no or auto")
         if self.train_tokens < self.batch_size:
             bad("train_tokens", f"must be >= batch_size={self.batch_size} (at least one step)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -326,6 +343,10 @@ class SAETrainingArguments:
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
 
+        if self.device_map is not None and num_processes is not None and num_processes > 1:
+            bad("device_map", f"spreads one LM over the devices of one process, but {num_processes} processes run: "
+                "cache the activations first (hf-sae cache --device_map auto ...) and train from them with "
+                "--activations on any number of processes")
         if self.tp_size > 1 and num_processes is not None and num_processes % self.tp_size:
             bad(
                 "tp_size",

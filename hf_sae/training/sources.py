@@ -156,14 +156,16 @@ class CacheSource:
     """Micro-batches from an on-disk activation cache (:class:`hf_sae.data.CachedActivations`).
 
     The cache deals whole batches of ``micro`` rows round-robin to processes and skips batches on
-    resume without reading them (``set_epoch(epoch, skip_batches)``).
+    resume without reading them (``set_epoch(epoch, skip_batches)``). ``streaming``: the shards are read
+    through ``datasets`` streaming (:mod:`hf_sae.data.hub_cache`), same batches.
     """
 
     def __init__(self, path: str, hook_points: list[str], micro: int, process_index: int = 0,
-                 num_processes: int = 1, seed: int = 0):
+                 num_processes: int = 1, seed: int = 0, streaming: bool = False):
         from ..data.hub_cache import open_cache
 
-        self.ds = open_cache(path, hook_point=list(hook_points), batch_size=micro, shuffle=True, seed=seed,
+        self.ds = open_cache(path, streaming=streaming, hook_point=list(hook_points), batch_size=micro, shuffle=True,
+                             seed=seed,
                                     process_index=process_index, num_processes=num_processes,
                                     dtype=torch.float32, drop_last=True)
         self.hook_points = hook_points
@@ -196,7 +198,7 @@ class CacheSource:
             finite = torch.isfinite(x.float()).all(dim=1)
             if not bool(finite.all()):
                 rows = (~finite).nonzero().flatten()
-                return (f"the activation cache has NaN/Inf values for {h!r}: shard {self.ds._shard_path(k, i)}, "
+                return (f"the activation cache has NaN/Inf values for {h!r}: shard {self.ds._shard_file(k, i)}, "
                         f"{len(rows)} row(s), first at row {int(rows[0])}; re-create the cache (or that shard) "
                         "from the model")
         return f"the activation cache gave a non-finite batch for {h!r}"

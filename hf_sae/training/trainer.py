@@ -216,7 +216,7 @@ class SAETrainer:
         if args.activations is not None:
             path = args.activations
             if is_cache_dir(path):
-                src = CacheSource(path, hps, self.micro, rank, world, seed=args.seed)
+                src = CacheSource(path, hps, self.micro, rank, world, seed=args.seed, streaming=args.streaming)
                 meta = src.metadata
                 self._init_iter = self._cache_init_iter
                 self._cache_scales = {h: m.get("input_scale") for h, m in zip(hps, src.ds.metas)}
@@ -231,7 +231,8 @@ class SAETrainer:
         from ..hooks import hook_point_dim, resolve_hook_point
 
         if self.lm is None:
-            self.lm, self.tokenizer = load_model(args.model_name_or_path, device=acc.device)
+            self.lm, self.tokenizer = load_model(args.model_name_or_path, device=acc.device, device_map=args.device_map,
+                                                 max_memory=args.max_memory, offload_folder=args.offload_folder)
         for h in hps:
             resolve_hook_point(self.lm, h)  # ValueError naming the valid hook points
         from ..data.stream import ActivationStream
@@ -265,7 +266,7 @@ class SAETrainer:
     def _cache_init_iter(self):
         from ..data.hub_cache import open_cache
 
-        ds = open_cache(self.args.activations, hook_point=list(self.args.hook_points),
+        ds = open_cache(self.args.activations, streaming=self.args.streaming, hook_point=list(self.args.hook_points),
                                batch_size=self.args.init_tokens, shuffle=True, seed=self.args.seed + 1)
         return (_as_hook_dict(x, self.args.hook_points) for x in ds)
 
