@@ -2,7 +2,8 @@
 
 Every sharded run trains the same SAE as one process on the same global batches (float64, so the
 tolerance is tight): per-step losses, final weights and the dead-latent counters. Sharded checkpoints
-resume exactly and re-shard 4 -> 2 -> 1.
+resume exactly and re-shard 4 -> 2 -> 1. The trainer with --tp_size equals the 1-process trainer, also
+with gradient accumulation (fp32) and bf16 autocast (a stated tolerance).
 """
 
 import os
@@ -361,6 +362,23 @@ def test_sharded_errors():
     with pytest.raises(ValueError, match="--n_latents=100 is invalid: must be a multiple of --tp_size=8"):
         SAETrainingArguments(tp_size=8, n_latents=100).validate(num_processes=8)
     SAETrainingArguments(tp_size=2, batch_size=4096).validate(num_processes=4)  # 2 DP replicas x 2 shards
+
+
+def test_backend_is_nccl_when_cuda_is_present(monkeypatch):
+    """No GPU here: the choice itself is checked (NCCL with CUDA, gloo without), and that launches use it."""
+    import torch.distributed as dist
+
+    from hf_sae.parallel import mesh
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "FORK_LAUNCHED"):
+        monkeypatch.delenv(var, raising=False)  # init_local sets them; restored after the test
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append(backend))
+    for cuda, want in ((True, "nccl"), (False, "gloo")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert mesh.default_backend() == want
+        mesh.init_local(0, 1, mesh.free_port())
+    assert seen == ["nccl", "gloo"]
 
 
 def test_memory_model():

@@ -145,13 +145,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_backend() -> str:
+    """The torch.distributed backend of a launch: NCCL when CUDA is present, else gloo. (Under
+    ``accelerate launch`` / ``torchrun`` the trainer's Accelerator makes the same choice: NCCL for GPU
+    processes, gloo with ``ACCELERATE_USE_CPU=true`` or no GPU; :func:`make_mesh`'s groups inherit it.)"""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_local(rank: int, world_size: int, port: int, backend: Optional[str] = None) -> None:
     """Initialize the default process group for a single-node launch (tests, benchmarks)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       FORK_LAUNCHED="1")  # Accelerate: the launcher owns the group (end_training keeps it)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend or default_backend(), rank=rank, world_size=world_size)
 
 
 def _entry(rank: int, fn, nprocs: int, port: int, backend: Optional[str], args: tuple) -> None:

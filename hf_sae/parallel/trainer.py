@@ -6,8 +6,10 @@ data sources, trackers, evaluation, reports and exports are the trainer's own:
 - the model: each SAE is built and initialized as usual (same seed and data sample on every process),
   then sliced into a :class:`~hf_sae.parallel.ShardedSAE`; the data is split over the DP replicas only
   (the P processes of one replica read the same tokens);
-- the step: global-batch loss, backward, gradients summed over DP, projection, global-norm clipping,
-  Adam on the local rows, decoder renorm, dead-latent counters on the local rows (summed over DP);
+- the step: per micro-batch (``gradient_accumulation_steps`` of them) the global-batch loss under the
+  Accelerator's autocast, backward of loss / micro-batches; then gradients summed over DP, projection,
+  global-norm clipping, Adam on the local rows, decoder renorm, dead-latent counters on the local rows
+  (summed over DP);
 - checkpoints: ``checkpoint-N/<hook_point>/shard-*.safetensors`` + ``trainer_state.json``, sealed and
   renamed atomically (:mod:`hf_sae.training.checkpoint`); resuming re-shards to the current tp_size;
 - exports and evaluation use the consolidated SAE (an all-gather), so the saved folders are normal
