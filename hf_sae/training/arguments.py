@@ -76,8 +76,9 @@ class SAETrainingArguments:
         "holding one [N, d] tensor per hook point "
         "(key = hook point). None = stream live from model_name_or_path over `dataset`.", default=None)
     streaming: bool = _help(
-        "Read the --activations cache through datasets streaming (load_dataset(..., streaming=True)): no shard "
-        "is downloaded or written locally, each process streams only the shards it reads. Same batches, same SAE.",
+        "Read the --activations cache (a folder or hf://datasets/...) through datasets streaming "
+        "(load_dataset(..., streaming=True)): no shard is written to local disk, and only the shards of the "
+        "current shuffle groups are held in memory. Same batches, same SAE as without.",
         default=False)
     eval_activations: Optional[str] = _help(
         "Held-out activations (same formats as --activations). Default: the validation split of `dataset` "
