@@ -420,7 +420,7 @@ def test_cache_cli(tiny, tmp_path, monkeypatch):
     model, tok, _ = tiny
     from hf_sae.data import models
 
-    monkeypatch.setattr(models, "load_model", lambda name, dtype=None, device=None: (model, tok))
+    monkeypatch.setattr(models, "load_model", lambda name, dtype=None, device=None, **placement: (model, tok))
     (tmp_path / "t.txt").write_text(" ".join(WORDS * 40) + "\n\n" + " ".join(WORDS[::-1] * 40) + "\n")
     meta = cache_mod.cache_main(
         [

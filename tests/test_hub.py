@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """A running FakeHub, with huggingface_hub pointed at it (online, fresh cache, fake token)."""
+    """A running FakeHub, with huggingface_hub (and datasets' Hub access) pointed at it (online, fresh cache,
+    fake token)."""
     import huggingface_hub.constants as hc
 
     tmp = tmp_path_factory.mktemp("hub")
@@ -44,6 +45,10 @@ def hub(tmp_path_factory):
     mp.setattr(hc, "HF_HUB_OFFLINE", False)
     mp.setattr(hc, "HF_HUB_CACHE", str(tmp / "cache"))
     mp.setattr(hc, "HF_HUB_DISABLE_XET", True)
+    import datasets.config as dc  # datasets streaming (HfFileSystem) reads its own copy of HF_ENDPOINT
+
+    mp.setattr(dc, "HF_ENDPOINT", server.url)
+    mp.setattr(dc, "HUB_DATASETS_URL", server.url + "/datasets/{repo_id}/resolve/{revision}/{path}")
     server.cache = tmp / "cache"
     yield server
     mp.undo()

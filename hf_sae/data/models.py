@@ -13,6 +13,7 @@ Nothing here touches the network for the default model.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -201,10 +202,9 @@ def _placement_kwargs(device_map, max_memory, offload_folder) -> dict:
     kw = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
     if offload_folder is None:  # weights that fit neither a GPU nor the CPU budget go to disk
         offload_folder = tempfile.mkdtemp(prefix="hf_sae_offload_")
+        atexit.register(shutil.rmtree, offload_folder, True)
     kw["offload_folder"] = str(offload_folder)
     return kw
-
-
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -235,7 +235,7 @@ def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> 
         b_keep = keep[s : s + args.batch_size].to(device)
         if not b_keep.any():
             continue
-        acts = run_with_capture(model, b_ids, [hook])[hook]
+        acts = run_with_capture(model, b_ids, [hook])[hook].to(device)  # a dispatched LM: its layer's device
         ts = time.perf_counter()
         x = acts[b_keep].float()
         out = sae(x)

@@ -36,8 +36,8 @@ MIN_MICRO_BATCH = 8
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "log_with", "log_every_steps", "progress_bar",
     "save_total_limit", "checkpoint_every_tokens", "eval_every_tokens", "eval_tokens", "eval_activations",
-    "run_name", "lm_batch_size", "plot_report", "tp_size", "max_memory", "offload_folder",
-    "streaming",
+    "run_name", "lm_batch_size", "plot_report", "tp_size", "device_map", "max_memory",
+    "offload_folder", "streaming",
 })
 
 
