@@ -38,6 +38,7 @@ git-ignored); only the summaries in ``--results`` are committed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -128,8 +129,9 @@ def stage_cache(ns, cache: Path) -> dict:
 
     done = all((cache / s / "metadata.json").is_file() for s in ("train", "validation"))
     if not done:
-        model, tok = load_default_model()
-        with torch.no_grad():
+        cache.mkdir(parents=True, exist_ok=True)
+        with timed(cache / "cache_timing.json"), torch.no_grad():
+            model, tok = load_default_model()
             cache_activations(model, tok, "default", [HOOK], cache / "validation", max_tokens=ns.eval_cache_tokens,
                               dtype="float16", split="validation", progress=False)
             cache_activations(model, tok, "default", [HOOK], cache / "train", max_tokens=ns.cache_tokens,
@@ -153,10 +155,9 @@ def stage_train(ns, manifest, cache: Path, work: Path, log) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "command.txt").write_text(command_line(kw) + "\n")
         log(f"train {run['name']} lr={kw['lr']:.2e}")
-        t = time.perf_counter()
-        SAETrainer(SAETrainingArguments(**kw)).train()
-        (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
-        log(f"  done in {time.perf_counter() - t:.0f} s")
+        with timed(out / "train_timing.json") as tm:
+            SAETrainer(SAETrainingArguments(**kw)).train()
+        log(f"  done in {tm['wall_seconds']:.0f} s ({tm['cpu_seconds']:.0f} CPU s, load {tm['loadavg'][0]:.1f})")
 
 
 def _heldout_windows(tok, n_tokens: int):
@@ -183,9 +184,8 @@ _LM: dict = {}
 def stage_eval(ns, manifest, work: Path, log) -> None:
     import torch
 
-    from hf_sae import SparseAutoencoder
     from hf_sae.data.models import load_default_model
-    from hf_sae.evaluation.downstream import DownstreamStats, clean_next_token_log_probs, downstream_batch
+    from hf_sae.evaluation.downstream import clean_next_token_log_probs
 
     for run in manifest:
         folder = sae_folder(work, run)
@@ -198,40 +198,61 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
             with torch.no_grad():  # the clean forward is the same for every SAE: once per process
                 _LM["clean"] = [clean_next_token_log_probs(_LM["model"], _LM["ids"][s:s + 4])
                                 for s in range(0, _LM["ids"].shape[0], 4)]
-        model, tok, ids, keep = _LM["model"], _LM["tok"], _LM["ids"], _LM["keep"]
-        t = time.perf_counter()
-        sae = SparseAutoencoder.from_pretrained(str(folder)).eval()
-        info = sae.config.training_info
-        fm = info["final_metrics"]
-        history = [json.loads(line) for line in (work / "runs" / run["name"] / "logs" / "metrics.jsonl")
-                   .read_text().splitlines() if line.strip()] if (work / "runs" / run["name"] / "logs" /
-                                                                   "metrics.jsonl").is_file() else []
-        res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
-               "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
-               "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
-               "dead_train": fm.get("train_dead_fraction"),
-               "train_seconds": _read_float(work / "runs" / run["name"] / "wall_seconds.txt"),
-               **flattened(history, ns.flat_tol)}
-        ds = DownstreamStats()
-        with torch.no_grad():
-            for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):
-                o = downstream_batch(model, sae, ids[s:s + 4], keep[s:s + 4], HOOK, ablations=(),
-                                     clean_log_probs=clean)
-                ds.update(o["ce_clean"], o["ce_spliced"], o["kl"])
-        d = ds.compute()
-        res.update(ce_clean=d["ce_clean"], ce_spliced=d["ce_spliced"], delta_loss=d["delta_loss"], kl=d["kl"])
-        if "LN" in run["groups"]:
-            res.update(_size_metrics(ns, sae, model, tok, work / "runs" / run["name"]))
-        if "multitopk" in run["groups"]:
-            res["fvu_at_k"] = _fvu_at_k(ns, sae, work)
-        res["eval_seconds"] = time.perf_counter() - t
+        run_dir = work / "runs" / run["name"]
+        with timed(run_dir / "eval_timing.json") as tm:
+            res = _evaluate_run(ns, run, folder, run_dir, work)
+        res.update(train_timing=read_timing(run_dir / "train_timing.json"), eval_timing=tm)
         res_path.write_text(json.dumps(res, indent=1, default=float))
         log(f"eval {run['name']}: fvu={res['fvu']:.4f} l0={res['l0']:.1f} dloss={res['delta_loss']:.4f} "
-            f"({res['eval_seconds']:.0f} s)")
+            f"({tm['wall_seconds']:.0f} s, {tm['cpu_seconds']:.0f} CPU s)")
 
 
-def _read_float(path: Path):
-    return float(path.read_text()) if path.is_file() else None
+def _evaluate_run(ns, run: dict, folder: Path, run_dir: Path, work: Path) -> dict:
+    """Every study metric of one trained run (the row of ``study_eval.json``, without timings)."""
+    import torch
+
+    from hf_sae import SparseAutoencoder
+    from hf_sae.evaluation.downstream import DownstreamStats, downstream_batch
+
+    model, tok, ids, keep = _LM["model"], _LM["tok"], _LM["ids"], _LM["keep"]
+    sae = SparseAutoencoder.from_pretrained(str(folder)).eval()
+    info = sae.config.training_info
+    fm = info["final_metrics"]
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.is_file() else []
+    res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
+           "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
+           "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
+           "dead_train": fm.get("train_dead_fraction"), **flattened(history, ns.flat_tol)}
+    ds = DownstreamStats()
+    with torch.no_grad():
+        for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):
+            o = downstream_batch(model, sae, ids[s:s + 4], keep[s:s + 4], HOOK, ablations=(), clean_log_probs=clean)
+            ds.update(o["ce_clean"], o["ce_spliced"], o["kl"])
+    d = ds.compute()
+    res.update(ce_clean=d["ce_clean"], ce_spliced=d["ce_spliced"], delta_loss=d["delta_loss"], kl=d["kl"])
+    if "LN" in run["groups"]:
+        res.update(_size_metrics(ns, sae, model, tok, run_dir))
+    if "multitopk" in run["groups"]:
+        res["fvu_at_k"] = _fvu_at_k(ns, sae, work)
+    return res
+
+
+@contextlib.contextmanager
+def timed(path: Path):
+    """Time the body: wall and CPU seconds (this process, all threads) and the 1-minute load average at both
+    ends, written to ``path`` (JSON) when the body finishes; yields the dict that is filled in."""
+    t, c, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    tm: dict = {}
+    yield tm
+    tm.update(wall_seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c,
+              loadavg=[load0, os.getloadavg()[0]])
+    path.write_text(json.dumps(tm))
+
+
+def read_timing(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _size_metrics(ns, sae, model, tok, run_dir: Path) -> dict:
@@ -280,6 +301,34 @@ def _fvu_at_k(ns, sae, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def study_command(ns) -> str:
+    """The command that trains and evaluates this study: the script with every setting that differs from its
+    default (paths and --stages / --only / --runs left out: they choose where and what, not how)."""
+    defaults = vars(parser().parse_args([]))
+    skip = {"work", "results", "reproduction", "stages", "plan", "only", "runs"}
+    flags = []
+    for key, v in vars(ns).items():
+        if key in skip or v == defaults[key]:
+            continue
+        v = ",".join(f"{x:g}" for x in v) if isinstance(v, list) else v
+        flags.append(f"--{key.replace('_', '-')} {v}")
+    return " ".join(["nice -n 19 .venv/bin/python benchmarks/scaling_study.py", *flags])
+
+
+def study_cost(rows: list[dict], cache_timing: dict) -> dict:
+    """Wall and CPU seconds of the finished study, summed over its stages from the timings each run
+    wrote (so a study resumed over several invocations is counted once), and the load averages seen."""
+    parts = {"cache": [cache_timing] if cache_timing else [], "train": [r.get("train_timing") or {} for r in rows],
+             "eval": [r.get("eval_timing") or {} for r in rows]}
+    out = {f"{stage}_{kind}_seconds": sum(t.get(f"{kind}_seconds", 0.0) for t in ts)
+           for stage, ts in parts.items() for kind in ("wall", "cpu")}
+    loads = [v for ts in parts.values() for t in ts for v in t.get("loadavg", [])]
+    out.update(wall_seconds=sum(out[f"{s}_wall_seconds"] for s in parts),
+               cpu_seconds=sum(out[f"{s}_cpu_seconds"] for s in parts),
+               loadavg_min=min(loads, default=None), loadavg_max=max(loads, default=None))
+    return out
+
+
 def collect(work: Path, manifest) -> list[dict]:
     out = []
     for run in manifest:
@@ -296,6 +345,8 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
 
     rows = collect(work, manifest)
     results_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "cost": study_cost(rows, read_timing(work / "cache" / "cache_timing.json")),
+            "study_command": study_command(ns)}
     report: dict = {"meta": meta, "runs": rows, "fits": {}, "missing": [r["name"] for r in manifest
                                                                        if r["name"] not in {x["name"] for x in rows}]}
     ln = sorted([r for r in rows if "LN" in r["groups"]], key=lambda r: r["n"])
@@ -417,7 +468,7 @@ def main(argv=None) -> dict:
     cache = work / "cache"
     meta: dict = {"hook_point": HOOK, "model": "SmolLM2-135M-Instruct (embedded)", "corpus": "KJV (embedded)",
                   "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results")},
-                  "niceness": os.nice(0), "torch_threads": torch.get_num_threads(),
+                  "niceness": os.nice(0), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "command": "python benchmarks/scaling_study.py "
                   + " ".join(argv if argv is not None else sys.argv[1:])}
     if "cache" in stages or (cache / "train" / "metadata.json").is_file():
@@ -426,9 +477,6 @@ def main(argv=None) -> dict:
 
     def finish():
         meta["wall_seconds_this_invocation"] = time.perf_counter() - t0
-        meta["train_seconds_total"] = sum(
-            (_read_float(work / "runs" / r["name"] / "wall_seconds.txt") or 0) for r in manifest
-        )
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
     # one run at a time (train, evaluate, refresh the report), so partial results cover every group early;

@@ -114,3 +114,20 @@ def test_report_with_missing_runs_says_how_to_finish(study, tmp_path):
     )
     assert len(rep["missing"]) == len(manifest) and rep["fits"] == {}
     assert "benchmarks/scaling_study.py" in (tmp_path / "R.md").read_text().split("Not finished")[1]
+
+
+def test_cost_is_summed_from_the_runs_own_timings(study, tmp_path):
+    with study.timed(tmp_path / "t.json") as tm:
+        sum(range(10**5))
+    assert json.loads((tmp_path / "t.json").read_text()) == tm
+    assert tm["wall_seconds"] > 0 and tm["cpu_seconds"] >= 0 and len(tm["loadavg"]) == 2
+    run = {"train_timing": {"wall_seconds": 10.0, "cpu_seconds": 4.0, "loadavg": [1.0, 3.0]},
+           "eval_timing": {"wall_seconds": 2.0, "cpu_seconds": 1.0, "loadavg": [2.0, 2.0]}}
+    c = study.study_cost([run, run, {}], {"wall_seconds": 5.0, "cpu_seconds": 5.0, "loadavg": [0.5, 1.0]})
+    assert (c["train_wall_seconds"], c["train_cpu_seconds"], c["eval_wall_seconds"], c["eval_cpu_seconds"]) == (
+        20.0, 8.0, 4.0, 2.0)
+    assert (c["wall_seconds"], c["cpu_seconds"], c["loadavg_min"], c["loadavg_max"]) == (29.0, 15.0, 0.5, 3.0)
+    ns = study.parser().parse_args(["--threads", "1", "--train-tokens", "65536", "--stages", "report",
+                                    "--sizes", "512,1024"])
+    assert study.study_command(ns) == ("nice -n 19 .venv/bin/python benchmarks/scaling_study.py "
+                                       "--train-tokens 65536 --sizes 512,1024 --threads 1")
