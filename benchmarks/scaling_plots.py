@@ -226,7 +226,8 @@ def tables(report: dict, ns) -> str:
         "",
         "## Runs",
         "",
-        "| run | groups | n | k | L0 | FVU | Delta loss | KL | dead (train) | flat | last-quarter drop | train s (CPU s) | eval s (CPU s) |",
+        "| run | groups | n | k | L0 | FVU | Delta loss | KL | dead (train) | flat | last-quarter drop "
+        "| train s (CPU s) | eval s (CPU s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["activation"], r["n"], r["k"], str(r["extra"]))):
