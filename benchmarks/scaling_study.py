@@ -354,11 +354,11 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
     if len(ln) >= 3:
         fit = fit_power_law([r["n"] for r in ln], [r["fvu"] for r in ln], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(N)"] = json.loads(fit.to_json())
-        plots.power_law(ln, fit, results_dir / "L_of_N.png")
+        plots.power_law(ln, fit, results_dir / "L_of_N.png", subject=plots.subject(meta))
     if len(lk) >= 3:
         fit = fit_power_law([r["k"] for r in lk], [r["fvu"] for r in lk], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(k)"] = json.loads(fit.to_json())
-        plots.power_law(lk, fit, results_dir / "L_of_k.png", x="k")
+        plots.power_law(lk, fit, results_dir / "L_of_k.png", x="k", subject=plots.subject(meta))
     topk = [r for r in rows if r["activation"] == "topk" and not r["extra"]]
     if len({(r["n"], r["k"]) for r in topk}) >= 7:
         fit = fit_joint_law([r["n"] for r in topk], [r["k"] for r in topk], [r["fvu"] for r in topk])
@@ -366,7 +366,7 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
         plots.joint_law(topk, fit, results_dir / "L_of_N_k.png")
     front = [r for r in rows if "frontier" in r["groups"]]
     if front:
-        plots.frontier(front, results_dir / "frontier.png")
+        plots.frontier(front, results_dir / "frontier.png", subject=plots.subject(meta))
     if ln:
         plots.metrics_vs_size(ln, results_dir / "metrics_vs_size.png")
     mt = [r for r in rows if "multitopk" in r["groups"] and "fvu_at_k" in r]
