@@ -256,7 +256,8 @@ def tables(report: dict, ns) -> str:
         for r in ln:
             out.append(
                 f"| {r['n']} | "
-                + " | ".join(_f(r.get(k)) for k, _, _ in SIZE_METRICS)
+                + " | ".join(_f(r.get(k)) + (f" +- {r[k + '_se']:.3f}" if r.get(k + "_se") is not None else "")
+                             for k, _, _ in SIZE_METRICS)
                 + f" | {_f(r.get('n2g_ngram_precision'), '.3f')} / {_f(r.get('n2g_ngram_recall'), '.3f')} |"
             )
         out += [
@@ -437,15 +438,18 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
                 continue
             rho = spearman([a for a, _ in pts], [b for _, b in pts])
             trend = _trend(rho, lower_better)
-            claim(
-                refs[key],
-                f"{label} improves with n (the paper: 'these metrics all generally improve with autoencoder size').",
-                f"{label}: " + ", ".join(f"{a}: {b:.3g}" for a, b in pts) + f" (Spearman rho with n {rho:+.2f})",
-                {"improves": "agree", "weakly improves": "weak agreement"}.get(
-                    trend, f"disagree at this scale ({trend})"
-                ),
-                f"{results_link}/metrics_vs_size.png" if key == "delta_loss" else None,
-            )
+            verdict = {"improves": "agree", "weakly improves": "weak agreement"}.get(
+                trend, f"disagree at this scale ({trend})")
+            ours = f"{label}: " + ", ".join(f"{a}: {b:.3g}" for a, b in pts) + f" (Spearman rho with n {rho:+.2f})"
+            lo, hi = ln[0], ln[-1]
+            if lo.get(f"{key}_se") is not None and hi.get(f"{key}_se") is not None:
+                diff, se = hi[key] - lo[key], math.hypot(lo[f"{key}_se"], hi[f"{key}_se"])
+                ours += f"; n={lo['n']} to n={hi['n']}: {diff:+.3f} +- {se:.3f} (standard error over the latents)"
+                if abs(diff) < 2 * se:
+                    verdict = "not resolved at this scale (the change is within 2 standard errors)"
+            claim(refs[key], f"{label} improves with n (the paper: 'these metrics all generally improve with "
+                  "autoencoder size').", ours, verdict,
+                  f"{results_link}/metrics_vs_size.png" if key == "delta_loss" else None)
     # --- progressive code
     mt = {bool(r["extra"].get("multi_topk")): r for r in runs if "fvu_at_k" in r}
     if len(mt) == 2:

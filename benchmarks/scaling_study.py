@@ -330,12 +330,28 @@ def study_cost(rows: list[dict], cache_timing: dict) -> dict:
 
 
 def collect(work: Path, manifest) -> list[dict]:
+    """The ``study_eval.json`` rows of the finished runs, with the N2G spread read from each run's per-latent
+    faithful-N2G file."""
     out = []
     for run in manifest:
         p = work / "runs" / run["name"] / "study_eval.json"
         if p.is_file():
-            out.append(json.loads(p.read_text()))
+            out.append({**json.loads(p.read_text()), **n2g_spread(p.parent / "eval" / "n2g_faithful.json")})
     return out
+
+
+def n2g_spread(path: Path) -> dict:
+    """Standard errors of the mean faithful-N2G precision and recall over the scored latents (those that fire
+    on the test text): ``{"n2g_precision_se", "n2g_recall_se"}``, or ``{}`` without the file or two latents."""
+    if not path.is_file():
+        return {}
+    scored = [r for r in json.loads(path.read_text())["latents"] if r["n_fires_test"] > 0]
+    if len(scored) < 2:
+        return {}
+    import statistics
+
+    return {f"n2g_{k}_se": statistics.stdev(r[k] for r in scored) / math.sqrt(len(scored))
+            for k in ("precision", "recall")}
 
 
 def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -> dict:

@@ -131,3 +131,29 @@ def test_cost_is_summed_from_the_runs_own_timings(study, tmp_path):
                                     "--sizes", "512,1024"])
     assert study.study_command(ns) == ("nice -n 19 .venv/bin/python benchmarks/scaling_study.py "
                                        "--train-tokens 65536 --sizes 512,1024 --threads 1")
+
+
+def test_n2g_differences_within_two_standard_errors_are_not_called_a_trend(study, tmp_path):
+    ns = study.parser().parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                                    "--reproduction", str(tmp_path / "R.md"), "--bootstrap", "0"])
+    manifest = [r for r in study.build_manifest(ns) if "LN" in r["groups"]]
+    for i, r in enumerate(manifest):  # precision rises with n by 0.01 per size; each latent scatters by +-0.3
+        prec = 0.3 + 0.01 * i
+        d = tmp_path / "w" / "runs" / r["name"]
+        (d / "eval").mkdir(parents=True)
+        row = _row(r["name"], r["groups"], "topk", r["n"], r["k"], 1 / r["n"] ** 0.3, 32, probe_loss=0.1,
+                   n2g_precision=prec, n2g_recall=0.5, ablation_sparsity=0.1)
+        (d / "study_eval.json").write_text(json.dumps(row))
+        lat = [{"precision": prec - 0.3, "recall": 0.5, "n_fires_test": 3},
+               {"precision": prec + 0.3, "recall": 0.5, "n_fires_test": 3},
+               {"precision": 0.0, "recall": 0.0, "n_fires_test": 0}]  # never fires on the test text: not scored
+        (d / "eval" / "n2g_faithful.json").write_text(json.dumps({"latents": lat}))
+    spread = study.n2g_spread(tmp_path / "w" / "runs" / manifest[0]["name"] / "eval" / "n2g_faithful.json")
+    assert spread["n2g_precision_se"] == pytest.approx(0.3) and spread["n2g_recall_se"] == 0.0
+    study.stage_report(ns, manifest, tmp_path / "w", tmp_path / "r", {"hook_point": study.HOOK, "model": "m",
+                                                                      "corpus": "c"}, log=lambda m: None)
+    md = (tmp_path / "R.md").read_text()
+    prec_line = next(ln for ln in md.splitlines() if ln.startswith("| §4.3") and "N2G precision improves" in ln)
+    assert "+0.060 +- 0.424" in prec_line and prec_line.endswith("| not resolved at this scale (the change is "
+                                                                  "within 2 standard errors) |")
+    assert "| 0.3000 +- 0.300 |" in (tmp_path / "r" / "tables.md").read_text()
