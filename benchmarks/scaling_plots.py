@@ -203,6 +203,23 @@ def cost_text(m: dict) -> str:
     )
 
 
+def scale_text(runs: list[dict], ns) -> str:
+    """What the token counts can and cannot show, from the study's own sizes and sample sizes."""
+    ns_ = sorted({r["n"] for r in runs if "LN" in r["groups"]})
+    if not ns_:
+        return ""
+    per = lambda n: ns.k * ns.train_tokens / n  # noqa: E731 - mean firings of one latent over its training
+    return (
+        f"**Scale.** A run sees {ns.train_tokens:,} training tokens, so one latent fires on k x tokens / n = "
+        f"{per(ns_[0]):,.0f} tokens over its whole training at n = {ns_[0]:,} and {per(ns_[-1]):,.0f} at "
+        f"n = {ns_[-1]:,}; the paper's SAEs see billions of tokens. The large SAEs are therefore the least trained, "
+        "so these runs can show the direction of each trend at a fixed token budget, not the paper's converged "
+        f"exponents. The per-SAE metrics are small samples: Delta loss / KL on {ns.downstream_tokens:,} tokens; N2G on "
+        f"{ns.n2g_latents} latents and {ns.metric_tokens:,} tokens (half to build, half to score); ablation sparsity "
+        f"on {ns.ablation_latents} latents. N2G trends are tested against their standard errors; the others are not."
+    )
+
+
 def tables(report: dict, ns) -> str:
     """Markdown: fits, the per-run table, metrics against size, progressive code, what is missing."""
     m, runs = report["meta"], report["runs"]
@@ -490,6 +507,8 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
         f"fortunes), but on {m.get('cpu_count', '?')} shared CPU cores this study is bound by compute, not by tokens: "
         f"the cached tokens are passed over {_passes(m, ns):.1f} times per run and every number is measured on the "
         "held-out split.",
+        "",
+        scale_text(runs, ns),
         "",
         f"**Flattened?** Criterion: the held-out FVU fell by less than {100 * ns.flat_tol:g} % over the last quarter "
         f"of the run. {len(flat)} of {len(runs)} runs meet it"
