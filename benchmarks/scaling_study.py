@@ -305,7 +305,7 @@ def study_command(ns) -> str:
     """The command that trains and evaluates this study: the script with every setting that differs from its
     default (paths and --stages / --only / --runs left out: they choose where and what, not how)."""
     defaults = vars(parser().parse_args([]))
-    skip = {"work", "results", "reproduction", "stages", "plan", "only", "runs"}
+    skip = {"work", "results", "reproduction", "stages", "plan", "only", "runs", "report_every"}
     flags = []
     for key, v in vars(ns).items():
         if key in skip or v == defaults[key]:
@@ -442,6 +442,8 @@ def parser() -> argparse.ArgumentParser:
                                                                "last quarter of training (relative)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the L(N) / L(k) fits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-every", type=float, default=600,
+                   help="refresh the report after a run at most this often (seconds; the last one is always written)")
     p.add_argument("--threads", type=int, default=0)
     return p
 
@@ -491,11 +493,15 @@ def main(argv=None) -> dict:
         meta["cached_tokens"] = stage_cache(ns, cache)
         log(f"cache: {meta['cached_tokens']}")
 
+    last_report = [-math.inf]
+
     def finish():
         meta["wall_seconds_this_invocation"] = time.perf_counter() - t0
+        last_report[0] = time.perf_counter()
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
-    # one run at a time (train, evaluate, refresh the report), so partial results cover every group early;
+    # one run at a time (train, evaluate, refresh the report at most every --report-every seconds), so partial
+    # results cover every group early;
     # a run that fails is logged and left unfinished (the report lists it), and the exit status is 1
     failed = []
     for run in manifest:
@@ -504,7 +510,8 @@ def main(argv=None) -> dict:
                 stage_train(ns, [run], cache, work, log)
             if "eval" in stages:
                 stage_eval(ns, [run], work, log)
-                if "report" in stages and (work / "runs" / run["name"] / "study_eval.json").is_file():
+                if "report" in stages and time.perf_counter() - last_report[0] >= ns.report_every \
+                        and (work / "runs" / run["name"] / "study_eval.json").is_file():
                     finish()
         except Exception:  # noqa: BLE001 - one broken run must not stop the others
             import traceback
