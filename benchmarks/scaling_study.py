@@ -354,12 +354,37 @@ def n2g_spread(path: Path) -> dict:
             for k in ("precision", "recall")}
 
 
+_CHECKED = ("activation", "n_latents", "k", "train_tokens", "batch_size", "lr", "dead_tokens_threshold",
+            "eval_every_tokens", "eval_tokens", "seed")
+
+
+def settings_mismatch(ns, run: dict, work: Path) -> list[str]:
+    """The training settings of a finished run (its ``train_args.json``) that differ from what this command's
+    flags would train, as ``key=saved (this command: wanted)``; ``[]`` when they agree or nothing was saved."""
+    path = work / "runs" / run["name"] / "train_args.json"
+    if not path.is_file():
+        return []
+    saved, want = json.loads(path.read_text()), training_kwargs(ns, run, work / "cache", work)
+    bad = []
+    for key in (*_CHECKED, *run["extra"]):
+        a, b = want[key], saved.get(key)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, (int, float)) else a == b
+        if not same:
+            bad.append(f"{key}={b!r} (this command: {a!r})")
+    return bad
+
+
 def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -> dict:
     import scaling_plots as plots
 
     from hf_sae.scaling import fit_joint_law, fit_power_law
 
     rows = collect(work, manifest)
+    for run in manifest:  # a report must describe the runs it reads: refuse before writing anything
+        bad = settings_mismatch(ns, run, work)
+        if bad:
+            raise SystemExit(f"report: run {run['name']} was trained with {', '.join(bad)}; rerun with the flags "
+                             f"the study was trained with (see {work / 'runs' / run['name'] / 'command.txt'})")
     results_dir.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "cost": study_cost(rows, read_timing(work / "cache" / "cache_timing.json")),
             "study_command": study_command(ns)}

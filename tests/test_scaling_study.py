@@ -157,3 +157,20 @@ def test_n2g_differences_within_two_standard_errors_are_not_called_a_trend(study
     assert "+0.060 +- 0.424" in prec_line and prec_line.endswith("| not resolved at this scale (the change is "
                                                                   "within 2 standard errors) |")
     assert "| 0.3000 +- 0.300 |" in (tmp_path / "r" / "tables.md").read_text()
+
+
+def test_report_refuses_runs_trained_with_other_flags(study, tmp_path):
+    ns = study.parser().parse_args(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                                    "--reproduction", str(tmp_path / "R.md")])
+    run = study.build_manifest(ns)[0]
+    d = tmp_path / "w" / "runs" / run["name"]
+    d.mkdir(parents=True)
+    kw = study.training_kwargs(ns, run, tmp_path / "w" / "cache", tmp_path / "w")
+    (d / "train_args.json").write_text(json.dumps(kw))
+    assert study.settings_mismatch(ns, run, tmp_path / "w") == []
+    other = study.parser().parse_args(["--work", str(tmp_path / "w"), "--train-tokens", "65536",
+                                       "--results", str(tmp_path / "r"), "--reproduction", str(tmp_path / "R.md")])
+    with pytest.raises(SystemExit, match=r"run topk_n512_k32 was trained with train_tokens=32768 \(this command: "
+                                         r"65536\), eval_every_tokens=8192 \(this command: 16384\); rerun with"):
+        study.stage_report(other, study.build_manifest(other), tmp_path / "w", tmp_path / "r", {}, log=lambda m: None)
+    assert not (tmp_path / "R.md").exists()
