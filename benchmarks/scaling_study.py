@@ -181,12 +181,14 @@ def flattened(history: list[dict], tol: float) -> dict:
 _LM: dict = {}
 
 
-def stage_eval(ns, manifest, work: Path, log) -> None:
+def stage_eval(ns, manifest, work: Path, log) -> int:
+    """Evaluate every trained run of ``manifest`` that has no ``study_eval.json`` yet; returns how many."""
     import torch
 
     from hf_sae.data.models import load_default_model
     from hf_sae.evaluation.downstream import clean_next_token_log_probs
 
+    done = 0
     for run in manifest:
         folder = sae_folder(work, run)
         res_path = work / "runs" / run["name"] / "study_eval.json"
@@ -205,6 +207,8 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
         res_path.write_text(json.dumps(res, indent=1, default=float))
         log(f"eval {run['name']}: fvu={res['fvu']:.4f} l0={res['l0']:.1f} dloss={res['delta_loss']:.4f} "
             f"({tm['wall_seconds']:.0f} s, {tm['cpu_seconds']:.0f} CPU s)")
+        done += 1
+    return done
 
 
 def _evaluate_run(ns, run: dict, folder: Path, run_dir: Path, work: Path) -> dict:
@@ -533,11 +537,9 @@ def main(argv=None) -> dict:
         try:
             if "train" in stages:
                 stage_train(ns, [run], cache, work, log)
-            if "eval" in stages:
-                stage_eval(ns, [run], work, log)
-                if "report" in stages and time.perf_counter() - last_report[0] >= ns.report_every \
-                        and (work / "runs" / run["name"] / "study_eval.json").is_file():
-                    finish()
+            if "eval" in stages and stage_eval(ns, [run], work, log) and "report" in stages \
+                    and time.perf_counter() - last_report[0] >= ns.report_every:
+                finish()
         except Exception:  # noqa: BLE001 - one broken run must not stop the others
             import traceback
 
