@@ -193,12 +193,13 @@ def cost_text(m: dict) -> str:
     mins = lambda key: c.get(key, 0) / 60  # noqa: E731
     load = f"{c['loadavg_min']:.1f}-{c['loadavg_max']:.1f}" if c.get("loadavg_min") is not None else "n/a"
     return (
-        f"Cost: {mins('wall_seconds'):.1f} min wall, {mins('cpu_seconds'):.1f} CPU min in all (cache "
+        f"Cost: {mins('elapsed_seconds'):.1f} min elapsed from the first stage's start to the last one's end; "
+        f"{mins('wall_seconds'):.1f} min wall, {mins('cpu_seconds'):.1f} CPU min summed over the stages (cache "
         f"{mins('cache_wall_seconds'):.1f} / {mins('cache_cpu_seconds'):.1f}, training "
         f"{mins('train_wall_seconds'):.1f} / {mins('train_cpu_seconds'):.1f}, evaluation "
-        f"{mins('eval_wall_seconds'):.1f} / {mins('eval_cpu_seconds'):.1f} min wall / CPU), summed over the runs' "
-        f"own timings, on {m.get('cpu_count', '?')} CPU cores shared with other jobs (1-minute load average {load}; "
-        f"niceness {m.get('niceness')}, {m.get('torch_threads')} torch thread(s)). Command: "
+        f"{mins('eval_wall_seconds'):.1f} / {mins('eval_cpu_seconds'):.1f} min wall / CPU; runs may overlap in "
+        f"separate processes), on {m.get('cpu_count', '?')} CPU cores shared with other jobs (1-minute load "
+        f"average {load}; niceness {m.get('niceness')}, {m.get('torch_threads')} torch thread(s)). Command: "
         f"`{m.get('study_command', m.get('command', ''))}`."
     )
 

@@ -256,7 +256,8 @@ def timed(path: Path):
 
 
 def read_timing(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A ``timed`` file, with ``ended``: its modification time (epoch seconds), i.e. when the timed body ended."""
+    return {**json.loads(path.read_text()), "ended": path.stat().st_mtime} if path.is_file() else {}
 
 
 def _size_metrics(ns, sae, model, tok, run_dir: Path) -> dict:
@@ -319,17 +320,22 @@ def study_command(ns) -> str:
     return " ".join(["nice -n 19 .venv/bin/python benchmarks/scaling_study.py", *flags])
 
 
-def study_cost(rows: list[dict], cache_timing: dict) -> dict:
-    """Wall and CPU seconds of the finished study, summed over its stages from the timings each run
-    wrote (so a study resumed over several invocations is counted once), and the load averages seen."""
-    parts = {"cache": [cache_timing] if cache_timing else [], "train": [r.get("train_timing") or {} for r in rows],
-             "eval": [r.get("eval_timing") or {} for r in rows]}
+def study_cost(work: Path, rows: list[dict]) -> dict:
+    """Wall and CPU seconds of the finished study, summed over its stages from the timing files the cache and
+    each run wrote (so a study resumed over several invocations, or run by several processes, is counted once),
+    the elapsed time from the first stage's start to the last one's end, and the load averages seen."""
+    parts = {"cache": [read_timing(work / "cache" / "cache_timing.json")],
+             "train": [read_timing(work / "runs" / r["name"] / "train_timing.json") for r in rows],
+             "eval": [read_timing(work / "runs" / r["name"] / "eval_timing.json") for r in rows]}
+    parts = {stage: [t for t in ts if t] for stage, ts in parts.items()}
+    spans = [(t["ended"] - t["wall_seconds"], t["ended"]) for ts in parts.values() for t in ts]
     out = {f"{stage}_{kind}_seconds": sum(t.get(f"{kind}_seconds", 0.0) for t in ts)
            for stage, ts in parts.items() for kind in ("wall", "cpu")}
     loads = [v for ts in parts.values() for t in ts for v in t.get("loadavg", [])]
     out.update(wall_seconds=sum(out[f"{s}_wall_seconds"] for s in parts),
                cpu_seconds=sum(out[f"{s}_cpu_seconds"] for s in parts),
-               loadavg_min=min(loads, default=None), loadavg_max=max(loads, default=None))
+               loadavg_min=min(loads, default=None), loadavg_max=max(loads, default=None),
+               elapsed_seconds=max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0)
     return out
 
 
@@ -390,7 +396,7 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
             raise SystemExit(f"report: run {run['name']} was trained with {', '.join(bad)}; rerun with the flags "
                              f"the study was trained with (see {work / 'runs' / run['name'] / 'command.txt'})")
     results_dir.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "cost": study_cost(rows, read_timing(work / "cache" / "cache_timing.json")),
+    meta = {**meta, "cost": study_cost(work, rows),
             "study_command": study_command(ns)}
     report: dict = {"meta": meta, "runs": rows, "fits": {}, "missing": [r["name"] for r in manifest
                                                                        if r["name"] not in {x["name"] for x in rows}]}

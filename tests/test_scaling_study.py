@@ -4,6 +4,7 @@ stage (fits, plots, tables, REPRODUCTION.md) on synthetic runs with known expone
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -121,12 +122,22 @@ def test_cost_is_summed_from_the_runs_own_timings(study, tmp_path):
         sum(range(10**5))
     assert json.loads((tmp_path / "t.json").read_text()) == tm
     assert tm["wall_seconds"] > 0 and tm["cpu_seconds"] >= 0 and len(tm["loadavg"]) == 2
-    run = {"train_timing": {"wall_seconds": 10.0, "cpu_seconds": 4.0, "loadavg": [1.0, 3.0]},
-           "eval_timing": {"wall_seconds": 2.0, "cpu_seconds": 1.0, "loadavg": [2.0, 2.0]}}
-    c = study.study_cost([run, run, {}], {"wall_seconds": 5.0, "cpu_seconds": 5.0, "loadavg": [0.5, 1.0]})
+    w = tmp_path / "w"
+
+    def write(path, wall, cpu, load, ended):  # a timing file as `timed` writes it, ending at `ended`
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"wall_seconds": wall, "cpu_seconds": cpu, "loadavg": load}))
+        os.utime(path, (ended, ended))
+
+    write(w / "cache" / "cache_timing.json", 5.0, 5.0, [0.5, 1.0], 1000.0)
+    for name, t0 in (("a", 1005.0), ("b", 1003.0)):  # b ran beside a, in another process
+        write(w / "runs" / name / "train_timing.json", 10.0, 4.0, [1.0, 3.0], t0 + 10)
+        write(w / "runs" / name / "eval_timing.json", 2.0, 1.0, [2.0, 2.0], t0 + 12)
+    c = study.study_cost(w, [{"name": "a"}, {"name": "b"}, {"name": "never_timed"}])
     assert (c["train_wall_seconds"], c["train_cpu_seconds"], c["eval_wall_seconds"], c["eval_cpu_seconds"]) == (
         20.0, 8.0, 4.0, 2.0)
     assert (c["wall_seconds"], c["cpu_seconds"], c["loadavg_min"], c["loadavg_max"]) == (29.0, 15.0, 0.5, 3.0)
+    assert c["elapsed_seconds"] == pytest.approx(1017.0 - 995.0)  # cache start to a's eval end
     ns = study.parser().parse_args(["--threads", "1", "--train-tokens", "65536", "--stages", "report",
                                     "--sizes", "512,1024"])
     assert study.study_command(ns) == ("nice -n 19 .venv/bin/python benchmarks/scaling_study.py "
