@@ -107,8 +107,9 @@ def metrics_vs_size(rows, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(2, 4, figsize=(14, 6))
     for ax, (key, label, _) in zip(axes.flat, SIZE_METRICS):
-        pts = [(r["n"], r.get(key)) for r in rows if r.get(key) is not None]
-        ax.plot([a for a, _ in pts], [b for _, b in pts], "o-")
+        pts = [(r["n"], r.get(key), r.get(f"{key}_se")) for r in rows if r.get(key) is not None]
+        err = [c for _, _, c in pts] if all(c is not None for _, _, c in pts) else None  # 1 SE over the latents
+        ax.errorbar([a for a, _, _ in pts], [b for _, b, _ in pts], yerr=err, fmt="o-", capsize=3)
         if key == "n2g_precision":
             pts = [(r["n"], r.get("n2g_ngram_precision")) for r in rows if r.get("n2g_ngram_precision") is not None]
             ax.plot([a for a, _ in pts], [b for _, b in pts], "x:", c="gray", label="n-gram baseline")
