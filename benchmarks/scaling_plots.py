@@ -364,6 +364,7 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
     # --- scaling laws
     ln_rows = [r for r in runs if "LN" in r["groups"]]
     unflat = sum(not r.get("flattened") for r in ln_rows)
+    best = min(ln_rows, key=lambda r: r["fvu"], default=None)
     if "L(N)" in fits:
         f = fits["L(N)"]
         ok = f["params"]["beta"] < 0 and _ci_excludes_zero(f, "beta")
@@ -379,6 +380,9 @@ def reproduction_md(report: dict, ns, results_link: str = "scaling") -> str:
                 if exact
                 else "agree (direction and power-law form)"
                 if ok
+                else f"disagree at this token budget: the FVU is lowest at n = {best['n']:,} and rises beyond it "
+                "(the larger SAEs are the least trained, see 'Scale')"
+                if _ci_excludes_zero(f, "beta")
                 else "not confirmed (exponent's CI includes 0)"
             )
             + (f"; exponents not comparable to the paper's: {unflat} of {len(ln_rows)} L(N) runs were still improving "
