@@ -491,23 +491,23 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--stages: unknown stage(s) {bad}; choose from cache,train,eval,report")
     work, results_dir = Path(ns.work), Path(ns.results)
     work.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(ns)
+    manifest = build_manifest(ns)  # the whole study: manifest.json and the report always describe all of it
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    todo = manifest  # the runs this invocation trains and evaluates
     if ns.only:
         groups = set(ns.only.split(","))
-        manifest = [r for r in manifest if groups & set(r["groups"])]
+        todo = [r for r in todo if groups & set(r["groups"])]
     if ns.runs:  # these runs, in this order (e.g. a second process working on other runs than the first)
-        by_name = {r["name"]: r for r in manifest}
+        by_name = {r["name"]: r for r in todo}
         unknown = [n for n in ns.runs.split(",") if n not in by_name]
         if unknown:
             raise SystemExit(f"--runs: unknown run(s) {unknown}; see --plan for the names")
-        manifest = [by_name[n] for n in ns.runs.split(",")]
-    else:
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        todo = [by_name[n] for n in ns.runs.split(",")]
     if ns.plan:
-        for r in manifest:
+        for r in todo:
             print(f"{r['name']:45s} {','.join(r['groups']):20s} lr={run_lr(ns, r['n']):.2e}")
-        print(f"{len(manifest)} runs x {ns.train_tokens:,} tokens; manifest: {work / 'manifest.json'}")
-        return {"manifest": manifest}
+        print(f"{len(todo)} runs x {ns.train_tokens:,} tokens; manifest: {work / 'manifest.json'}")
+        return {"manifest": todo}
 
     import torch
 
@@ -536,10 +536,10 @@ def main(argv=None) -> dict:
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
     # one run at a time (train, evaluate, refresh the report at most every --report-every seconds), so partial
-    # results cover every group early;
-    # a run that fails is logged and left unfinished (the report lists it), and the exit status is 1
+    # results cover every group early; a run that fails is logged and left unfinished (the report lists it), and
+    # the exit status is 1
     failed = []
-    for run in manifest:
+    for run in todo:
         try:
             if "train" in stages:
                 stage_train(ns, [run], cache, work, log)

@@ -187,3 +187,14 @@ def test_report_refuses_runs_trained_with_other_flags(study, tmp_path):
                                          r"65536\), eval_every_tokens=8192 \(this command: 16384\); rerun with"):
         study.stage_report(other, study.build_manifest(other), tmp_path / "w", tmp_path / "r", {}, log=lambda m: None)
     assert not (tmp_path / "R.md").exists()
+
+
+def test_only_and_runs_choose_what_to_train_but_the_manifest_keeps_the_whole_study(study, tmp_path):
+    full = study.build_manifest(study.parser().parse_args([]))
+    got = study.main(["--plan", "--only", "multitopk", "--work", str(tmp_path)])["manifest"]
+    assert [r["name"] for r in got] == ["topk_n1024_k32", "topk_n1024_k32_multi_topkTrue"]  # the manifest's order
+    assert json.loads((tmp_path / "manifest.json").read_text()) == full
+    got = study.main(["--plan", "--runs", "topk_n2048_k32,topk_n512_k32", "--work", str(tmp_path)])["manifest"]
+    assert [r["name"] for r in got] == ["topk_n2048_k32", "topk_n512_k32"]
+    with pytest.raises(SystemExit, match=r"--runs: unknown run\(s\) \['topk_n3_k1'\]; see --plan"):
+        study.main(["--plan", "--runs", "topk_n3_k1", "--work", str(tmp_path)])
