@@ -33,6 +33,13 @@ training. Runs that miss it are marked; their loss is an upper bound on the conv
 
 Run outputs (SAE weights, checkpoints, caches) live under ``--work`` (default ``runs/scaling_study``,
 git-ignored); only the summaries in ``--results`` are committed.
+
+Cost: the cache, each run's training and each run's evaluation write ``*_timing.json`` (wall and CPU
+seconds, load average); the report sums them, so a study resumed over several invocations, or worked
+through by several processes at once (``--runs`` in each: a trainer's output-folder lock keeps two
+processes off one run), is counted once. ``--only`` / ``--runs`` choose what an invocation trains and
+evaluates; ``manifest.json`` and the report always cover the whole study, and the report refuses runs
+whose ``train_args.json`` disagrees with its flags.
 """
 
 from __future__ import annotations
