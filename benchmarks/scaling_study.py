@@ -527,7 +527,7 @@ def main(argv=None) -> dict:
 
     cache = work / "cache"
     meta: dict = {"hook_point": HOOK, "model": "SmolLM2-135M-Instruct (embedded)", "corpus": "KJV (embedded)",
-                  "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results")},
+                  "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results", "reproduction")},
                   "niceness": os.nice(0), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "command": "python benchmarks/scaling_study.py "
                   + " ".join(argv if argv is not None else sys.argv[1:])}
