@@ -198,3 +198,14 @@ def test_only_and_runs_choose_what_to_train_but_the_manifest_keeps_the_whole_stu
     assert [r["name"] for r in got] == ["topk_n2048_k32", "topk_n512_k32"]
     with pytest.raises(SystemExit, match=r"--runs: unknown run\(s\) \['topk_n3_k1'\]; see --plan"):
         study.main(["--plan", "--runs", "topk_n3_k1", "--work", str(tmp_path)])
+
+
+def test_zero_width_intervals_are_reported_as_not_identified(study):
+    import scaling_plots
+
+    fit = {"params": {"b_n": -7.0, "beta": -0.2}, "ci95": {"b_n": [-7.0, -7.0], "beta": [-0.28, -0.17]},
+           "rms_log_residual": 0.1}
+    assert scaling_plots._ci(fit, "b_n") == "[interval not identified]"
+    assert scaling_plots._ci(fit, "beta", label="95 % CI ") == "[95 % CI -0.280, -0.170]"
+    exact = {**fit, "rms_log_residual": 0.0}  # no residual: a zero-width interval is the truth, not a degeneracy
+    assert scaling_plots._ci(exact, "b_n") == "[-7.000, -7.000]"
