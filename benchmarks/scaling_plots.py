@@ -33,7 +33,7 @@ def _save(fig, path: Path, dpi: int = 120) -> Path:
 def power_law(rows, fit, path: Path, x: str = "n", subject: str = "") -> Path:
     """L(N) (x="n") or L(k) (x="k") with the fitted law (``hf_sae.scaling.plot_power_law``); ``subject``
     (model and hook point) heads the title."""
-    title = f"{subject}, TopK " + (f"k={rows[0]['k']}" if x == "n" else f"n={rows[0]['n']}")
+    title = f"{subject}\nTopK " + (f"k={rows[0]['k']}" if x == "n" else f"n={rows[0]['n']}")
     p = plot_power_law([r[x] for r in rows], [r["fvu"] for r in rows], fit, path, title=title)
     if x == "k":  # the shared plot labels its x axis "latents N"; relabel for L(k)
         plt = _plt()
