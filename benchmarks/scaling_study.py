@@ -33,11 +33,19 @@ training. Runs that miss it are marked; their loss is an upper bound on the conv
 
 Run outputs (SAE weights, checkpoints, caches) live under ``--work`` (default ``runs/scaling_study``,
 git-ignored); only the summaries in ``--results`` are committed.
+
+Cost: the cache, each run's training and each run's evaluation write ``*_timing.json`` (wall and CPU
+seconds, load average); the report sums them, so a study resumed over several invocations, or worked
+through by several processes at once (``--runs`` in each: a trainer's output-folder lock keeps two
+processes off one run), is counted once. ``--only`` / ``--runs`` choose what an invocation trains and
+evaluates; ``manifest.json`` and the report always cover the whole study, and the report refuses runs
+whose ``train_args.json`` disagrees with its flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -128,8 +136,9 @@ def stage_cache(ns, cache: Path) -> dict:
 
     done = all((cache / s / "metadata.json").is_file() for s in ("train", "validation"))
     if not done:
-        model, tok = load_default_model()
-        with torch.no_grad():
+        cache.mkdir(parents=True, exist_ok=True)
+        with timed(cache / "cache_timing.json"), torch.no_grad():
+            model, tok = load_default_model()
             cache_activations(model, tok, "default", [HOOK], cache / "validation", max_tokens=ns.eval_cache_tokens,
                               dtype="float16", split="validation", progress=False)
             cache_activations(model, tok, "default", [HOOK], cache / "train", max_tokens=ns.cache_tokens,
@@ -153,10 +162,9 @@ def stage_train(ns, manifest, cache: Path, work: Path, log) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "command.txt").write_text(command_line(kw) + "\n")
         log(f"train {run['name']} lr={kw['lr']:.2e}")
-        t = time.perf_counter()
-        SAETrainer(SAETrainingArguments(**kw)).train()
-        (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
-        log(f"  done in {time.perf_counter() - t:.0f} s")
+        with timed(out / "train_timing.json") as tm:
+            SAETrainer(SAETrainingArguments(**kw)).train()
+        log(f"  done in {tm['wall_seconds']:.0f} s ({tm['cpu_seconds']:.0f} CPU s, load {tm['loadavg'][0]:.1f})")
 
 
 def _heldout_windows(tok, n_tokens: int):
@@ -180,13 +188,14 @@ def flattened(history: list[dict], tol: float) -> dict:
 _LM: dict = {}
 
 
-def stage_eval(ns, manifest, work: Path, log) -> None:
+def stage_eval(ns, manifest, work: Path, log) -> int:
+    """Evaluate every trained run of ``manifest`` that has no ``study_eval.json`` yet; returns how many."""
     import torch
 
-    from hf_sae import SparseAutoencoder
     from hf_sae.data.models import load_default_model
-    from hf_sae.evaluation.downstream import DownstreamStats, clean_next_token_log_probs, downstream_batch
+    from hf_sae.evaluation.downstream import clean_next_token_log_probs
 
+    done = 0
     for run in manifest:
         folder = sae_folder(work, run)
         res_path = work / "runs" / run["name"] / "study_eval.json"
@@ -198,40 +207,64 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
             with torch.no_grad():  # the clean forward is the same for every SAE: once per process
                 _LM["clean"] = [clean_next_token_log_probs(_LM["model"], _LM["ids"][s:s + 4])
                                 for s in range(0, _LM["ids"].shape[0], 4)]
-        model, tok, ids, keep = _LM["model"], _LM["tok"], _LM["ids"], _LM["keep"]
-        t = time.perf_counter()
-        sae = SparseAutoencoder.from_pretrained(str(folder)).eval()
-        info = sae.config.training_info
-        fm = info["final_metrics"]
-        history = [json.loads(line) for line in (work / "runs" / run["name"] / "logs" / "metrics.jsonl")
-                   .read_text().splitlines() if line.strip()] if (work / "runs" / run["name"] / "logs" /
-                                                                   "metrics.jsonl").is_file() else []
-        res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
-               "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
-               "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
-               "dead_train": fm.get("train_dead_fraction"),
-               "train_seconds": _read_float(work / "runs" / run["name"] / "wall_seconds.txt"),
-               **flattened(history, ns.flat_tol)}
-        ds = DownstreamStats()
-        with torch.no_grad():
-            for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):
-                o = downstream_batch(model, sae, ids[s:s + 4], keep[s:s + 4], HOOK, ablations=(),
-                                     clean_log_probs=clean)
-                ds.update(o["ce_clean"], o["ce_spliced"], o["kl"])
-        d = ds.compute()
-        res.update(ce_clean=d["ce_clean"], ce_spliced=d["ce_spliced"], delta_loss=d["delta_loss"], kl=d["kl"])
-        if "LN" in run["groups"]:
-            res.update(_size_metrics(ns, sae, model, tok, work / "runs" / run["name"]))
-        if "multitopk" in run["groups"]:
-            res["fvu_at_k"] = _fvu_at_k(ns, sae, work)
-        res["eval_seconds"] = time.perf_counter() - t
+        run_dir = work / "runs" / run["name"]
+        with timed(run_dir / "eval_timing.json") as tm:
+            res = _evaluate_run(ns, run, folder, run_dir, work)
+        res.update(train_timing=read_timing(run_dir / "train_timing.json"), eval_timing=tm)
         res_path.write_text(json.dumps(res, indent=1, default=float))
         log(f"eval {run['name']}: fvu={res['fvu']:.4f} l0={res['l0']:.1f} dloss={res['delta_loss']:.4f} "
-            f"({res['eval_seconds']:.0f} s)")
+            f"({tm['wall_seconds']:.0f} s, {tm['cpu_seconds']:.0f} CPU s)")
+        done += 1
+    return done
 
 
-def _read_float(path: Path):
-    return float(path.read_text()) if path.is_file() else None
+def _evaluate_run(ns, run: dict, folder: Path, run_dir: Path, work: Path) -> dict:
+    """Every study metric of one trained run (the row of ``study_eval.json``, without timings)."""
+    import torch
+
+    from hf_sae import SparseAutoencoder
+    from hf_sae.evaluation.downstream import DownstreamStats, downstream_batch
+
+    model, tok, ids, keep = _LM["model"], _LM["tok"], _LM["ids"], _LM["keep"]
+    sae = SparseAutoencoder.from_pretrained(str(folder)).eval()
+    info = sae.config.training_info
+    fm = info["final_metrics"]
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.is_file() else []
+    res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
+           "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
+           "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
+           "dead_train": fm.get("train_dead_fraction"), **flattened(history, ns.flat_tol)}
+    ds = DownstreamStats()
+    with torch.no_grad():
+        for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):
+            o = downstream_batch(model, sae, ids[s:s + 4], keep[s:s + 4], HOOK, ablations=(), clean_log_probs=clean)
+            ds.update(o["ce_clean"], o["ce_spliced"], o["kl"])
+    d = ds.compute()
+    res.update(ce_clean=d["ce_clean"], ce_spliced=d["ce_spliced"], delta_loss=d["delta_loss"], kl=d["kl"])
+    if "LN" in run["groups"]:
+        res.update(_size_metrics(ns, sae, model, tok, run_dir))
+    if "multitopk" in run["groups"]:
+        res["fvu_at_k"] = _fvu_at_k(ns, sae, work)
+    return res
+
+
+@contextlib.contextmanager
+def timed(path: Path):
+    """Time the body: wall and CPU seconds (this process, all threads) and the 1-minute load average at both
+    ends, written to ``path`` (JSON) when the body finishes; yields the dict that is filled in."""
+    t, c, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    tm: dict = {}
+    yield tm
+    tm.update(wall_seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c,
+              loadavg=[load0, os.getloadavg()[0]])
+    path.write_text(json.dumps(tm))
+
+
+def read_timing(path: Path) -> dict:
+    """A ``timed`` file, with ``ended``: its modification time (epoch seconds), i.e. when the timed body ended."""
+    return {**json.loads(path.read_text()), "ended": path.stat().st_mtime} if path.is_file() else {}
 
 
 def _size_metrics(ns, sae, model, tok, run_dir: Path) -> dict:
@@ -280,13 +313,82 @@ def _fvu_at_k(ns, sae, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def study_command(ns) -> str:
+    """The command that trains and evaluates this study: the script with every setting that differs from its
+    default (paths and --stages / --only / --runs left out: they choose where and what, not how)."""
+    defaults = vars(parser().parse_args([]))
+    skip = {"work", "results", "reproduction", "stages", "plan", "only", "runs", "report_every"}
+    flags = []
+    for key, v in vars(ns).items():
+        if key in skip or v == defaults[key]:
+            continue
+        v = ",".join(f"{x:g}" for x in v) if isinstance(v, list) else v
+        flags.append(f"--{key.replace('_', '-')} {v}")
+    return " ".join(["nice -n 19 .venv/bin/python benchmarks/scaling_study.py", *flags])
+
+
+def study_cost(work: Path, rows: list[dict]) -> dict:
+    """Wall and CPU seconds of the finished study, summed over its stages from the timing files the cache and
+    each run wrote (so a study resumed over several invocations, or run by several processes, is counted once),
+    the elapsed time from the first stage's start to the last one's end, and the load averages seen."""
+    parts = {"cache": [read_timing(work / "cache" / "cache_timing.json")],
+             "train": [read_timing(work / "runs" / r["name"] / "train_timing.json") for r in rows],
+             "eval": [read_timing(work / "runs" / r["name"] / "eval_timing.json") for r in rows]}
+    parts = {stage: [t for t in ts if t] for stage, ts in parts.items()}
+    spans = [(t["ended"] - t["wall_seconds"], t["ended"]) for ts in parts.values() for t in ts]
+    out = {f"{stage}_{kind}_seconds": sum(t.get(f"{kind}_seconds", 0.0) for t in ts)
+           for stage, ts in parts.items() for kind in ("wall", "cpu")}
+    loads = [v for ts in parts.values() for t in ts for v in t.get("loadavg", [])]
+    out.update(wall_seconds=sum(out[f"{s}_wall_seconds"] for s in parts),
+               cpu_seconds=sum(out[f"{s}_cpu_seconds"] for s in parts),
+               loadavg_min=min(loads, default=None), loadavg_max=max(loads, default=None),
+               elapsed_seconds=max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0)
+    return out
+
+
 def collect(work: Path, manifest) -> list[dict]:
+    """The ``study_eval.json`` rows of the finished runs, with the N2G spread read from each run's per-latent
+    faithful-N2G file."""
     out = []
     for run in manifest:
         p = work / "runs" / run["name"] / "study_eval.json"
         if p.is_file():
-            out.append(json.loads(p.read_text()))
+            out.append({**json.loads(p.read_text()), **n2g_spread(p.parent / "eval" / "n2g_faithful.json")})
     return out
+
+
+def n2g_spread(path: Path) -> dict:
+    """Standard errors of the mean faithful-N2G precision and recall over the scored latents (those that fire
+    on the test text): ``{"n2g_precision_se", "n2g_recall_se"}``, or ``{}`` without the file or two latents."""
+    if not path.is_file():
+        return {}
+    scored = [r for r in json.loads(path.read_text())["latents"] if r["n_fires_test"] > 0]
+    if len(scored) < 2:
+        return {}
+    import statistics
+
+    return {f"n2g_{k}_se": statistics.stdev(r[k] for r in scored) / math.sqrt(len(scored))
+            for k in ("precision", "recall")}
+
+
+_CHECKED = ("activation", "n_latents", "k", "train_tokens", "batch_size", "lr", "dead_tokens_threshold",
+            "eval_every_tokens", "eval_tokens", "seed")
+
+
+def settings_mismatch(ns, run: dict, work: Path) -> list[str]:
+    """The training settings of a finished run (its ``train_args.json``) that differ from what this command's
+    flags would train, as ``key=saved (this command: wanted)``; ``[]`` when they agree or nothing was saved."""
+    path = work / "runs" / run["name"] / "train_args.json"
+    if not path.is_file():
+        return []
+    saved, want = json.loads(path.read_text()), training_kwargs(ns, run, work / "cache", work)
+    bad = []
+    for key in (*_CHECKED, *run["extra"]):
+        a, b = want[key], saved.get(key)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, (int, float)) else a == b
+        if not same:
+            bad.append(f"{key}={b!r} (this command: {a!r})")
+    return bad
 
 
 def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -> dict:
@@ -295,7 +397,14 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
     from hf_sae.scaling import fit_joint_law, fit_power_law
 
     rows = collect(work, manifest)
+    for run in manifest:  # a report must describe the runs it reads: refuse before writing anything
+        bad = settings_mismatch(ns, run, work)
+        if bad:
+            raise SystemExit(f"report: run {run['name']} was trained with {', '.join(bad)}; rerun with the flags "
+                             f"the study was trained with (see {work / 'runs' / run['name'] / 'command.txt'})")
     results_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "cost": study_cost(work, rows),
+            "study_command": study_command(ns)}
     report: dict = {"meta": meta, "runs": rows, "fits": {}, "missing": [r["name"] for r in manifest
                                                                        if r["name"] not in {x["name"] for x in rows}]}
     ln = sorted([r for r in rows if "LN" in r["groups"]], key=lambda r: r["n"])
@@ -303,11 +412,11 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
     if len(ln) >= 3:
         fit = fit_power_law([r["n"] for r in ln], [r["fvu"] for r in ln], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(N)"] = json.loads(fit.to_json())
-        plots.power_law(ln, fit, results_dir / "L_of_N.png")
+        plots.power_law(ln, fit, results_dir / "L_of_N.png", subject=plots.subject(meta))
     if len(lk) >= 3:
         fit = fit_power_law([r["k"] for r in lk], [r["fvu"] for r in lk], bootstrap=ns.bootstrap, seed=ns.seed)
         report["fits"]["L(k)"] = json.loads(fit.to_json())
-        plots.power_law(lk, fit, results_dir / "L_of_k.png", x="k")
+        plots.power_law(lk, fit, results_dir / "L_of_k.png", x="k", subject=plots.subject(meta))
     topk = [r for r in rows if r["activation"] == "topk" and not r["extra"]]
     if len({(r["n"], r["k"]) for r in topk}) >= 7:
         fit = fit_joint_law([r["n"] for r in topk], [r["k"] for r in topk], [r["fvu"] for r in topk])
@@ -315,7 +424,7 @@ def stage_report(ns, manifest, work: Path, results_dir: Path, meta: dict, log) -
         plots.joint_law(topk, fit, results_dir / "L_of_N_k.png")
     front = [r for r in rows if "frontier" in r["groups"]]
     if front:
-        plots.frontier(front, results_dir / "frontier.png")
+        plots.frontier(front, results_dir / "frontier.png", subject=plots.subject(meta))
     if ln:
         plots.metrics_vs_size(ln, results_dir / "metrics_vs_size.png")
     mt = [r for r in rows if "multitopk" in r["groups"] and "fvu_at_k" in r]
@@ -375,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
                                                                "last quarter of training (relative)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the L(N) / L(k) fits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-every", type=float, default=600,
+                   help="refresh the report after a run at most this often (seconds; the last one is always written)")
     p.add_argument("--threads", type=int, default=0)
     return p
 
@@ -387,23 +498,23 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--stages: unknown stage(s) {bad}; choose from cache,train,eval,report")
     work, results_dir = Path(ns.work), Path(ns.results)
     work.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(ns)
+    manifest = build_manifest(ns)  # the whole study: manifest.json and the report always describe all of it
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    todo = manifest  # the runs this invocation trains and evaluates
     if ns.only:
         groups = set(ns.only.split(","))
-        manifest = [r for r in manifest if groups & set(r["groups"])]
+        todo = [r for r in todo if groups & set(r["groups"])]
     if ns.runs:  # these runs, in this order (e.g. a second process working on other runs than the first)
-        by_name = {r["name"]: r for r in manifest}
+        by_name = {r["name"]: r for r in todo}
         unknown = [n for n in ns.runs.split(",") if n not in by_name]
         if unknown:
             raise SystemExit(f"--runs: unknown run(s) {unknown}; see --plan for the names")
-        manifest = [by_name[n] for n in ns.runs.split(",")]
-    else:
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        todo = [by_name[n] for n in ns.runs.split(",")]
     if ns.plan:
-        for r in manifest:
+        for r in todo:
             print(f"{r['name']:45s} {','.join(r['groups']):20s} lr={run_lr(ns, r['n']):.2e}")
-        print(f"{len(manifest)} runs x {ns.train_tokens:,} tokens; manifest: {work / 'manifest.json'}")
-        return {"manifest": manifest}
+        print(f"{len(todo)} runs x {ns.train_tokens:,} tokens; manifest: {work / 'manifest.json'}")
+        return {"manifest": todo}
 
     import torch
 
@@ -416,32 +527,32 @@ def main(argv=None) -> dict:
 
     cache = work / "cache"
     meta: dict = {"hook_point": HOOK, "model": "SmolLM2-135M-Instruct (embedded)", "corpus": "KJV (embedded)",
-                  "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results")},
-                  "niceness": os.nice(0), "torch_threads": torch.get_num_threads(),
+                  "config": {k: v for k, v in vars(ns).items() if k not in ("work", "results", "reproduction")},
+                  "niceness": os.nice(0), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "command": "python benchmarks/scaling_study.py "
                   + " ".join(argv if argv is not None else sys.argv[1:])}
     if "cache" in stages or (cache / "train" / "metadata.json").is_file():
         meta["cached_tokens"] = stage_cache(ns, cache)
         log(f"cache: {meta['cached_tokens']}")
 
+    last_report = [-math.inf]
+
     def finish():
         meta["wall_seconds_this_invocation"] = time.perf_counter() - t0
-        meta["train_seconds_total"] = sum(
-            (_read_float(work / "runs" / r["name"] / "wall_seconds.txt") or 0) for r in manifest
-        )
+        last_report[0] = time.perf_counter()
         return stage_report(ns, manifest, work, results_dir, meta, log) if "report" in stages else {"meta": meta}
 
-    # one run at a time (train, evaluate, refresh the report), so partial results cover every group early;
-    # a run that fails is logged and left unfinished (the report lists it), and the exit status is 1
+    # one run at a time (train, evaluate, refresh the report at most every --report-every seconds), so partial
+    # results cover every group early; a run that fails is logged and left unfinished (the report lists it), and
+    # the exit status is 1
     failed = []
-    for run in manifest:
+    for run in todo:
         try:
             if "train" in stages:
                 stage_train(ns, [run], cache, work, log)
-            if "eval" in stages:
-                stage_eval(ns, [run], work, log)
-                if "report" in stages and (work / "runs" / run["name"] / "study_eval.json").is_file():
-                    finish()
+            if "eval" in stages and stage_eval(ns, [run], work, log) and "report" in stages \
+                    and time.perf_counter() - last_report[0] >= ns.report_every:
+                finish()
         except Exception:  # noqa: BLE001 - one broken run must not stop the others
             import traceback
 
