@@ -173,7 +173,8 @@ def plot(results: dict, path: Path) -> None:
     if not items:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    labels = [f"{t}\n{k.replace('layers.', 'L')}" for t, k, _ in items]
+    labels = [f"{t}\n{k.replace('layers.', 'L')}" + ("" if abs(v["denominator"]) >= 0.5 else "\n(|Δ| < 0.5: noise)")
+              for t, k, v in items]
     x = torch.arange(len(items)).float()
     for ax, metric in zip(axes, ("sufficiency", "necessity")):
         for off, (which, name) in zip((-0.27, 0.0, 0.27), (("supervised", "supervised"),
@@ -184,6 +185,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(0.0, color="k", lw=0.6)
         ax.set_xticks(x.tolist())
         ax.set_xticklabels(labels, fontsize=6.5, rotation=60)
+        ax.set_ylim(-0.5, 2.0)  # ratios at locations whose mean-ablation effect is tiny run off the axis
         ax.set_title(metric)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
