@@ -69,7 +69,7 @@ def train(name: str, work: Path, train_dir: Path, val_dir: Path, ns, **kw):
                 train_tokens=ns.tokens, batch_size=ns.batch_size, lr=ns.lr, dead_tokens_threshold=ns.dead_tokens,
                 eval_every_tokens=0, eval_tokens=ns.eval_tokens, checkpoint_every_tokens=0, save_total_limit=1,
                 log_every_steps=20, log_with=["jsonl"], output_dir=str(out / "run"), overwrite_output_dir=True,
-                seed=ns.seed, run_name=name, input_norm="layer_norm")
+                seed=ns.seed, run_name=name, input_norm="layer_norm", b_dec_init=ns.b_dec_init)
     args.update(kw)
     t = time.perf_counter()
     sae = SAETrainer(SAETrainingArguments(**args)).train()[HOOK]
@@ -149,6 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default=str(hf_sae_cache_dir() / "afa_study"), help="caches and run folders")
     p.add_argument("--sizes", default="2304,4608", help="comma list of n_latents (4x and 8x of d = 576)")
     p.add_argument("--force", action="store_true", help="retrain runs that are saved")
+    p.add_argument("--b-dec-init", default="zeros", choices=["zeros", "geometric_median", "mean"],
+                   help="b_dec initialisation (the authors': zeros; hf_sae's trainer default: geometric_median)")
     for flag, typ, default, what in (
         ("cache-tokens", int, 600_000, "training tokens to cache"),
         ("val-tokens", int, 32768, "held-out tokens (KJV validation split)"),

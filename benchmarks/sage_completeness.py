@@ -9,6 +9,7 @@ the cross-section it selects.
 Usage::
 
     python benchmarks/sage_completeness.py --tasks ioi gender --n-fit 96 --n-eval 64
+    python benchmarks/sage_completeness.py --drop-kinds resid_pre   # heads and MLPs only
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ def main(argv=None) -> dict:
     from sage_overshoot import parse_and_load
 
     from hf_sae.evaluation.sage import make_task
+    from hf_sae.evaluation.sage.patching import Location
     from hf_sae.evaluation.sage.validation import cross_section_completeness
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["ioi", "gender"], choices=sorted(CROSS_SECTIONS))
     p.add_argument("--tolerance", type=float, default=0.1)
+    p.add_argument("--drop-kinds", nargs="*", default=[], metavar="KIND",
+                   help="leave out the locations of these kinds (e.g. resid_pre: only heads and MLPs remain)")
     t0 = time.perf_counter()
     ns, model, tok = parse_and_load(p, argv, "sage_completeness.json")
     out = {"config": vars(ns), "tasks": {}}
@@ -49,8 +53,9 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|")
     for name in ns.tasks:
         _, ev = make_task(name, tok, n_prompts=ns.n_fit + ns.n_eval, seed=0).split(ns.n_fit)
+        locs = [key for key in CROSS_SECTIONS[name] if Location.parse(key).kind not in ns.drop_kinds]
         with torch.no_grad():
-            r = cross_section_completeness(model, ev, CROSS_SECTIONS[name], tolerance=ns.tolerance,
+            r = cross_section_completeness(model, ev, locs, tolerance=ns.tolerance,
                                            batch_size=ns.batch_size)
         out["tasks"][name] = r
         for a, v in r["attributes"].items():

@@ -167,3 +167,23 @@ def test_the_afa_variant_is_validated_and_saved(tmp_path):
     with pytest.raises(ValueError, match="afa_variant"):
         TrainingArguments(hook_points=["layers.3.resid_post"], afa_variant="x").validate()
     assert math.isfinite(float(again(torch.randn(3, D, dtype=torch.float64)).afa_loss))
+
+
+def test_topafa_starts_from_b_dec_zero_by_default(tmp_path):
+    # the authors' code starts b_dec at 0; with a geometric-median b_dec the reference AFA loss keeps a floor
+    # (||x|| - ||x - b_dec||)^2 and training shrinks L0 (benchmarks/RESULTS_afa.md)
+    from hf_sae.training import SAETrainer
+
+    hp = "layers.3.resid_post"
+    args = dict(hook_points=[hp], n_latents=32, train_tokens=256, batch_size=256, lr=1e-12, eval_every_tokens=0,
+                checkpoint_every_tokens=0, log_with=["jsonl"], progress_bar=False, init_tokens=256, plot_report=False)
+    assert TrainingArguments(**args, activation="topafa").b_dec_init_method == "zeros"
+    assert TrainingArguments(**args, activation="topafa", afa_variant="centred").b_dec_init_method == "geometric_median"
+    assert TrainingArguments(**args).b_dec_init_method == "geometric_median"
+    assert TrainingArguments(**args, activation="topafa", b_dec_init="mean").b_dec_init_method == "mean"
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0)) + 3.0  # far from the origin
+    for act, zero in (("topafa", True), ("topk", False)):
+        sae = SAETrainer(TrainingArguments(**args, activation=act, k=4 if act == "topk" else None,
+                                           output_dir=str(tmp_path / act)), train_data=x).train()[hp]
+        assert (sae.b_dec.abs().max().item() < 1e-6) == zero, act
+        assert sae.config.training_info["recipe"]["b_dec_init"] == ("zeros" if zero else "geometric_median")

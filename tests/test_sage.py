@@ -529,7 +529,7 @@ def test_cross_section_completeness(llama, ioi):
     assert none["attributes"]["io"]["complete"] is None and none["complete"] is False
 
 
-def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
+def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi, capsys, tmp_path):
     from hf_sae.evaluation.sage.validation import compare_sublayer_methods
 
     fit, ev = ioi.split(12)
@@ -550,6 +550,23 @@ def test_sublayer_method_against_sublayer_saes_end_to_end(llama, ioi):
         assert r["sublayer_sae_control"]["io"]["ld_sae_edit"]["64"] == pytest.approx(
             r["sublayer_sae_control"]["io"]["ld_counterfactual_patch"], abs=1e-4
         )
+    # benchmarks/sage_sublayer.py reports this output: one table row and one bar group per location
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sage_sublayer", Path(__file__).resolve().parents[1] / "benchmarks" / "sage_sublayer.py"
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    results = {"saes": {"layers.0.resid_post": {"k": 32, "eval_fvu": 0.0, "seconds": 0.0}},
+               "tasks": {"ioi": {"blocks": {"1": out}}}}
+    assert [(t, k) for t, k, _ in study.rows(results)] == [("ioi", k) for k in out["locations"]]
+    study.print_tables(results)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ioi |")]
+    assert len(table) == 2 and all("| **1.00** |" in line for line in table)
+    study.plot(results, tmp_path / "sublayer.png")
+    assert (tmp_path / "sublayer.png").stat().st_size > 1000
     # a residual SAE that reconstructs badly is worse by the sublayer method than the exact sublayer SAE
     bad = SparseAutoencoder(
         SAEConfig(d_in=32, n_latents=64, activation="topk", k=2, hook_point="layers.0.resid_post")

@@ -59,7 +59,7 @@ class SAETrainingArguments:
     """All settings of an SAE training run (see the module docstring for units).
 
     The recipe switches of Gao et al. (docs/FORMULAS.md §1) are on by default for the TopK family:
-    ``tied_init``, ``auxk``, ``b_dec_init="geometric_median"``, ``normalize_input``,
+    ``tied_init``, ``auxk``, ``b_dec_init="geometric_median"`` (zeros for top-AFA), ``normalize_input``,
     ``normalize_decoder``, ``project_decoder_grad``, LR scaled by 1/sqrt(n / 2^14), warmup.
     """
 
@@ -124,7 +124,9 @@ class SAETrainingArguments:
                             default=True)
     auxk: Optional[bool] = _help("Use the AuxK dead-latent loss (default: on for topk/batchtopk/topafa).",
                                  default=None)
-    b_dec_init: str = _help("b_dec initialisation: geometric_median, mean or zeros.", default="geometric_median")
+    b_dec_init: Optional[str] = _help(
+        "b_dec initialisation: geometric_median, mean or zeros (default: zeros for top-AFA in the authors' form "
+        "--afa_variant reference, as their code; geometric_median otherwise).", default=None)
     normalize_input: bool = _help("Scale inputs by a fixed scalar so that E||x||^2 = d (estimated from data).",
                                   default=True)
     normalize_decoder: bool = _help("Renormalise decoder rows to unit norm after every step.", default=True)
@@ -185,6 +187,17 @@ class SAETrainingArguments:
     def use_auxk(self) -> bool:
         """Whether AuxK is used (``auxk`` or, when None, True for the k-sparse activations)."""
         return (self.activation in _K_SPARSE) if self.auxk is None else bool(self.auxk)
+
+    @property
+    def b_dec_init_method(self) -> str:
+        """The b_dec initialisation used: ``b_dec_init``, or when None ``zeros`` for top-AFA with
+        ``afa_variant="reference"`` and ``geometric_median`` otherwise. The authors start b_dec at 0; their
+        AFA loss targets ||x|| while k(x) matches ||x - b_dec||, so a geometric-median b_dec leaves a gap
+        (||x|| - ||x - b_dec||)^2 the loss cannot close, and training shrinks L0 towards 1
+        (benchmarks/RESULTS_afa.md)."""
+        if self.b_dec_init is not None:
+            return self.b_dec_init
+        return "zeros" if self.activation == "topafa" and self.afa_variant == "reference" else "geometric_median"
 
     @property
     def warmup_tokens(self) -> int:
@@ -323,7 +336,7 @@ class SAETrainingArguments:
                 bad(name, "must be in [0, 1)")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             bad("max_grad_norm", "must be a finite number >= 0 (0 disables clipping)")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+        if self.b_dec_init not in (None, "geometric_median", "mean", "zeros"):
             bad("b_dec_init", "choose geometric_median, mean or zeros")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             bad("mixed_precision", "choose auto, no or bf16")

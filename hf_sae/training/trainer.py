@@ -343,7 +343,7 @@ class SAETrainer:
         for h, sae in saes.items():
             # a cache measured E||x||^2 over all its tokens: a better estimate than the sample's
             cache_scale = getattr(self, "_cache_scales", {}).get(h)
-            info = initialize_sae(sae, sample[h], tied_init=args.tied_init, b_dec_init=args.b_dec_init,
+            info = initialize_sae(sae, sample[h], tied_init=args.tied_init, b_dec_init=args.b_dec_init_method,
                                   normalize_input=args.normalize_input, input_scale=cache_scale, generator=g)
             self.init_info[h] = info
         if acc.num_processes > 1:
@@ -694,7 +694,7 @@ class SAETrainer:
                     "lr": self.optimizer.param_groups[list(saes).index(h)]["peak_lr"],
                     "lr_schedule": args.lr_schedule,
                     "seed": args.seed,
-                    "recipe": {"tied_init": args.tied_init, "auxk": args.use_auxk, "b_dec_init": args.b_dec_init,
+                    "recipe": {"tied_init": args.tied_init, "auxk": args.use_auxk, "b_dec_init": args.b_dec_init_method,
                                "normalize_input": args.normalize_input, "normalize_decoder": args.normalize_decoder,
                                "project_decoder_grad": args.project_decoder_grad, "multi_topk": args.multi_topk},
                     "init": self.init_info.get(h, {}),
