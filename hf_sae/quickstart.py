@@ -75,10 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-    from ._io import sha256_file as file_sha256
     from .data.cache import cache_activations
     from .data.models import DEFAULT_MODEL, load_model
-    from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainer, SAETrainingArguments
 
     out = Path(args.out).resolve()
@@ -120,20 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
-                 str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
-    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
-    results = _reuse_eval(out / "eval", stamp)
-    if results is not None:
-        print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
-    else:
-        print("[quickstart] 4/5 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
-        eargs = add_eval_args(argparse.ArgumentParser()).parse_args(eval_argv + (["--no-progress"] if not progress
-                                                                                 else []))
-        sae.eval()
-        with torch.no_grad():
-            results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
-        (out / "eval" / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    results = _evaluate(sae, model, tok, hook, out / "eval", args, progress)
     times["evaluate"] = time.perf_counter() - t
 
     dashboard = None
@@ -174,6 +159,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 STAMP_FILE = "quickstart_stamp.json"
+
+
+def _evaluate(sae, model, tok, hook: str, eval_dir: Path, args, progress: bool) -> dict:
+    """Step 4: reconstruction + downstream metrics on held-out text, reused when ``eval_dir`` holds an evaluation
+    of the same weights with the same settings."""
+    import torch
+
+    from ._io import sha256_file
+    from .evaluation.pipeline import evaluate_sae
+
+    settings = {"metrics": ["reconstruction", "downstream"], "n_tokens": args.eval_tokens,
+                "downstream_tokens": args.downstream_tokens}
+    weights = eval_dir.parent / "sae" / hook / "model.safetensors"
+    stamp = {"sae_sha256": sha256_file(str(weights)), "eval_settings": settings}
+    results = _reuse_eval(eval_dir, stamp)
+    if results is not None:
+        print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
+        return results
+    print("[quickstart] 4/5 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
+    sae.eval()
+    with torch.no_grad():
+        results = evaluate_sae(sae, model, tok, **settings, progress=progress, out_dir=eval_dir,
+                               sae_label=str(eval_dir.parent / "sae" / hook))
+    (eval_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    return results
 
 
 def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
