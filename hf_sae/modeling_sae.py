@@ -156,10 +156,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         where = str(pretrained_model_name_or_path)
         if kwargs.get("subfolder"):
             where += f" (subfolder {kwargs['subfolder']!r})"
-        try:
-            hub = importlib.import_module("hf_sae.hub")  # absent under trust_remote_code: plain errors then
-        except ImportError:
-            hub = None
+        hub = _optional("hf_sae.hub_layout")  # absent under trust_remote_code: plain errors then
         if hub is not None:
             hub.check_local_sae_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
         try:
@@ -207,11 +204,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Push this SAE with hf_sae's layout and model card (``hf_sae.hub.push_to_hub``: config, weights,
         modeling code at the root, a card with a model-index of FVU/L0/dead fraction/delta-loss). Without
         hf_sae installed (trust_remote_code), transformers' generic ``push_to_hub`` is used."""
-        try:
-            hub = importlib.import_module("hf_sae.hub")
-        except ImportError:
+        hub_push = _optional("hf_sae.hub_push")  # absent under trust_remote_code
+        if hub_push is None:
             return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_to_hub(self, repo_id, **kwargs)
+        return hub_push.push_to_hub(self, repo_id, **kwargs)
 
     # ---------------------------------------------------------------- init and decoder geometry
     @torch.no_grad()
