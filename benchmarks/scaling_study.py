@@ -209,7 +209,7 @@ def stage_eval(ns, manifest, work: Path, log) -> None:
         res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
                "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
                "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
-               "dead_train": fm.get("train_dead_fraction"),
+               "dead_train": fm.get("train_dormant_fraction"),
                "train_seconds": _read_float(work / "runs" / run["name"] / "wall_seconds.txt"),
                **flattened(history, ns.flat_tol)}
         ds = DownstreamStats()

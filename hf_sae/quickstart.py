@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "k": sae.config.k, "tokens_trained": info.get("tokens_trained"),
         "heldout_fvu": rec.get("fvu"), "heldout_l0": rec.get("l0"),
         "heldout_dead_fraction": rec.get("dead_fraction"),
-        "train_dead_fraction": info.get("final_metrics", {}).get("train_dead_fraction"),
+        "train_dormant_fraction": info.get("final_metrics", {}).get("train_dormant_fraction"),
         "ce_clean": ds.get("ce_clean"), "ce_spliced": ds.get("ce_spliced"), "delta_loss": ds.get("delta_loss"),
         "kl": ds.get("kl"), "frac_recovered_zero": ds.get("frac_recovered_zero"),
         "frac_recovered_mean": ds.get("frac_recovered_mean"),
@@ -209,7 +209,7 @@ def _print_summary(s: dict, args) -> None:
         f"  dead latents (never fired on held-out tokens)   {f(100 * s['heldout_dead_fraction'], '.2f')} %"
         if s["heldout_dead_fraction"] is not None else "  dead latents                                    n/a",
         f"  dead latents (no fire in the last {args.dead_tokens:,} training tokens) "
-        f"{f(100 * (s['train_dead_fraction'] or 0), '.2f')} %",
+        f"{f(100 * (s['train_dormant_fraction'] or 0), '.2f')} %",
         f"  LM loss clean -> SAE spliced in                 {f(s['ce_clean'], '.3f')} -> {f(s['ce_spliced'], '.3f')} "
         f"nats/token (increase {f(s['delta_loss'], '+.3f')}, KL {f(s['kl'], '.3f')})",
         f"  fraction of loss recovered (vs zero / mean ablation) {f(s['frac_recovered_zero'], '.3f')} / "

@@ -607,12 +607,13 @@ class SAETrainer:
                 rec["tokens_per_s"] = (st.tokens - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, st.tokens
                 for h in hps:
-                    rec[f"{h}/dead_fraction"] = self._dead_fraction(h)
+                    rec[f"{h}/dormant_fraction"] = self._dormant_fraction(h)
+                    rec[f"{h}/dead_fraction"] = rec[f"{h}/dormant_fraction"]  # deprecated alias of dormant_fraction
                 rec["lr"] = self.optimizer.param_groups[0]["lr"]
                 self._record(rec)
                 h0 = hps[0]
                 bar.set_postfix(fvu=f"{rec[f'{h0}/fvu']:.4f}", l0=f"{rec[f'{h0}/l0']:.1f}",
-                                dead=f"{100 * rec[f'{h0}/dead_fraction']:.1f}%", refresh=False)
+                                dormant=f"{100 * rec[f'{h0}/dormant_fraction']:.1f}%", refresh=False)
             if _crossed(prev, st.tokens, args.eval_every_tokens) and not last:
                 self._record({f"{h}/eval/{k}": v for h, m in self.evaluate().items() for k, v in m.items()
                               if isinstance(v, (int, float))})
@@ -659,7 +660,9 @@ class SAETrainer:
                                               self.since_fired[h] + args.batch_size)
             self.total_fires[h] += fires[h]
 
-    def _dead_fraction(self, h: str) -> float:
+    def _dormant_fraction(self, h: str) -> float:
+        """Share of ``h``'s latents that have not fired in the last ``dead_tokens_threshold`` training tokens (the
+        latents AuxK treats as dead). Not the evaluation's ``dead_fraction``: never fired on the evaluated tokens."""
         thr = self.configs[h].dead_tokens_threshold
         return float((self.since_fired[h] >= thr).double().mean())
 
@@ -700,7 +703,7 @@ class SAETrainer:
                     "eval_split": getattr(self, "eval_split", None) if final.get(h) else None,
                     "eval_dataset": getattr(self, "eval_dataset", None) if final.get(h) else None,
                     "final_metrics": {
-                        **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
+                        **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dormant_fraction")},
                         **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
                     },
                 }
