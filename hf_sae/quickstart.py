@@ -75,9 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-    from .data.cache import cache_activations
     from .data.models import DEFAULT_MODEL, load_model
-    from .training import SAETrainer, SAETrainingArguments
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -91,30 +89,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model, tok = load_model(DEFAULT_MODEL)
     times["load_model"] = time.perf_counter() - t
 
-    print(f"[quickstart] 2/5 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
-          f"held-out tokens -> {out / 'cache'}", flush=True)
     t = time.perf_counter()
-    cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
-    with torch.no_grad():
-        cache_activations(model, tok, "default", [hook], cache_val, max_tokens=args.eval_tokens, dtype="float16",
-                          split="validation", progress=progress)
-        cache_activations(model, tok, "default", [hook], cache_train, max_tokens=args.cache_tokens,
-                          dtype="float16", split="train", progress=progress)
+    cache_train, cache_val = _cache(model, tok, hook, out, args, progress)
     times["cache_activations"] = time.perf_counter() - t
 
-    print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
-          flush=True)
     t = time.perf_counter()
-    targs = SAETrainingArguments(
-        hook_points=[hook], activations=str(cache_train), eval_activations=str(cache_val),
-        n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
-        lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
-        eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
-        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
-        log_with=["auto"], run_name="quickstart",
-    )
-    trainer = SAETrainer(targs)
-    sae = trainer.train()[hook]
+    sae = _train(hook, cache_train, cache_val, out, args, progress)
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -133,8 +113,51 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         dashboard = info["index_html"]
         times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    cpu_seconds = time.process_time()
+    summary = _summary(sae, hook, results, times, out, dashboard)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _print_summary(summary, args)
+    return summary
 
+
+def _cache(model, tok, hook: str, out: Path, args, progress: bool) -> tuple:
+    """Step 2: cache held-out and training activations at ``hook``; returns the two cache folders."""
+    import torch
+
+    from .data.cache import cache_activations
+
+    print(f"[quickstart] 2/5 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
+          f"held-out tokens -> {out / 'cache'}", flush=True)
+    cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
+    with torch.no_grad():
+        cache_activations(model, tok, "default", [hook], cache_val, max_tokens=args.eval_tokens, dtype="float16",
+                          split="validation", progress=progress)
+        cache_activations(model, tok, "default", [hook], cache_train, max_tokens=args.cache_tokens,
+                          dtype="float16", split="train", progress=progress)
+    return cache_train, cache_val
+
+
+def _train(hook: str, cache_train: Path, cache_val: Path, out: Path, args, progress: bool):
+    """Step 3: train (or resume, or re-export) the TopK SAE on the cached activations; returns it."""
+    from .training import SAETrainer, SAETrainingArguments
+
+    print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
+          flush=True)
+    targs = SAETrainingArguments(
+        hook_points=[hook], activations=str(cache_train), eval_activations=str(cache_val),
+        n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
+        lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
+        eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
+        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
+        log_with=["auto"], run_name="quickstart",
+    )
+    return SAETrainer(targs).train()[hook]
+
+
+def _summary(sae, hook: str, results: dict, times: dict, out: Path, dashboard) -> dict:
+    """The summary dict printed and written to ``summary.json``."""
+    import torch
+
+    cpu_seconds = time.process_time()
     rec, ds = results.get("reconstruction", {}), results.get("downstream", {})
     info = sae.config.training_info
     summary = {
@@ -153,8 +176,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "paths": {"sae": str(out / "sae" / hook), "curves": str(out / "sae" / hook / "training_curves.png"),
                   "eval_report": str(out / "eval" / "report.html"), "dashboard": dashboard},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    _print_summary(summary, args)
     return summary
 
 

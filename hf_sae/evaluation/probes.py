@@ -516,9 +516,8 @@ def run_probe_tasks(
     M = int(keep.sum())
     if code_values.shape[0] != M:
         raise ValueError(f"the code has {code_values.shape[0]} rows but keep selects {M} tokens.")
-    row_of = torch.arange(keep.shape[0]).unsqueeze(-1).expand_as(keep)[keep]
-    is_train = train_rows.bool()[row_of]
-    tr, te = is_train, ~is_train
+    tr = train_rows.bool()[torch.arange(keep.shape[0]).unsqueeze(-1).expand_as(keep)[keep]]  # per kept token
+    te = ~tr
     feats = {}
     if x is not None and baselines:
         if x.shape[0] != M:
@@ -552,13 +551,8 @@ def run_probe_tasks(
         )
         for method, (f_tr, f_te) in feats.items():
             results.append(best_probe_dense(task, method, f_tr, f_te, ytr, yte, l2=l2, screen=screen))
-    out = {"results": results, "skipped": skipped}
-    out.update(
-        summarize_probe_results(results)
-        if results
-        else {"mean_probe_loss": {}, "n_tasks": {}, "mean_prior_loss": float("nan"), "per_task": {}}
-    )
-    return out
+    empty = {"mean_probe_loss": {}, "n_tasks": {}, "mean_prior_loss": float("nan"), "per_task": {}}
+    return {"results": results, "skipped": skipped, **(summarize_probe_results(results) if results else empty)}
 
 
 def probe_recovery(input_ids: Tensor, probe_keep: Tensor, code_values: Tensor, code_indices: Tensor, n_latents: int,
