@@ -200,13 +200,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    def push_to_hub(self, repo_id: str, **kwargs):
+    def push_to_hub(self, repo_id: str, **kwargs):  # type: ignore[override]  # hf_sae's layout, same call
         """Push this SAE with hf_sae's layout and model card (``hf_sae.hub.push_to_hub``: config, weights,
         modeling code at the root, a card with a model-index of FVU/L0/dead fraction/delta-loss). Without
         hf_sae installed (trust_remote_code), transformers' generic ``push_to_hub`` is used."""
         hub_push = _optional("hf_sae.hub_push")  # absent under trust_remote_code
         if hub_push is None:
-            return super().push_to_hub(repo_id, **kwargs)
+            return super().push_to_hub(repo_id, **kwargs)  # type: ignore[arg-type]  # transformers' decorator
         return hub_push.push_to_hub(self, repo_id, **kwargs)
 
     # ---------------------------------------------------------------- init and decoder geometry
@@ -255,7 +255,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             kernels.release_grad_buffers(self)
 
     # ---------------------------------------------------------------- input handling
-    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size, Optional[tuple[Tensor, Tensor]]]:
         """Validate x [..., d], return (x_normalized [N, d], leading shape, per-token stats or None)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"SAE input must be a torch.Tensor of shape [..., {self.config.d_in}], got {type(x)}")
@@ -308,7 +308,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Per-token (mu [..., 1], sigma [..., 1]) of x [..., d] that :meth:`decode` needs under
         ``input_norm="layer_norm"`` to return the caller's units; None when ``input_norm="none"``."""
         _, lead, stats = self._flatten_input(x)
-        return None if stats is None else tuple(t.reshape(*lead, 1) for t in stats)
+        return None if stats is None else (stats[0].reshape(*lead, 1), stats[1].reshape(*lead, 1))
 
     @property
     def uses_b_enc(self) -> bool:
@@ -326,8 +326,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def _decode_normalized(self, latents: Latents) -> Tensor:
         """x^ [N, d] in normalized units (with b_dec)."""
         if latents.is_sparse:
-            return self._sparse_decode(latents.values, latents.indices) + self.b_dec
-        return latents.dense @ self.W_dec + self.b_dec
+            return self._sparse_decode(*latents.sparse_parts()) + self.b_dec
+        return latents.dense_part() @ self.W_dec + self.b_dec
 
     def _sparse_decode(self, values: Tensor, indices: Tensor) -> Tensor:
         kernels = _kernels()  # resolves config.kernel ("dense" included) and the HF_SAE_KERNEL override
@@ -344,7 +344,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         else :meth:`_forward_eager`. x_hat [N, d] with b_dec; e_hat AuxK's decode of the dead latents (None
         when none is dead); x_hat4 the Multi-TopK reconstruction (None unless enabled and training)."""
         kernels = _kernels() if getattr(self.activation, "sparse_fn", None) is not None else None
-        fused = kernels.fused_forward(self, x, dead_mask) if hasattr(kernels, "fused_forward") else None
+        fused = kernels.fused_forward(self, x, dead_mask) if kernels is not None and hasattr(kernels, "fused_forward") \
+            else None
         if fused is not None:
             return (None, *fused)
         return self._forward_eager(x, dead_mask)
@@ -372,8 +373,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         row otherwise (padded slots have value 0)."""
         xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
-        latents = latents.to_sparse()
-        return latents.values.reshape(*lead, -1), latents.indices.reshape(*lead, -1)
+        values, indices = latents.to_sparse().sparse_parts()
+        return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, latents: Tensor, indices: Optional[Tensor] = None,
                norm_stats: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -399,9 +400,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             code = Latents(dense=latents.reshape(-1, self.config.n_latents).to(self.W_dec.dtype))
         x_hat = self._decode_normalized(code)
         stats = None
-        if self.config.input_norm != "none":
-            stats = tuple(torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
-                          for t in norm_stats)
+        if norm_stats is not None and self.config.input_norm != "none":
+            mu, sigma = (torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
+                         for t in norm_stats)
+            stats = (mu, sigma)
         return self._denormalize(x_hat, stats).reshape(*lead, self.config.d_in)
 
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None, return_dense: bool = False) -> SAEOutput:
@@ -439,7 +441,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 l1 = value
             else:
                 l0 = value
-            coef = getattr(cfg, spec.penalty_coef)
+            coef = getattr(cfg, str(spec.penalty_coef))
             if coef:
                 loss = loss + coef * value
         # decoder-row norms once for the L1 metric and AFA, with a graph only when AFA is in the loss
@@ -482,6 +484,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         k_aux = self._auxk_width(dead_mask)
         if k_aux == 0:
             return None
+        assert dead_mask is not None  # k_aux > 0 only with a dead mask
         masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1, sorted=False)
         return self._sparse_decode(values.relu(), indices)
@@ -512,7 +515,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         - ``centred``: mean over tokens of (||z~||_2 - ||x - b_dec||_2)^2, z~_i = z_i ||W_dec,i||.
 
         ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
-        z = latents.values if latents.is_sparse else latents.dense
+        z = latents.sparse_parts()[0] if latents.is_sparse else latents.dense_part()
         if self.config.afa_variant == "reference":
             return (z.norm(dim=-1) - x.norm(dim=-1)).square().mean()
         norms = self.decoder_norms() if norms is None else norms

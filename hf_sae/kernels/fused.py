@@ -58,24 +58,25 @@ def _select(sae, pre: Tensor, xc: Tensor, dead_mask: Optional[Tensor], k_aux: in
     # The pre-activations at the selection, without a gather from pre: a main slot's value is
     # ReLU(pre) * keep, i.e. pre itself wherever it is > 0 -- the only slots that keep a value
     # and a gradient (the others are masked to 0 in fused_forward).
-    picks, supports, pre_sel = [selected.indices], [None], [selected.values]
+    picks, supports, pre_parts = [selected.indices], [None], [selected.values]
     aux_block = False
     if k_aux:
         # Exact pruning: dead latents with pre <= 0 add nothing (value, dW_dec, gradient through
         # the ReLU), so the block only needs the most positive dead pre-activations of one row.
+        assert dead_mask is not None  # k_aux > 0 only with a dead mask
         aux, support, aux_pre = topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True,
                                            positive_only=True, return_values=True)
         if aux.shape[1]:
             picks.append(aux)
             supports.append(support)
-            pre_sel.append(aux_pre)
+            pre_parts.append(aux_pre)
             aux_block = True
     if cfg.multi_topk and sae.training:
         multi_pre, multi = pre.topk(4 * cfg.k, dim=-1, sorted=False)
         picks.append(multi)
         supports.append(None)
-        pre_sel.append(multi_pre)
-    pre_sel = torch.cat(pre_sel, 1) if len(pre_sel) > 1 else pre_sel[0]
+        pre_parts.append(multi_pre)
+    pre_sel = torch.cat(pre_parts, 1) if len(pre_parts) > 1 else pre_parts[0]
     # Slots whose pre-activation is <= 0 are padding: value 0 after the ReLU, no gradient. The
     # torch ops skip them (AuxK's block is mostly padding beyond each row's few positives).
     valid = pre_sel > 0 if backend == "torch" else None
@@ -120,6 +121,7 @@ def fused_forward(sae, x: Tensor, dead_mask: Optional[Tensor]) -> Optional[Fused
     values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
     decoded = list(decode_code(values, code, sae.W_dec, backend=backend, grad_buffer=dec_buf))
     x_hat = decoded.pop(0).add_(sae.b_dec)  # in place: the decode's output is not needed by its backward
+    e_hat: Optional[Tensor]
     if aux_block:
         e_hat = decoded.pop(0)
     else:  # no dead pre-activation > 0 anywhere: AuxK's decode is 0 (its loss has no gradient)
