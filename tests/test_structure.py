@@ -89,7 +89,6 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 MODULE_ALLOW = {
     "hooks.py": 796,  # hook-point names and capture/splice for every supported LM family, kept in one place
-    "training/trainer.py": 810,  # being split (issue 18, last step): other work in flight edits it today
 }
 """Modules allowed past MAX_MODULE_LINES, with the size they may not grow past (shrinking is fine)."""
 FUNCTION_ALLOW = {
