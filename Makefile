@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint quickstart clean
+.PHONY: install test test-fast lint typecheck quickstart clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check hf_sae tests scripts benchmarks
+
+typecheck: $(STAMP)
+	$(VPY) -m mypy
 
 quickstart: $(STAMP)
 	$(VPY) -m hf_sae.quickstart --out quickstart_out

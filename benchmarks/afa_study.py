@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         for name, (s, i, r) in runs.items():
             results["runs"][name] = {"n_latents": n, "activation": s.config.activation, "k": s.config.k,
                                      "afa_coef": s.config.afa_coef, "train_seconds": i.get("seconds"),
-                                     "dead_train": i.get("train_dead_fraction"), **r}
+                                     "dead_train": i.get("train_dormant_fraction"), **r}
             saes[name] = s
             print(json.dumps({name: {k: v for k, v in results["runs"][name].items()
                                      if k not in ("zf_points", "l0_hist")}}, default=float), flush=True)

@@ -60,7 +60,7 @@ def main() -> None:
             rec = float(((D @ W.t()).max(dim=1).values >= 0.9).float().mean())
             row = dict(mixed_precision=mp, device=str(sae.W_dec.device), kernel=sae.config.kernel, seconds=secs,
                        tokens_per_s=a.tokens / secs, eval_fvu=m["eval_fvu"], eval_l0=m["eval_l0"],
-                       dead=m["train_dead_fraction"], recovered_at_0_9=rec)
+                       dead=m["train_dormant_fraction"], recovered_at_0_9=rec)
             print(json.dumps(row), flush=True)
             results.append(row)
     print(f"# {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, d={a.d}, n={a.n_latents}, "

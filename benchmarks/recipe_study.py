@@ -73,7 +73,7 @@ def run(name: str, work: Path, train_dir: Path, val_dir: Path, ns, **kw) -> dict
     res = {"name": name, **{k: v for k, v in kw.items()}, "seconds": time.perf_counter() - t,
            "tokens": sae.config.training_info["tokens_trained"],
            "fvu": m["eval_fvu"], "l0": m["eval_l0"], "dead_heldout": m["eval_dead_fraction"],
-           "dead_train": m["train_dead_fraction"], "train_fvu": m["train_fvu"]}
+           "dead_train": m["train_dormant_fraction"], "train_fvu": m["train_fvu"]}
     res_file.write_text(json.dumps(res, indent=2))
     print(json.dumps(res), flush=True)
     return res

@@ -235,7 +235,8 @@ def _evaluate_run(ns, run: dict, folder: Path, run_dir: Path, work: Path) -> dic
     res = {"name": run["name"], "groups": run["groups"], "activation": run["activation"], "n": run["n"],
            "k": run["k"], "extra": run["extra"], "tokens_trained": info["tokens_trained"],
            "fvu": fm.get("eval_fvu"), "l0": fm.get("eval_l0"), "dead_heldout": fm.get("eval_dead_fraction"),
-           "dead_train": fm.get("train_dead_fraction"), **flattened(history, ns.flat_tol)}
+           "dead_train": fm.get("train_dormant_fraction", fm.get("train_dead_fraction")),  # runs before the rename
+           **flattened(history, ns.flat_tol)}
     ds = DownstreamStats()
     with torch.no_grad():
         for s, clean in zip(range(0, ids.shape[0], 4), _LM["clean"]):

@@ -36,14 +36,26 @@ class Latents(NamedTuple):
         """[N, n] dense latents (scatter of the sparse form; differentiable w.r.t. values)."""
         if self.dense is not None:
             return self.dense
-        out = self.values.new_zeros(self.values.shape[0], n_latents)
-        return out.scatter_add(-1, self.indices, self.values)
+        values, indices = self.sparse_parts()
+        return values.new_zeros(values.shape[0], n_latents).scatter_add(-1, indices, values)
+
+    def sparse_parts(self) -> tuple[Tensor, Tensor]:
+        """``(values, indices)`` [N, w] each of a sparse code (a dense code: call :meth:`to_sparse` first)."""
+        if self.values is None or self.indices is None:
+            raise ValueError("this code is dense; use to_sparse() for its sparse form")
+        return self.values, self.indices
+
+    def dense_part(self) -> Tensor:
+        """``dense`` [N, n] of a dense code (a sparse code: call :meth:`to_dense` instead)."""
+        if self.dense is None:
+            raise ValueError("this code is sparse; use to_dense(n_latents) for its dense form")
+        return self.dense
 
     def to_sparse(self) -> Latents:
         """Sparse form; a dense code is converted with width = max non-zeros in a row (>= 1)."""
         if self.values is not None:
             return self
-        return dense_to_sparse(self.dense)
+        return dense_to_sparse(self.dense_part())
 
 
 def dense_to_sparse(z: Tensor) -> Latents:

@@ -47,6 +47,51 @@ def _check(cond: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"SAEConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
 
 
+def _check_settings(*, n_latents, activation, k, k_aux, aux_coef, dead_tokens_threshold, multi_topk, l1_coef, l0_coef,
+                    afa_coef, afa_variant, jumprelu_init_threshold, jumprelu_bandwidth, batchtopk_threshold_momentum,
+                    input_scale, input_norm, input_norm_eps, input_norm_unbiased, hook_point, base_model, kernel,
+                    training_info, d_in) -> None:
+    """Raise a ValueError naming the first :class:`SAEConfig` argument that is out of range (sizes resolved)."""
+    _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
+    if activation in ("topk", "batchtopk"):
+        _check(_int(k) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
+    elif activation == "topafa":
+        _check(k is None or (_int(k) and 0 < k <= n_latents), "k", k,
+               f"None (no cap) or an integer in [1, n_latents={n_latents}] for topafa")
+    if k_aux is not None:
+        _check(_int(k_aux) and 0 < k_aux <= n_latents, "k_aux", k_aux,
+               f"None or an integer in [1, n_latents={n_latents}]")
+    for name, value in (("aux_coef", aux_coef), ("l1_coef", l1_coef), ("l0_coef", l0_coef),
+                        ("afa_coef", afa_coef)):
+        _check(_num(value) and value >= 0, name, value, "a finite number >= 0")
+    _check(_int(dead_tokens_threshold) and dead_tokens_threshold > 0, "dead_tokens_threshold",
+           dead_tokens_threshold, "a positive integer (tokens)")
+    _check(_num(jumprelu_init_threshold) and jumprelu_init_threshold > 0, "jumprelu_init_threshold",
+           jumprelu_init_threshold, "a finite number > 0")
+    _check(_num(jumprelu_bandwidth) and jumprelu_bandwidth > 0, "jumprelu_bandwidth", jumprelu_bandwidth,
+           "a finite number > 0")
+    _check(_num(batchtopk_threshold_momentum) and 0 <= batchtopk_threshold_momentum < 1,
+           "batchtopk_threshold_momentum", batchtopk_threshold_momentum, "in [0, 1)")
+    _check(_num(input_scale) and 1e-12 < input_scale < 1e12, "input_scale", input_scale,
+           "a finite number in (1e-12, 1e12) (1.0 = identity; sqrt(d / E||x||^2) normalises)")
+    _check(input_norm in INPUT_NORMS, "input_norm", input_norm, f"one of {INPUT_NORMS}")
+    _check(_num(input_norm_eps) and input_norm_eps > 0, "input_norm_eps", input_norm_eps,
+           "a finite number > 0 (a constant token has sigma = 0)")
+    _check(isinstance(input_norm_unbiased, bool), "input_norm_unbiased", input_norm_unbiased, "True or False")
+    _check(input_norm == "none" or d_in > 1, "input_norm", input_norm, "'none' when d_in = 1")
+    _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
+    _check(afa_variant in AFA_VARIANTS, "afa_variant", afa_variant, f"one of {AFA_VARIANTS}")
+    _check(isinstance(multi_topk, bool), "multi_topk", multi_topk, "True or False")
+    _check(hook_point is None or (isinstance(hook_point, str) and hook_point.strip() != ""), "hook_point",
+           hook_point, "None or a hook point name such as 'layers.6.resid_post'")
+    _check(base_model is None or isinstance(base_model, str), "base_model", base_model, "None or a string")
+    _check(training_info is None or isinstance(training_info, dict), "training_info", training_info,
+           "None or a dict")
+    if multi_topk:
+        _check(activation == "topk" and 4 * k <= n_latents, "multi_topk", multi_topk,
+               "used only with activation='topk' and 4*k <= n_latents")
+
+
 class SAEConfig(PretrainedConfig):
     r"""Configuration of a :class:`~hf_sae.SparseAutoencoder`.
 
@@ -133,46 +178,17 @@ class SAEConfig(PretrainedConfig):
             n_latents = int(round(factor * d_in))
             _check(n_latents > 0, "expansion_factor", factor, "large enough that expansion_factor * d_in >= 1")
         _check(_int(n_latents) and n_latents > 0, "n_latents", n_latents, "a positive integer")
-        _check(activation in ACTIVATIONS, "activation", activation, f"one of {ACTIVATIONS}")
         if k is None and activation != "topafa":
             k = DEFAULT_K
-        if activation in ("topk", "batchtopk"):
-            _check(_int(k) and 0 < k <= n_latents, "k", k, f"an integer in [1, n_latents={n_latents}]")
-        elif activation == "topafa":
-            _check(k is None or (_int(k) and 0 < k <= n_latents), "k", k,
-                   f"None (no cap) or an integer in [1, n_latents={n_latents}] for topafa")
-        if k_aux is not None:
-            _check(_int(k_aux) and 0 < k_aux <= n_latents, "k_aux", k_aux,
-                   f"None or an integer in [1, n_latents={n_latents}]")
-        for name, value in (("aux_coef", aux_coef), ("l1_coef", l1_coef), ("l0_coef", l0_coef),
-                            ("afa_coef", afa_coef)):
-            _check(_num(value) and value >= 0, name, value, "a finite number >= 0")
-        _check(_int(dead_tokens_threshold) and dead_tokens_threshold > 0, "dead_tokens_threshold",
-               dead_tokens_threshold, "a positive integer (tokens)")
-        _check(_num(jumprelu_init_threshold) and jumprelu_init_threshold > 0, "jumprelu_init_threshold",
-               jumprelu_init_threshold, "a finite number > 0")
-        _check(_num(jumprelu_bandwidth) and jumprelu_bandwidth > 0, "jumprelu_bandwidth", jumprelu_bandwidth,
-               "a finite number > 0")
-        _check(_num(batchtopk_threshold_momentum) and 0 <= batchtopk_threshold_momentum < 1,
-               "batchtopk_threshold_momentum", batchtopk_threshold_momentum, "in [0, 1)")
-        _check(_num(input_scale) and 1e-12 < input_scale < 1e12, "input_scale", input_scale,
-               "a finite number in (1e-12, 1e12) (1.0 = identity; sqrt(d / E||x||^2) normalises)")
-        _check(input_norm in INPUT_NORMS, "input_norm", input_norm, f"one of {INPUT_NORMS}")
-        _check(_num(input_norm_eps) and input_norm_eps > 0, "input_norm_eps", input_norm_eps,
-               "a finite number > 0 (a constant token has sigma = 0)")
-        _check(isinstance(input_norm_unbiased, bool), "input_norm_unbiased", input_norm_unbiased, "True or False")
-        _check(input_norm == "none" or d_in > 1, "input_norm", input_norm, "'none' when d_in = 1")
-        _check(kernel in KERNELS, "kernel", kernel, f"one of {KERNELS}")
-        _check(afa_variant in AFA_VARIANTS, "afa_variant", afa_variant, f"one of {AFA_VARIANTS}")
-        _check(isinstance(multi_topk, bool), "multi_topk", multi_topk, "True or False")
-        _check(hook_point is None or (isinstance(hook_point, str) and hook_point.strip() != ""), "hook_point",
-               hook_point, "None or a hook point name such as 'layers.6.resid_post'")
-        _check(base_model is None or isinstance(base_model, str), "base_model", base_model, "None or a string")
-        _check(training_info is None or isinstance(training_info, dict), "training_info", training_info,
-               "None or a dict")
-        if multi_topk:
-            _check(activation == "topk" and 4 * k <= n_latents, "multi_topk", multi_topk,
-                   "used only with activation='topk' and 4*k <= n_latents")
+        _check_settings(
+            n_latents=n_latents, activation=activation, k=k, k_aux=k_aux, aux_coef=aux_coef,
+            dead_tokens_threshold=dead_tokens_threshold, multi_topk=multi_topk, l1_coef=l1_coef, l0_coef=l0_coef,
+            afa_coef=afa_coef, afa_variant=afa_variant, jumprelu_init_threshold=jumprelu_init_threshold,
+            jumprelu_bandwidth=jumprelu_bandwidth, batchtopk_threshold_momentum=batchtopk_threshold_momentum,
+            input_scale=input_scale, input_norm=input_norm, input_norm_eps=input_norm_eps,
+            input_norm_unbiased=input_norm_unbiased, hook_point=hook_point, base_model=base_model, kernel=kernel,
+            training_info=training_info, d_in=d_in,
+        )
 
         self.d_in = d_in
         self.n_latents = n_latents

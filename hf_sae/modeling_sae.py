@@ -156,10 +156,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         where = str(pretrained_model_name_or_path)
         if kwargs.get("subfolder"):
             where += f" (subfolder {kwargs['subfolder']!r})"
-        try:
-            hub = importlib.import_module("hf_sae.hub")  # absent under trust_remote_code: plain errors then
-        except ImportError:
-            hub = None
+        hub = _optional("hf_sae.hub_layout")  # absent under trust_remote_code: plain errors then
         if hub is not None:
             hub.check_local_sae_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
         try:
@@ -203,15 +200,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    def push_to_hub(self, repo_id: str, **kwargs):
+    def push_to_hub(self, repo_id: str, **kwargs):  # type: ignore[override]  # hf_sae's layout, same call
         """Push this SAE with hf_sae's layout and model card (``hf_sae.hub.push_to_hub``: config, weights,
         modeling code at the root, a card with a model-index of FVU/L0/dead fraction/delta-loss). Without
         hf_sae installed (trust_remote_code), transformers' generic ``push_to_hub`` is used."""
-        try:
-            hub = importlib.import_module("hf_sae.hub")
-        except ImportError:
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_to_hub(self, repo_id, **kwargs)
+        hub_push = _optional("hf_sae.hub_push")  # absent under trust_remote_code
+        if hub_push is None:
+            return super().push_to_hub(repo_id, **kwargs)  # type: ignore[arg-type]  # transformers' decorator
+        return hub_push.push_to_hub(self, repo_id, **kwargs)
 
     # ---------------------------------------------------------------- init and decoder geometry
     @torch.no_grad()
@@ -254,11 +250,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]
         tensors on CPU, see ``hf_sae.kernels.GradBuffer``); the next fused step allocates it again."""
-        for buf in self.__dict__.get("_grad_buffers", ()):
-            buf.release()
+        kernels = _kernels()
+        if kernels is not None:
+            kernels.release_grad_buffers(self)
 
     # ---------------------------------------------------------------- input handling
-    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size, Optional[tuple[Tensor, Tensor]]]:
         """Validate x [..., d], return (x_normalized [N, d], leading shape, per-token stats or None)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"SAE input must be a torch.Tensor of shape [..., {self.config.d_in}], got {type(x)}")
@@ -311,7 +308,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Per-token (mu [..., 1], sigma [..., 1]) of x [..., d] that :meth:`decode` needs under
         ``input_norm="layer_norm"`` to return the caller's units; None when ``input_norm="none"``."""
         _, lead, stats = self._flatten_input(x)
-        return None if stats is None else tuple(t.reshape(*lead, 1) for t in stats)
+        return None if stats is None else (stats[0].reshape(*lead, 1), stats[1].reshape(*lead, 1))
 
     @property
     def uses_b_enc(self) -> bool:
@@ -329,8 +326,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def _decode_normalized(self, latents: Latents) -> Tensor:
         """x^ [N, d] in normalized units (with b_dec)."""
         if latents.is_sparse:
-            return self._sparse_decode(latents.values, latents.indices) + self.b_dec
-        return latents.dense @ self.W_dec + self.b_dec
+            return self._sparse_decode(*latents.sparse_parts()) + self.b_dec
+        return latents.dense_part() @ self.W_dec + self.b_dec
 
     def _sparse_decode(self, values: Tensor, indices: Tensor) -> Tensor:
         kernels = _kernels()  # resolves config.kernel ("dense" included) and the HF_SAE_KERNEL override
@@ -341,83 +338,28 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             return dense @ self.W_dec
         return sparse_decode_reference(values, indices, self.W_dec)
 
-    def _forward_fused(self, x: Tensor, dead_mask: Optional[Tensor]):
-        """The fused sparse step (``hf_sae.kernels``) for activations with a sparse form: the dense
-        pre-activations [N, n] once under no_grad; the selections of the activation, AuxK and Multi-TopK
-        chosen from them as the column blocks of one sparse code; the selected values with a sparse
-        encoder backward; one sparse decode of all blocks. No dense [N, n] tensor enters autograd.
+    def _encode_decode(self, x: Tensor, dead_mask: Optional[Tensor]) -> tuple:
+        """``(pre, latents, x_hat, e_hat, x_hat4)`` of normalized inputs x [N, d], whichever path computes them:
+        the fused sparse step (``hf_sae.kernels.fused.fused_forward``; ``pre`` is None there) when it applies,
+        else :meth:`_forward_eager`. x_hat [N, d] with b_dec; e_hat AuxK's decode of the dead latents (None
+        when none is dead); x_hat4 the Multi-TopK reconstruction (None unless enabled and training)."""
+        kernels = _kernels() if getattr(self.activation, "sparse_fn", None) is not None else None
+        fused = kernels.fused_forward(self, x, dead_mask) if kernels is not None and hasattr(kernels, "fused_forward") \
+            else None
+        if fused is not None:
+            return (None, *fused)
+        return self._forward_eager(x, dead_mask)
 
-        AuxK's block keeps only as many columns as the most dead pre-activations > 0 in one row (at most
-        k_aux; the others are 0 after the ReLU and contribute nothing), so its width follows how often
-        dead latents come near firing rather than k_aux.
-
-        Returns ``(latents, x_hat, e_hat, x_hat4)`` in normalized units -- x_hat [N, d] (with b_dec);
-        e_hat [N, d] AuxK's decode of the dead latents (no b_dec; zeros when none of them is > 0) or None
-        when no latent is dead; x_hat4 the Multi-TopK
-        reconstruction or None -- with the same values and gradients as the dense path. Returns None
-        when the kernels are not importable, the kernel resolves to "dense", or the activation is dense
-        (batchtopk at inference).
-        """
-        cfg = self.config
-        sparse_fn = getattr(self.activation, "sparse_fn", None)
-        kernels = _kernels() if sparse_fn is not None else None
-        if kernels is None or not hasattr(kernels, "decode_code"):
-            return None
-        if not (self.activation.k_sparse or self.training):
-            return None
-        backend = kernels.resolve_backend(cfg.kernel, x.device)
-        if backend == "dense":
-            return None
-        k_aux = self._auxk_width(dead_mask)
-        with torch.no_grad():
-            xc = x - self.b_dec
-            b_enc = self.b_enc if self.uses_b_enc else torch.zeros_like(self.b_enc)
-            pre = F.linear(xc, self.W_enc, b_enc)
-            selected = sparse_fn(pre, self, xc)
-            # The pre-activations at the selection, without a gather from pre: a main slot's value is
-            # ReLU(pre) * keep, i.e. pre itself wherever it is > 0 -- the only slots that keep a value
-            # and a gradient (the others are masked to 0 below).
-            picks, supports, pre_sel = [selected.indices], [None], [selected.values]
-            aux_block = False
-            if k_aux:
-                # Exact pruning: dead latents with pre <= 0 add nothing (value, dW_dec, gradient through
-                # the ReLU), so the block only needs the most positive dead pre-activations of one row.
-                aux, support, aux_pre = kernels.topk_among(pre, dead_mask.to(pre.device), k_aux, return_support=True,
-                                                           positive_only=True, return_values=True)
-                if aux.shape[1]:
-                    picks.append(aux)
-                    supports.append(support)
-                    pre_sel.append(aux_pre)
-                    aux_block = True
-            if cfg.multi_topk and self.training:
-                multi_pre, multi = pre.topk(4 * cfg.k, dim=-1, sorted=False)
-                picks.append(multi)
-                supports.append(None)
-                pre_sel.append(multi_pre)
-            del pre
-            pre_sel = torch.cat(pre_sel, 1) if len(pre_sel) > 1 else pre_sel[0]
-            # Slots whose pre-activation is <= 0 are padding: value 0 after the ReLU, no gradient. The
-            # torch ops skip them (AuxK's block is mostly padding beyond each row's few positives).
-            valid = pre_sel > 0 if backend == "torch" else None
-            if valid is not None and bool(valid.all()):
-                valid = None
-            code = kernels.SparseCode(torch.cat(picks, 1) if len(picks) > 1 else picks[0], cfg.n_latents,
-                                      [p.shape[1] for p in picks], supports, valid)
-        # W_enc's and W_dec's gradients reuse their memory from step to step on CPU (kernels.GradBuffer)
-        buffers = self.__dict__.setdefault("_grad_buffers", (kernels.GradBuffer(), kernels.GradBuffer()))
-        parts = kernels.encode_selected(x, self.W_enc, b_enc, self.b_dec, code, pre_sel, backend=backend,
-                                        grad_buffer=buffers[0]).split(code.blocks, dim=1)
-        # ReLU(pre) * keep with its gradient: selected.values > 0 exactly where pre > 0 and the slot is kept.
-        main = parts[0].where(selected.values > 0, 0.0)
-        values = torch.cat([main] + [p.relu() for p in parts[1:]], 1) if len(parts) > 1 else main
-        decoded = list(kernels.decode_code(values, code, self.W_dec, backend=backend, grad_buffer=buffers[1]))
-        x_hat = decoded.pop(0).add_(self.b_dec)  # in place: the decode's output is not needed by its backward
-        if aux_block:
-            e_hat = decoded.pop(0)
-        else:  # no dead pre-activation > 0 anywhere: AuxK's decode is 0 (its loss has no gradient)
-            e_hat = torch.zeros_like(x_hat) if k_aux else None
-        x_hat4 = decoded.pop(0).add_(self.b_dec) if decoded else None
-        return Latents(values=main, indices=selected.indices), x_hat, e_hat, x_hat4
+    def _forward_eager(self, x: Tensor, dead_mask: Optional[Tensor]) -> tuple:
+        """The plain-torch reference of :meth:`_encode_decode` (dense pre-activations [N, n] in autograd)."""
+        pre, latents = self._activate(x)
+        x_hat = self._decode_normalized(latents)
+        e_hat = self._auxk_decode(pre, dead_mask)
+        x_hat4 = None
+        if self.config.multi_topk and self.training:
+            v4, i4 = pre.topk(4 * self.config.k, dim=-1, sorted=False)
+            x_hat4 = self._decode_normalized(Latents(values=v4.relu(), indices=i4))
+        return pre, latents, x_hat, e_hat, x_hat4
 
     # ---------------------------------------------------------------- public API
     def encode(self, x: Tensor) -> Tensor:
@@ -431,8 +373,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         row otherwise (padded slots have value 0)."""
         xn, lead, _ = self._flatten_input(x)
         _, latents = self._activate(xn)
-        latents = latents.to_sparse()
-        return latents.values.reshape(*lead, -1), latents.indices.reshape(*lead, -1)
+        values, indices = latents.to_sparse().sparse_parts()
+        return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, latents: Tensor, indices: Optional[Tensor] = None,
                norm_stats: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -458,9 +400,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             code = Latents(dense=latents.reshape(-1, self.config.n_latents).to(self.W_dec.dtype))
         x_hat = self._decode_normalized(code)
         stats = None
-        if self.config.input_norm != "none":
-            stats = tuple(torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
-                          for t in norm_stats)
+        if norm_stats is not None and self.config.input_norm != "none":
+            mu, sigma = (torch.as_tensor(t, dtype=x_hat.dtype, device=x_hat.device).expand(*lead, 1).reshape(-1, 1)
+                         for t in norm_stats)
+            stats = (mu, sigma)
         return self._denormalize(x_hat, stats).reshape(*lead, self.config.d_in)
 
     def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None, return_dense: bool = False) -> SAEOutput:
@@ -473,12 +416,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """
         cfg = self.config
         xn, lead, stats = self._flatten_input(x)
-        fused = self._forward_fused(xn, dead_mask)
-        if fused is None:
-            pre, latents = self._activate(xn)
-            x_hat = self._decode_normalized(latents)
-        else:
-            pre, (latents, x_hat, e_hat, x_hat4) = None, fused
+        pre, latents, x_hat, e_hat, x_hat4 = self._encode_decode(xn, dead_mask)
 
         # sums of squares as single fused passes over [N, d] (forward and backward)
         total_var = F.mse_loss(xn, xn.mean(0).expand_as(xn), reduction="sum").clamp_min(_EPS)
@@ -491,10 +429,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         else:
             mse = F.mse_loss(recon, x.reshape(-1, cfg.d_in).to(recon.dtype))
 
-        if fused is None:
-            auxk = self.auxk_loss(pre, xn, x_hat, dead_mask)
-        else:
-            auxk = self._auxk_from_decoded(e_hat, xn, x_hat)
+        auxk = self._auxk_from_decoded(e_hat, xn, x_hat)
         if cfg.aux_coef:
             loss = loss + cfg.aux_coef * auxk
 
@@ -506,7 +441,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 l1 = value
             else:
                 l0 = value
-            coef = getattr(cfg, spec.penalty_coef)
+            coef = getattr(cfg, str(spec.penalty_coef))
             if coef:
                 loss = loss + coef * value
         # decoder-row norms once for the L1 metric and AFA, with a graph only when AFA is in the loss
@@ -521,10 +456,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             loss = loss + cfg.afa_coef * afa
 
         multi = None
-        if cfg.multi_topk and self.training:
-            if fused is None:
-                v4, i4 = pre.topk(4 * cfg.k, dim=-1, sorted=False)
-                x_hat4 = self._decode_normalized(Latents(values=v4.relu(), indices=i4))
+        if x_hat4 is not None:
             multi = (x_hat4 - xn).square().sum() / total_var
             loss = loss + multi / 8
 
@@ -544,12 +476,18 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """AuxK (docs/FORMULAS.md §1): with e = x - x^.detach(), decode the top-k_aux pre-activations among dead
         latents (ReLU, no b_dec) to e^ and return sum||e^ - e||^2 / sum||e - mean(e)||^2.
         0 when no latent is dead; never NaN. Inputs are normalized units: pre [N, n], x, x_hat [N, d]."""
+        return self._auxk_from_decoded(self._auxk_decode(pre, dead_mask), x, x_hat)
+
+    def _auxk_decode(self, pre: Tensor, dead_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """e^ [N, d]: the decode (no b_dec) of the top-k_aux ReLU'd pre-activations [N, n] among dead latents;
+        None when none is dead."""
         k_aux = self._auxk_width(dead_mask)
         if k_aux == 0:
-            return pre.new_zeros(())
+            return None
+        assert dead_mask is not None  # k_aux > 0 only with a dead mask
         masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        return self._auxk_from_decoded(self._sparse_decode(values.relu(), indices), x, x_hat)
+        return self._sparse_decode(values.relu(), indices)
 
     def _auxk_width(self, dead_mask: Optional[Tensor]) -> int:
         """k_aux capped by the number of dead latents; 0 when dead_mask is None or none is dead."""
@@ -577,7 +515,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         - ``centred``: mean over tokens of (||z~||_2 - ||x - b_dec||_2)^2, z~_i = z_i ||W_dec,i||.
 
         ``norms``: the decoder-row norms [n] if already computed (else :meth:`decoder_norms`)."""
-        z = latents.values if latents.is_sparse else latents.dense
+        z = latents.sparse_parts()[0] if latents.is_sparse else latents.dense_part()
         if self.config.afa_variant == "reference":
             return (z.norm(dim=-1) - x.norm(dim=-1)).square().mean()
         norms = self.decoder_norms() if norms is None else norms

@@ -75,11 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-    from ._io import sha256_file as file_sha256
-    from .data.cache import cache_activations
     from .data.models import DEFAULT_MODEL, load_model
-    from .evaluation.run import add_eval_args, run_eval
-    from .training import SAETrainer, SAETrainingArguments
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -93,47 +89,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model, tok = load_model(DEFAULT_MODEL)
     times["load_model"] = time.perf_counter() - t
 
-    print(f"[quickstart] 2/5 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
-          f"held-out tokens -> {out / 'cache'}", flush=True)
     t = time.perf_counter()
-    cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
-    with torch.no_grad():
-        cache_activations(model, tok, "default", [hook], cache_val, max_tokens=args.eval_tokens, dtype="float16",
-                          split="validation", progress=progress)
-        cache_activations(model, tok, "default", [hook], cache_train, max_tokens=args.cache_tokens,
-                          dtype="float16", split="train", progress=progress)
+    cache_train, cache_val = _cache(model, tok, hook, out, args, progress)
     times["cache_activations"] = time.perf_counter() - t
 
-    print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
-          flush=True)
     t = time.perf_counter()
-    targs = SAETrainingArguments(
-        hook_points=[hook], activations=str(cache_train), eval_activations=str(cache_val),
-        n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
-        lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
-        eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
-        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
-        log_with=["auto"], run_name="quickstart",
-    )
-    trainer = SAETrainer(targs)
-    sae = trainer.train()[hook]
+    sae = _train(hook, cache_train, cache_val, out, args, progress)
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
-                 str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
-    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
-    results = _reuse_eval(out / "eval", stamp)
-    if results is not None:
-        print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
-    else:
-        print("[quickstart] 4/5 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
-        eargs = add_eval_args(argparse.ArgumentParser()).parse_args(eval_argv + (["--no-progress"] if not progress
-                                                                                 else []))
-        sae.eval()
-        with torch.no_grad():
-            results = run_eval(eargs, sae=sae, model=model, tokenizer=tok)
-        (out / "eval" / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    results = _evaluate(sae, model, tok, hook, out / "eval", args, progress)
     times["evaluate"] = time.perf_counter() - t
 
     dashboard = None
@@ -148,8 +113,51 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         dashboard = info["index_html"]
         times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    cpu_seconds = time.process_time()
+    summary = _summary(sae, hook, results, times, out, dashboard)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _print_summary(summary, args)
+    return summary
 
+
+def _cache(model, tok, hook: str, out: Path, args, progress: bool) -> tuple:
+    """Step 2: cache held-out and training activations at ``hook``; returns the two cache folders."""
+    import torch
+
+    from .data.cache import cache_activations
+
+    print(f"[quickstart] 2/5 caching {hook} activations: {args.cache_tokens} training + {args.eval_tokens} "
+          f"held-out tokens -> {out / 'cache'}", flush=True)
+    cache_train, cache_val = out / "cache" / "train", out / "cache" / "validation"
+    with torch.no_grad():
+        cache_activations(model, tok, "default", [hook], cache_val, max_tokens=args.eval_tokens, dtype="float16",
+                          split="validation", progress=progress)
+        cache_activations(model, tok, "default", [hook], cache_train, max_tokens=args.cache_tokens,
+                          dtype="float16", split="train", progress=progress)
+    return cache_train, cache_val
+
+
+def _train(hook: str, cache_train: Path, cache_val: Path, out: Path, args, progress: bool):
+    """Step 3: train (or resume, or re-export) the TopK SAE on the cached activations; returns it."""
+    from .training import SAETrainer, SAETrainingArguments
+
+    print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
+          flush=True)
+    targs = SAETrainingArguments(
+        hook_points=[hook], activations=str(cache_train), eval_activations=str(cache_val),
+        n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
+        lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
+        eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
+        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
+        log_with=["auto"], run_name="quickstart",
+    )
+    return SAETrainer(targs).train()[hook]
+
+
+def _summary(sae, hook: str, results: dict, times: dict, out: Path, dashboard) -> dict:
+    """The summary dict printed and written to ``summary.json``."""
+    import torch
+
+    cpu_seconds = time.process_time()
     rec, ds = results.get("reconstruction", {}), results.get("downstream", {})
     info = sae.config.training_info
     summary = {
@@ -157,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "k": sae.config.k, "tokens_trained": info.get("tokens_trained"),
         "heldout_fvu": rec.get("fvu"), "heldout_l0": rec.get("l0"),
         "heldout_dead_fraction": rec.get("dead_fraction"),
-        "train_dead_fraction": info.get("final_metrics", {}).get("train_dead_fraction"),
+        "train_dormant_fraction": info.get("final_metrics", {}).get("train_dormant_fraction"),
         "ce_clean": ds.get("ce_clean"), "ce_spliced": ds.get("ce_spliced"), "delta_loss": ds.get("delta_loss"),
         "kl": ds.get("kl"), "frac_recovered_zero": ds.get("frac_recovered_zero"),
         "frac_recovered_mean": ds.get("frac_recovered_mean"),
@@ -168,12 +176,35 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "paths": {"sae": str(out / "sae" / hook), "curves": str(out / "sae" / hook / "training_curves.png"),
                   "eval_report": str(out / "eval" / "report.html"), "dashboard": dashboard},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    _print_summary(summary, args)
     return summary
 
 
 STAMP_FILE = "quickstart_stamp.json"
+
+
+def _evaluate(sae, model, tok, hook: str, eval_dir: Path, args, progress: bool) -> dict:
+    """Step 4: reconstruction + downstream metrics on held-out text, reused when ``eval_dir`` holds an evaluation
+    of the same weights with the same settings."""
+    import torch
+
+    from ._io import sha256_file
+    from .evaluation.pipeline import evaluate_sae
+
+    settings = {"metrics": ["reconstruction", "downstream"], "n_tokens": args.eval_tokens,
+                "downstream_tokens": args.downstream_tokens}
+    weights = eval_dir.parent / "sae" / hook / "model.safetensors"
+    stamp = {"sae_sha256": sha256_file(str(weights)), "eval_settings": settings}
+    results = _reuse_eval(eval_dir, stamp)
+    if results is not None:
+        print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
+        return results
+    print("[quickstart] 4/5 evaluating on held-out text (reconstruction + downstream loss)", flush=True)
+    sae.eval()
+    with torch.no_grad():
+        results = evaluate_sae(sae, model, tok, **settings, progress=progress, out_dir=eval_dir,
+                               sae_label=str(eval_dir.parent / "sae" / hook))
+    (eval_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    return results
 
 
 def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
@@ -199,7 +230,7 @@ def _print_summary(s: dict, args) -> None:
         f"  dead latents (never fired on held-out tokens)   {f(100 * s['heldout_dead_fraction'], '.2f')} %"
         if s["heldout_dead_fraction"] is not None else "  dead latents                                    n/a",
         f"  dead latents (no fire in the last {args.dead_tokens:,} training tokens) "
-        f"{f(100 * (s['train_dead_fraction'] or 0), '.2f')} %",
+        f"{f(100 * (s['train_dormant_fraction'] or 0), '.2f')} %",
         f"  LM loss clean -> SAE spliced in                 {f(s['ce_clean'], '.3f')} -> {f(s['ce_spliced'], '.3f')} "
         f"nats/token (increase {f(s['delta_loss'], '+.3f')}, KL {f(s['kl'], '.3f')})",
         f"  fraction of loss recovered (vs zero / mean ablation) {f(s['frac_recovered_zero'], '.3f')} / "

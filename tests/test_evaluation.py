@@ -548,6 +548,28 @@ def test_run_eval_end_to_end_tiny(tmp_path, tiny_lm, tiny_tokenizer):
     assert res["reconstruction"]["fvu"] == pytest.approx(fvu(x, sae(x).reconstruction), rel=1e-5)
 
 
+def test_evaluate_sae_is_the_typed_form_of_run_eval(tmp_path, tiny_lm, tiny_tokenizer):
+    """The CLI adapter adds nothing: the typed call (no files) returns the numbers run_eval writes."""
+    from hf_sae.evaluation import evaluate_sae
+
+    sae = _sae()
+    argv = ["--metrics", "reconstruction,n2g,ablation", "--n-tokens", "1500", "--window", "64",
+            "--n2g-latents", "4", "--ablation-latents", "2", "--ablation-context", "32", "--split", "all"]
+    cli = run_eval(_eval_args(tmp_path / "sae", tmp_path / "out", argv), sae=sae, model=tiny_lm,
+                   tokenizer=tiny_tokenizer)
+    typed = evaluate_sae(sae, tiny_lm, tiny_tokenizer, metrics=["reconstruction", "n2g", "ablation"], n_tokens=1500,
+                         window=64, n2g_latents=4, ablation_latents=2, ablation_context=32, split="all",
+                         progress=False, sae_label=str(tmp_path / "sae"))
+    assert "out_dir" not in typed  # no out_dir: nothing written
+    for res in (cli, typed):
+        res.pop("timings_s")
+    cli.pop("out_dir")
+    assert typed == cli and set(typed) == {"meta", "reconstruction", "n2g", "ablation", "summary"}
+    assert typed["summary"]["fvu"] == typed["reconstruction"]["fvu"] and typed["meta"]["n_tokens"] == 1500
+    with pytest.raises(ValueError, match="window must be > 0"):
+        evaluate_sae(sae, tiny_lm, tiny_tokenizer, window=0)
+
+
 def test_run_eval_bad_inputs(tmp_path, tiny_lm, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="config.json"):
         run_eval(_eval_args(tmp_path / "missing", tmp_path / "o"))

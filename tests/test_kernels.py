@@ -502,7 +502,7 @@ def test_grad_buffers_reuse_memory_only_when_the_last_gradient_is_gone():
     kept_copy = kept_enc.clone()
     fast.zero_grad(set_to_none=True)
     fast(x2, dead_mask=dead).loss.backward()
-    enc_buf, dec_buf = (b._buf.data_ptr() for b in fast._grad_buffers)
+    enc_buf, dec_buf = (b._buf.data_ptr() for b in kernels.grad_buffers(fast))
     assert fast.W_dec.grad.data_ptr() == dec_ptr == dec_buf  # reused: the last W_dec gradient was dropped
     assert kept_enc.data_ptr() == enc_buf != fast.W_enc.grad.data_ptr()  # W_enc's was kept: a new tensor
     assert torch.equal(kept_enc, kept_copy)  # ... and the kept gradient was not overwritten
@@ -514,11 +514,33 @@ def test_grad_buffers_reuse_memory_only_when_the_last_gradient_is_gone():
     for (name, p), q in zip(fast.named_parameters(), dense.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-9, msg=name)
     clone = copy.deepcopy(fast)
-    assert all(b._buf is None for b in clone._grad_buffers)  # copies never carry the memory
+    assert all(b._buf is None for b in kernels.grad_buffers(clone))  # copies never carry the memory
     fast.release_grad_buffers()  # public way to free the kept memory; the next step allocates afresh
-    assert all(b._buf is None for b in fast._grad_buffers)
+    assert all(b._buf is None for b in kernels.grad_buffers(fast))
     fast.zero_grad(set_to_none=True)
     dense.zero_grad(set_to_none=True)
     fast(x1, dead_mask=dead).loss.backward()
     dense(x1, dead_mask=dead).loss.backward()
     torch.testing.assert_close(fast.W_dec.grad, dense.W_dec.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_fused_forward_is_one_call_returning_what_the_eager_path_computes():
+    """kernels.fused_forward returns a FusedForward (latents, x_hat, AuxK decode, 4k decode) equal to the model's
+    eager reference, and None where it does not apply (dense backend, dense code at inference)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 16, dtype=torch.float64, generator=g)
+    dead = torch.arange(64) % 4 == 0
+    sae = make_sae("topk", "torch", multi=True).train()
+    with torch.no_grad():
+        sae.b_enc[dead] += 0.5  # some dead latents come near firing: AuxK's block is not empty
+    got = kernels.fused_forward(sae, x, dead)
+    assert isinstance(got, kernels.FusedForward)
+    pre, latents, x_hat, e_hat, x_hat4 = sae._forward_eager(x, dead)
+    torch.testing.assert_close(got.x_hat, x_hat, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got.e_hat, e_hat, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got.x_hat4, x_hat4, atol=1e-12, rtol=1e-10)
+    dense_got = got.latents.to_dense(64)
+    torch.testing.assert_close(dense_got, latents.to_dense(64), atol=1e-12, rtol=1e-10)
+    assert got.e_hat.abs().sum() > 0 and kernels.fused_forward(sae, x, None).e_hat is None
+    assert kernels.fused_forward(make_sae("topk", "dense"), x, dead) is None
+    assert kernels.fused_forward(make_sae("batchtopk", "torch").eval(), x, dead) is None

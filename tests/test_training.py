@@ -263,7 +263,7 @@ def test_outputs_config_report_and_logs(trained):
     assert cfg.hook_point == HP and info["tokens_trained"] == 256 * 120 and info["dataset"] == "in-memory tensors"
     assert info["recipe"]["tied_init"] and info["recipe"]["auxk"]
     assert cfg.input_scale == pytest.approx(info["init"]["input_scale"]) and cfg.input_scale != 1.0
-    for key in ("eval_fvu", "eval_l0", "eval_dead_fraction", "train_fvu", "train_dead_fraction"):
+    for key in ("eval_fvu", "eval_l0", "eval_dead_fraction", "train_fvu", "train_dormant_fraction"):
         assert key in info["final_metrics"]
     report = json.loads((folder / "training_report.json").read_text())
     assert report["hook_point"] == HP and len(report["curves"]["fvu"]["value"]) == 12
@@ -307,7 +307,8 @@ def test_auxk_and_dead_mask_follow_the_token_counters(tmp_path):
     # steps 1..5 see no dead latent (threshold reached after step 5), then AuxK is on
     assert all(r[f"{HP}/auxk_loss"] == 0 for r in hist[:5])
     assert all(r[f"{HP}/auxk_loss"] > 0 for r in hist[5:])
-    assert hist[-1][f"{HP}/dead_fraction"] == 0.5
+    assert hist[-1][f"{HP}/dormant_fraction"] == 0.5  # no fire in the last dead_tokens_threshold tokens
+    assert hist[-1][f"{HP}/dead_fraction"] == 0.5  # its deprecated old name
 
 
 def test_bf16_autocast_and_multi_topk_run(tmp_path):

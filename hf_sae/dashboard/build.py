@@ -113,11 +113,8 @@ def build_dashboard(
         n2g_tokens: tokens the N2G explanations are built and scored on (even windows build, odd test).
         texts: texts for the "which latents fire on this text" view.
     """
-    from hf_sae.data import corpus
-    from hf_sae.data.models import DEFAULT_MODEL, load_model
+    from hf_sae.evaluation.inputs import MAX_CODE_WIDTH, finite_or_none, kept_windows, load_lm_for
     from hf_sae.evaluation.n2g import n2g_evaluate
-    from hf_sae.evaluation.run import MAX_CODE_WIDTH, _collect_windows, _finite, _trim_mask
-    from hf_sae.hooks import hook_point_dim
 
     from .collect import collect_features, logit_effects, nearest_latents
     from .site import site_size, write_site
@@ -134,30 +131,13 @@ def build_dashboard(
     device = torch.device(device)
     sae = sae.to(device).eval()
     cfg = sae.config
-    hook = hook_point or cfg.hook_point
-    if not hook:
-        raise ValueError(
-            "the SAE's config has no hook_point; pass hook_point= (--hook-point), e.g. layers.6.resid_post."
-        )
-    model_name = model_name or cfg.base_model or DEFAULT_MODEL
-    if model is None or tokenizer is None:
-        model, tokenizer = load_model(model_name, device=device)
-    dim = hook_point_dim(model, hook)
-    if dim != cfg.d_in:
-        raise ValueError(f"hook point {hook!r} of {model_name} has width {dim} but the SAE expects d_in={cfg.d_in}.")
+    model, tokenizer, hook, model_name = load_lm_for(sae, model, tokenizer, hook_point, model_name, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
-    src = argparse.Namespace(dataset=dataset, split=split, text_column=text_column, window=window)
-    ids = _collect_windows(src, tokenizer, n_tokens)
-    keep = _trim_mask(corpus.token_mask(ids, tokenizer), n_tokens)
-    if int(keep.sum()) < n_tokens:
-        print(
-            f"[hf-sae dashboard] warning: {dataset!r}/{split} has only {int(keep.sum())} usable tokens "
-            f"(< n_tokens {n_tokens}); building the browser over {int(keep.sum())}.",
-            flush=True,
-        )
+    ids, keep = kept_windows(dataset, tokenizer, n_tokens, window=window, split=split, text_column=text_column,
+                             command="dashboard")
     ids, keep = ids[: int(keep.any(-1).nonzero().max()) + 1], keep[: int(keep.any(-1).nonzero().max()) + 1]
     n = cfg.n_latents
     g = torch.Generator().manual_seed(seed)
@@ -203,7 +183,7 @@ def build_dashboard(
             n_ids, keep[:r], train_rows, st.n2g_acts, st.n2g_latents, vocab_size=base, progress=progress
         )
         # NaN (no held-out firing to score) -> None: the site's data is strict JSON
-        n2g = {e.latent: _finite(e.to_dict(tokenizer, base)) for e in exps if e.patterns}
+        n2g = {e.latent: finite_or_none(e.to_dict(tokenizer, base)) for e in exps if e.patterns}
     timings["n2g"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -286,9 +266,9 @@ def add_dashboard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from hf_sae.evaluation.run import _load_sae
+    from hf_sae.evaluation.inputs import load_sae
 
-    sae = _load_sae(args.sae_path, args.subfolder, torch.device(args.device))
+    sae = load_sae(args.sae_path, args.subfolder, torch.device(args.device))
     out = Path(args.out) if args.out else Path(f"dashboard_{Path(str(args.sae_path)).name or 'sae'}")
     info = build_dashboard(
         sae,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def _load_hook_meta(folder: Path) -> dict:
     path = folder / "metadata.json"
     meta = _read_json(path)
 
-    def bad(field, why):
+    def bad(field, why) -> NoReturn:
         raise CorruptMetadataError(f"{path}: field {field!r} {why}; metadata.json was edited or damaged: restore "
                                    "it, or re-create the cache with the same `hf-sae cache` command")
 
@@ -174,7 +175,7 @@ def _fixed_list(flat: np.ndarray, width: int):
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
 
 
-def _serialize(table_arrays: dict, schema) -> tuple[bytes, str]:
+def _serialize(table_arrays: dict, schema) -> tuple[Any, str]:
     import pyarrow as pa
 
     batch = pa.RecordBatch.from_arrays(list(table_arrays.values()), schema=schema)

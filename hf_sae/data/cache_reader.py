@@ -9,6 +9,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class CachedActivations(torch.utils.data.IterableDataset):
         self.epoch, self.skip_batches = 0, 0
         self._maps: dict = {}
         self._verified: dict = {}
-        self._pool = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
 
     # -- bookkeeping
@@ -404,7 +405,8 @@ class CachedActivations(torch.utils.data.IterableDataset):
         ``windows`` indexes :func:`load_windows` (the full token window each row came from).
         """
         n = len(self.shard_rows)
-        return tuple(torch.cat([self._open(0, i)[j].long() for i in range(n)]) for j in (1, 2, 3))
+        ids, pos, win = (torch.cat([self._open(0, i)[j].long() for i in range(n)]) for j in (1, 2, 3))
+        return ids, pos, win
 
 
 def load_windows(path) -> torch.Tensor:

@@ -8,12 +8,14 @@ import hashlib
 import math
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .._faults import fault_point
 from .cache_format import (
@@ -58,7 +60,7 @@ class _ShardWriter:
         self.schemas = {h: _features(dims[h], dtype_name).arrow_schema for h in hook_points}
         self.win_schema = _features(0, dtype_name, window=window).arrow_schema if window else None
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.future = None
+        self.future: Optional[Future] = None
         self._pa = pa
 
     def submit(self, payload) -> None:
@@ -262,6 +264,23 @@ def cache_activations(model, tokenizer, texts_or_windows, hook_points, out_dir, 
     return _finalize(out, state, hook_points, dims, dtype_name, meta_common)
 
 
+def _check_finite_when_stored(hook_point: str, t: Tensor, dtype_name: str) -> None:
+    """ValueError naming the first row of ``t`` [N, d] that is not finite once cast to ``dtype_name``."""
+    stored = t.detach().to("cpu", _DTYPES[dtype_name])
+    finite = torch.isfinite(stored).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten()
+        raise ValueError(
+            f"activations for {hook_point!r} have NaN/Inf values in {len(rows)} row(s), first at row "
+            f"{int(rows[0])} (after casting to {dtype_name}); remove or recompute them"
+            + (
+                " (float16 overflows past 65504: use bfloat16 or float32)"
+                if dtype_name == "float16" and bool(torch.isfinite(t[rows[0]]).all())
+                else ""
+            )
+        )
+
+
 def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype="float16",
                       shard_tokens: int = 1 << 16, model_name: str = "synthetic", progress: bool = False) -> dict:
     """Write given activations as a cache readable by :class:`CachedActivations` (no LM involved).
@@ -290,19 +309,7 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
     N = n.pop()
     dtype_name = _dtype_name(dtype)
     for h, t in acts.items():  # before anything is written: a NaN/Inf row would poison every statistic
-        stored = t.detach().to("cpu", _DTYPES[dtype_name])
-        finite = torch.isfinite(stored).all(dim=1)
-        if not bool(finite.all()):
-            rows = (~finite).nonzero().flatten()
-            raise ValueError(
-                f"activations for {h!r} have NaN/Inf values in {len(rows)} row(s), first at row "
-                f"{int(rows[0])} (after casting to {dtype_name}); remove or recompute them"
-                + (
-                    " (float16 overflows past 65504: use bfloat16 or float32)"
-                    if dtype_name == "float16" and bool(torch.isfinite(t[rows[0]]).all())
-                    else ""
-                )
-            )
+        _check_finite_when_stored(h, t, dtype_name)
     dims = {h: int(t.shape[1]) for h, t in acts.items()}
     ids = torch.zeros(N, dtype=torch.long) if input_ids is None else input_ids.long()
     pos = torch.zeros(N, dtype=torch.long) if positions is None else positions.long()
@@ -312,13 +319,8 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
     for h in hook_points:
         (out / h).mkdir(parents=True, exist_ok=True)
     state = {
-        "fingerprint": {
-            "format_version": FORMAT_VERSION,
-            "model": model_name,
-            "hook_points": hook_points,
-            "dtype": dtype_name,
-            "source": "tensors",
-        },
+        "fingerprint": {"format_version": FORMAT_VERSION, "model": model_name, "hook_points": hook_points,
+                        "dtype": dtype_name, "source": "tensors"},
         "windows_done": 0,
         "num_tokens": 0,
         "shards": [],
@@ -328,8 +330,7 @@ def write_activations(out_dir, acts: dict, input_ids=None, positions=None, dtype
     try:
         for i, a in enumerate(tqdm(range(0, N, shard_tokens), disable=not progress, desc="writing shards")):
             b = min(a + shard_tokens, N)
-            stats = {}
-            xs = {}
+            stats, xs = {}, {}
             for h in hook_points:
                 x = acts[h][a:b].detach().to("cpu", _DTYPES[dtype_name]).contiguous()
                 xf = x.double()

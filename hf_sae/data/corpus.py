@@ -305,7 +305,7 @@ def load_texts(source="default", split: str = "train", text_column: str = "text"
 
 
 def _looks_local(src: str) -> bool:
-    from ..hub import looks_local  # one rule for "a local path, never a Hub id" (SAE folders and text sources)
+    from ..hub_layout import looks_local  # one rule for "a local path, never a Hub id" (SAE folders and text sources)
 
     return looks_local(src)
 

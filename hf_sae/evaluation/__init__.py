@@ -14,7 +14,9 @@ module                 contents
 ``ablation``           (Σ|Δ|)² / ΣΔ² / V of logit changes when one latent is ablated
 ``afa``                AFA relative gap, decoder cosine statistics (ε_max, ε_mean), ZF plot data
 ``report``             PNG plots + HTML report
-``run``                the ``hf-sae eval`` driver: :func:`add_eval_args`, :func:`run_eval`
+``inputs``             shared by eval and dashboard: load the SAE, token windows, kept-token masks
+``pipeline``           :func:`evaluate_sae`: every metric on one SAE, typed (the stages, the summary)
+``run``                the ``hf-sae eval`` command-line adapter: :func:`add_eval_args`, :func:`run_eval`
 =====================  ========================================================================
 """
 
@@ -30,6 +32,7 @@ from .downstream import (
     next_token_ce,
 )
 from .n2g import N2GExplanation, explain_latent, n2g_evaluate, ngram_codes, summarize_n2g
+from .pipeline import evaluate_sae
 from .probes import (
     TASKS,
     fit_probes_dense,
@@ -69,5 +72,5 @@ __all__ = [
     "ngram_codes", "explain_latent", "n2g_evaluate", "summarize_n2g", "N2GExplanation",
     "ablation_sparsity", "latent_ablation_effects", "summarize_ablation",
     "AFAStats", "afa_norms", "afa_relative_gap", "afa_from_sums", "decoder_cosine_stats",
-    "add_eval_args", "run_eval",
+    "add_eval_args", "run_eval", "evaluate_sae",
 ]

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ablation_sparsity", "latent_ablation_effects", "summarize_ablation"]
+__all__ = [
+    "ablation_sparsity",
+    "latent_ablation_effects",
+    "summarize_ablation",
+    "sample_ablation_targets",
+    "ablation_eval",
+]
 
 
 def ablation_sparsity(delta: Tensor) -> Tensor:
@@ -128,3 +134,45 @@ def summarize_ablation(results: Sequence[dict]) -> dict:
         "ablation_sparsity": (sum(vals) / len(vals)) if vals else float("nan"),
         "ablation_sparsity_median": (float(torch.tensor(vals).median()) if vals else float("nan")),
     }
+
+
+def sample_ablation_targets(keep: Tensor, code_values: Tensor, code_indices: Tensor, n_latents: int, context: int,
+                            n_rows: int, generator: torch.Generator) -> list:
+    """Draw (with ``generator``) up to ``n_latents`` distinct latents active in the first ``n_rows`` windows at a
+    position p <= context - min(8, context - 1), and for each one occurrence: sorted ``[(row, p, latent)]``.
+
+    ``keep`` [N, T] marks the tokens that have a code (row-major rows of ``code_values``/``code_indices`` [M, w])."""
+    T = keep.shape[1]
+    min_after = min(8, context - 1)
+    kept_pos = keep.flatten().nonzero().squeeze(-1)  # kept token index -> (row, pos)
+    rows_k, pos_k = kept_pos // T, kept_pos % T
+    tok_idx = ((rows_k < n_rows) & (pos_k <= context - min_after)).nonzero().squeeze(-1)
+    v_sub, i_sub = code_values[tok_idx], code_indices[tok_idx]
+    active = v_sub != 0
+    pairs_tok = tok_idx.unsqueeze(-1).expand_as(i_sub)[active]
+    pairs_lat = i_sub[active]
+    uniq = torch.unique(pairs_lat)
+    chosen = uniq[torch.randperm(uniq.numel(), generator=generator)][:n_latents]
+    targets = []
+    for lat in chosen.tolist():
+        occ = pairs_tok[pairs_lat == lat]
+        pick = int(occ[torch.randint(occ.numel(), (1,), generator=generator)])
+        targets.append((int(rows_k[pick]), int(pos_k[pick]), int(lat)))
+    return sorted(targets)
+
+
+@torch.no_grad()
+def ablation_eval(model: nn.Module, sae, input_ids: Tensor, keep: Tensor, hook_point: str, code_values: Tensor,
+                  code_indices: Tensor, n_latents: int, context: int, generator: torch.Generator,
+                  batch_size: int = 8, device="cpu", progress: bool = False) -> dict:
+    """The ``ablation`` section of ``hf-sae eval``: :func:`sample_ablation_targets` in the first 4 windows cut to
+    ``C = min(context, T)`` tokens, then :func:`latent_ablation_effects`.
+
+    Returns ``{"summary", "latents", "context"}``."""
+    N, T = keep.shape
+    C = min(context, T)
+    n_rows = min(N, 4)
+    targets = sample_ablation_targets(keep, code_values, code_indices, n_latents, C, n_rows, generator)
+    eff = latent_ablation_effects(model, sae, input_ids[:n_rows, :C].to(device), keep[:n_rows, :C].to(device),
+                                  hook_point, targets, batch_size=max(2, batch_size), progress=progress)
+    return {"summary": summarize_ablation(eff), "latents": eff, "context": C}

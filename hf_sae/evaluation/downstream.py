@@ -37,6 +37,7 @@ __all__ = [
     "make_splice_fn",
     "clean_next_token_log_probs",
     "downstream_batch",
+    "downstream_eval",
 ]
 
 
@@ -258,3 +259,29 @@ def downstream_batch(model: nn.Module, reconstruct, input_ids: Tensor, keep: Ten
         out[f"ce_{a}"] = -lp.gather(-1, targets).squeeze(-1)[pred]
         del lp
     return out
+
+
+@torch.no_grad()
+def downstream_eval(model: nn.Module, sae, input_ids: Tensor, keep: Tensor, hook_point: str, n_tokens: int,
+                    mean_activation: Tensor, batch_size: int = 8, device="cpu", progress: bool = False) -> dict:
+    """The ``downstream`` section of ``hf-sae eval``: :class:`DownstreamStats` over the first ``n_tokens`` kept
+    predictions of ``input_ids`` [N, T] (the last position of a window predicts nothing), at most
+    ``max(1, 1024 // T)`` windows per forward. ``mean_activation`` [d]: the mean-ablation value."""
+    from tqdm.auto import tqdm
+
+    from .inputs import trim_mask
+
+    T = input_ids.shape[1]
+    can_predict = keep.clone()
+    can_predict[:, -1] = False  # the last position has no next token in its window
+    ds_keep = trim_mask(can_predict, n_tokens)
+    n_rows = int(ds_keep.any(-1).sum())
+    bs = max(1, min(batch_size, 1024 // T))
+    ds = DownstreamStats()
+    mean_activation = mean_activation.to(device)
+    for s in tqdm(range(0, n_rows, bs), desc="downstream", disable=not progress):
+        e = min(s + bs, n_rows)
+        o = downstream_batch(model, sae, input_ids[s:e].to(device), ds_keep[s:e].to(device), hook_point,
+                             mean_activation=mean_activation)
+        ds.update(o["ce_clean"], o["ce_spliced"], o["kl"], o["ce_zero"], o["ce_mean"])
+    return ds.compute()

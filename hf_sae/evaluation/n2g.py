@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ngram_codes", "decode_ngram", "N2GExplanation", "explain_latent", "n2g_evaluate", "summarize_n2g",
-           "WILDCARD", "N2GTrie", "n2g_explain", "n2g_score", "sae_latent_activation_fn", "n2g_faithful_evaluate"]
+           "n2g_from_codes", "WILDCARD", "N2GTrie", "n2g_explain", "n2g_score", "sae_latent_activation_fn",
+           "n2g_faithful_evaluate"]
 
 
 def ngram_codes(input_ids: Tensor, n: int, base: int) -> Tensor:
@@ -220,6 +221,42 @@ def summarize_n2g(explanations: Sequence[N2GExplanation]) -> dict:
 # ---------------------------------------------------------------------------------------------- faithful N2G
 WILDCARD = -1
 """Pattern entry that matches any token (but demands that a token is there)."""
+
+
+
+def n2g_from_codes(input_ids: Tensor, keep: Tensor, code_values: Tensor, code_indices: Tensor, n_latents: int,
+                   n_sample: int, tokenizer, generator: torch.Generator, progress: bool = False) -> dict:
+    """The ``n2g`` section of ``hf-sae eval``: n-gram explanations of ``n_sample`` latents drawn (with
+    ``generator``) among those firing >= 5 times on the even (train) windows; odd windows score them.
+
+    Args:
+        input_ids: LongTensor [N, T]; keep: bool [N, T], the tokens that have a code (row-major).
+        code_values, code_indices: sparse code [M, w] of the M kept tokens (0 values = not firing).
+    Returns:
+        ``{"summary", "latents"}``, or a ``summary`` with ``n_latents = 0`` and a note when none qualifies.
+    """
+    N, T = keep.shape
+    train_rows = torch.arange(N) % 2 == 0
+    row_of = torch.arange(N).unsqueeze(-1).expand(N, T)[keep]
+    tr_tok = train_rows[row_of]
+    nz = code_values != 0
+    fires_tr = torch.bincount(code_indices[nz & tr_tok.unsqueeze(-1)], minlength=n_latents)
+    candidates = (fires_tr >= 5).nonzero().squeeze(-1)
+    perm = candidates[torch.randperm(candidates.numel(), generator=generator)][:n_sample].sort().values
+    sel = perm.tolist()
+    if not sel:
+        return {"summary": {"n_latents": 0, "note": "no latent fired >= 5 times on the train windows"}}
+    dense = torch.zeros(N, T, len(sel))  # the selected latents' activations at every position
+    lookup = torch.full((n_latents,), -1, dtype=torch.long)
+    lookup[perm] = torch.arange(len(sel))
+    col = lookup[code_indices]
+    hit = (col >= 0) & nz
+    tok = torch.arange(code_values.shape[0]).unsqueeze(-1).expand_as(code_indices)[hit]
+    kept_pos = keep.flatten().nonzero().squeeze(-1)
+    dense.view(-1, len(sel))[kept_pos[tok], col[hit]] = code_values[hit]
+    base = max(len(tokenizer), int(input_ids.max()) + 1)
+    exps = n2g_evaluate(input_ids, keep, train_rows, dense, sel, vocab_size=base, progress=progress)
+    return {"summary": summarize_n2g(exps), "latents": [e.to_dict(tokenizer, base) for e in exps]}
 
 
 class N2GTrie:

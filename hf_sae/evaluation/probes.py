@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "probe_recovery",
     "TASKS",
     "token_table",
     "task_labels",
@@ -515,9 +516,8 @@ def run_probe_tasks(
     M = int(keep.sum())
     if code_values.shape[0] != M:
         raise ValueError(f"the code has {code_values.shape[0]} rows but keep selects {M} tokens.")
-    row_of = torch.arange(keep.shape[0]).unsqueeze(-1).expand_as(keep)[keep]
-    is_train = train_rows.bool()[row_of]
-    tr, te = is_train, ~is_train
+    tr = train_rows.bool()[torch.arange(keep.shape[0]).unsqueeze(-1).expand_as(keep)[keep]]  # per kept token
+    te = ~tr
     feats = {}
     if x is not None and baselines:
         if x.shape[0] != M:
@@ -551,10 +551,40 @@ def run_probe_tasks(
         )
         for method, (f_tr, f_te) in feats.items():
             results.append(best_probe_dense(task, method, f_tr, f_te, ytr, yte, l2=l2, screen=screen))
-    out = {"results": results, "skipped": skipped}
-    out.update(
-        summarize_probe_results(results)
-        if results
-        else {"mean_probe_loss": {}, "n_tasks": {}, "mean_prior_loss": float("nan"), "per_task": {}}
-    )
-    return out
+    empty = {"mean_probe_loss": {}, "n_tasks": {}, "mean_prior_loss": float("nan"), "per_task": {}}
+    return {"results": results, "skipped": skipped, **(summarize_probe_results(results) if results else empty)}
+
+
+def probe_recovery(input_ids: Tensor, probe_keep: Tensor, code_values: Tensor, code_indices: Tensor, n_latents: int,
+                   tokenizer, x: Optional[Tensor] = None, baselines: Sequence[str] = ("raw_basis", "random_directions"),
+                   seed: int = 0, progress: bool = False) -> dict:
+    """The ``probes`` section of ``hf-sae eval``: label the windows' tokens, fit on 2 of every 3 windows, test on
+    the third, and summarise.
+
+    Args:
+        input_ids: LongTensor [N, T]; probe_keep: bool [N, T], the M probed tokens (a row-major prefix of the code).
+        code_values, code_indices: sparse code [>= M, w]; its first M rows are the probed tokens.
+        x: optional activations [M, d] of the probed tokens (for the baselines).
+    Returns:
+        ``{"summary", "per_task", "prior_per_task", "results", "skipped"}`` (JSON-ready).
+    """
+    n_probe = int(probe_keep.sum())
+    n_rows = int(probe_keep.any(-1).sum())
+    p_ids, p_keep = input_ids[:n_rows], probe_keep[:n_rows]
+    labels = task_labels(p_ids, tokenizer)
+    train_rows = torch.arange(n_rows) % 3 != 2
+    pr = run_probe_tasks(labels, p_keep, train_rows, code_values[:n_probe], code_indices[:n_probe], n_latents,
+                         x=x, baselines=list(baselines), seed=seed, progress=progress)
+    res_rows = [r.to_dict() for r in pr["results"]]
+    return {
+        "summary": {
+            **{f"mean_probe_loss_{m}": v for m, v in pr["mean_probe_loss"].items()},
+            "mean_prior_loss": pr["mean_prior_loss"],
+            "n_tasks": len(pr["per_task"]),
+            "n_skipped": len(pr["skipped"]),
+        },
+        "per_task": pr["per_task"],
+        "prior_per_task": {r["task"]: r["prior_loss"] for r in res_rows if r["method"] == "sae"},
+        "results": res_rows,
+        "skipped": pr["skipped"],
+    }

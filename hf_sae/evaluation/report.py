@@ -272,6 +272,40 @@ def _scalars(d: dict) -> list:
     return [(k, v) for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
 
 
+def _probe_tables(pr: dict) -> str:
+    """Per-task probe losses (SAE, baselines, prior) and the skipped tasks, as HTML tables."""
+    rows = [
+        (
+            t,
+            *(m.get(k, float("nan")) for k in ("sae", "raw_basis", "random_directions")),
+            pr.get("prior_per_task", {}).get(t, float("nan")),
+        )
+        for t, m in pr.get("per_task", {}).items()
+    ]
+    extra = _table(rows, ["task", "SAE", "raw basis", "random directions", "prior"])
+    if pr.get("skipped"):
+        extra += _table(list(pr["skipped"].items()), ["skipped task", "reason"])
+    return extra
+
+
+def _n2g_table(n2g: dict) -> str:
+    """The first 100 explained latents with their scores and first patterns, as an HTML table."""
+    rows = []
+    for x in n2g.get("latents", [])[:100]:
+        pats = ", ".join(repr(p.get("text", p.get("code"))) for p in x["patterns"][:6])
+        rows.append((x["latent"], x["precision"], x["recall"], x["f1"], x["n_fires_test"], pats))
+    return _table(rows, ["latent", "precision", "recall", "F1", "test fires", "patterns"])
+
+
+def _ablation_table(ab: dict) -> str:
+    """The first 100 ablated latents with their sparsity and effect, as an HTML table."""
+    rows = [
+        (x["latent"], x["row"], x["position"], x["value"], x["sparsity"], x["effect_l2"])
+        for x in ab.get("latents", [])[:100]
+    ]
+    return _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"])
+
+
 def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> list:
     """Write PNG plots and ``report.html`` for ``results`` into ``out_dir``; return written paths."""
     out = Path(out_dir)
@@ -307,44 +341,14 @@ def write_report(results: dict, out_dir, zf_points: Optional[tuple] = None) -> l
 
     section("Reconstruction", "reconstruction", lambda d: _plot_reconstruction(d, out, written))
     section("Downstream loss", "downstream", lambda d: _plot_downstream(d, out, written))
-    pr = results.get("probes")
-    if pr:
-        rows = [
-            (
-                t,
-                *(m.get(k, float("nan")) for k in ("sae", "raw_basis", "random_directions")),
-                pr.get("prior_per_task", {}).get(t, float("nan")),
-            )
-            for t, m in pr.get("per_task", {}).items()
-        ]
-        extra = _table(rows, ["task", "SAE", "raw basis", "random directions", "prior"])
-        if pr.get("skipped"):
-            extra += _table(list(pr["skipped"].items()), ["skipped task", "reason"])
-        section("Probe feature recovery", "probes", lambda d: _plot_probes(d, out, written), extra)
-    n2g = results.get("n2g")
-    if n2g:
-        rows = []
-        for x in n2g.get("latents", [])[:100]:
-            pats = ", ".join(repr(p.get("text", p.get("code"))) for p in x["patterns"][:6])
-            rows.append((x["latent"], x["precision"], x["recall"], x["f1"], x["n_fires_test"], pats))
-        section(
-            "N2G explainability",
-            "n2g",
-            lambda d: _plot_n2g(d, out, written),
-            _table(rows, ["latent", "precision", "recall", "F1", "test fires", "patterns"]),
-        )
-    ab = results.get("ablation")
-    if ab:
-        rows = [
-            (x["latent"], x["row"], x["position"], x["value"], x["sparsity"], x["effect_l2"])
-            for x in ab.get("latents", [])[:100]
-        ]
-        section(
-            "Ablation sparsity",
-            "ablation",
-            lambda d: _plot_ablation(d, out, written),
-            _table(rows, ["latent", "window", "position", "activation", "sparsity", "||Δ|| at p"]),
-        )
+    if results.get("probes"):
+        section("Probe feature recovery", "probes", lambda d: _plot_probes(d, out, written),
+                _probe_tables(results["probes"]))
+    if results.get("n2g"):
+        section("N2G explainability", "n2g", lambda d: _plot_n2g(d, out, written), _n2g_table(results["n2g"]))
+    if results.get("ablation"):
+        section("Ablation sparsity", "ablation", lambda d: _plot_ablation(d, out, written),
+                _ablation_table(results["ablation"]))
     section("AFA diagnostic", "afa", lambda d: _plot_afa(d, out, written, zf_points))
     if results.get("autointerp"):  # added by `hf-sae autointerp --eval-dir`
         from hf_sae.autointerp.report import autointerp_section

@@ -38,7 +38,8 @@ from .reference import SparseCode
 ENV_VAR = "HF_SAE_KERNEL"
 
 __all__ = ["ENV_VAR", "BACKENDS", "SparseCode", "GradBuffer", "resolve_backend", "triton_available", "get_ops",
-           "sparse_decode", "decode_code", "encode_selected", "topk_among"]
+           "sparse_decode", "decode_code", "encode_selected", "topk_among", "FusedForward", "fused_forward",
+           "grad_buffers", "release_grad_buffers"]
 
 
 # ------------------------------------------------------------------------------------ dispatch
@@ -360,3 +361,8 @@ def topk_among(
     if not (return_support or return_values):
         return indices
     return (indices,) + ((support,) if return_support else ()) + ((values,) if return_values else ())
+
+
+# ------------------------------------------------------------------------------------ the fused step (uses the above)
+
+from .fused import FusedForward, fused_forward, grad_buffers, release_grad_buffers  # noqa: E402

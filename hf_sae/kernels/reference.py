@@ -65,10 +65,10 @@ class SparseCode:
         if valid is not None and valid.shape != idx.shape:
             raise ValueError(f"SparseCode: valid {tuple(valid.shape)} must have the code's shape {tuple(idx.shape)}.")
         self.valid = valid
-        self._transpose = None
-        self._stacked = None
-        self._active = None
-        self._active_rows = {}
+        self._transpose: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self._stacked: Optional[Tensor] = None
+        self._active: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self._active_rows: dict[bool, Tensor] = {}
 
     @property
     def shape(self) -> torch.Size:

@@ -207,9 +207,10 @@ def decode_backward(code, values: Tensor, table: Tensor, grads, need_values: boo
             _decode_bwd_kernel[(N, triton.cdiv(w, bj))](
                 idx, coef, table, grad, g_blk if need_values else grad, g_table if need_table else grad, w, d,
                 NEED_COEF=need_values, NEED_TABLE=need_table, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
-            if need_values:
+            if g_values is not None and g_blk is not None:
                 g_values[:, cols] = g_blk
-    return (g_values.to(values.dtype) if need_values else None, g_table.to(table.dtype) if want_table else None)
+    return (g_values.to(values.dtype) if g_values is not None else None,
+            g_table.to(table.dtype) if want_table and g_table is not None else None)
 
 
 def encoder_backward(code, grad: Tensor, x: Tensor, b_dec: Tensor, need_W: bool = True) -> tuple[Tensor | None, Tensor]:
@@ -224,10 +225,10 @@ def encoder_backward(code, grad: Tensor, x: Tensor, b_dec: Tensor, need_W: bool 
         g_W = scatter_sorted(code, grad, x - b_dec, code.token(), acc)
         return g_W.to(x.dtype), g_b.to(grad.dtype)
     g_b = torch.zeros(n, dtype=acc, device=x.device)
-    g_W = torch.zeros(n, d, dtype=acc, device=x.device) if need_W else None
+    g_W_dense = torch.zeros(n, d, dtype=acc, device=x.device) if need_W else None
     if N and w:
         bj, bd = _blocks(w, d)
         _encoder_bwd_kernel[(N, triton.cdiv(w, bj))](
-            idx, grad, x, b_dec, g_W if need_W else g_b, g_b, w, d,
+            idx, grad, x, b_dec, g_W_dense if g_W_dense is not None else g_b, g_b, w, d,
             NEED_W=need_W, ACC=_tl_acc(acc), BLOCK_J=bj, BLOCK_D=bd)
-    return (g_W.to(x.dtype) if need_W else None), g_b.to(grad.dtype)
+    return (g_W_dense.to(x.dtype) if g_W_dense is not None else None), g_b.to(grad.dtype)

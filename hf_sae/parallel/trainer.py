@@ -113,7 +113,7 @@ class ShardedSAETrainer(SAETrainer):
             fired, self.since_fired[h] = update_since_fired(shard, fires[h], self.since_fired[h], args.batch_size)
             self.total_fires[h] += fired
 
-    def _dead_fraction(self, h: str) -> float:
+    def _dormant_fraction(self, h: str) -> float:
         shard = self._shards()[h]
         dead = (self.since_fired[h] >= shard.config.dead_tokens_threshold).sum()
         return float(reduce_sum(dead, self.mesh.tp_group)) / shard.config.n_latents

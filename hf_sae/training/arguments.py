@@ -237,12 +237,18 @@ class SAETrainingArguments:
             kw["expansion_factor"] = self.expansion_factor
         return kw
 
+    def _bad(self, name: str, why: str):
+        raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
+
     def _check_fields(self) -> None:
         """Field-by-field checks (no files, no processes): ``ValueError`` naming the flag and the fix."""
+        self._check_run_fields()
+        self._check_sae_fields()
+        self._check_optimization_fields()
 
-        def bad(name, why):
-            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
-
+    def _check_run_fields(self) -> None:
+        """Hook points, names, and the token and step counts."""
+        bad = self._bad
         if not self.hook_points or not all(isinstance(h, str) and h.strip() and " " not in h for h in self.hook_points):
             bad("hook_points", "give at least one hook point name, e.g. --hook_points layers.6.resid_post")
         if len(set(self.hook_points)) != len(self.hook_points):
@@ -272,6 +278,10 @@ class SAETrainingArguments:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 bad(name, "must be an integer >= 0 (0 disables)")
+
+    def _check_sae_fields(self) -> None:
+        """The SAE's hyperparameters (the checks that need no other field first)."""
+        bad = self._bad
         if self.n_latents is not None and self.n_latents <= 0:
             bad("n_latents", "must be a positive integer (or omit it and set --expansion_factor)")
         if self.k is not None and self.k <= 0:
@@ -299,6 +309,10 @@ class SAETrainingArguments:
             bad("kernel", f"choose one of {_KERNELS}")
         if self.input_norm not in _INPUT_NORMS:
             bad("input_norm", f"choose one of {_INPUT_NORMS}")
+
+    def _check_optimization_fields(self) -> None:
+        """Batch, parallelism, learning-rate schedule, Adam, precision and trackers."""
+        bad = self._bad
         if self.batch_size < MIN_MICRO_BATCH * self.gradient_accumulation_steps:
             bad(
                 "batch_size",

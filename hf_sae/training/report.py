@@ -74,7 +74,11 @@ def truncate_jsonl(path: str, max_step: int) -> None:
 
 
 _PANELS = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active latents / token)"),
-           ("dead_fraction", "dead-latent fraction"))
+           ("dormant_fraction", "dead-latent fraction"))
+_EVAL_KEY = {"dormant_fraction": "dead_fraction"}
+"""The held-out curve drawn beside a training one, where it has another name: latents never fired on the held-out
+tokens (``dead_fraction``) beside latents with no fire in the last dead_tokens_threshold training tokens
+(``dormant_fraction``)."""
 
 
 def write_report(out_dir: str, hook_point: str, history: list[dict], summary: dict, plot: bool = True) -> dict:
@@ -127,8 +131,8 @@ def curves_figure(hook_point: str, curves: dict):
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
     for ax, (key, title) in zip(axes.flat, _PANELS):
         labels = (("train (no fire within dead_tokens_threshold)", "held-out (never fired)")
-                  if key == "dead_fraction" else ("train", "held-out"))
-        for name, style, label in ((key, "-", labels[0]), (f"eval/{key}", "o-", labels[1])):
+                  if key in _EVAL_KEY else ("train", "held-out"))
+        for name, style, label in ((key, "-", labels[0]), (f"eval/{_EVAL_KEY.get(key, key)}", "o-", labels[1])):
             c = curves.get(name)
             if c and c["value"]:
                 ax.plot(c["tokens"], c["value"], style, label=label, markersize=3)

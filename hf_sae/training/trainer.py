@@ -11,6 +11,10 @@ One optimizer step (``SAETrainer._step``), for every hook point h::
 Data comes from :mod:`hf_sae.training.sources` (tensors, any iterable, an activation cache, or a live
 LM); evaluation uses :class:`hf_sae.evaluation.reconstruction.ReconstructionStats` (the same code as
 ``hf-sae eval``); checkpoints are atomic (:mod:`hf_sae.training.checkpoint`).
+
+The trainer's held-out evaluation (:mod:`~hf_sae.training.trainer_eval`), its output folder and checkpoints
+(:mod:`~hf_sae.training.trainer_checkpoint`, with :class:`TrainerState`) and what it logs
+(:mod:`~hf_sae.training.tracking`) live in their own modules; :class:`SAETrainer` mixes the first two in.
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -29,15 +31,15 @@ from torch import Tensor, nn
 
 from .._faults import fault_point
 from ..configuration_sae import SAEConfig
-from ..evaluation.reconstruction import ReconstructionStats, latent_sums
+from ..evaluation.reconstruction import latent_sums
 from ..modeling_sae import SparseAutoencoder
 from . import checkpoint as ckpt
-from .arguments import RESUME_FREE_FIELDS, SAETrainingArguments
-from .guards import TrainingDiverged, atomic_export, check_activations, check_memory
+from .arguments import SAETrainingArguments
+from .guards import TrainingDiverged, atomic_export, check_memory
 from .init import initialize_sae
 from .launch import OutputDirLock, check_launch, launched_without_gpus
 from .optim import SAEAdam
-from .report import JSONLTracker, truncate_jsonl, write_report
+from .report import JSONLTracker, write_report
 from .schedules import default_lr, lr_at
 from .sources import (
     CacheSource,
@@ -49,6 +51,9 @@ from .sources import (
     load_activation_file,
     take_tokens,
 )
+from .tracking import _flat_hparams, _Window, resolve_trackers
+from .trainer_checkpoint import TrainerCheckpoints, TrainerState
+from .trainer_eval import TrainerEvaluation
 
 logger = logging.getLogger(__name__)
 
@@ -72,25 +77,11 @@ class SAEBundle(nn.Module):
                 for h, sae in zip(self.hook_points, self.saes)]
 
 
-@dataclass
-class TrainerState:
-    """Progress of a run (saved in every checkpoint)."""
-
-    step: int = 0
-    """optimizer steps taken"""
-    tokens: int = 0
-    """training tokens consumed over all processes"""
-    micro_batches: int = 0
-    """micro-batches drawn by each process (the data position)"""
-    history: list = field(default_factory=list)
-    """logged metric records {step, tokens, "<hook>/<metric>": value}"""
-
-
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
-class SAETrainer:
+class SAETrainer(TrainerEvaluation, TrainerCheckpoints):
     """Train one SAE per hook point with the TopK recipe of Gao et al. (see the module docstring).
 
     Args:
@@ -156,39 +147,6 @@ class SAETrainer:
         """(this process's share, number of shares) of the training data: one per process here; one per
         data-parallel replica with latent sharding (``hf_sae.parallel.trainer``)."""
         return self.accelerator.process_index, self.accelerator.num_processes
-
-    def _check_output_dir(self) -> Optional[str]:
-        """Validate output_dir against --resume / --overwrite_output_dir; return the checkpoint to resume."""
-        args = self.args
-        saved_args = os.path.join(self.out, "train_args.json")
-        if args.resume:
-            if self.accelerator.is_main_process:
-                ckpt.recover(self.ckpt_root)  # a kill inside a checkpoint swap leaves complete copies aside
-            self.accelerator.wait_for_everyone()
-        existing = ckpt.list_checkpoints(self.ckpt_root)
-        if args.overwrite_output_dir and not args.resume:
-            return None  # wiped in _prepare_output_dir
-        if existing and not args.resume:
-            raise ValueError(f"--output_dir {self.out} already holds checkpoints of a run; pass --resume to "
-                             "continue it, --overwrite_output_dir to start over, or choose a new --output_dir")
-        if not args.resume:
-            return None
-        if os.path.isfile(saved_args):
-            with open(saved_args) as f:
-                before = json.load(f)
-            now = args.to_dict()
-            diff = {k: (before.get(k), now[k]) for k in now
-                    if k not in RESUME_FREE_FIELDS and before.get(k) != now[k]}
-            if diff:
-                lines = "; ".join(f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-                raise ValueError(f"cannot resume {self.out}: it was made by a different configuration ({lines}). "
-                                 "Rerun with the original arguments, or use a new --output_dir.")
-        found = ckpt.newest_valid(self.ckpt_root)
-        if found is None and existing:
-            logger.warning("no valid checkpoint in %s (all incomplete); starting afresh", self.ckpt_root)
-        elif found is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting a new run", self.ckpt_root)
-        return found
 
     def _build_source(self, train_data):
         """(source, {hook: d}, base_model, dataset name); validates hook points against the data/model."""
@@ -279,57 +237,6 @@ class SAETrainer:
                                      batch_windows=a.lm_batch_size, shuffle_buffer_tokens=0,
                                      max_tokens=a.init_tokens, seed=a.seed))
 
-    def _eval_data(self) -> Optional[dict[str, Tensor]]:
-        """Held-out activations {hook: [M, d]} (main process), or None when there are none; checked for
-        width and finite values (an error names the source and the row)."""
-        data = self._read_eval_data()
-        if data is not None:
-            where = self.args.eval_activations or "eval_data"
-            data = {h: data[h] for h in self.args.hook_points}
-            for h, x in data.items():
-                check_activations(x, self.dims[h], f"held-out activations for {h!r} ({where})")
-        return data
-
-    def _read_eval_data(self) -> Optional[dict[str, Tensor]]:
-        args, hps = self.args, list(self.args.hook_points)
-        self.eval_split, self.eval_dataset = None, None  # recorded in training_info (the card names them)
-        if args.eval_tokens == 0:
-            return None
-        if self._user_eval is not None:
-            data = _as_hook_dict(self._user_eval, hps) if isinstance(self._user_eval, (Tensor, dict)) else None
-            if data is None:
-                raise ValueError("eval_data must be a [M, d] tensor or a dict {hook_point: [M, d]}")
-            self.eval_split, self.eval_dataset = "held-out (eval_data)", "in-memory tensors"
-            return {h: v[:args.eval_tokens] for h, v in data.items()}
-        if args.eval_activations is not None:
-            p = args.eval_activations
-            if is_cache_dir(p):
-                from ..data.hub_cache import open_cache
-
-                ds = open_cache(p, hook_point=hps, shuffle=False)
-                source = str(ds.metadata.get("source") or p)
-                self.eval_split = source.rsplit(":", 1)[1] if ":" in source else "eval_activations"
-                self.eval_dataset = source.rsplit(":", 1)[0] if ":" in source else source
-                return {h: ds.to_tensor(h, max_rows=args.eval_tokens) for h in hps}
-            data, meta = load_activation_file(p, hps)
-            self.eval_split, self.eval_dataset = meta.get("split", "eval_activations"), meta.get("dataset", p)
-            return {h: v[:args.eval_tokens] for h, v in data.items()}
-        if args.activations is None and self.lm is not None:
-            from ..data.stream import ActivationStream
-
-            try:
-                stream = ActivationStream(self.lm, self.tokenizer, hps, args.dataset, split="validation",
-                                          batch_tokens=min(4096, args.eval_tokens), window=args.context_length,
-                                          batch_windows=args.lm_batch_size, shuffle_buffer_tokens=0,
-                                          max_tokens=args.eval_tokens, seed=args.seed)
-                self.eval_split, self.eval_dataset = "validation", args.dataset
-                return take_tokens(iter(stream), args.eval_tokens)
-            except (ValueError, FileNotFoundError) as e:
-                logger.warning("no held-out split for dataset %r (%s); skipping held-out evaluation", args.dataset, e)
-                return None
-        logger.warning("no held-out activations (give --eval_activations); skipping held-out evaluation")
-        return None
-
     # ------------------------------------------------------------------ model, optimizer, state
     def _build_saes(self, configs: dict[str, SAEConfig]) -> dict[str, SparseAutoencoder]:
         torch.manual_seed(self.args.seed)
@@ -364,13 +271,6 @@ class SAETrainer:
                        max_grad_norm=args.max_grad_norm, project_decoder_grad=args.project_decoder_grad,
                        normalize_decoder=args.normalize_decoder)
 
-    def _state_tensors(self) -> dict[str, Tensor]:
-        out = {}
-        for h in self.args.hook_points:
-            out[f"{h}/tokens_since_fired"] = self.since_fired[h].cpu()
-            out[f"{h}/fire_counts"] = self.total_fires[h].cpu()
-        return out
-
     def _check_finite(self, weights: bool = False) -> None:
         """Raise :class:`TrainingDiverged` if the loss (or, with ``weights``, a parameter) became NaN/Inf."""
         bad = int(self._first_bad_step)
@@ -385,118 +285,7 @@ class SAETrainer:
                 f"was saved; {'the last good checkpoint is ' + last if last else 'no checkpoint had been written'}. "
                 "Lower --lr (or --max_grad_norm), or check the activations for extreme values.")
 
-    def save_checkpoint(self) -> Optional[str]:
-        """Write an atomic checkpoint of the current state (all processes must call this).
-
-        Refuses (:class:`TrainingDiverged`) to save non-finite weights. A checkpoint already on disk for the
-        same token count (a finished run resumed) is kept as it is, not rewritten."""
-        acc, st = self.accelerator, self.state
-        self._check_finite(weights=True)
-        name = ckpt.checkpoint_name(st.tokens)
-        tmp = os.path.join(self.ckpt_root, ".tmp-" + name)
-        final = os.path.join(self.ckpt_root, name)
-        exists = ckpt.is_valid(final) if acc.is_main_process else False
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            exists = broadcast_object_list([exists], from_process=0)[0]
-        if exists:
-            return final
-        if acc.is_main_process:
-            os.makedirs(self.ckpt_root, exist_ok=True)
-            ckpt.clean_temporaries(self.ckpt_root)
-            os.makedirs(tmp)
-        acc.wait_for_everyone()
-        self._save_model_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": st.step, "tokens": st.tokens, "micro_batches": st.micro_batches,
-                     "num_processes": acc.num_processes, "tp_size": self.args.tp_size, "history": st.history,
-                     "sae_configs": {h: self.configs[h].to_dict() for h in self.args.hook_points},
-                     "init_info": self.init_info, "args": self.args.to_dict()}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, default=float)
-            fault_point("checkpoint.state_saved")
-            ckpt.seal(tmp)
-            fault_point("checkpoint.sealed")
-            ckpt.publish(tmp, final)
-            ckpt.apply_retention(self.ckpt_root, self.args.save_total_limit)
-        acc.wait_for_everyone()
-        return final
-
-    def _save_model_state(self, tmp: str) -> None:
-        """Write the SAEs, optimizer, RNG states and dead-latent counters into ``tmp`` (every process)."""
-        self.accelerator.save_state(tmp)
-        if self.accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            save_file(self._state_tensors(), os.path.join(tmp, "trainer_tensors.safetensors"))
-
-    def _load_checkpoint(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
-        if state.get("tp_size", 1) > 1:
-            raise ValueError(f"checkpoint {path} holds latent-sharded SAEs (--tp_size {state['tp_size']}); resume "
-                             "with --tp_size > 1 (any divisor of n_latents and of the process count)")
-        self.accelerator.load_state(path)
-        if state["num_processes"] != self.accelerator.num_processes:
-            # same global batch either way, but the data order of iterable sources is per process
-            logger.warning("checkpoint %s was written by %d processes, resuming with %d: the weights continue "
-                           "exactly, the data order does not", path, state["num_processes"],
-                           self.accelerator.num_processes)
-        self.state = TrainerState(step=state["step"], tokens=state["tokens"], micro_batches=state["micro_batches"],
-                                  history=state["history"])
-        self.init_info = state.get("init_info", {})
-        tensors = load_file(os.path.join(path, "trainer_tensors.safetensors"))
-        dev = self.accelerator.device
-        for h in self.args.hook_points:
-            self.since_fired[h] = tensors[f"{h}/tokens_since_fired"].to(dev)
-            self.total_fires[h] = tensors[f"{h}/fire_counts"].to(dev)
-
-    def _prepare_output_dir(self) -> None:
-        acc, args = self.accelerator, self.args
-        if acc.is_main_process:
-            if args.overwrite_output_dir and not args.resume:
-                for p in (self.ckpt_root, self.log_dir):
-                    shutil.rmtree(p, ignore_errors=True)
-            os.makedirs(self.out, exist_ok=True)
-            if self.resume_from is None:
-                args.to_json_file(os.path.join(self.out, "train_args.json"))
-                metrics = os.path.join(self.log_dir, "metrics.jsonl")
-                if os.path.exists(metrics):  # a fresh start: drop the log of an earlier (killed) attempt
-                    os.remove(metrics)
-            else:
-                truncate_jsonl(os.path.join(self.log_dir, "metrics.jsonl"), self._resume_step)
-        acc.wait_for_everyone()
-
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, dict]:
-        """Held-out FVU / L0 / dead fraction / MSE per hook point (main process; {} elsewhere)."""
-        acc = self.accelerator
-        results: dict[str, dict] = {}
-        saes = self._saes()  # on every process (a collective with latent sharding)
-        if acc.is_main_process and self.eval_data is not None:
-            for h, sae in saes.items():
-                was = sae.training
-                sae.eval()
-                stats = ReconstructionStats(n_latents=sae.config.n_latents)
-                x_all = self.eval_data[h]
-                for i in range(0, x_all.shape[0], 4096):
-                    x = x_all[i:i + 4096].to(acc.device)
-                    out = sae(x)
-                    if out.latent_indices is not None:
-                        stats.update(x, out.reconstruction, latent_values=out.latent_values,
-                                     latent_indices=out.latent_indices)
-                    else:
-                        stats.update(x, out.reconstruction, latents=out.latents)
-                results[h] = stats.compute()
-                sae.train(was)
-        acc.wait_for_everyone()
-        return results
-
     def _saes(self) -> dict[str, SparseAutoencoder]:
         bundle = self.accelerator.unwrap_model(self.model)
         return dict(zip(bundle.hook_points, bundle.saes))
@@ -608,12 +397,13 @@ class SAETrainer:
                 rec["tokens_per_s"] = (st.tokens - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, st.tokens
                 for h in hps:
-                    rec[f"{h}/dead_fraction"] = self._dead_fraction(h)
+                    rec[f"{h}/dormant_fraction"] = self._dormant_fraction(h)
+                    rec[f"{h}/dead_fraction"] = rec[f"{h}/dormant_fraction"]  # deprecated alias of dormant_fraction
                 rec["lr"] = self.optimizer.param_groups[0]["lr"]
                 self._record(rec)
                 h0 = hps[0]
                 bar.set_postfix(fvu=f"{rec[f'{h0}/fvu']:.4f}", l0=f"{rec[f'{h0}/l0']:.1f}",
-                                dead=f"{100 * rec[f'{h0}/dead_fraction']:.1f}%", refresh=False)
+                                dormant=f"{100 * rec[f'{h0}/dormant_fraction']:.1f}%", refresh=False)
             if _crossed(prev, st.tokens, args.eval_every_tokens) and not last:
                 self._record({f"{h}/eval/{k}": v for h, m in self.evaluate().items() for k, v in m.items()
                               if isinstance(v, (int, float))})
@@ -660,7 +450,9 @@ class SAETrainer:
                                               self.since_fired[h] + args.batch_size)
             self.total_fires[h] += fires[h]
 
-    def _dead_fraction(self, h: str) -> float:
+    def _dormant_fraction(self, h: str) -> float:
+        """Share of ``h``'s latents that have not fired in the last ``dead_tokens_threshold`` training tokens (the
+        latents AuxK treats as dead). Not the evaluation's ``dead_fraction``: never fired on the evaluated tokens."""
         thr = self.configs[h].dead_tokens_threshold
         return float((self.since_fired[h] >= thr).double().mean())
 
@@ -701,7 +493,7 @@ class SAETrainer:
                     "eval_split": getattr(self, "eval_split", None) if final.get(h) else None,
                     "eval_dataset": getattr(self, "eval_dataset", None) if final.get(h) else None,
                     "final_metrics": {
-                        **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dead_fraction")},
+                        **{f"train_{k}": last_train.get(f"{h}/{k}") for k in ("loss", "fvu", "l0", "dormant_fraction")},
                         **{f"eval_{k}": v for k, v in final.get(h, {}).items()},
                     },
                 }
@@ -716,59 +508,6 @@ class SAETrainer:
         return saes
 
 
-class _Window:
-    """Running means of training metrics between two log records."""
-
-    _FIELDS = ("loss", "fvu", "auxk_loss", "l1_loss", "l0_loss", "afa_loss", "multi_topk_fvu")
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add_scalar(self, h: str, name: str, value: Union[float, Tensor]) -> None:
-        """Add a float or a 0-d tensor (summed where it lives, read once at ``flush``: no host sync)."""
-        key = f"{h}/{name}"
-        if isinstance(value, Tensor):
-            value = value.detach().double()
-        self.sums[key] = self.sums.get(key, 0.0) + value
-        self.counts[key] = self.counts.get(key, 0) + 1
-
-    def add(self, h: str, out, ls: dict) -> None:
-        for name in self._FIELDS:
-            v = getattr(out, name, None)
-            if v is not None:
-                self.add_scalar(h, name, v)
-        self.add_scalar(h, "l0", ls["sum_l0"] / max(ls["count"], 1))
-
-    def flush(self, acc, hook_points) -> dict:
-        keys = sorted(self.sums)
-        vals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=acc.device) / self.counts[k]
-                            for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=acc.device)
-        if acc.num_processes > 1:
-            vals = acc.reduce(vals, reduction="mean")
-        self.sums, self.counts = {}, {}
-        return dict(zip(keys, vals.tolist()))
-
-
-def resolve_trackers(names) -> list[str]:
-    """Expand ``auto`` into the trackers available here: jsonl, tensorboard (when importable) and wandb
-    (when installed and configured through WANDB_API_KEY / WANDB_MODE, so it never prompts); ``none`` = no
-    tracker. Explicit names are kept as given."""
-    import importlib.util
-
-    out: list[str] = []
-    for n in names:
-        if n == "auto":
-            out.append("jsonl")
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                out.append("tensorboard")
-            if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
-                out.append("wandb")
-        elif n != "none":
-            out.append(n)
-    return list(dict.fromkeys(out))
-
-
 def _reset_single_process_accelerate_state() -> None:
     """Accelerate keeps one global state per process; a second trainer in the same (single) process may
     need other settings (mixed precision, accumulation steps), so forget the previous ones. Distributed
@@ -779,13 +518,6 @@ def _reset_single_process_accelerate_state() -> None:
         return
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def _flat_hparams(args: SAETrainingArguments) -> dict:
-    out = {}
-    for k, v in args.to_dict().items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def make_trainer(args: SAETrainingArguments, **kwargs) -> SAETrainer:

@@ -301,6 +301,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den if abs(den) > 1e-6 else float("nan")
 
 
+def mean_ablation_logit_diff(model: nn.Module, prompts, loc: Location, a: Tensor, batch_size: int, cache) -> float:
+    """Mean logit difference on ``prompts`` with the activations ``a`` [N, d] at ``loc`` replaced by their mean."""
+    return patched_logit_diff(model, prompts, {loc: a.mean(0, keepdim=True).expand_as(a)}, batch_size=batch_size,
+                              cache=cache)
+
+
 def sufficiency_necessity(
     model: nn.Module,
     prompts,
@@ -332,6 +338,32 @@ def reconstruction_fidelity(true: Tensor, approx: Tensor) -> dict[str, float]:
     """``{"fvu", "cosine"}`` of ``approx`` vs ``true`` [N, d] (:mod:`hf_sae.evaluation.reconstruction`);
     here the variance in the FVU is over the N prompts at one location."""
     return {"fvu": fvu(true.float(), approx.float()), "cosine": cosine_similarity(true.float(), approx.float())}
+
+
+def _activations(model, sae, hook: str, fit_task: Task, clean_ev, covered: list, modes: dict,
+                 keep_first_position: bool, batch_size: int) -> tuple:
+    """True activations at the covered locations (fit + eval prompts); for sublayer locations the recomputed
+    values and the residual stream feeding the block at the location's position (for latent probes), encoded.
+
+    Returns ``(feeder, acts_fit, acts_ev, recomputed, z_fit, z_ev)``."""
+    feeder = {l.key: Location(hook, l.position) for l in covered}
+    needed = list({l.key: l for l in covered + list(feeder.values())}.values())
+    acts_fit = location_activations(model, fit_task.clean, needed, batch_size=batch_size)
+    acts_ev = location_activations(model, clean_ev, needed, batch_size=batch_size)
+    sub = [l for l in covered if modes[l.key] == "sublayer"]
+    recomputed = recompute_sublayers(model, sae, clean_ev, sub, keep_first_position, batch_size) if sub else {}
+    with torch.no_grad():
+        feed_keys = {f.key for f in feeder.values()}
+        z_fit = {k: sae.encode(acts_fit[k]) for k in feed_keys}
+        z_ev = {k: sae.encode(acts_ev[k]) for k in feed_keys}
+    return feeder, acts_fit, acts_ev, recomputed, z_fit, z_ev
+
+
+def _direct_reconstruction(sae, a: Tensor, key: str, d_in: int) -> Tensor:
+    """The SAE's reconstruction of the activations ``a`` [N, d] at a location it reads directly."""
+    if a.shape[-1] != d_in:
+        raise ValueError(f"location {key} has width {a.shape[-1]} but the SAE's d_in is {d_in}")
+    return sae_reconstruct(sae, a)
 
 
 def evaluate_sae(
@@ -376,64 +408,34 @@ def evaluate_sae(
     result = {"hook_point": hook, "locations": {}, "uncovered": [l.key for l in locs if modes[l.key] is None]}
     if not covered:
         return result
-    dictionaries = dict(dictionaries or {})
-    directions = _decoder_directions(sae)
-    clean_ev = eval_task.clean
+    dictionaries, directions, clean_ev = dict(dictionaries or {}), _decoder_directions(sae), eval_task.clean
     cache = cache if cache is not None else PrefixCache(model, clean_ev, batch_size)
     ld_clean = mean_logit_diff(model, clean_ev, batch_size=batch_size, cache=cache)
     d_in = int(sae.config.d_in) if hasattr(sae.config, "d_in") else directions.shape[1]
 
-    # Activations: true values (fit + eval), and for sublayer locations the recomputed values and the
-    # residual stream feeding the block at the location's position (for latent probes).
-    feeder = {l.key: Location(hook, l.position) for l in covered}
-    needed = list({l.key: l for l in covered + list(feeder.values())}.values())
-    acts_fit = location_activations(model, fit_task.clean, needed, batch_size=batch_size)
-    acts_ev = location_activations(model, clean_ev, needed, batch_size=batch_size)
-    sub = [l for l in covered if modes[l.key] == "sublayer"]
-    recomputed = recompute_sublayers(model, sae, clean_ev, sub, keep_first_position, batch_size) if sub else {}
-    with torch.no_grad():
-        feed_keys = {f.key for f in feeder.values()}
-        z_fit = {k: sae.encode(acts_fit[k]) for k in feed_keys}
-        z_ev = {k: sae.encode(acts_ev[k]) for k in feed_keys}
-
+    feeder, acts_fit, acts_ev, recomputed, z_fit, z_ev = _activations(
+        model, sae, hook, fit_task, clean_ev, covered, modes, keep_first_position, batch_size
+    )
     ctrl_task = eval_task if n_control is None or n_control >= len(eval_task) else eval_task.select(range(n_control))
     ctrl_cache = None
-    bar = tqdm(covered, desc=f"SAGE eval {hook}", disable=not progress)
-    for loc in bar:
+    for loc in tqdm(covered, desc=f"SAGE eval {hook}", disable=not progress):
         key, mode = loc.key, modes[loc.key]
-        d = dictionaries.get(key) or SupervisedDictionary.fit(
+        d = dictionaries[key] = dictionaries.get(key) or SupervisedDictionary.fit(
             acts_fit[key], fit_task.clean.attributes, key, nested=fit_task.nested
         )
-        dictionaries[key] = d
         a = acts_ev[key]
-        ld_ablate = patched_logit_diff(
-            model, clean_ev, {loc: a.mean(0, keepdim=True).expand_as(a)}, batch_size=batch_size, cache=cache
+        ld_ablate = mean_ablation_logit_diff(model, clean_ev, loc, a, batch_size, cache)
+        sae_rec = recomputed[key] if mode == "sublayer" else _direct_reconstruction(sae, a, key, d_in)
+        entry = {"mode": mode, "ld_clean": ld_clean, "ld_mean_ablation": ld_ablate, "denominator": ld_clean - ld_ablate}
+        for name, rec in (("supervised", d.reconstruct(clean_ev.attributes)), ("sae", sae_rec)):
+            entry[name] = {
+                **sufficiency_necessity(model, clean_ev, loc, a, rec, ld_clean, ld_ablate, batch_size, cache),
+                **reconstruction_fidelity(a, rec),
+            }
+        entry["probe"] = best_probe_latents(
+            z_fit[feeder[key].key], fit_task.clean.attributes, z_ev[feeder[key].key], clean_ev.attributes
         )
-        sup_rec = d.reconstruct(clean_ev.attributes)
-        if mode == "direct":
-            if a.shape[-1] != d_in:
-                raise ValueError(f"location {key} has width {a.shape[-1]} but the SAE's d_in is {d_in}")
-            sae_rec = sae_reconstruct(sae, a)
-        else:
-            sae_rec = recomputed[key]
-        entry = {
-            "mode": mode,
-            "ld_clean": ld_clean,
-            "ld_mean_ablation": ld_ablate,
-            "denominator": ld_clean - ld_ablate,
-            "supervised": {
-                **sufficiency_necessity(model, clean_ev, loc, a, sup_rec, ld_clean, ld_ablate, batch_size, cache),
-                **reconstruction_fidelity(a, sup_rec),
-            },
-            "sae": {
-                **sufficiency_necessity(model, clean_ev, loc, a, sae_rec, ld_clean, ld_ablate, batch_size, cache),
-                **reconstruction_fidelity(a, sae_rec),
-            },
-            "probe": best_probe_latents(
-                z_fit[feeder[key].key], fit_task.clean.attributes, z_ev[feeder[key].key], clean_ev.attributes
-            ),
-            "cosine": best_cosine_latents(directions, d) if mode == "direct" else None,
-        }
+        entry["cosine"] = best_cosine_latents(directions, d) if mode == "direct" else None
         if control and mode == "direct":
             if ctrl_cache is None:
                 ctrl_cache = cache if ctrl_task is eval_task else PrefixCache(model, ctrl_task.clean, batch_size)

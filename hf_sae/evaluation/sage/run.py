@@ -33,8 +33,14 @@ from torch import nn
 from ...hooks import model_parts, parse_hook_point
 from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
 from .dictionaries import SupervisedDictionary, fit_dictionaries
-from .evaluate_sae import evaluate_sae, reconstruction_fidelity, residual_stream_index, sufficiency_necessity
-from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff, patched_logit_diff
+from .evaluate_sae import (
+    evaluate_sae,
+    mean_ablation_logit_diff,
+    reconstruction_fidelity,
+    residual_stream_index,
+    sufficiency_necessity,
+)
+from .patching import Location, PrefixCache, location_activations, logit_diff, mean_logit_diff
 from .report import write_report
 from .tasks import TASKS, Task, make_task
 from .validation import cross_section_completeness
@@ -68,6 +74,27 @@ def _sublayer_candidates(attr: AttributionResult, block: int, n: int) -> list[Lo
     comb = attr.combined()
     cands = [l for l in attr.locations if l.layer == block and parse_hook_point(l.hook)[1] in ("attn_z", "mlp_out")]
     return sorted(cands, key=lambda l: -comb[l.key])[:n]
+
+
+def _supervised_scores(model, task, fit, ev, top: list, ld_clean: float, batch_size: int, cache) -> tuple:
+    """Supervised dictionaries at the cross-section ``top``, fitted on ``fit`` and scored on held-out ``ev``:
+    ``(dictionaries, {location: sufficiency, necessity, fidelity, "regression": the same for the regression fit})``."""
+    acts_fit = location_activations(model, fit.clean, top, batch_size=batch_size)
+    dicts = fit_dictionaries(acts_fit, fit.clean.attributes, nested=task.nested)
+    acts_ev = location_activations(model, ev.clean, top, batch_size=batch_size)
+    scores = {}
+    for loc in top:
+        a = acts_ev[loc.key]
+        ld_ablate = mean_ablation_logit_diff(model, ev.clean, loc, a, batch_size, cache)
+        rec = dicts[loc.key].reconstruct(ev.clean.attributes)
+        sn = sufficiency_necessity(model, ev.clean, loc, a, rec, ld_clean, ld_ablate, batch_size, cache)
+        reg = SupervisedDictionary.fit(acts_fit[loc.key], fit.clean.attributes, loc.key, nested=task.nested,
+                                       method="regression").reconstruct(ev.clean.attributes)
+        sn_reg = sufficiency_necessity(model, ev.clean, loc, a, reg, ld_clean, ld_ablate, batch_size, cache)
+        scores[loc.key] = {"ld_mean_ablation": ld_ablate, "denominator": ld_clean - ld_ablate,
+                           **sn, **reconstruction_fidelity(a, rec),
+                           "regression": {**sn_reg, **reconstruction_fidelity(a, reg)}}
+    return dicts, scores
 
 
 def run_task(
@@ -106,18 +133,14 @@ def run_task(
                  "attributes": list(task.attribute_names), "positions": list(task.position_names),
                  "example_prompts": {"clean": ev.clean.prompts[:3],
                                      **{a: ev.corrupted[a].prompts[:3] for a in task.attribute_names}}}
-
     with torch.no_grad():
         ld = logit_diff(model, ev.clean, batch_size=batch_size)
     out.update(ld_clean=float(ld.mean()), ld_clean_std=float(ld.std()) if len(ld) > 1 else 0.0,
                ld_clean_positive_fraction=float((ld > 0).float().mean()))
-    out["corrupted"] = {}
-    for a in task.attribute_names:
-        out["corrupted"][a] = {
-            "ld_clean_metric": mean_logit_diff(model, ev.corrupted[a].as_counterfactual_of(ev.clean), batch_size),
-            "ld_own": mean_logit_diff(model, ev.corrupted[a], batch_size),
-        }
-
+    out["corrupted"] = {a: {
+        "ld_clean_metric": mean_logit_diff(model, ev.corrupted[a].as_counterfactual_of(ev.clean), batch_size),
+        "ld_own": mean_logit_diff(model, ev.corrupted[a], batch_size),
+    } for a in task.attribute_names}
     # Cross-sections: attribution patching on fitting prompts, confirmation on held-out ones.
     locations = enumerate_locations(model, task, kinds=kinds)
     attr = attribution_patching(model, fit.select(range(min(n_attribution, n_fit))), locations,
@@ -137,27 +160,9 @@ def run_task(
     out["attribution_scores_of_confirmed"] = {a: {l.key: attr.scores[a][l.key] for l in confirm}
                                               for a in task.attribute_names}
 
-    # Supervised dictionaries at the cross-section, scored on held-out prompts.
-    acts_fit = location_activations(model, fit.clean, top, batch_size=batch_size)
-    dicts = fit_dictionaries(acts_fit, fit.clean.attributes, nested=task.nested)
-    acts_ev = location_activations(model, ev.clean, top, batch_size=batch_size)
     # Is the cross-section complete: does patching all of it reproduce the full clean -> corrupted change?
     out["completeness"] = cross_section_completeness(model, ev, top, batch_size=batch_size, cache=cache)
-    out["supervised"] = {}
-    for loc in top:
-        a = acts_ev[loc.key]
-        ld_ablate = patched_logit_diff(model, ev.clean, {loc: a.mean(0, keepdim=True).expand_as(a)},
-                                       batch_size=batch_size, cache=cache)
-        rec = dicts[loc.key].reconstruct(ev.clean.attributes)
-        sn = sufficiency_necessity(model, ev.clean, loc, a, rec, out["ld_clean"], ld_ablate, batch_size, cache)
-        reg = SupervisedDictionary.fit(acts_fit[loc.key], fit.clean.attributes, loc.key, nested=task.nested,
-                                       method="regression").reconstruct(ev.clean.attributes)
-        sn_reg = sufficiency_necessity(model, ev.clean, loc, a, reg, out["ld_clean"], ld_ablate, batch_size, cache)
-        out["supervised"][loc.key] = {"ld_mean_ablation": ld_ablate, "denominator": out["ld_clean"] - ld_ablate,
-                                      **sn, **reconstruction_fidelity(a, rec),
-                                      "regression": {**sn_reg, **reconstruction_fidelity(a, reg)}}
-
-    # SAEs.
+    dicts, out["supervised"] = _supervised_scores(model, task, fit, ev, top, out["ld_clean"], batch_size, cache)
     out["saes"] = {}
     for name, sae in (saes or {}).items():
         hook = sae.config.hook_point
