@@ -254,9 +254,7 @@ def evaluate_sae(
             those use); window: tokens per window; batch_size: windows per LM forward; n2g_latents,
             ablation_latents: latents sampled (seeded by ``seed``); ablation_context: tokens per ablation forward.
         out_dir: also write ``metrics.json`` (+ ``report.html`` and PNGs when ``report``) there, and add
-            ``out_dir`` to the returned dict. sae_label, subfolder: only label ``meta``.
-        placement: ``device_map`` / ``max_memory`` / ``offload_folder`` for loading an LM larger than one
-            device (see :mod:`hf_sae.placement`).
+            ``out_dir`` to the returned dict. sae_label, subfolder: only label ``meta``. placement: see load_lm_for.
     """
     t_start = time.perf_counter()
     metrics = parse_metrics(metrics)
@@ -264,8 +262,7 @@ def evaluate_sae(
     torch.manual_seed(seed)
     device, timings, t = torch.device(device), {}, time.perf_counter()
     sae = sae.to(device).eval()
-    model, tokenizer, hook, model_name = load_lm_for(sae, model, tokenizer, hook_point, model_name, device,
-                                                     placement)
+    model, tokenizer, hook, model_name = load_lm_for(sae, model, tokenizer, hook_point, model_name, device, placement)
     timings["load"] = time.perf_counter() - t
     t = time.perf_counter()
     ids, keep = kept_windows(dataset, tokenizer, n_tokens, window=window, split=split, text_column=text_column)
