@@ -245,6 +245,9 @@ class OpenAIChat(Backend):
 class Cached(Backend):
     """Answers of ``inner`` cached in a JSON-lines file, keyed by (backend name, request kind, chat, max_tokens)."""
 
+    CHUNK = 32
+    """Requests passed to ``inner`` at once; each chunk's answers are on disk before the next is asked."""
+
     def __init__(self, inner: Backend, path):
         self.inner, self.path, self.name = inner, Path(path), inner.name
         self.memory: dict[str, object] = {}
@@ -268,10 +271,12 @@ class Cached(Backend):
         todo = [i for i, k in enumerate(keys) if k not in self.memory]
         self.hits += len(chats) - len(todo)
         self.misses += len(todo)
-        if todo:
-            answers = fn([chats[i] for i in todo])
+        # asked and saved CHUNK at a time, so that a run stopped midway keeps what was answered
+        for s in range(0, len(todo), self.CHUNK):
+            part = todo[s : s + self.CHUNK]
+            answers = fn([chats[i] for i in part])
             with self._lock, open(self.path, "a", encoding="utf-8") as f:
-                for i, a in zip(todo, answers):
+                for i, a in zip(part, answers):
                     self.memory[keys[i]] = a
                     f.write(json.dumps({"key": keys[i], "answer": a}, ensure_ascii=False) + "\n")
                 f.flush()
