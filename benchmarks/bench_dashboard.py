@@ -32,6 +32,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--out", default="/tmp/hf_sae_bench_dashboard")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run under cProfile and print the N functions with the most own time (CPU clock)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
@@ -49,6 +56,12 @@ def main() -> None:
                 d_in=576, n_latents=args.n_latents, k=args.k, hook_point="layers.6.resid_post", base_model=DEFAULT_MODEL
             )
         )
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
     t = time.perf_counter()
     info = build_dashboard(
         sae.eval(),
@@ -61,8 +74,14 @@ def main() -> None:
         n2g_latents=args.n2g_latents,
         progress=True,
     )
+    wall = time.perf_counter() - t
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     info.update(
-        wall_s=round(time.perf_counter() - t, 1),
+        wall_s=round(wall, 1),
         n_latents=sae.config.n_latents,
         torch_threads=torch.get_num_threads(),
         load_average_1min=round(os.getloadavg()[0], 2),

@@ -218,6 +218,33 @@ def test_autointerp_cli_with_stub_server_and_cache(site, stub, tmp_path):
     assert json.loads((site / "autointerp.json").read_text())["summary"] == s
 
 
+def test_cache_keeps_the_answered_chunks_of_an_interrupted_call(tmp_path):
+    from hf_sae.autointerp.backends import Backend, Cached
+
+    class Flaky(Backend):
+        name = "flaky"
+
+        def __init__(self, fail_after):
+            self.asked, self.fail_after = [], fail_after
+
+        def yes_probability(self, chats):
+            if len(self.asked) + len(chats) > self.fail_after:
+                raise KeyboardInterrupt  # the run is stopped mid-call
+            self.asked += chats
+            return [len(c[0]["content"]) / 100 for c in chats]
+
+    chats = [[{"role": "user", "content": "x" * i}] for i in range(70)]
+    path = tmp_path / "cache.jsonl"
+    cached = Cached(Flaky(fail_after=64), path)
+    cached.CHUNK = 32
+    with pytest.raises(KeyboardInterrupt):
+        cached.yes_probability(chats)  # chunks 1 and 2 answered, chunk 3 interrupted
+    assert len(path.read_text().splitlines()) == 64
+    again = Cached(Flaky(fail_after=100), path)  # a new run asks only the 6 unanswered chats
+    assert again.yes_probability(chats) == [i / 100 for i in range(70)]
+    assert again.inner.asked == chats[64:] and (again.hits, again.misses) == (64, 6)
+
+
 def test_autointerp_bad_inputs(tmp_path, capsys):
     from hf_sae.cli import main
 

@@ -21,6 +21,7 @@ Backends:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -77,6 +78,9 @@ class LocalLM(Backend):
         self._no = sorted({i for w in NO for i in self._first_ids(w, vocab)})
         if not self._yes or not self._no:
             raise ValueError(f"the tokenizer of {model} has no single token for Yes/No; use another model.")
+        # only the last position's logits are read: skip the unembedding of the others where the model allows it
+        params = inspect.signature(self.model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _first_ids(self, word: str, vocab: dict) -> list[int]:
         """[the id] when ``word`` is one token that decodes back to it (not <unk>), else []."""
@@ -128,7 +132,8 @@ class LocalLM(Backend):
             # left padding: positions count real tokens only (as generate() does), else RoPE shifts them
             position_ids = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
-                logits = self.model(**enc, position_ids=position_ids, use_cache=False).logits[:, -1].float()
+                out_ = self.model(**enc, position_ids=position_ids, use_cache=False, **self._last_only)
+                logits = out_.logits[:, -1].float()
             lp = logits.log_softmax(-1)
             yes, no = lp[:, self._yes].logsumexp(-1), lp[:, self._no].logsumexp(-1)
             out += torch.sigmoid(yes - no).tolist()
@@ -240,6 +245,9 @@ class OpenAIChat(Backend):
 class Cached(Backend):
     """Answers of ``inner`` cached in a JSON-lines file, keyed by (backend name, request kind, chat, max_tokens)."""
 
+    CHUNK = 32
+    """Requests passed to ``inner`` at once; each chunk's answers are on disk before the next is asked."""
+
     def __init__(self, inner: Backend, path):
         self.inner, self.path, self.name = inner, Path(path), inner.name
         self.memory: dict[str, object] = {}
@@ -263,10 +271,12 @@ class Cached(Backend):
         todo = [i for i, k in enumerate(keys) if k not in self.memory]
         self.hits += len(chats) - len(todo)
         self.misses += len(todo)
-        if todo:
-            answers = fn([chats[i] for i in todo])
+        # asked and saved CHUNK at a time, so that a run stopped midway keeps what was answered
+        for s in range(0, len(todo), self.CHUNK):
+            part = todo[s : s + self.CHUNK]
+            answers = fn([chats[i] for i in part])
             with self._lock, open(self.path, "a", encoding="utf-8") as f:
-                for i, a in zip(todo, answers):
+                for i, a in zip(part, answers):
                     self.memory[keys[i]] = a
                     f.write(json.dumps({"key": keys[i], "answer": a}, ensure_ascii=False) + "\n")
                 f.flush()

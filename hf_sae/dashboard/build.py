@@ -70,6 +70,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Stages:
+    """Wall and CPU seconds (``time.process_time``: all threads of this process) of the build's stages."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+        self._t0 = (time.perf_counter(), time.process_time())
+        self._open = None
+
+    def start(self, name: str) -> None:
+        self._open = (name, time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        name, w, c = self._open
+        self.wall[name] = time.perf_counter() - w
+        self.cpu[name] = time.process_time() - c
+
+    def finish(self) -> None:
+        self.wall["total"] = time.perf_counter() - self._t0[0]
+        self.cpu["total"] = time.process_time() - self._t0[1]
+
+
 @torch.no_grad()
 def build_dashboard(
     sae,
@@ -126,8 +147,7 @@ def build_dashboard(
         raise ValueError("n_samples, before, after, n2g_latents and n2g_tokens must be >= 0.")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string.")
-    t0 = time.perf_counter()
-    timings = {}
+    clock = _Stages()
     device = torch.device(device)
     sae = sae.to(device).eval()
     cfg = sae.config
@@ -135,16 +155,16 @@ def build_dashboard(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    t = time.perf_counter()
+    clock.start("tokenize")
     ids, keep = kept_windows(dataset, tokenizer, n_tokens, window=window, split=split, text_column=text_column,
                              command="dashboard")
     ids, keep = ids[: int(keep.any(-1).nonzero().max()) + 1], keep[: int(keep.any(-1).nonzero().max()) + 1]
     n = cfg.n_latents
     g = torch.Generator().manual_seed(seed)
     chosen = list(range(n)) if n <= n2g_latents else sorted(torch.randperm(n, generator=g)[:n2g_latents].tolist())
-    timings["tokenize"] = time.perf_counter() - t
+    clock.stop()
 
-    t = time.perf_counter()
+    clock.start("collect")
     st = collect_features(
         sae,
         model,
@@ -163,16 +183,17 @@ def build_dashboard(
         device=device,
         progress=progress,
     )
-    timings["collect"] = time.perf_counter() - t
-    timings["of_which_lm_forward"] = st.lm_seconds
+    clock.stop()
+    for part, (wall, cpu) in st.seconds.items():
+        clock.wall[f"of_which_{part}"], clock.cpu[f"of_which_{part}"] = wall, cpu
 
-    t = time.perf_counter()
+    clock.start("logits_and_neighbours")
     W_dec = sae.W_dec.detach()
     logits = logit_effects(W_dec, model)
     near = nearest_latents(W_dec)
-    timings["logits_and_neighbours"] = time.perf_counter() - t
+    clock.stop()
 
-    t = time.perf_counter()
+    clock.start("n2g")
     n2g = {}
     if st.n2g_acts is not None and st.n2g_rows >= 2:
         r = st.n2g_rows
@@ -184,9 +205,9 @@ def build_dashboard(
         )
         # NaN (no held-out firing to score) -> None: the site's data is strict JSON
         n2g = {e.latent: finite_or_none(e.to_dict(tokenizer, base)) for e in exps if e.patterns}
-    timings["n2g"] = time.perf_counter() - t
+    clock.stop()
 
-    t = time.perf_counter()
+    clock.start("write_site")
     text_view = _text_view(sae, model, tokenizer, hook, list(texts), MAX_CODE_WIDTH, device)
     meta = {
         "title": sae_label or f"{model_name} {hook}",
@@ -201,8 +222,8 @@ def build_dashboard(
         "n2g_tokens": int(keep[: st.n2g_rows].sum()) if st.n2g_rows else 0,
     }
     write_site(st, out, tokenizer, meta=meta, logits=logits, near=near, n2g=n2g, texts=text_view, progress=progress)
-    timings["write_site"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    clock.stop()
+    clock.finish()
     info = {
         "out": str(out),
         "index_html": str((out / "index.html").resolve()),
@@ -215,7 +236,8 @@ def build_dashboard(
         "n2g_explained": len(n2g),
         "dead_latents": int((st.count == 0).sum()),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "timings_s": {k: round(v, 2) for k, v in clock.wall.items()},
+        "cpu_seconds": {k: round(v, 2) for k, v in clock.cpu.items()},
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=1))
     return info

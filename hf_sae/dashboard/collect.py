@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,7 +63,12 @@ class FeatureStats:
     n2g_acts: Optional[Tensor] = None  # float32 [n2g_rows, T, len(n2g_latents)]
     pool_pos: Optional[Tensor] = None  # int64 [P] centre of each pool context
     pool_active: list = field(default_factory=list)  # P lists of latents active in the context window
-    lm_seconds: float = 0.0  # of the pass, time spent in the LM forward (the rest is SAE + bookkeeping)
+    seconds: dict = field(default_factory=dict)  # "lm_forward", "encode", "update" -> [wall, CPU] seconds of the pass
+
+    @property
+    def lm_seconds(self) -> float:
+        """Wall seconds of the pass spent in the LM forward."""
+        return self.seconds.get("lm_forward", [0.0, 0.0])[0]
 
     @property
     def width(self) -> int:
@@ -71,6 +77,18 @@ class FeatureStats:
     @property
     def density(self) -> Tensor:
         return self.count.double() / max(self.n_tokens, 1)
+
+
+@contextmanager
+def _clock(seconds: dict, name: str):
+    """Add this block's [wall, CPU] seconds to ``seconds[name]``."""
+    w, c = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        acc = seconds.setdefault(name, [0.0, 0.0])
+        acc[0] += time.perf_counter() - w
+        acc[1] += time.process_time() - c
 
 
 def sparse_codes(sae, x: Tensor, max_width: int) -> tuple[Tensor, Tensor]:
@@ -140,6 +158,40 @@ def _merge(
     new_slot = (take - K).clamp_min(0)
     new_ctx = ctx[s.gather(1, new_slot)]
     best_ctx.copy_(torch.where(from_old.unsqueeze(-1), old_ctx, new_ctx))
+
+
+def _offer(
+    best_key: Tensor,
+    best_pos: Tensor,
+    best_ctx: Tensor,
+    lat: Tensor,
+    key: Tensor,
+    gpos: Tensor,
+    tok: Tensor,
+    idx_bt: Tensor,
+    val_bt: Tensor,
+    before: int,
+    after: int,
+) -> None:
+    """Offer one batch's pairs (latent lat[j], key[j] at batch position tok[j] / global position gpos[j]) to
+    the running top-K tables (in place).
+
+    Only pairs whose key beats their latent's current K-th key can enter (on equal keys the earlier token,
+    already in the table, stays), so the others are dropped first; the contexts are computed, and the
+    tables re-sorted, only for what is left and the latents it touches. Once the tables fill, that is a
+    small fraction of the batch: the cost per batch follows the pairs, not the number of latents."""
+    ok = key > best_key[lat, -1]
+    if not bool(ok.any()):
+        return
+    lat, key, tok, gpos = lat[ok], key[ok], tok[ok], gpos[ok]
+    rows = lat.unique()  # sorted: the touched latents
+    slots = _group_topk(torch.searchsorted(rows, lat), key, rows.numel(), best_key.shape[1])
+    used = slots[slots >= 0]
+    ctx = torch.zeros(lat.numel(), best_ctx.shape[-1], dtype=best_ctx.dtype)
+    ctx[used] = _contexts(tok[used], lat[used], idx_bt, val_bt, before, after)
+    sub_key, sub_pos, sub_ctx = best_key[rows], best_pos[rows], best_ctx[rows]
+    _merge(sub_key, sub_pos, sub_ctx, slots, key, gpos, ctx)
+    best_key[rows], best_pos[rows], best_ctx[rows] = sub_key, sub_pos, sub_ctx
 
 
 @torch.no_grad()
@@ -223,56 +275,51 @@ def collect_features(
         B = b_ids.shape[0]
         if not b_keep.any():
             continue
-        t_lm = time.perf_counter()
-        acts = run_with_capture(model, b_ids.to(device), [hook])[hook]
-        st.lm_seconds += time.perf_counter() - t_lm
-        x = acts[b_keep.to(acts.device)].float()
-        v, i = sparse_codes(sae, x, max_code_width)
-        v, i = v.cpu(), i.cpu()
-        w = v.shape[1]
-        val_bt = torch.zeros(B, T, w)
-        idx_bt = torch.full((B, T, w), -1, dtype=torch.long)
-        val_bt[b_keep], idx_bt[b_keep] = v, i
-        st.n_tokens += x.shape[0]
-        # firing pairs of this batch
-        local = b_keep.flatten().nonzero().squeeze(-1)  # kept token -> flat batch position
-        fire = v > 0
-        pair_tok = local.unsqueeze(-1).expand_as(i)[fire]
-        pair_lat, pair_val = i[fire], v[fire]
-        st.count += torch.bincount(pair_lat, minlength=n)
-        st.act_sum.index_add_(0, pair_lat, pair_val.double())
-        st.act_max.scatter_reduce_(0, pair_lat, pair_val, reduce="amax")
-        bins = torch.bucketize(pair_val, edges)
-        st.hist.view(-1).index_add_(0, pair_lat * st.hist.shape[1] + bins, torch.ones_like(bins))
-        if pair_lat.numel():
-            gpos = s * T + pair_tok
-            # running top-k by activation
-            slots = _group_topk(pair_lat, pair_val, n, top_k)
-            used = slots[slots >= 0].unique()
-            ctx = torch.zeros(pair_lat.numel(), W, dtype=torch.float16)
-            ctx[used] = _contexts(pair_tok[used], pair_lat[used], idx_bt, val_bt, before, after)
-            _merge(st.top_act, st.top_pos, st.top_ctx, slots, pair_val, gpos, ctx)
-            if n_samples:
-                key = torch.rand(pair_lat.numel(), generator=g)
-                slots = _group_topk(pair_lat, key, n, S)
-                used = slots[slots >= 0].unique()
-                ctx = torch.zeros(pair_lat.numel(), W, dtype=torch.float16)
-                ctx[used] = _contexts(pair_tok[used], pair_lat[used], idx_bt, val_bt, before, after)
-                _merge(sample_key, st.sample_pos, st.sample_ctx, slots, key, gpos, ctx)
-        if st.n2g_acts is not None and s < st.n2g_rows:
-            r = min(B, st.n2g_rows - s)
-            col = n2g_col[idx_bt[:r].clamp_min(0)]
-            hit = (col >= 0) & (idx_bt[:r] >= 0)
-            rr, tt, jj = hit.nonzero(as_tuple=True)
-            st.n2g_acts[s + rr, tt, col[rr, tt, jj]] = val_bt[:r][rr, tt, jj]
-        # pool contexts in this batch: latents active anywhere in the window
-        in_b = (st.pool_pos >= s * T) & (st.pool_pos < (s + B) * T)
-        for j in in_b.nonzero().squeeze(-1).tolist():
-            p = int(st.pool_pos[j]) - s * T
-            r, c = p // T, p % T
-            lo, hi = max(0, c - before), min(T, c + after + 1)
-            ids_w, vals_w = idx_bt[r, lo:hi], val_bt[r, lo:hi]
-            st.pool_active[j] = sorted(set(ids_w[vals_w > 0].tolist()))
+        with _clock(st.seconds, "lm_forward"):
+            acts = run_with_capture(model, b_ids.to(device), [hook])[hook]
+        with _clock(st.seconds, "encode"):
+            x = acts[b_keep.to(acts.device)].float()
+            v, i = sparse_codes(sae, x, max_code_width)
+            v, i = v.cpu(), i.cpu()
+        with _clock(st.seconds, "update"):
+            w = v.shape[1]
+            val_bt = torch.zeros(B, T, w)
+            idx_bt = torch.full((B, T, w), -1, dtype=torch.long)
+            val_bt[b_keep], idx_bt[b_keep] = v, i
+            st.n_tokens += x.shape[0]
+            # firing pairs of this batch
+            local = b_keep.flatten().nonzero().squeeze(-1)  # kept token -> flat batch position
+            fire = v > 0
+            pair_tok = local.unsqueeze(-1).expand_as(i)[fire]
+            pair_lat, pair_val = i[fire], v[fire]
+            st.count += torch.bincount(pair_lat, minlength=n)
+            st.act_sum.index_add_(0, pair_lat, pair_val.double())
+            st.act_max.scatter_reduce_(0, pair_lat, pair_val, reduce="amax")
+            bins = torch.bucketize(pair_val, edges)
+            st.hist.view(-1).index_add_(0, pair_lat * st.hist.shape[1] + bins, torch.ones_like(bins))
+            if pair_lat.numel():
+                gpos = s * T + pair_tok
+                # running top-k by activation, and the reservoir sample (top-k by a random key)
+                tables = (st.top_act, st.top_pos, st.top_ctx)
+                _offer(*tables, pair_lat, pair_val, gpos, pair_tok, idx_bt, val_bt, before, after)
+                if n_samples:
+                    key = torch.rand(pair_lat.numel(), generator=g)
+                    tables = (sample_key, st.sample_pos, st.sample_ctx)
+                    _offer(*tables, pair_lat, key, gpos, pair_tok, idx_bt, val_bt, before, after)
+            if st.n2g_acts is not None and s < st.n2g_rows:
+                r = min(B, st.n2g_rows - s)
+                col = n2g_col[idx_bt[:r].clamp_min(0)]
+                hit = (col >= 0) & (idx_bt[:r] >= 0)
+                rr, tt, jj = hit.nonzero(as_tuple=True)
+                st.n2g_acts[s + rr, tt, col[rr, tt, jj]] = val_bt[:r][rr, tt, jj]
+            # pool contexts in this batch: latents active anywhere in the window
+            in_b = (st.pool_pos >= s * T) & (st.pool_pos < (s + B) * T)
+            for j in in_b.nonzero().squeeze(-1).tolist():
+                p = int(st.pool_pos[j]) - s * T
+                r, c = p // T, p % T
+                lo, hi = max(0, c - before), min(T, c + after + 1)
+                ids_w, vals_w = idx_bt[r, lo:hi], val_bt[r, lo:hi]
+                st.pool_active[j] = sorted(set(ids_w[vals_w > 0].tolist()))
     # sample activations: the reservoir kept positions; read their activation from the context centre
     has = st.sample_pos >= 0
     st.sample_act = torch.where(has, st.sample_ctx[..., before].float(), torch.full_like(st.sample_act, float("-inf")))

@@ -25,6 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from torch import Tensor
+
 __all__ = ["SHARD_SIZE", "ASSETS", "write_data", "read_data", "shard_name", "write_site", "latent_record"]
 
 SHARD_SIZE = 256
@@ -68,53 +71,82 @@ def _r(x: float, digits: int = 4) -> Optional[float]:
 
 
 class _Vocab:
-    """Token strings of one shard: contexts refer to indices into ``strings``."""
+    """Token strings of one shard: contexts refer to indices into ``strings``. ``decoded`` (token id ->
+    string) may be shared by the shards of a site, so that each token is decoded once."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, decoded: Optional[dict] = None):
         self.tokenizer, self.index, self.strings = tokenizer, {}, []
+        self.decoded = {} if decoded is None else decoded
 
     def __call__(self, tid: int) -> int:
         j = self.index.get(tid)
         if j is None:
             j = self.index[tid] = len(self.strings)
-            self.strings.append(self.tokenizer.decode([int(tid)]) if tid >= 0 else "")
+            s = self.decoded.get(tid)
+            if s is None:
+                s = self.decoded[tid] = self.tokenizer.decode([int(tid)]) if tid >= 0 else ""
+            self.strings.append(s)
         return j
 
-
-def _context(
-    rows: list, T: int, before: int, after: int, pos: int, ctx_acts: list, vocab: _Vocab, scale: float
-) -> dict:
-    """One context: token indices ``t`` (into the shard vocabulary), activations ``v`` as integers 0..100
-    relative to ``scale`` (the latent's max), the centre's index ``c`` in ``t`` and its activation ``a``."""
-    row, col = divmod(int(pos), T)
-    ids = rows[row]
-    lo, hi = max(0, col - before), min(T, col + after + 1)
-    toks = [vocab(t) for t in ids[lo:hi]]
-    acts = ctx_acts[lo - col + before : hi - col + before]
-    vals = [int(round(100 * a / scale)) if a > 0 and scale > 0 else 0 for a in acts]
-    return {"a": _r(ctx_acts[before], 4), "t": toks, "v": vals, "c": col - lo}
+    def of(self, ids: Tensor) -> Tensor:
+        """The indices (a tensor shaped like ``ids``) of many token ids at once."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        return torch.tensor([self(t) for t in uniq.tolist()], dtype=torch.long)[inv]
 
 
-def latent_record(st, rows: list, j: int, vocab: _Vocab, extras: dict) -> dict:
-    """The shard entry of latent ``j`` (``rows``: ``st.input_ids.tolist()``; ``extras``: logit effects,
-    neighbours, N2G, by name)."""
-    T, b, a = st.input_ids.shape[1], st.before, st.after
-    scale = float(st.act_max[j])
-    top = [
-        _context(rows, T, b, a, p, c, vocab, scale)
-        for p, c in zip(st.top_pos[j].tolist(), st.top_ctx[j].float().tolist())
-        if p >= 0
+def _contexts(
+    ids: Tensor, before: int, after: int, pos: Tensor, acts: Tensor, scale: Tensor, vocab: _Vocab
+) -> list[dict]:
+    """The contexts around global positions ``pos`` [M] (``row * T + col`` into ``ids`` [N, T]), clipped to
+    their row: token indices ``t`` (into the shard vocabulary), activations ``v`` as integers 0..100 relative
+    to ``scale`` [M] (the latent's max; 0 = none), the centre's index ``c`` in ``t`` and its activation ``a``.
+    ``acts`` [M, before + 1 + after] is the latent's activation over each window."""
+    if pos.numel() == 0:
+        return []
+    T = ids.shape[1]
+    row, col = pos // T, pos % T
+    cols = col.unsqueeze(-1) + torch.arange(-before, after + 1)
+    tok = vocab.of(ids.flatten()[row.unsqueeze(-1) * T + cols.clamp(0, T - 1)].long()).tolist()
+    a, sc = acts.double(), scale.double().unsqueeze(-1)
+    vals = torch.where((a > 0) & (sc > 0), (100 * a / sc).round(), 0).long().tolist()
+    lo = (before - col).clamp_min(0).tolist()  # the window's first and last index inside the row
+    hi = (before + T - col).clamp_max(before + 1 + after).tolist()
+    centre = acts[:, before].tolist()
+    return [
+        {"a": _r(x, 4), "t": t[i:j], "v": v[i:j], "c": before - i} for x, t, v, i, j in zip(centre, tok, vals, lo, hi)
     ]
-    sp, sa, sc = st.sample_pos[j].tolist(), st.sample_act[j].tolist(), st.sample_ctx[j].float().tolist()
-    order = sorted((o for o in range(len(sp)) if sp[o] >= 0), key=lambda o: -sa[o])
-    samples = [_context(rows, T, b, a, sp[o], sc[o], vocab, scale) for o in order]
+
+
+def _latent_contexts(st, lats: range, vocab: _Vocab) -> tuple[list, list]:
+    """(top contexts, random samples sorted by decreasing activation) of each latent in ``lats``."""
+    sl = slice(lats.start, lats.stop)
+    out = []
+    for pos, act, ctx in (
+        (st.top_pos[sl], st.top_act[sl], st.top_ctx[sl]),
+        (st.sample_pos[sl], st.sample_act[sl], st.sample_ctx[sl]),
+    ):
+        order = act.argsort(dim=1, descending=True, stable=True)
+        pos, ctx = pos.gather(1, order), ctx[torch.arange(len(lats)).unsqueeze(-1), order]
+        has = pos >= 0
+        scale = st.act_max[sl].unsqueeze(-1).expand_as(pos)[has]
+        flat = _contexts(st.input_ids, st.before, st.after, pos[has], ctx[has].float(), scale, vocab)
+        ends = has.sum(1).cumsum(0).tolist()
+        out.append([flat[e - c : e] for e, c in zip(ends, has.sum(1).tolist())])
+    return out[0], out[1]
+
+
+def latent_record(st, rows, j: int, vocab: _Vocab, extras: dict, contexts: Optional[tuple] = None) -> dict:
+    """The shard entry of latent ``j`` (``extras``: logit effects, neighbours, N2G, by name; ``contexts``:
+    its (top, samples) from :func:`_latent_contexts`, computed here when None; ``rows`` is unused, kept for
+    callers of the earlier signature)."""
+    top, samples = contexts if contexts is not None else (x[0] for x in _latent_contexts(st, range(j, j + 1), vocab))
     count = int(st.count[j])
     rec = {
         "id": j,
         "count": count,
         "density": _r(count / max(st.n_tokens, 1), 5),
         "mean": _r(float(st.act_sum[j]) / max(count, 1)),
-        "max": _r(scale),
+        "max": _r(float(st.act_max[j])),
         "hist": st.hist[j].tolist(),
         "top": top,
         "samples": samples,
@@ -181,14 +213,14 @@ def write_site(
         extras["near"] = lambda j, vocab: [[int(i), _r(c, 3)] for c, i in zip(cv[j].tolist(), ci[j].tolist())]
     extras["n2g"] = lambda j, vocab: n2g.get(j)
 
-    ids_rows = st.input_ids.tolist()
-    rows = []
+    rows, decoded = [], {}
     n_shards = (n + SHARD_SIZE - 1) // SHARD_SIZE
     for shard in tqdm(range(n_shards), desc="site", disable=not progress):
-        vocab = _Vocab(tokenizer)
+        vocab = _Vocab(tokenizer, decoded)
+        lats = range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))
         recs = [
-            latent_record(st, ids_rows, j, vocab, extras)
-            for j in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE))
+            latent_record(st, None, j, vocab, extras, contexts=c)
+            for j, c in zip(lats, zip(*_latent_contexts(st, lats, vocab)))
         ]
         write_data(out / "data" / shard_name(shard), "shard", shard, {"tok": vocab.strings, "latents": recs})
         for r in recs:
@@ -211,13 +243,10 @@ def write_site(
     write_data(out / "data" / "index.js", "index", None, index)
     write_data(out / "data" / "texts.js", "texts", None, list(texts))
     # the pool of random contexts (negatives for autointerp)
-    vocab = _Vocab(tokenizer)
-    zeros = [0.0] * st.width
-    T = st.input_ids.shape[1]
-    pool = [
-        {**_context(ids_rows, T, st.before, st.after, p, zeros, vocab, 0.0), "active": act}
-        for p, act in zip(st.pool_pos.tolist(), st.pool_active)
-    ]
+    vocab = _Vocab(tokenizer, decoded)
+    P = st.pool_pos.numel()
+    ctxs = _contexts(st.input_ids, st.before, st.after, st.pool_pos, torch.zeros(P, st.width), torch.zeros(P), vocab)
+    pool = [{**c, "active": act} for c, act in zip(ctxs, st.pool_active)]
     write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
     meta = {
         **meta,
