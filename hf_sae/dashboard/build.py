@@ -173,15 +173,8 @@ def build_dashboard(
         hook,
         top_k=top_k,
         n_samples=n_samples,
-        before=before,
-        after=after,
-        batch_size=batch_size,
-        n2g_latents=chosen,
-        n2g_tokens=n2g_tokens,
-        max_code_width=MAX_CODE_WIDTH,
-        seed=seed,
-        device=device,
-        progress=progress,
+        before=before, after=after, batch_size=batch_size, n2g_latents=chosen, n2g_tokens=n2g_tokens,
+        max_code_width=MAX_CODE_WIDTH, seed=seed, device=device, progress=progress,
     )
     clock.stop()
     for part, (wall, cpu) in st.seconds.items():
