@@ -3,6 +3,7 @@
 on gradients of the SAE's own loss."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -47,8 +48,8 @@ def _backward(saes, x, dead):
     (0.05, False, True),  # no projection
 ])
 def test_sae_adam_equals_projection_clip_adam_renorm(max_grad_norm, project, normalize, monkeypatch):
-    # row blocks of 7 rows (not dividing n) in the projection, the Adam update and the renormalisation
-    monkeypatch.setattr(modeling_sae, "ROW_BLOCK_BYTES", 7 * 12 * 8)
+    # row blocks of 7 rows (not dividing n) in the decoder-gradient projection
+    monkeypatch.setattr(modeling_sae, "_row_dots", functools.partial(modeling_sae._row_dots, block_bytes=7 * 12 * 8))
     n, d = 40, 12
     ref, fused = _sae(n, d, 0), _sae(n, d, 0)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=6.25e-10)

@@ -7,21 +7,17 @@ The SAE recipe's update, for each SAE (one parameter group each), is::
     Adam(lr, betas, eps) on c * g                          (torch.optim.Adam's update)
     w_i   <- w_i / max(||w_i||, 1e-12)                     per decoder row i   (normalize_decoder)
 
-``SAEAdam.step()`` does exactly this in two passes over each [n, d] table, row block by row block
-(``hf_sae.modeling_sae.row_blocks``: on CPU a block stays in cache between the operations on it):
-
-1. W_dec's gradient: the projection (``SparseAutoencoder.remove_parallel_grad_``), which also returns
-   the projected gradient's norm from the blocks in cache; the other gradients' norms; the clip
-   coefficient c (as ``torch.nn.utils.clip_grads_with_norm_`` computes it).
-2. Every parameter, block by block: the gradient times c (skipped on CPU when c = 1: a multiplication by
-   1 changes nothing), torch's fused Adam kernel (``torch._fused_adam_``, the kernel of
-   ``torch.optim.Adam(fused=True)``: one pass over a parameter, its gradient and its two moments), and
-   for W_dec the renormalisation of the block's rows.
+``SAEAdam.step()`` does exactly this with ``SparseAutoencoder.remove_parallel_grad_`` (which also returns
+the projected gradient's norm), the clip coefficient as ``torch.nn.utils.clip_grads_with_norm_`` computes
+it (the multiplication by it skipped on CPU when it is 1: it would change nothing), torch's fused Adam
+kernel (``fused=True``: one pass over each parameter, its gradient and its two moments, instead of the ten
+or so passes of the unfused update) and ``SparseAutoencoder.normalize_decoder_``. Every operation runs over
+whole tables: on a shared CPU each extra parallel region costs its threads' barrier wait, which outweighs
+what row blocks kept in cache save (measured in benchmarks/RESULTS_speed.md, issue 20).
 
 The clip coefficient and the norms stay tensors, so a step never waits on an accelerator; each SAE's
 gradient norm (after the projection, before clipping: what ``clip_grad_norm_`` returns) is left in
-``grad_norms``. The results equal the unfused recipe's up to the rounding of the global norm
-(``tests/test_optim.py``).
+``grad_norms``. The results equal the unfused recipe's up to the rounding of the norms (``tests/test_optim.py``).
 
 The state (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) and the parameter groups are
 ``torch.optim.Adam``'s: checkpoints of the unfused Adam load, and ours load into it.
@@ -34,8 +30,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from ..modeling_sae import normalize_rows_, row_blocks
 
 
 class SAEAdam(torch.optim.Adam):
@@ -75,47 +69,24 @@ class SAEAdam(torch.optim.Adam):
         self.grad_norms: list[Optional[Tensor]] = [None] * len(self.saes)
         """per SAE: the global L2 norm of its gradient before clipping (0-d tensor); None without clipping"""
 
-    def _adam_state(self, p: Tensor) -> dict:
-        """The parameter's Adam state, created as ``torch.optim.Adam(fused=True)`` creates it."""
-        st = self.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return st
-
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("SAEAdam.step takes no closure (the SAE step computes its loss once)")
         for i, (group, sae) in enumerate(zip(self.param_groups, self.saes)):
-            params = [p for p in group["params"] if p.grad is not None]
             dec_norm = sae.remove_parallel_grad_() if self.project_decoder_grad else None
-            scale = None
-            if self.max_grad_norm > 0 and params:
-                norms = [dec_norm if p is sae.W_dec and dec_norm is not None else torch.linalg.vector_norm(p.grad)
-                         for p in params]
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if self.max_grad_norm > 0 and grads:
+                norms = [dec_norm if g is sae.W_dec.grad and dec_norm is not None else torch.linalg.vector_norm(g)
+                         for g in grads]
                 norm = torch.linalg.vector_norm(torch.stack(norms))
                 self.grad_norms[i] = norm
                 coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grads_with_norm_
                 if coef.device.type != "cpu" or coef.item() < 1.0:
-                    scale = coef
-            beta1, beta2 = group["betas"]
-            for p in params:
-                st = self._adam_state(p)
-                st["step"] += 1
-                renorm = self.normalize_decoder and p is sae.W_dec
-                w, g, m, v = p.detach(), p.grad, st["exp_avg"], st["exp_avg_sq"]
-                for rows in row_blocks(w):
-                    if scale is not None:
-                        g[rows].mul_(scale)
-                    torch._fused_adam_([w[rows]], [g[rows]], [m[rows]], [v[rows]], [], [st["step"]],
-                                       amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                       weight_decay=group["weight_decay"], eps=group["eps"],
-                                       maximize=group["maximize"])
-                    if renorm:
-                        normalize_rows_(w[rows])
-            if self.normalize_decoder and sae.W_dec.grad is None:
+                    torch._foreach_mul_(grads, coef)
+        super().step()
+        if self.normalize_decoder:
+            for sae in self.saes:
                 sae.normalize_decoder_()
 
     def load_state_dict(self, state_dict: dict) -> None:
