@@ -4,7 +4,12 @@ installed) and the dense-autograd path.
 
 Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 --n 16384 32768
       --k 32 128 --dead 0 0.25 --dead-kind realistic random --repeats 3 --dense-repeats 1 --threads 2
-      --peers plain sparsify]
+      --peers plain sparsify] [--e2e [--steps 4 14] [--live]] [--profile]
+
+The whole table of issue 20 (benchmarks/RESULTS_speed.md gives the exact command): the rows below, then
+with ``--e2e`` ``hf-sae train`` seconds per step measured by the difference of two runs, from stored
+activations and (``--live``) from the live LM beside a bare LM forward (``bench_e2e.py``). ``--profile``
+prints instead the CPU seconds of each part of the trainer's step.
 
 For every (n, k, dead fraction) it prints:
 
@@ -288,7 +293,6 @@ def profile_step(B: int, d: int, n: int, k: int, dead_frac: float, rounds: int, 
     """Print the process CPU seconds of each part of the trainer's step (``SAETrainer._step`` on a trainer
     set up by ``_prepare``; the parts timed by wrapping the callables it calls) and of the bound, per step,
     mean over ``rounds`` steps after one warm-up step."""
-    import hf_sae.training.optim as optim_mod
     import hf_sae.training.trainer as trainer_mod
 
     torch.manual_seed(seed)
@@ -310,7 +314,7 @@ def profile_step(B: int, d: int, n: int, k: int, dead_frac: float, rounds: int, 
              (trainer.optimizer, "step", "optimizer step (SAEAdam), all"),
              (sae, "remove_parallel_grad_", "  projection + its norm"),
              (torch, "_fused_adam_", "  fused Adam kernel"),
-             (optim_mod, "normalize_rows_", "  renormalisation"),
+             (sae, "normalize_decoder_", "  renormalisation"),
              (trainer.optimizer, "zero_grad", "zero_grad")]
     try:
         for owner, attr, name in parts:
