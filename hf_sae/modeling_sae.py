@@ -33,9 +33,11 @@ from .configuration_sae import SAEConfig
 _EPS = 1e-12
 
 
-def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 8 << 20) -> Tensor:
+def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 32 << 20) -> Tensor:
     """[n, 1] dot products of the rows of a and b [n, d]; on CPU in row blocks of ``block_bytes`` through one
-    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included)."""
+    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included). Few large
+    blocks: each block's two operations are parallel regions whose thread barriers cost most on a loaded
+    machine (benchmarks/RESULTS_speed.md, issue 20)."""
     if a.device.type != "cpu":
         return (a * b).sum(-1, keepdim=True)
     rows = max(1, block_bytes // max(1, a.shape[-1] * a.element_size()))
