@@ -39,7 +39,7 @@ def main() -> None:
     coef = torch.randn(n, 1) * 1e-9
     rows = {
         "row dots (g * w).sum(-1)  [n, d] temporary": lambda: (g * w).sum(-1),
-        "row dots _row_dots(g, w)  8 MB blocks": lambda: _row_dots(g, w),
+        "row dots _row_dots(g, w)  32 MB blocks": lambda: _row_dots(g, w),
         "projection g.sub_(coef * w)": lambda: g.sub_(coef * w),
         "projection g.addcmul_(coef, w, value=-1)": lambda: g.addcmul_(coef, w, value=-1),
         "global norm vector_norm(g)": lambda: torch.linalg.vector_norm(g),

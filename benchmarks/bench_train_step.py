@@ -4,7 +4,12 @@ installed) and the dense-autograd path.
 
 Run:  PYTHONPATH=. python benchmarks/bench_train_step.py [--batch 4096 --d 768 --n 16384 32768
       --k 32 128 --dead 0 0.25 --dead-kind realistic random --repeats 3 --dense-repeats 1 --threads 2
-      --peers plain sparsify]
+      --peers plain sparsify] [--e2e [--steps 4 14] [--live]] [--profile]
+
+The whole table of issue 20 (benchmarks/RESULTS_speed.md gives the exact command): the rows below, then
+with ``--e2e`` ``hf-sae train`` seconds per step measured by the difference of two runs, from stored
+activations and (``--live``) from the live LM beside a bare LM forward (``bench_e2e.py``). ``--profile``
+prints instead the CPU seconds of each part of the trainer's step.
 
 For every (n, k, dead fraction) it prints:
 
@@ -65,6 +70,7 @@ import sys
 import tempfile
 import time
 
+import bench_e2e
 import torch
 import torch.nn.functional as F
 
@@ -255,6 +261,94 @@ def unfused_update(sae: SparseAutoencoder, opt: torch.optim.Optimizer, max_grad_
         torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
         opt.step()
         sae.normalize_decoder_()
+
+
+class _CpuTimers:
+    """Process CPU seconds accumulated per name by wrapped callables (``wrap``); ``restore`` unwraps."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+        self._undo = []
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **kw):
+            c = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.total[name] = self.total.get(name, 0.0) + time.process_time() - c
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, fn))
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+
+def profile_step(B: int, d: int, n: int, k: int, dead_frac: float, rounds: int, kind: str = "realistic",
+                 seed: int = 0) -> None:
+    """Print the process CPU seconds of each part of the trainer's step (``SAETrainer._step`` on a trainer
+    set up by ``_prepare``; the parts timed by wrapping the callables it calls) and of the bound, per step,
+    mean over ``rounds`` steps after one warm-up step."""
+    import hf_sae.training.trainer as trainer_mod
+
+    torch.manual_seed(seed)
+    x = torch.randn(B, d)
+    dead = random_dead_mask(n, dead_frac)
+    workdir = tempfile.mkdtemp(prefix="bench_train_step_")
+    trainer = trainer_for(d, n, k, B, workdir)
+    sae = trainer._saes()[HOOK]
+    if dead is not None and kind == "realistic":
+        make_realistic(sae, x, dead)
+    thr = sae.config.dead_tokens_threshold
+    bound = _bound_fn(sae, x, k)
+    window = trainer_mod._Window()
+    t = _CpuTimers()
+    parts = [(trainer.model, "forward", "forward (SAE forward, AuxK, losses)"),
+             (trainer.accelerator, "backward", "backward"),
+             (trainer_mod, "latent_sums", "fire counts + L0 (latent_sums)"),
+             (window, "add", "metric window"),
+             (trainer.optimizer, "step", "optimizer step (SAEAdam), all"),
+             (sae, "remove_parallel_grad_", "  projection + its norm"),
+             (torch, "_fused_adam_", "  fused Adam kernel"),
+             (sae, "normalize_decoder_", "  renormalisation"),
+             (trainer.optimizer, "zero_grad", "zero_grad")]
+    try:
+        for owner, attr, name in parts:
+            t.wrap(owner, attr, name)
+        for r in range(rounds + 1):
+            trainer.since_fired[HOOK] = (torch.where(dead, thr, 0) if dead is not None
+                                         else torch.zeros(n, dtype=torch.int64))
+            if r == 1:
+                t.total.clear()
+            c = time.process_time()
+            trainer._step([{HOOK: x}], window)
+            t.total["whole step"] = t.total.get("whole step", 0.0) + time.process_time() - c
+            c = time.process_time()
+            bound()
+            t.total["bound (addmm + top-k)"] = t.total.get("bound (addmm + top-k)", 0.0) + time.process_time() - c
+    finally:
+        t.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    tot = {name: v / rounds for name, v in t.total.items()}
+    named = sum(tot.get(name, 0.0) for _, _, name in parts if not name.startswith("  "))
+    tot["rest of the step (dead mask, lr, counters)"] = tot["whole step"] - named
+    opt = tot.get("optimizer step (SAEAdam), all", 0.0)
+    tot["  rest of the optimizer (norms, clip, Python)"] = opt - sum(tot.get(name, 0.0) for _, _, name in parts
+                                                                     if name.startswith("  "))
+    b = tot["bound (addmm + top-k)"]
+    print(f"# profile of the trainer's step: n={n} k={k} B={B} d={d} dead={_dead_label(dead_frac, kind)}, "
+          f"{torch.get_num_threads()} threads; process CPU s per step, mean of {rounds}; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    _print_header("| part | CPU s | x bound |")
+    order = ["bound (addmm + top-k)", "whole step"] + [name for _, _, name in parts]
+    order[order.index("optimizer step (SAEAdam), all") + 4:order.index("optimizer step (SAEAdam), all") + 4] = [
+        "  rest of the optimizer (norms, clip, Python)"]
+    for name in order + ["rest of the step (dead mask, lr, counters)"]:
+        print(f"| {name} | {tot.get(name, 0.0):.3f} | {tot.get(name, 0.0) / b:.3f} |")
 
 
 def run_config(B: int, d: int, n: int, k: int, dead_frac: float, repeats: int, dense_repeats: int,
@@ -470,6 +564,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="CUDA only: parameter/input dtype")
     ap.add_argument("--iters", type=int, default=10, help="CUDA only: steps per timed round")
+    ap.add_argument("--profile", action="store_true",
+                    help="CPU only: instead of the table, the CPU seconds of each part of the trainer's step "
+                         "(every configured row, --repeats steps each)")
+    ap.add_argument("--e2e", action="store_true",
+                    help="CPU only: after the table, hf-sae train seconds per step by the difference of two runs "
+                         "(bench_e2e.py) at the first --n and --k, beside the table's step")
+    bench_e2e.add_args(ap)
     args = ap.parse_args()
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -477,6 +578,10 @@ def main() -> None:
         return main_cuda(args)
     torch.set_num_threads(args.threads)
     os.environ.pop("HF_SAE_KERNEL", None)
+    if args.profile:
+        for n, k, dead, kind in _configs(args):
+            profile_step(args.batch, args.d, n, k, dead, args.repeats, kind)
+        return
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} tokens, "
           f"d={args.d}; times: min of {args.repeats} (dense: {args.dense_repeats}) rounds; load average at the start: "
@@ -503,6 +608,14 @@ def main() -> None:
     print(f"# x/bound, x/step: medians over rounds of the within-round ratios; cpu: ratio of the minimum process "
           f"CPU times; other times: minimum wall seconds. Load average at the end: {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores.")
+    if args.e2e:
+        n, k = args.n[0], args.k[0]
+        step = next((r["step"] for r in rows if (r["n"], r["k"], r["dead"]) == (n, k, 0.0)), None)
+        print(f"hf-sae train, steps {args.steps} ...", file=sys.stderr, flush=True)
+        res = bench_e2e.run(n, k, args.batch, args.d, tuple(args.steps), args.threads, args.live)
+        print()
+        bench_e2e.print_rows(res, n, k, args.batch, args.d, args.steps, step)
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ from .configuration_sae import SAEConfig
 _EPS = 1e-12
 
 
-def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 8 << 20) -> Tensor:
+def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 32 << 20) -> Tensor:
     """[n, 1] dot products of the rows of a and b [n, d]; on CPU in row blocks of ``block_bytes`` through one
-    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included)."""
+    reused buffer (a whole [n, d] product would be a fresh allocation, page faults included). Few large
+    blocks: each block's two operations are parallel regions whose thread barriers cost most on a loaded
+    machine (benchmarks/RESULTS_speed.md, issue 20)."""
     if a.device.type != "cpu":
         return (a * b).sum(-1, keepdim=True)
     rows = max(1, block_bytes // max(1, a.shape[-1] * a.element_size()))
@@ -237,15 +239,20 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(_EPS))
 
     @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
+    def remove_parallel_grad_(self) -> Optional[Tensor]:
         """Remove from W_dec.grad its component parallel to each decoder row (call before the step),
-        so that the step moves rows along the unit sphere's tangent plane."""
+        so that the step moves rows along the unit sphere's tangent plane.
+
+        Returns the L2 norm of the projected gradient (0-d tensor; what the gradient clipping needs), or
+        None when W_dec has no gradient."""
         g = self.W_dec.grad
         if g is None:
-            return
-        w = self.W_dec
-        coef = _row_dots(g, w).div_(_row_dots(w, w).clamp_min_(_EPS))
+            return None
+        w = self.W_dec.detach()
+        # ||w_i||^2 as the square of the row norm: one fused reduction instead of a product pass + a sum
+        coef = _row_dots(g, w).div_(w.norm(dim=-1, keepdim=True).square_().clamp_min_(_EPS))
         g.addcmul_(coef, w, value=-1)
+        return torch.linalg.vector_norm(g)
 
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]

@@ -64,8 +64,13 @@ def test_normalize_and_parallel_grad_projection():
     sae.normalize_decoder_()
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-6)
     sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    sae.remove_parallel_grad_()
+    before = sae.W_dec.grad.clone()
+    norm = sae.remove_parallel_grad_()
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5
+    assert (before - sae.W_dec.grad).abs().max() > 1e-3  # it did remove something
+    # the returned norm is the projected gradient's (computed block by block), not the original's
+    assert norm.item() == pytest.approx(sae.W_dec.grad.norm().item(), rel=1e-5)
+    assert norm.item() < before.norm().item() * (1 - 1e-4)
 
 
 # ------------------------------------------------------------------------------------- activations

@@ -142,3 +142,5 @@ def test_bad_arguments_are_refused():
         SAEAdam([{"params": list(sae.parameters())}], [sae], max_grad_norm=-1)
     with pytest.raises(ValueError, match="exactly its SAE's parameters"):
         SAEAdam([{"params": [sae.b_enc]}], [sae])
+    with pytest.raises(ValueError, match="amsgrad"):
+        SAEAdam([{"params": list(sae.parameters()), "amsgrad": True}], [sae])

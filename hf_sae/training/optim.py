@@ -7,12 +7,17 @@ The SAE recipe's update, for each SAE (one parameter group each), is::
     Adam(lr, betas, eps) on c * g                          (torch.optim.Adam's update)
     w_i   <- w_i / max(||w_i||, 1e-12)                     per decoder row i   (normalize_decoder)
 
-``SAEAdam.step()`` does exactly this with ``SparseAutoencoder.remove_parallel_grad_``,
-``torch.nn.utils.get_total_norm`` / ``clip_grads_with_norm_`` and ``SparseAutoencoder.normalize_decoder_``
-around torch's fused Adam kernel (``fused=True``: one pass over each parameter, its gradient and its two
-moments, instead of the ten or so passes of the unfused update). The clip coefficient and the norms stay
-tensors, so a step never waits on the device; each SAE's gradient norm (after the projection, before
-clipping: what ``clip_grad_norm_`` returns) is left in ``grad_norms``.
+``SAEAdam.step()`` does exactly this with ``SparseAutoencoder.remove_parallel_grad_`` (which also returns
+the projected gradient's norm), the clip coefficient as ``torch.nn.utils.clip_grads_with_norm_`` computes
+it (the multiplication by it skipped on CPU when it is 1: it would change nothing), torch's fused Adam
+kernel (``fused=True``: one pass over each parameter, its gradient and its two moments, instead of the ten
+or so passes of the unfused update) and ``SparseAutoencoder.normalize_decoder_``. Every operation runs over
+whole tables: on a shared CPU each extra parallel region costs its threads' barrier wait, which outweighs
+what row blocks kept in cache save (measured in benchmarks/RESULTS_speed.md, issue 20).
+
+The clip coefficient and the norms stay tensors, so a step never waits on an accelerator; each SAE's
+gradient norm (after the projection, before clipping: what ``clip_grad_norm_`` returns) is left in
+``grad_norms``. The results equal the unfused recipe's up to the rounding of the norms (``tests/test_optim.py``).
 
 The state (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) and the parameter groups are
 ``torch.optim.Adam``'s: checkpoints of the unfused Adam load, and ours load into it.
@@ -53,6 +58,10 @@ class SAEAdam(torch.optim.Adam):
                 raise ValueError("each SAEAdam parameter group must hold exactly its SAE's parameters "
                                  "(list(sae.parameters()))")
         super().__init__(param_groups, betas=betas, eps=eps, fused=True)
+        for group in self.param_groups:
+            if group.get("amsgrad") or group.get("decoupled_weight_decay"):
+                raise ValueError("SAEAdam implements Adam without amsgrad or decoupled weight decay; drop those "
+                                 "keys from the parameter groups")
         self.saes = list(saes)
         self.max_grad_norm = float(max_grad_norm)
         self.project_decoder_grad = bool(project_decoder_grad)
@@ -65,13 +74,16 @@ class SAEAdam(torch.optim.Adam):
         if closure is not None:
             raise ValueError("SAEAdam.step takes no closure (the SAE step computes its loss once)")
         for i, (group, sae) in enumerate(zip(self.param_groups, self.saes)):
-            if self.project_decoder_grad:
-                sae.remove_parallel_grad_()
-            if self.max_grad_norm > 0:
-                grads = [p.grad for p in group["params"] if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads)
-                torch.nn.utils.clip_grads_with_norm_(group["params"], self.max_grad_norm, norm)
+            dec_norm = sae.remove_parallel_grad_() if self.project_decoder_grad else None
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if self.max_grad_norm > 0 and grads:
+                norms = [dec_norm if g is sae.W_dec.grad and dec_norm is not None else torch.linalg.vector_norm(g)
+                         for g in grads]
+                norm = torch.linalg.vector_norm(torch.stack(norms))
                 self.grad_norms[i] = norm
+                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grads_with_norm_
+                if coef.device.type != "cpu" or coef.item() < 1.0:
+                    torch._foreach_mul_(grads, coef)
         super().step()
         if self.normalize_decoder:
             for sae in self.saes:
