@@ -80,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from .data.models import DEFAULT_MODEL, load_model
     from .evaluation.run import add_eval_args, run_eval
     from .training import SAETrainer, SAETrainingArguments
+    from .training.checkpoint import holds_run
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
         lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
         eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
-        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
+        log_every_steps=10, output_dir=str(out / "sae"), progress_bar=progress,
+        resume=holds_run(str(out / "sae")),  # a first run starts fresh without a word
         log_with=["auto"], run_name="quickstart",
     )
     trainer = SAETrainer(targs)
