@@ -67,7 +67,7 @@ def test_help_shows_defaults(capsys):
 _HELP_IMPORTS = """
 import contextlib, io, sys
 from hf_sae.cli import COMMANDS, main
-for command in [None, *sorted(set(COMMANDS) - {"train"}), "train"]:  # train last: it needs transformers' config
+for command in [None, *COMMANDS]:
     with contextlib.redirect_stdout(io.StringIO()) as text:
         try:
             main(([command] if command else []) + ["--help"])
@@ -79,16 +79,16 @@ for command in [None, *sorted(set(COMMANDS) - {"train"}), "train"]:  # train las
 
 
 def test_no_help_imports_torch():
-    """`hf-sae [CMD] --help` builds the parser and prints its help without importing torch (transformers only
-    for train's dataclass): every command's arguments live in hf_sae.cli_args. Checked in one fresh
-    interpreter, command after command, so the first command that imported a module is named."""
+    """`hf-sae [CMD] --help` builds the parser and prints its help without importing torch, transformers or
+    accelerate: every command's arguments live in hf_sae.cli_args, train's are made from its dataclass
+    without HfArgumentParser. Checked in one fresh interpreter, command after command, so the first command
+    that imported a module is the one named."""
     out = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=300, cwd=REPO)
     from hf_sae.cli import COMMANDS
 
     lines = [line.split(" ", 2) for line in out.stdout.splitlines() if line.startswith("HEAVY")]
     assert len(lines) == len(COMMANDS) + 1, out.stdout + out.stderr
-    for _, command, heavy in lines:
-        assert heavy == ("['transformers']" if command == "train" else "[]"), (command, heavy)
+    assert [(command, heavy) for _, command, heavy in lines if heavy != "[]"] == []
 
 
 def test_cli_choices_are_the_registries():
@@ -101,6 +101,29 @@ def test_cli_choices_are_the_registries():
     assert cli_args.CACHE_DTYPES == tuple(sorted(_DTYPES))
     assert cli_args.SAGE_TASKS == tuple(sorted(TASKS))
     assert cli_args.CONVERT_FORMATS == tuple(FORMATS)
+
+
+def test_training_options_without_transformers_are_hf_argument_parsers():
+    """train's options (built without transformers) parse as HfArgumentParser's do, and the SAE defaults and
+    choices read from configuration_sae.py's source are those of the imported SAEConfig."""
+    import argparse
+    import inspect
+
+    from transformers import HfArgumentParser
+
+    from hf_sae import configuration_sae as C
+    from hf_sae.training import arguments as A
+
+    init = inspect.signature(C.SAEConfig.__init__).parameters.values()
+    assert A._sae_source()[1] == {p.name: p.default for p in init if p.default is not inspect.Parameter.empty}
+    assert (A._ACTIVATIONS, A._INPUT_NORMS, A._KERNELS) == (C.ACTIVATIONS, C.INPUT_NORMS, C.KERNELS)
+    ours, theirs = A._add_field_options(argparse.ArgumentParser()), HfArgumentParser(A.SAETrainingArguments)
+    for argv in ([], ["--hook_points", "a", "b", "--k", "4", "--auxk", "false", "--no_tied_init", "--multi_topk",
+                      "--lr", "1e-3", "--eval_activations", "x", "--resume", "--log_with", "none", "jsonl"],
+                 ["--normalize_input", "no", "--progress_bar", "0", "--n_latents", "5", "--expansion_factor", "2"]):
+        assert vars(ours.parse_args(argv)) == vars(theirs.parse_args(argv)), argv
+    assert {o for o in ours._option_string_actions if "_" in o} == {
+        o for o in theirs._option_string_actions if "_" in o}
 
 
 def test_resume_without_checkpoint_says_so(tmp_path, caplog):

@@ -6,7 +6,8 @@ Everything is measured in tokens (one token = one activation vector at one hook 
 it is split over processes and gradient-accumulation steps, so one process and N processes run
 the same number of steps over the same number of tokens.
 
-Command line (``HfArgumentParser``)::
+Command line (the options transformers' ``HfArgumentParser`` would build, made here without importing
+transformers, which imports torch: ``hf-sae train --help`` stays fast)::
 
     python scripts/train.py --hook_points layers.6.resid_post --train_tokens 2000000 --k 32
     python scripts/train.py run.yaml                      # all values from a file
@@ -20,12 +21,8 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
-
-from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
-from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
-from ..configuration_sae import KERNELS as _KERNELS
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
 MIN_MICRO_BATCH = 8
@@ -39,13 +36,35 @@ RESUME_FREE_FIELDS = frozenset({
 })
 
 
+@functools.cache
+def _sae_source() -> tuple[dict, dict]:
+    """``(constants, defaults)`` of :mod:`hf_sae.configuration_sae`, read from its source without importing
+    it (it imports transformers, which imports torch): the module's upper-case constants and the defaults of
+    ``SAEConfig.__init__``, each a constant expression evaluated with no names in scope. SAEConfig stays
+    the single source of truth; ``tests/test_hf_ux.py`` checks these against the imported class."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration_sae.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+
+    def value(node):
+        return eval(compile(ast.Expression(node), path, "eval"), {"__builtins__": {}})  # constants only
+
+    constants = {t.id: value(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()}
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SAEConfig")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__").args
+    names = [a.arg for a in init.args[len(init.args) - len(init.defaults):]]
+    return constants, {n: value(d) for n, d in zip(names, init.defaults)}
+
+
 def _sae_default(name: str):
     """The default of an SAE hyperparameter: :class:`~hf_sae.SAEConfig` is its single source of truth."""
-    import inspect
+    return _sae_source()[1][name]
 
-    from ..configuration_sae import SAEConfig
 
-    return inspect.signature(SAEConfig.__init__).parameters[name].default
+_ACTIVATIONS, _INPUT_NORMS, _KERNELS = (_sae_source()[0][n] for n in ("ACTIVATIONS", "INPUT_NORMS", "KERNELS"))
 
 
 def _help(text: str, **kw):
@@ -465,10 +484,38 @@ def _coerce(name: str, annotation, value):
     return value
 
 
-def _parser():
-    from transformers import HfArgumentParser
+def _to_bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return text in _TRUE
 
-    return HfArgumentParser(SAETrainingArguments, description="Train sparse autoencoders (hf_sae).")
+
+def _add_field_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One option per :class:`SAETrainingArguments` field, as transformers' ``HfArgumentParser`` makes them
+    (built here because importing transformers imports torch): ``--name`` typed by the annotation,
+    ``Optional[X]`` as ``X``, ``list[str]`` as one or more values, a ``bool`` as ``--name [true|false]``
+    plus ``--no_name`` when it defaults to True; help from the field's metadata."""
+    import typing
+
+    for f in fields(SAETrainingArguments):
+        annotation = _field_types()[f.name]
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Union and type(None) in args:
+            annotation = next(a for a in args if a is not type(None))
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        kw = {"default": default, "help": f.metadata.get("help")}
+        if annotation is bool:
+            kw.update(type=_to_bool, **({"nargs": "?", "const": True} if default is not None else {}))
+        elif typing.get_origin(annotation) is list:
+            kw.update(type=typing.get_args(annotation)[0], nargs="+")
+        else:
+            kw["type"] = annotation
+        parser.add_argument(f"--{f.name}", **kw)
+        if annotation is bool and default is True:
+            parser.add_argument(f"--no_{f.name}", action="store_false", dest=f.name, default=False,
+                                help=f"turn --{f.name} off")
+    return parser
 
 
 def _load_config_file(path: str) -> dict:
@@ -496,20 +543,20 @@ def _load_config_file(path: str) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every :class:`SAETrainingArguments` field as a flag (the actions ``HfArgumentParser`` builds),
-    plus ``--config PATH`` and an optional positional ``.json``/``.yaml`` file, to ``parser``.
+    """Add every :class:`SAETrainingArguments` field as a flag (:func:`_add_field_options`; each also spelt
+    with dashes), plus ``--config PATH`` and an optional positional ``.json``/``.yaml`` file, to ``parser``.
 
     Defaults are suppressed in the namespace, so :func:`arguments_from_namespace` can tell flags given
     on the command line (which override the file) from defaults.
     """
-    for action in _parser()._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
+    from ..cli import add_flag_aliases
+
+    for action in _add_field_options(argparse.ArgumentParser(add_help=False))._actions:
         action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")
-    return parser
+    return add_flag_aliases(parser)
 
 
 def arguments_from_namespace(ns: argparse.Namespace) -> SAETrainingArguments:
