@@ -11,8 +11,7 @@
 
 Each command's options are ``hf_sae.cli_args.add_<name>_args(parser)`` (standard library only) and its
 work is ``run_<name>(args)`` in its module, imported only when the command runs: ``hf-sae --help`` and
-``hf-sae CMD --help`` never import torch (``train``'s options come from its dataclass, which needs
-transformers' config class but not torch).
+``hf-sae CMD --help`` never import torch, transformers or accelerate (``tests/test_hf_ux.py`` checks it).
 
 Conventions every sub-command gets from :func:`build_parser` / :func:`run_command` (one place, so a new
 sub-command only registers its module in :data:`COMMANDS`):
