@@ -24,7 +24,8 @@ cheap: the forward is cut right after block 6, so each token costs 7 of 30 block
 
 Every stage is resumable: rerunning the command reuses the cache, resumes training from the newest
 checkpoint (or re-exports a finished run), and reuses the evaluation when it was made of the same SAE
-weights with the same settings (``eval/quickstart_stamp.json``); otherwise it re-evaluates.
+weights with the same settings (``eval/quickstart_stamp.json``), and so the feature browser
+(``dashboard/quickstart_stamp.json``); otherwise it re-evaluates / rebuilds.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t = time.perf_counter()
     eval_argv = [str(out / "sae" / hook), "--metrics", "reconstruction,downstream", "--n-tokens",
                  str(args.eval_tokens), "--downstream-tokens", str(args.downstream_tokens), "--out", str(out / "eval")]
-    stamp = {"sae_sha256": file_sha256(str(out / "sae" / hook / "model.safetensors")), "eval_args": eval_argv}
+    sae_sha256 = file_sha256(str(out / "sae" / hook / "model.safetensors"))
+    stamp = {"sae_sha256": sae_sha256, "eval_args": eval_argv}
     results = _reuse_eval(out / "eval", stamp)
     if results is not None:
         print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
@@ -142,12 +144,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.dashboard_tokens > 0:
         from .dashboard import build_dashboard
 
-        print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens", flush=True)
         t = time.perf_counter()
-        info = build_dashboard(sae, out / "dashboard", model=model, tokenizer=tok, model_name=sae.config.base_model,
-                               n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
-                               sae_label=f"quickstart {hook}", progress=progress)
-        dashboard = info["index_html"]
+        dash_dir = out / "dashboard"
+        dash_stamp = {"sae_sha256": sae_sha256, "dashboard_tokens": args.dashboard_tokens}
+        info = _reuse_eval(dash_dir, dash_stamp, "build_info.json")
+        if info is not None and (dash_dir / "index.html").is_file():
+            print("[quickstart] 5/5 feature browser: reusing dashboard/ (same SAE weights and settings)", flush=True)
+        else:
+            print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens",
+                  flush=True)
+            info = build_dashboard(sae, dash_dir, model=model, tokenizer=tok, model_name=sae.config.base_model,
+                                   n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
+                                   sae_label=f"quickstart {hook}", progress=progress)
+            (dash_dir / STAMP_FILE).write_text(json.dumps(dash_stamp, indent=1))
+        dashboard = str(dash_dir / "index.html")
         times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     cpu_seconds = time.process_time()
@@ -178,12 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 STAMP_FILE = "quickstart_stamp.json"
 
 
-def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
-    """The earlier results in ``eval_dir`` when its stamp equals ``stamp`` (same weights, same settings)."""
+def _reuse_eval(eval_dir: Path, stamp: dict, result: str = "metrics.json") -> Optional[dict]:
+    """The earlier ``result`` JSON in ``eval_dir`` (the evaluation's metrics, or the browser's build info)
+    when the folder's stamp equals ``stamp`` (same weights, same settings)."""
     try:
         if json.loads((eval_dir / STAMP_FILE).read_text()) != stamp:
             return None
-        return json.loads((eval_dir / "metrics.json").read_text())
+        return json.loads((eval_dir / result).read_text())
     except (OSError, ValueError):
         return None
 

@@ -487,7 +487,8 @@ def test_quickstart_reuses_an_evaluation_of_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_quickstart_first_run_is_quiet_and_a_rerun_resumes(tmp_path, monkeypatch, caplog, capsys):
     """A newcomer's first `make quickstart` prints no resume notice (it resumes only when a checkpoint is
-    there); the rerun resumes the finished run from its checkpoint (tiny sizes, layer 1 of SmolLM2)."""
+    there); the rerun resumes the finished run from its checkpoint and reuses the evaluation and the feature
+    browser of the same weights (tiny sizes, layer 1 of SmolLM2)."""
     import logging
 
     from hf_sae import quickstart
@@ -496,11 +497,12 @@ def test_quickstart_first_run_is_quiet_and_a_rerun_resumes(tmp_path, monkeypatch
         monkeypatch.setenv(var, "1")  # quickstart sets them; monkeypatch restores them
     argv = ["--out", str(tmp_path / "qs"), "--layer", "1", "--n-latents", "256", "--k", "8", "--cache-tokens", "2048",
             "--train-tokens", "2048", "--batch-size", "512", "--dead-tokens", "1024", "--eval-tokens", "512",
-            "--downstream-tokens", "128", "--dashboard-tokens", "0", "--threads", "1", "--no-progress"]
+            "--downstream-tokens", "128", "--dashboard-tokens", "128", "--threads", "1", "--no-progress"]
     with caplog.at_level(logging.INFO):
         quickstart.main(argv)
     first = capsys.readouterr().out + caplog.text
     assert "resum" not in first.lower() and "no checkpoint" not in first, first
+    assert "building the feature browser" in first and (tmp_path / "qs" / "dashboard" / "index.html").is_file()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("hf_sae")]
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -508,6 +510,8 @@ def test_quickstart_first_run_is_quiet_and_a_rerun_resumes(tmp_path, monkeypatch
     second = capsys.readouterr().out + caplog.text
     assert "[hf_sae] resumed from" in second and "checkpoint-000000002048" in second, second
     assert "no checkpoint" not in second and summary["tokens_trained"] == 2048
+    assert "4/5 evaluation: reusing" in second and "5/5 feature browser: reusing" in second, second
+    assert summary["paths"]["dashboard"] == str(tmp_path / "qs" / "dashboard" / "index.html")
 
 
 def test_cache_files_are_not_private(tmp_path):
