@@ -114,3 +114,13 @@ def test_report_with_missing_runs_says_how_to_finish(study, tmp_path):
     )
     assert len(rep["missing"]) == len(manifest) and rep["fits"] == {}
     assert "benchmarks/scaling_study.py" in (tmp_path / "R.md").read_text().split("Not finished")[1]
+
+
+def test_report_only_without_runs_keeps_the_committed_report(study, tmp_path):
+    """`--stages report` in a fresh clone (no runs) stops with one line and rewrites nothing."""
+    (tmp_path / "R.md").write_text("committed")
+    argv = ["--stages", "report", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+            "--reproduction", str(tmp_path / "R.md")]
+    with pytest.raises(SystemExit, match="no evaluated runs .* left as they are"):
+        study.main(argv)
+    assert (tmp_path / "R.md").read_text() == "committed" and not (tmp_path / "r").exists()
