@@ -516,6 +516,9 @@ def main(argv=None) -> dict:
             print(f"{r['name']:45s} {','.join(r['groups']):20s} lr={run_lr(ns, r['n']):.2e}")
         print(f"{len(todo)} runs x {ns.train_tokens:,} tokens; manifest: {work / 'manifest.json'}")
         return {"manifest": todo}
+    if stages == ["report"] and not collect(work, manifest):  # a fresh clone: keep the committed report
+        raise SystemExit(f"--stages report: no evaluated runs under {work / 'runs'}, so nothing to refit; "
+                         f"{ns.reproduction} and {results_dir} are left as they are (run the study first)")
 
     import torch
 

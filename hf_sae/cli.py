@@ -9,8 +9,9 @@
     hf-sae dashboard PATH static feature browser of one SAE (hf_sae.dashboard)
     hf-sae autointerp DIR LM explanations of latents, scored by detection and fuzzing (hf_sae.autointerp)
 
-Each module provides ``add_<name>_args(parser)`` and ``run_<name>(args)``; they are imported only
-when their sub-command runs, so `hf-sae --help` is instant.
+Each command's options are ``hf_sae.cli_args.add_<name>_args(parser)`` (standard library only) and its
+work is ``run_<name>(args)`` in its module, imported only when the command runs: ``hf-sae --help`` and
+``hf-sae CMD --help`` never import torch, transformers or accelerate (``tests/test_hf_ux.py`` checks it).
 
 Conventions every sub-command gets from :func:`build_parser` / :func:`run_command` (one place, so a new
 sub-command only registers its module in :data:`COMMANDS`):
@@ -78,10 +79,16 @@ def add_flag_aliases(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def _load(name: str):
-    module_name, _ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, f"add_{name}_args"), getattr(module, f"run_{name}")
+def _add_args(name: str) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:
+    """``add_<name>_args`` from :mod:`hf_sae.cli_args` (no torch import)."""
+    from . import cli_args
+
+    return getattr(cli_args, f"add_{name}_args")
+
+
+def _run(name: str) -> Callable[[argparse.Namespace], object]:
+    """``run_<name>`` from the command's module (imported now, after the arguments parsed)."""
+    return getattr(importlib.import_module(COMMANDS[name][0]), f"run_{name}")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -102,7 +109,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:
-            _load(name)[0](p)
+            _add_args(name)(p)
             add_common_args(p)
     return parser
 
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         return status
     args = holder["parser"].parse_args(argv)
-    return run_command(f"hf-sae {command}", lambda: _load(command)[1](args), debug or args.debug)
+    return run_command(f"hf-sae {command}", lambda: _run(command)(args), debug or args.debug)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cli_args import add_convert_args  # noqa: F401  (the arguments, defined without torch)
 from .configuration_sae import SAEConfig
 from .formats import dictionary_learning as _dl
 from .formats import gemmascope as _gemmascope
@@ -342,32 +343,6 @@ def convert_tree(path: str | Path, out: str | Path, format: str = "auto", **kwar
 
 
 # ============================================================================================ CLI
-def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``hf-sae convert``."""
-    parser.add_argument("src", help="checkpoint folder/file (or an hf_sae folder with --to saelens)")
-    parser.add_argument("out", help="output folder")
-    parser.add_argument("--from", dest="fmt", default="auto", choices=("auto", *FORMATS), help="source format")
-    parser.add_argument("--to", dest="to", default="hf_sae", choices=("hf_sae", "saelens"), help="target format")
-    parser.add_argument("--hook-point", default=None, help="hf_sae hook point, e.g. layers.6.resid_post")
-    parser.add_argument("--base-model", default=None, help="Hub id of the language model")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
-    parser.add_argument("--input-scale", type=float, default=None,
-                        help="SAELens expected_average_only_in: the dataset scaling factor")
-    parser.add_argument("--accept-layer-norm", action="store_true",
-                        help="(no longer needed: an OpenAI TopK autoencoder's layer norm is part of the converted SAE)")
-    parser.add_argument("--no-layer-norm", action="store_true",
-                        help="openai TopK: convert the SAE behind its layer norm (it then takes normalized inputs)")
-    parser.add_argument("--dictionary-learning-version", default=None,
-                        help="dictionary_learning JumpReLU: the library version that wrote ae.pt (default 0.1.0; "
-                             "versions before 0.1.0 scale latents by the decoder-row norms)")
-    parser.add_argument("--dict-class", default=None, choices=_DL_CLASSES, help="dictionary_learning class")
-    parser.add_argument("--use-threshold", default=None, choices=("yes", "no"),
-                        help="dictionary_learning TopK/BatchTopK: encode with the stored threshold")
-    parser.add_argument("--fold-decoder-norms", action="store_true", help="ReLU/JumpReLU: unit-norm decoder rows")
-    parser.add_argument("--no-check", action="store_true", help="skip the check against the source's own forward")
-    return parser
-
-
 def run_convert(args: argparse.Namespace) -> int:
     """``hf-sae convert``: foreign format -> hf_sae folder(s), or hf_sae folder -> SAELens folder. A refused or
     unreadable checkpoint prints one line (``hf-sae convert: error: ...``) and returns 2."""

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli_args import add_push_args  # noqa: F401  (defined without torch, for `--help`)
 from .hub_card import (
     CARD_METRICS,
     DEFAULT_LICENSE,
@@ -187,54 +188,6 @@ def load_sae(repo_or_path, hook_point: str | None = None, **kwargs) -> SparseAut
     if hook_point not in hps:
         raise ValueError(f"{repo_or_path} has no SAE at hook point {hook_point!r}; available: {list(hps)}.")
     return load_all(repo_or_path, [hook_point], **kwargs)[hook_point]
-
-
-def add_push_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``hf-sae push``."""
-    parser.add_argument(
-        "paths",
-        nargs="+",
-        help="saved SAE folders (config.json + model.safetensors), or a folder "
-        "whose subfolders are saved SAEs (one per hook point)",
-    )
-    parser.add_argument("--repo-id", required=True, help="target repository, e.g. my-org/smollm2-saes")
-    parser.add_argument(
-        "--layout",
-        choices=("auto", "root", "subfolders"),
-        default="auto",
-        help="auto: a single SAE at the repo root, several in hook-point folders",
-    )
-    parser.add_argument("--base-model", default=None, help="card metadata (default: the SAEs' config.base_model)")
-    parser.add_argument("--dataset", default=None, help="card metadata (default: training_info['dataset'])")
-    parser.add_argument("--training-tokens", type=int, default=None, help="card metadata")
-    parser.add_argument(
-        "--license",
-        default=None,
-        help=f"card metadata, e.g. mit (default: {DEFAULT_LICENSE}, "
-        "marked in the card as not confirmed until you pass it)",
-    )
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        default=None,
-        help="hf-sae eval's metrics.json file(s), or a JSON {hook point: {fvu, l0, dead_fraction, "
-        "delta_loss}} (default: the held-out metrics the trainer stored in each SAE's config)",
-    )
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", default=None, help="branch to commit to (default main)")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
-    parser.add_argument(
-        "--dashboard",
-        action="append",
-        default=None,
-        metavar="SITE",
-        help="a feature-browser folder from `hf-sae dashboard` to ship beside its SAE (repeatable)",
-    )
-    parser.add_argument(
-        "--dry-run", metavar="DIR", default=None, help="write the repository layout into DIR instead of pushing"
-    )
-    return parser
 
 
 def _collect_saved(paths: Sequence[str]) -> dict[str, SparseAutoencoder] | SparseAutoencoder:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_args import DEFAULT_LICENSE  # noqa: F401  (one place, torch-free for --help)
 from .hub_layout import _sort_key
 
 if TYPE_CHECKING:
@@ -27,9 +28,6 @@ CARD_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-DEFAULT_LICENSE = "apache-2.0"
-"""The card's license when none is given (hf_sae, SmolLM2 and the embedded KJV corpus allow it); the card
-body and :func:`push_to_hub` say it is a default for the uploader to confirm."""
 _TOKENS_KEYS = ("tokens", "training_tokens", "tokens_trained", "n_tokens")
 _DATASET_KEYS = ("dataset", "dataset_name", "dataset_path")
 

@@ -24,7 +24,8 @@ cheap: the forward is cut right after block 6, so each token costs 7 of 30 block
 
 Every stage is resumable: rerunning the command reuses the cache, resumes training from the newest
 checkpoint (or re-exports a finished run), and reuses the evaluation when it was made of the same SAE
-weights with the same settings (``eval/quickstart_stamp.json``); otherwise it re-evaluates.
+weights with the same settings (``eval/quickstart_stamp.json``), and so the feature browser
+(``dashboard/quickstart_stamp.json``); otherwise it re-evaluates / rebuilds.
 """
 
 from __future__ import annotations
@@ -103,14 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     dashboard = None
     if args.dashboard_tokens > 0:
-        from .dashboard import build_dashboard
-
-        print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens", flush=True)
         t = time.perf_counter()
-        info = build_dashboard(sae, out / "dashboard", model=model, tokenizer=tok, model_name=sae.config.base_model,
-                               n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
-                               sae_label=f"quickstart {hook}", progress=progress)
-        dashboard = info["index_html"]
+        dashboard = _dashboard(sae, model, tok, hook, out, args, progress)
         times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     summary = _summary(sae, hook, results, times, out, dashboard)
@@ -139,6 +134,7 @@ def _cache(model, tok, hook: str, out: Path, args, progress: bool) -> tuple:
 def _train(hook: str, cache_train: Path, cache_val: Path, out: Path, args, progress: bool):
     """Step 3: train (or resume, or re-export) the TopK SAE on the cached activations; returns it."""
     from .training import SAETrainer, SAETrainingArguments
+    from .training.checkpoint import holds_run
 
     print(f"[quickstart] 3/5 training a TopK SAE (n={args.n_latents}, k={args.k}) on {args.train_tokens} tokens",
           flush=True)
@@ -147,10 +143,33 @@ def _train(hook: str, cache_train: Path, cache_val: Path, out: Path, args, progr
         n_latents=args.n_latents, k=args.k, train_tokens=args.train_tokens, batch_size=args.batch_size,
         lr=args.lr, dead_tokens_threshold=args.dead_tokens, eval_every_tokens=args.train_tokens // 4,
         eval_tokens=args.eval_tokens, checkpoint_every_tokens=args.train_tokens // 3, save_total_limit=1,
-        log_every_steps=10, output_dir=str(out / "sae"), resume=True, progress_bar=progress,
+        log_every_steps=10, output_dir=str(out / "sae"), progress_bar=progress,
+        resume=holds_run(str(out / "sae")),  # a first run starts fresh without a word
         log_with=["auto"], run_name="quickstart",
     )
     return SAETrainer(targs).train()[hook]
+
+
+def _dashboard(sae, model, tok, hook: str, out: Path, args, progress: bool) -> str:
+    """Step 5: the feature browser over held-out text, reused when ``dashboard/`` was built from the same
+    weights with the same settings; returns its index.html."""
+    from ._io import sha256_file
+    from .dashboard import build_dashboard
+
+    dash_dir = out / "dashboard"
+    sae_sha256 = sha256_file(str(out / "sae" / hook / "model.safetensors"))
+    dash_stamp = {"sae_sha256": sae_sha256, "dashboard_tokens": args.dashboard_tokens}
+    info = _reuse_eval(dash_dir, dash_stamp, "build_info.json")
+    if info is not None and (dash_dir / "index.html").is_file():
+        print("[quickstart] 5/5 feature browser: reusing dashboard/ (same SAE weights and settings)", flush=True)
+    else:
+        print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens",
+              flush=True)
+        info = build_dashboard(sae, dash_dir, model=model, tokenizer=tok, model_name=sae.config.base_model,
+                               n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
+                               sae_label=f"quickstart {hook}", progress=progress)
+        (dash_dir / STAMP_FILE).write_text(json.dumps(dash_stamp, indent=1))
+    return str(dash_dir / "index.html")
 
 
 def _summary(sae, hook: str, results: dict, times: dict, out: Path, dashboard) -> dict:
@@ -207,12 +226,13 @@ def _evaluate(sae, model, tok, hook: str, eval_dir: Path, args, progress: bool) 
     return results
 
 
-def _reuse_eval(eval_dir: Path, stamp: dict) -> Optional[dict]:
-    """The earlier results in ``eval_dir`` when its stamp equals ``stamp`` (same weights, same settings)."""
+def _reuse_eval(eval_dir: Path, stamp: dict, result: str = "metrics.json") -> Optional[dict]:
+    """The earlier ``result`` JSON in ``eval_dir`` (the evaluation's metrics, or the browser's build info)
+    when the folder's stamp equals ``stamp`` (same weights, same settings)."""
     try:
         if json.loads((eval_dir / STAMP_FILE).read_text()) != stamp:
             return None
-        return json.loads((eval_dir / "metrics.json").read_text())
+        return json.loads((eval_dir / result).read_text())
     except (OSError, ValueError):
         return None
 

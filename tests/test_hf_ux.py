@@ -64,11 +64,67 @@ def test_help_shows_defaults(capsys):
         assert expected in out, (command, expected)
 
 
-def test_top_level_help_imports_neither_torch_nor_transformers():
-    code = ("import sys\nfrom hf_sae.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+_HELP_IMPORTS = """
+import contextlib, io, sys
+from hf_sae.cli import COMMANDS, main
+for command in [None, *COMMANDS]:
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        try:
+            main(([command] if command else []) + ["--help"])
+        except SystemExit:
+            pass
+    assert "usage:" in text.getvalue(), (command, text.getvalue()[-300:])
+    print("HEAVY", command, sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules))
+"""
+
+
+def test_no_help_imports_torch():
+    """`hf-sae [CMD] --help` builds the parser and prints its help without importing torch, transformers or
+    accelerate: every command's arguments live in hf_sae.cli_args, train's are made from its dataclass
+    without HfArgumentParser. Checked in one fresh interpreter, command after command, so the first command
+    that imported a module is the one named."""
+    out = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=300, cwd=REPO)
+    from hf_sae.cli import COMMANDS
+
+    lines = [line.split(" ", 2) for line in out.stdout.splitlines() if line.startswith("HEAVY")]
+    assert len(lines) == len(COMMANDS) + 1, out.stdout + out.stderr
+    assert [(command, heavy) for _, command, heavy in lines if heavy != "[]"] == []
+
+
+def test_cli_choices_are_the_registries():
+    """The choice lists hf_sae.cli_args holds without torch are the keys of the registries beside the code."""
+    from hf_sae import cli_args
+    from hf_sae.convert import FORMATS
+    from hf_sae.data.cache_format import _DTYPES
+    from hf_sae.evaluation.sage.tasks import TASKS
+
+    assert cli_args.CACHE_DTYPES == tuple(sorted(_DTYPES))
+    assert cli_args.SAGE_TASKS == tuple(sorted(TASKS))
+    assert cli_args.CONVERT_FORMATS == tuple(FORMATS)
+
+
+def test_training_options_without_transformers_are_hf_argument_parsers():
+    """train's options (built without transformers) parse as HfArgumentParser's do, and the SAE defaults and
+    choices read from configuration_sae.py's source are those of the imported SAEConfig."""
+    import argparse
+    import inspect
+
+    from transformers import HfArgumentParser
+
+    from hf_sae import configuration_sae as C
+    from hf_sae.training import arguments as A
+
+    init = inspect.signature(C.SAEConfig.__init__).parameters.values()
+    assert A._sae_source()[1] == {p.name: p.default for p in init if p.default is not inspect.Parameter.empty}
+    assert (A._ACTIVATIONS, A._INPUT_NORMS, A._KERNELS) == (C.ACTIVATIONS, C.INPUT_NORMS, C.KERNELS)
+    ours = A.add_field_options(argparse.ArgumentParser(), A.SAETrainingArguments, A._field_types())
+    theirs = HfArgumentParser(A.SAETrainingArguments)
+    for argv in ([], ["--hook_points", "a", "b", "--k", "4", "--auxk", "false", "--no_tied_init", "--multi_topk",
+                      "--lr", "1e-3", "--eval_activations", "x", "--resume", "--log_with", "none", "jsonl"],
+                 ["--normalize_input", "no", "--progress_bar", "0", "--n_latents", "5", "--expansion_factor", "2"]):
+        assert vars(ours.parse_args(argv)) == vars(theirs.parse_args(argv)), argv
+    assert {o for o in ours._option_string_actions if "_" in o} == {
+        o for o in theirs._option_string_actions if "_" in o}
 
 
 def test_resume_without_checkpoint_says_so(tmp_path, caplog):
@@ -427,6 +483,36 @@ def test_quickstart_reuses_an_evaluation_of_the_same_weights(tmp_path):
     (tmp_path / STAMP_FILE).write_text(json.dumps(stamp))
     assert _reuse_eval(tmp_path, stamp) == {"summary": {"fvu": 0.5}}
     assert _reuse_eval(tmp_path, {**stamp, "sae_sha256": "cd" * 32}) is None  # retrained: evaluate again
+
+
+@pytest.mark.slow
+def test_quickstart_first_run_is_quiet_and_a_rerun_resumes(tmp_path, monkeypatch, caplog, capsys):
+    """A newcomer's first `make quickstart` prints no resume notice (it resumes only when a checkpoint is
+    there); the rerun resumes the finished run from its checkpoint and reuses the evaluation and the feature
+    browser of the same weights (tiny sizes, layer 1 of SmolLM2)."""
+    import logging
+
+    from hf_sae import quickstart
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")  # quickstart sets them; monkeypatch restores them
+    argv = ["--out", str(tmp_path / "qs"), "--layer", "1", "--n-latents", "256", "--k", "8", "--cache-tokens", "2048",
+            "--train-tokens", "2048", "--batch-size", "512", "--dead-tokens", "1024", "--eval-tokens", "512",
+            "--downstream-tokens", "128", "--dashboard-tokens", "128", "--threads", "1", "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        quickstart.main(argv)
+    first = capsys.readouterr().out + caplog.text
+    assert "resum" not in first.lower() and "no checkpoint" not in first, first
+    assert "building the feature browser" in first and (tmp_path / "qs" / "dashboard" / "index.html").is_file()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("hf_sae")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = quickstart.main(argv)
+    second = capsys.readouterr().out + caplog.text
+    assert "[hf_sae] resumed from" in second and "checkpoint-000000002048" in second, second
+    assert "no checkpoint" not in second and summary["tokens_trained"] == 2048
+    assert "4/5 evaluation: reusing" in second and "5/5 feature browser: reusing" in second, second
+    assert summary["paths"]["dashboard"] == str(tmp_path / "qs" / "dashboard" / "index.html")
 
 
 def test_cache_files_are_not_private(tmp_path):

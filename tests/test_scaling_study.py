@@ -209,3 +209,11 @@ def test_zero_width_intervals_are_reported_as_not_identified(study):
     assert scaling_plots._ci(fit, "beta", label="95 % CI ") == "[95 % CI -0.280, -0.170]"
     exact = {**fit, "rms_log_residual": 0.0}  # no residual: a zero-width interval is the truth, not a degeneracy
     assert scaling_plots._ci(exact, "b_n") == "[-7.000, -7.000]"
+def test_report_only_without_runs_keeps_the_committed_report(study, tmp_path):
+    """`--stages report` in a fresh clone (no runs) stops with one line and rewrites nothing."""
+    (tmp_path / "R.md").write_text("committed")
+    argv = ["--stages", "report", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+            "--reproduction", str(tmp_path / "R.md")]
+    with pytest.raises(SystemExit, match="no evaluated runs .* left as they are"):
+        study.main(argv)
+    assert (tmp_path / "R.md").read_text() == "committed" and not (tmp_path / "r").exists()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..cli_args import add_autointerp_args  # noqa: F401  (the arguments, defined without torch)
 from .backends import Backend, make_backend
 from .explain import (
     accuracy,
@@ -290,46 +291,6 @@ def add_eval_section(results: dict, eval_dir) -> Path:
     path.write_text(json.dumps(metrics, indent=1))
     write_report(metrics, eval_dir)
     return Path(eval_dir) / "report.html"
-
-
-def add_autointerp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("site", help="folder of a feature-browser site (written by `hf-sae dashboard`)")
-    parser.add_argument(
-        "--backend",
-        choices=("local", "openai"),
-        default="local",
-        help="local: a HF causal LM (default: the embedded SmolLM2-135M-Instruct); "
-        "openai: an OpenAI-compatible chat endpoint",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="local: a model folder (default: the embedded SmolLM2); openai: the model name sent",
-    )
-    parser.add_argument("--api-base", default=None, help="openai: base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="openai: environment variable holding the API key (default OPENAI_API_KEY; unset = none)",
-    )
-    parser.add_argument("--latents", type=int, default=50, help="number of random latents to explain (default 50)")
-    parser.add_argument("--latent-ids", type=int, nargs="+", default=None, help="explain these latents instead")
-    parser.add_argument("--n-explain", type=int, default=10, help="top contexts shown to the explainer (default 10)")
-    parser.add_argument(
-        "--n-detect", type=int, default=5, help="firing and as many silent contexts per latent (default 5)"
-    )
-    parser.add_argument("--n-fuzz", type=int, default=3, help="contexts per latent for fuzzing (default 3; 0 = none)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the shuffled-explanation baseline")
-    parser.add_argument("--batch-size", type=int, default=8, help="local: prompts per forward (default 8)")
-    parser.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight (default 4)")
-    parser.add_argument(
-        "--cache", default=None, help="answer cache (default SITE/autointerp_cache.jsonl; 'none' = off)"
-    )
-    parser.add_argument("--eval-dir", default=None, help="also add the scores to this `hf-sae eval` output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def run_autointerp(args: argparse.Namespace) -> int:

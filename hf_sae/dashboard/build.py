@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from ..cli_args import add_dashboard_args  # noqa: F401  (the arguments, defined without torch)
+
 __all__ = ["DEFAULT_TEXTS", "build_dashboard", "add_dashboard_args", "run_dashboard"]
 
 DEFAULT_TEXTS = (
@@ -234,50 +236,6 @@ def build_dashboard(
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=1))
     return info
-
-
-def add_dashboard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``hf-sae dashboard`` arguments."""
-    from ..evaluation.run import add_sae_source_args
-
-    add_sae_source_args(parser)
-    parser.add_argument(
-        "--split", default="validation", help="split of the text source (default: validation, held out)"
-    )
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--n-tokens", type=int, default=20_000, help="kept tokens read (default 20000)")
-    parser.add_argument("--window", type=int, default=128, help="tokens per LM window (default 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
-    parser.add_argument("--top-k", type=int, default=10, help="top-activating contexts per latent (default 10)")
-    parser.add_argument(
-        "--samples", type=int, default=10, help="random firing contexts per latent, shown by quantile (default 10)"
-    )
-    parser.add_argument(
-        "--context",
-        type=int,
-        nargs=2,
-        default=(8, 3),
-        metavar=("BEFORE", "AFTER"),
-        help="context tokens shown before and after the activating token (default 8 3)",
-    )
-    parser.add_argument(
-        "--n2g-latents", type=int, default=512, help="latents given an N2G explanation (default 512; all if fewer)"
-    )
-    parser.add_argument(
-        "--n2g-tokens", type=int, default=20_000, help="tokens the N2G explanations use (default 20000)"
-    )
-    parser.add_argument(
-        "--text",
-        action="append",
-        default=None,
-        dest="texts",
-        help="a text for the 'which latents fire' view (repeat; default: four built-in sentences)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="output folder (default: ./dashboard_<sae folder name>)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
 
 
 def run_dashboard(args: argparse.Namespace) -> int:

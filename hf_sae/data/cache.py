@@ -33,7 +33,7 @@ import argparse
 
 import torch
 
-from ..placement import add_placement_args
+from ..cli_args import add_cache_args  # noqa: F401  (the arguments, defined without torch)
 from .cache_format import (  # noqa: F401  (the cache API, re-exported)
     _ARROW_CHILD,
     _DTYPES,
@@ -75,75 +75,7 @@ from .cache_writer import (  # noqa: F401
 )
 
 # --------------------------------------------------------------------------- CLI: `hf-sae cache`
-
-
-def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``hf-sae cache`` options to ``parser`` (use with :func:`run_cache`)."""
-    parser.add_argument(
-        "--model",
-        "--model_name_or_path",
-        dest="model",
-        default="smollm2-135m",
-        help="Hub id or local folder of a causal LM; 'smollm2-135m' = embedded offline SmolLM2 (default)",
-    )
-    parser.add_argument(
-        "--hook-points",
-        "--hook_points",
-        "--hook-point",
-        "--hook_point",
-        dest="hook_points",
-        nargs="+",
-        required=True,
-        help="one or more hook points, e.g. layers.6.resid_post layers.6.mlp_out (comma-separated works too)",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--dataset",
-        default="default",
-        help="'default' (shipped KJV sample), a .txt/.jsonl/.parquet file or folder, a save_to_disk "
-        "folder, or a `datasets` name ('name' or 'name:config')",
-    )
-    parser.add_argument(
-        "--split",
-        default="train",
-        help="train, validation or all; a source without a validation "
-        "split holds out a fixed 5%% of its documents as validation (and train excludes them)",
-    )
-    parser.add_argument("--text-column", "--text_column", default="text")
-    parser.add_argument(
-        "--max-tokens", "--max_tokens", type=int, default=None, help="tokens to cache (default: the whole source)"
-    )
-    parser.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype")
-    parser.add_argument("--window", type=int, default=256, help="tokens per LM window")
-    parser.add_argument("--batch-windows", "--batch_windows", type=int, default=8, help="windows per LM forward")
-    parser.add_argument(
-        "--shard-tokens", "--shard_tokens", type=int, default=1 << 16, help="rows per shard (approximately)"
-    )
-    parser.add_argument(
-        "--keep-first", "--keep_first", action="store_true", help="keep position 0 (excluded by default)"
-    )
-    parser.add_argument(
-        "--keep-special", "--keep_special", action="store_true", help="keep BOS/EOS/pad tokens (excluded by default)"
-    )
-    parser.add_argument("--no-bos", "--no_bos", action="store_true", help="do not start windows with BOS")
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument(
-        "--resume",
-        dest="resume",
-        action="store_true",
-        default=True,
-        help="continue an interrupted run in --out (default)",
-    )
-    g.add_argument(
-        "--no-resume", "--no_resume", dest="resume", action="store_false", help="fail if --out already holds a cache"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete --out first")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    parser.add_argument(
-        "--model-dtype", "--model_dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the LM"
-    )
-    add_placement_args(parser, dashes=True)  # --device_map auto --max_memory ...: an LM larger than one device
-    return parser
+# add_cache_args lives in hf_sae.cli_args (no torch import for `hf-sae cache --help`).
 
 
 def run_cache(args: argparse.Namespace) -> dict:

@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..cli_args import ALL_METRICS, OPTIONAL_METRICS
 from .inputs import MAX_CODE_WIDTH, finite_or_none, kept_windows, load_lm_for, pad_cat, trim_mask
 
 __all__ = [
@@ -44,10 +45,8 @@ __all__ = [
     "evaluate_sae",
 ]
 
-ALL_METRICS = ("reconstruction", "afa", "probes", "n2g", "downstream", "ablation")
-OPTIONAL_METRICS = ("n2g_faithful",)
-"""Metrics run only when named in ``metrics`` ("all" leaves them out): the faithful N2G re-runs the LM
-on every edited context of every explained latent."""
+# The metric names live in hf_sae.cli_args (torch-free, for --help); OPTIONAL_METRICS run only when named
+# ("all" leaves them out): the faithful N2G re-runs the LM on every edited context of every explained latent.
 
 
 def parse_metrics(spec: Union[str, Sequence[str], None]) -> list:

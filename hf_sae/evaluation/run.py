@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ..placement import add_placement_args
+from ..cli_args import add_eval_args, add_sae_source_args  # noqa: F401  (defined without torch, for --help)
 from .inputs import MAX_CODE_WIDTH as MAX_CODE_WIDTH
 from .inputs import collect_windows, finite_or_none, load_sae, pad_cat, trim_mask
 from .pipeline import ALL_METRICS, OPTIONAL_METRICS, evaluate_sae, parse_metrics
@@ -53,65 +53,6 @@ def _collect_windows(args, tokenizer, n_tokens_needed: int):
     return collect_windows(
         args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split, text_column=args.text_column
     )
-
-
-def add_sae_source_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments every command that runs an SAE over text shares: the SAE, the LM and the text source."""
-    parser.add_argument("sae_path", help="folder (or Hub id) of a saved SparseAutoencoder")
-    parser.add_argument(
-        "--subfolder", default=None, help="subfolder holding the SAE (e.g. one hook point of a multi-SAE repo)"
-    )
-    parser.add_argument(
-        "--model", default=None, help="causal LM (default: the SAE's config.base_model, else the embedded SmolLM2-135M)"
-    )
-    parser.add_argument("--hook-point", default=None, help="override the SAE's config.hook_point")
-    parser.add_argument(
-        "--dataset",
-        default="default",
-        help="text source: 'default' (shipped KJV), a local .txt/.jsonl/.parquet file or folder, a "
-        "save_to_disk folder, or a datasets name ('name' or 'name:config')",
-    )
-    return parser
-
-
-def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``hf-sae eval`` arguments to ``parser`` (returns it)."""
-    add_sae_source_args(parser)
-    parser.add_argument(
-        "--split",
-        default="validation",
-        help="split of the text source (default: validation; a "
-        "source without one holds out a fixed 5%% of its documents, never seen by training)",
-    )
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument(
-        "--n-tokens", type=int, default=100_000, help="kept tokens for reconstruction/AFA/N2G (default 100k)"
-    )
-    parser.add_argument("--window", type=int, default=256, help="tokens per window (sequence length)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
-    parser.add_argument(
-        "--metrics",
-        default="all",
-        help=f"comma-separated subset of {','.join(ALL_METRICS + OPTIONAL_METRICS)} "
-        f"(default all = all but {','.join(OPTIONAL_METRICS)})",
-    )
-    parser.add_argument(
-        "--downstream-tokens", type=int, default=2048, help="tokens for the downstream loss (4 full forwards each)"
-    )
-    parser.add_argument(
-        "--probe-tokens", type=int, default=30_000, help="tokens for probe recovery (2/3 fit, 1/3 test)"
-    )
-    parser.add_argument("--probe-baselines", default="raw_basis,random_directions", help="comma list; '' for none")
-    parser.add_argument("--n2g-latents", type=int, default=64, help="latents sampled for N2G")
-    parser.add_argument("--ablation-latents", type=int, default=16, help="latents sampled for ablation sparsity")
-    parser.add_argument("--ablation-context", type=int, default=64, help="context length of the ablation forwards")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    add_placement_args(parser, dashes=True)  # an LM larger than one device: --device_map auto --max_memory ...
-    parser.add_argument("--out", default=None, help="output folder (default: ./eval_<sae folder name>)")
-    parser.add_argument("--no-report", action="store_true", help="write metrics.json only (no PNG/HTML)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
 
 
 def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> dict:

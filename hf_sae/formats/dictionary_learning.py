@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..cli_args import DL_CLASSES as _DL_CLASSES  # the one list, also `hf-sae convert --dict-class`'s choices
 from ._common import (
     Parts,
     Raw,
@@ -23,7 +24,6 @@ from ._common import (
     _torch_load,
 )
 
-_DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 _DL_KEYS = {
     "AutoEncoder": {"bias", "encoder.weight", "encoder.bias", "decoder.weight"},
     "AutoEncoderNew": {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"},

@@ -6,7 +6,8 @@ Everything is measured in tokens (one token = one activation vector at one hook 
 it is split over processes and gradient-accumulation steps, so one process and N processes run
 the same number of steps over the same number of tokens.
 
-Command line (``HfArgumentParser``)::
+Command line (the options transformers' ``HfArgumentParser`` would build, made here without importing
+transformers, which imports torch: ``hf-sae train --help`` stays fast)::
 
     python scripts/train.py --hook_points layers.6.resid_post --train_tokens 2000000 --k 32
     python scripts/train.py run.yaml                      # all values from a file
@@ -23,10 +24,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from ..configuration_sae import ACTIVATIONS as _ACTIVATIONS
-from ..configuration_sae import INPUT_NORMS as _INPUT_NORMS
-from ..configuration_sae import KERNELS as _KERNELS
 from ..placement import PLACEMENT_HELP, check_device_map, parse_max_memory
+from .arguments_cli import _FALSE, _TRUE, add_field_options, to_bool  # noqa: F401
+from .arguments_cli import sae_source as _sae_source
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
 MIN_MICRO_BATCH = 8
@@ -43,11 +43,10 @@ RESUME_FREE_FIELDS = frozenset({
 
 def _sae_default(name: str):
     """The default of an SAE hyperparameter: :class:`~hf_sae.SAEConfig` is its single source of truth."""
-    import inspect
+    return _sae_source()[1][name]
 
-    from ..configuration_sae import SAEConfig
 
-    return inspect.signature(SAEConfig.__init__).parameters[name].default
+_ACTIVATIONS, _INPUT_NORMS, _KERNELS = (_sae_source()[0][n] for n in ("ACTIVATIONS", "INPUT_NORMS", "KERNELS"))
 
 
 def _help(text: str, **kw):
@@ -441,7 +440,6 @@ def _field_types() -> dict:
     return typing.get_type_hints(SAETrainingArguments)
 
 
-_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
 def _coerce(name: str, annotation, value):
@@ -514,12 +512,6 @@ def _coerce(name: str, annotation, value):
     return value
 
 
-def _parser():
-    from transformers import HfArgumentParser
-
-    return HfArgumentParser(SAETrainingArguments, description="Train sparse autoencoders (hf_sae).")
-
-
 def _load_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
@@ -545,20 +537,21 @@ def _load_config_file(path: str) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every :class:`SAETrainingArguments` field as a flag (the actions ``HfArgumentParser`` builds),
-    plus ``--config PATH`` and an optional positional ``.json``/``.yaml`` file, to ``parser``.
+    """Add every :class:`SAETrainingArguments` field as a flag (``arguments_cli.add_field_options``; each also
+    spelt with dashes), plus ``--config PATH`` and an optional positional ``.json``/``.yaml`` file, to ``parser``.
 
     Defaults are suppressed in the namespace, so :func:`arguments_from_namespace` can tell flags given
     on the command line (which override the file) from defaults.
     """
-    for action in _parser()._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
+    from ..cli import add_flag_aliases
+
+    options = add_field_options(argparse.ArgumentParser(add_help=False), SAETrainingArguments, _field_types())
+    for action in options._actions:
         action.help_default, action.default = action.default, argparse.SUPPRESS  # shown by hf_sae.cli's --help
         parser._add_action(action)
     parser.add_argument("--config", default=None, help="JSON or YAML file of arguments (flags override it)")
     parser.add_argument("config_file", nargs="?", default=None, help="optional JSON or YAML file of arguments")
-    return parser
+    return add_flag_aliases(parser)
 
 
 def arguments_from_namespace(ns: argparse.Namespace) -> SAETrainingArguments:

@@ -26,6 +26,8 @@ from typing import Optional
 from .. import _io
 from .._io import MANIFEST, seal  # noqa: F401  (re-exported: the checkpoint API)
 
+CHECKPOINTS_DIR = "checkpoints"
+"""The folder of a run's ``output_dir`` that holds its checkpoints."""
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{12})$")
 _LEFTOVER_RE = re.compile(r"^(?:\.tmp-(checkpoint-\d{12})|(checkpoint-\d{12})\.old)$")
 
@@ -82,6 +84,14 @@ def newest_valid(root: str) -> Optional[str]:
         if is_valid(path):
             return path
     return None
+
+
+def holds_run(output_dir: str) -> bool:
+    """True when the run in ``output_dir`` has a checkpoint or a leftover of one (``.tmp-checkpoint-*``,
+    ``checkpoint-*.old``): something to resume. Callers that resume only when there is something to resume
+    (the quickstart) pass ``resume=holds_run(output_dir)``, so a first run starts without a resume notice."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    return os.path.isdir(root) and any(CHECKPOINT_RE.match(n) or _LEFTOVER_RE.match(n) for n in os.listdir(root))
 
 
 def apply_retention(root: str, keep: int) -> list[str]:

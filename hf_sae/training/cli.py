@@ -13,12 +13,7 @@ import json
 import logging
 from typing import Optional
 
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training arguments (see :class:`SAETrainingArguments`) to ``parser``; returns it."""
-    from .arguments import add_arguments
-
-    return add_arguments(parser)
+from ..cli_args import add_train_args  # noqa: F401  (the arguments, with every command's in hf_sae.cli_args)
 
 
 def run_train(args: argparse.Namespace) -> dict:

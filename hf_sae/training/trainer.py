@@ -107,7 +107,7 @@ class SAETrainer(TrainerEvaluation, TrainerCheckpoints):
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.out = os.path.abspath(args.output_dir)
-        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        self.ckpt_root = os.path.join(self.out, ckpt.CHECKPOINTS_DIR)
         self.log_dir = os.path.join(self.out, "logs")
         _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...cli_args import NODE_KINDS  # the one list, also `hf-sae sage --kinds`'s choices
 from ...hooks import capture, format_hook_point, model_parts, splice
 from .patching import Location, PrefixCache, _batches, _end_logits, location_activations, patched_logit_diff
 from .tasks import Task, TaskPrompts
 
 __all__ = ["NODE_KINDS", "enumerate_locations", "AttributionResult", "attribution_patching", "activation_patching"]
 
-#: Node kinds of :func:`enumerate_locations`: residual stream, attention heads, MLP outputs.
-NODE_KINDS = ("resid", "head", "mlp")
+# Node kinds of :func:`enumerate_locations` (NODE_KINDS: residual stream, attention heads, MLP outputs) -> hook.
 _KIND_HOOK = {"resid": "resid_pre", "head": "attn_z", "mlp": "mlp_out"}
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...cli_args import add_sage_args  # noqa: F401  (the arguments, defined without torch)
 from ...hooks import model_parts, parse_hook_point
 from .attribution import NODE_KINDS, AttributionResult, activation_patching, attribution_patching, enumerate_locations
 from .dictionaries import SupervisedDictionary, fit_dictionaries
@@ -191,59 +192,6 @@ def run_sage_pipeline(model: nn.Module, tokenizer, tasks: Sequence[str] = ("ioi"
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def add_sage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``hf-sae sage`` options to ``parser`` (returns it)."""
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="HF causal LM: 'smollm2-135m' (embedded, offline), a local folder or a Hub id")
-    parser.add_argument("--sae", nargs="*", default=[], metavar="PATH",
-                        help="SAE folder(s) saved by hf_sae (config.hook_point must be set); "
-                             "'PATH::SUBFOLDER' loads a subfolder of a multi-hook-point folder/repo")
-    parser.add_argument("--fresh-sae", nargs="*", default=[], metavar="HOOK",
-                        help="also evaluate an untrained TopK SAE (8x, k=32) at these hook points "
-                        "(a baseline/smoke test)")
-    parser.add_argument("--tasks", nargs="+", default=["ioi", "gender"], choices=sorted(TASKS))
-    parser.add_argument("--n-fit", type=int, default=96, help="prompts for dictionaries / probe thresholds")
-    parser.add_argument("--n-eval", type=int, default=64, help="held-out prompts for every reported number")
-    parser.add_argument("--n-attribution", type=int, default=32, help="fitting prompts used for attribution patching")
-    parser.add_argument(
-        "--kinds",
-        nargs="+",
-        default=list(NODE_KINDS),
-        choices=list(NODE_KINDS),
-        help="node kinds searched for cross-sections",
-    )
-    parser.add_argument("--top-resid", type=int, default=4, help="residual locations kept in the cross-section")
-    parser.add_argument("--top-head", type=int, default=4, help="attention-head locations kept")
-    parser.add_argument("--top-mlp", type=int, default=2, help="MLP locations kept")
-    parser.add_argument(
-        "--n-confirm",
-        type=int,
-        default=None,
-        help="how many kept locations to confirm by activation patching (default all)",
-    )
-    parser.add_argument(
-        "--n-sublayer",
-        type=int,
-        default=4,
-        help="sublayer locations per residual SAE (best attribution scores in the block it feeds)",
-    )
-    parser.add_argument(
-        "--edit-steps",
-        type=int,
-        nargs="+",
-        default=[1, 2, 4, 8, 16],
-        help="numbers of SAE latents edited at which controllability is measured",
-    )
-    parser.add_argument("--n-control", type=int, default=32, help="eval prompts used for controllability")
-    parser.add_argument("--no-control", action="store_true", help="skip the controllability edits")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="sage_out", help="output folder (sage.json, PNGs, index.html)")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _load_saes(paths: Sequence[str], fresh: Sequence[str], model: nn.Module, device) -> dict:
