@@ -169,6 +169,25 @@ def copy_assets(out: Path) -> None:
         shutil.copyfile(src / name, out / name)
 
 
+INDEX_COLUMNS = ["id", "density", "mean", "max", "top_tokens", "promoted", "n2g", "n2g_f1"]
+
+
+def _index_row(r: dict, strings: list) -> list:
+    """A latent's row of the index table (:data:`INDEX_COLUMNS`) from its page record."""
+    pats = [p.get("text", "") for p in (r["n2g"] or {}).get("patterns", [])]
+    promoted = [strings[t] for t, _ in r.get("pos", [])[:3]]
+    return [r["id"], r["density"], r["mean"], r["max"], " | ".join(_peak_tokens(r, strings)), " | ".join(promoted),
+            " | ".join(pats[:4]), _r((r["n2g"] or {}).get("f1", float("nan")), 3)]
+
+
+def _write_pool(out: Path, st, vocab) -> None:
+    """``data/pool.js``: the pool of random contexts (the negatives of autointerp)."""
+    P = st.pool_pos.numel()
+    ctxs = _contexts(st.input_ids, st.before, st.after, st.pool_pos, torch.zeros(P, st.width), torch.zeros(P), vocab)
+    pool = [{**c, "active": act} for c, act in zip(ctxs, st.pool_active)]
+    write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
+
+
 def write_site(
     st,
     out,
@@ -223,31 +242,11 @@ def write_site(
             for j, c in zip(lats, zip(*_latent_contexts(st, lats, vocab)))
         ]
         write_data(out / "data" / shard_name(shard), "shard", shard, {"tok": vocab.strings, "latents": recs})
-        for r in recs:
-            j = r["id"]
-            pats = [p.get("text", "") for p in (r["n2g"] or {}).get("patterns", [])]
-            promoted = [vocab.strings[t] for t, _ in r.get("pos", [])[:3]]
-            rows.append(
-                [
-                    j,
-                    r["density"],
-                    r["mean"],
-                    r["max"],
-                    " | ".join(_peak_tokens(r, vocab.strings)),
-                    " | ".join(promoted),
-                    " | ".join(pats[:4]),
-                    _r((r["n2g"] or {}).get("f1", float("nan")), 3),
-                ]
-            )
-    index = {"columns": ["id", "density", "mean", "max", "top_tokens", "promoted", "n2g", "n2g_f1"], "rows": rows}
+        rows.extend(_index_row(r, vocab.strings) for r in recs)
+    index = {"columns": INDEX_COLUMNS, "rows": rows}
     write_data(out / "data" / "index.js", "index", None, index)
     write_data(out / "data" / "texts.js", "texts", None, list(texts))
-    # the pool of random contexts (negatives for autointerp)
-    vocab = _Vocab(tokenizer, decoded)
-    P = st.pool_pos.numel()
-    ctxs = _contexts(st.input_ids, st.before, st.after, st.pool_pos, torch.zeros(P, st.width), torch.zeros(P), vocab)
-    pool = [{**c, "active": act} for c, act in zip(ctxs, st.pool_active)]
-    write_data(out / "data" / "pool.js", "pool", None, {"tok": vocab.strings, "contexts": pool})
+    _write_pool(out, st, _Vocab(tokenizer, decoded))
     meta = {
         **meta,
         "n_latents": n,
