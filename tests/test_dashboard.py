@@ -59,7 +59,7 @@ def site(tmp_path_factory, tiny_lm, tiny_tokenizer):
 
 def _windows(tokenizer, n_tokens, window=64):
     from hf_sae.data import corpus
-    from hf_sae.evaluation.run import _trim_mask
+    from hf_sae.evaluation.inputs import trim_mask as _trim_mask
 
     ids = corpus.tokenize_windows(
         corpus.load_texts("default", split="validation"), tokenizer, window=window, max_windows=80

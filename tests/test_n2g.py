@@ -157,7 +157,8 @@ def test_faithful_evaluate_end_to_end_on_a_tiny_lm(tiny_lm, tiny_tokenizer):
 def test_hf_sae_eval_runs_faithful_n2g_only_when_named(tmp_path, tiny_lm, tiny_tokenizer):
     import argparse
 
-    from hf_sae.evaluation.run import _parse_metrics, add_eval_args, run_eval
+    from hf_sae.evaluation.pipeline import parse_metrics as _parse_metrics
+    from hf_sae.evaluation.run import add_eval_args, run_eval
 
     assert "n2g_faithful" not in _parse_metrics("all")
     with pytest.raises(ValueError, match="n2g_faithful"):

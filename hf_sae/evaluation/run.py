@@ -35,24 +35,10 @@ import torch
 
 from ..cli_args import add_eval_args, add_sae_source_args  # noqa: F401  (defined without torch, for --help)
 from .inputs import MAX_CODE_WIDTH as MAX_CODE_WIDTH
-from .inputs import collect_windows, finite_or_none, load_sae, pad_cat, trim_mask
+from .inputs import load_sae
 from .pipeline import ALL_METRICS, OPTIONAL_METRICS, evaluate_sae, parse_metrics
 
 __all__ = ["ALL_METRICS", "OPTIONAL_METRICS", "add_eval_args", "run_eval", "main"]
-
-# Old private names, kept for code that imported them from here (see hf_sae.evaluation.inputs).
-_parse_metrics = parse_metrics
-_load_sae = load_sae
-_trim_mask = trim_mask
-_pad_cat = pad_cat
-_finite = finite_or_none
-
-
-def _collect_windows(args, tokenizer, n_tokens_needed: int):
-    """Old private helper: :func:`hf_sae.evaluation.inputs.collect_windows` with the source read from ``args``."""
-    return collect_windows(
-        args.dataset, tokenizer, n_tokens_needed, window=args.window, split=args.split, text_column=args.text_column
-    )
 
 
 def run_eval(args: argparse.Namespace, sae=None, model=None, tokenizer=None) -> dict:
