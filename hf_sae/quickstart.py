@@ -76,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
+    from ._io import sha256_file
     from .data.models import DEFAULT_MODEL, load_model
 
     out = Path(args.out).resolve()
@@ -98,14 +99,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sae = _train(hook, cache_train, cache_val, out, args, progress)
     times["train"] = time.perf_counter() - t
 
+    weights_sha256 = sha256_file(str(out / "sae" / hook / "model.safetensors"))  # the stamp of steps 4 and 5
     t = time.perf_counter()
-    results = _evaluate(sae, model, tok, hook, out / "eval", args, progress)
+    results = _evaluate(sae, model, tok, hook, out / "eval", args, progress, weights_sha256)
     times["evaluate"] = time.perf_counter() - t
 
     dashboard = None
     if args.dashboard_tokens > 0:
         t = time.perf_counter()
-        dashboard = _dashboard(sae, model, tok, hook, out, args, progress)
+        dashboard = _dashboard(sae, model, tok, hook, out, args, progress, weights_sha256)
         times["dashboard"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     summary = _summary(sae, hook, results, times, out, dashboard)
@@ -150,24 +152,21 @@ def _train(hook: str, cache_train: Path, cache_val: Path, out: Path, args, progr
     return SAETrainer(targs).train()[hook]
 
 
-def _dashboard(sae, model, tok, hook: str, out: Path, args, progress: bool) -> str:
+def _dashboard(sae, model, tok, hook: str, out: Path, args, progress: bool, weights_sha256: str) -> str:
     """Step 5: the feature browser over held-out text, reused when ``dashboard/`` was built from the same
-    weights with the same settings; returns its index.html."""
-    from ._io import sha256_file
+    weights (``weights_sha256``) with the same settings; returns its index.html."""
     from .dashboard import build_dashboard
 
     dash_dir = out / "dashboard"
-    sae_sha256 = sha256_file(str(out / "sae" / hook / "model.safetensors"))
-    dash_stamp = {"sae_sha256": sae_sha256, "dashboard_tokens": args.dashboard_tokens}
-    info = _reuse_eval(dash_dir, dash_stamp, "build_info.json")
-    if info is not None and (dash_dir / "index.html").is_file():
+    dash_stamp = {"sae_sha256": weights_sha256, "dashboard_tokens": args.dashboard_tokens}
+    if _reuse_eval(dash_dir, dash_stamp, "build_info.json") is not None and (dash_dir / "index.html").is_file():
         print("[quickstart] 5/5 feature browser: reusing dashboard/ (same SAE weights and settings)", flush=True)
     else:
         print(f"[quickstart] 5/5 building the feature browser over {args.dashboard_tokens} held-out tokens",
               flush=True)
-        info = build_dashboard(sae, dash_dir, model=model, tokenizer=tok, model_name=sae.config.base_model,
-                               n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
-                               sae_label=f"quickstart {hook}", progress=progress)
+        build_dashboard(sae, dash_dir, model=model, tokenizer=tok, model_name=sae.config.base_model,
+                        n_tokens=args.dashboard_tokens, n2g_latents=256, n2g_tokens=args.dashboard_tokens,
+                        sae_label=f"quickstart {hook}", progress=progress)
         (dash_dir / STAMP_FILE).write_text(json.dumps(dash_stamp, indent=1))
     return str(dash_dir / "index.html")
 
@@ -201,18 +200,16 @@ def _summary(sae, hook: str, results: dict, times: dict, out: Path, dashboard) -
 STAMP_FILE = "quickstart_stamp.json"
 
 
-def _evaluate(sae, model, tok, hook: str, eval_dir: Path, args, progress: bool) -> dict:
+def _evaluate(sae, model, tok, hook: str, eval_dir: Path, args, progress: bool, weights_sha256: str) -> dict:
     """Step 4: reconstruction + downstream metrics on held-out text, reused when ``eval_dir`` holds an evaluation
-    of the same weights with the same settings."""
+    of the same weights (``weights_sha256``) with the same settings."""
     import torch
 
-    from ._io import sha256_file
     from .evaluation.pipeline import evaluate_sae
 
     settings = {"metrics": ["reconstruction", "downstream"], "n_tokens": args.eval_tokens,
                 "downstream_tokens": args.downstream_tokens}
-    weights = eval_dir.parent / "sae" / hook / "model.safetensors"
-    stamp = {"sae_sha256": sha256_file(str(weights)), "eval_settings": settings}
+    stamp = {"sae_sha256": weights_sha256, "eval_settings": settings}
     results = _reuse_eval(eval_dir, stamp)
     if results is not None:
         print("[quickstart] 4/5 evaluation: reusing eval/metrics.json (same SAE weights and settings)", flush=True)
