@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from ..placement import PLACEMENT_HELP, check_device_map, parse_max_memory
-from .arguments_cli import _FALSE, _TRUE, add_field_options, to_bool  # noqa: F401
+from .arguments_cli import _FALSE, _TRUE, add_field_options
 from .arguments_cli import sae_source as _sae_source
 
 _K_SPARSE = ("topk", "batchtopk", "topafa")
