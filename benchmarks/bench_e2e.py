@@ -3,11 +3,13 @@ difference of two runs (startup, initialisation, final checkpoint and export can
 forward. Used by ``bench_train_step.py --e2e`` (the one command of issue 20's table); also runnable alone.
 
 Run:  PYTHONPATH=. python benchmarks/bench_e2e.py [--n 32768 --k 32 --batch 4096 --d 768 --steps 4 14
-      --threads 2 --live]
+      --threads 2 --live --rounds 3]
 
 * ``cache``: ``hf-sae train`` (a subprocess, as a user runs it) on a ``.safetensors`` file of N(0, 1)
   activations [steps x batch, d] for S1 and S2 steps; seconds per step = (t(S2) - t(S1)) / (S2 - S1), in
-  wall seconds and in the subprocess's CPU seconds; tokens/s = batch / that.
+  wall seconds and in the subprocess's CPU seconds; tokens/s = batch / that. Beside it, in this process,
+  the bound (one B x d x n addmm + top-k) before and after each round, so "train / bound" is a ratio
+  from one run (``--rounds``: median of that many pairs).
 * ``live`` (``--live``): the same through the live path (the embedded SmolLM2-135M, d = 576, hook
   ``layers.6.resid_post``, the embedded corpus; the LM forward stops after the hooked block), and a
   bare forward of the whole LM on ``batch`` tokens in this process (``lm_batch_size x context_length``
@@ -90,15 +92,51 @@ def bare_lm_forward(batch: int, context_length: int = 256, threads: int = 2, rep
     return best
 
 
-def run(n: int, k: int, batch: int, d: int, steps: tuple[int, int], threads: int, live: bool) -> dict:
-    """{'cache': per-step dict, 'live': per-step dict + 'lm' (bare forward wall, CPU)} (live when asked)."""
+def bound(n: int, k: int, batch: int, d: int, threads: int, repeats: int = 5) -> tuple[float, float, float]:
+    """(wall s, CPU s, wall s into a kept output), minimum of ``repeats``, of the bound in this process: one
+    B x d x n encoder addmm with the bias and the top-k (as ``bench_train_step.py``'s ``bound``), fp32,
+    ``threads`` threads; the third figure writes the addmm into one [B, n] tensor allocated once (as the
+    trainer's step does), the stricter bound."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    x, W, b = (torch.randn(batch, d, generator=g), torch.randn(n, d, generator=g) / d ** 0.5,
+               torch.zeros(n))
+    out = torch.empty(batch, n)
+    best, kept = (float("inf"), float("inf")), float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        c, t = time.process_time(), time.perf_counter()
+        torch.addmm(b, x, W.t()).topk(k, dim=-1, sorted=False)
+        best = min(best, (time.perf_counter() - t, time.process_time() - c))
+        t = time.perf_counter()
+        torch.addmm(b, x, W.t(), out=out).topk(k, dim=-1, sorted=False)
+        kept = min(kept, time.perf_counter() - t)
+    return best + (kept,)
+
+
+def run(n: int, k: int, batch: int, d: int, steps: tuple[int, int], threads: int, live: bool,
+        rounds: int = 1) -> dict:
+    """{'cache': per-step dict, 'live': per-step dict + 'lm' (bare forward wall, CPU)} (live when asked).
+    With ``rounds`` > 1 the cache path is measured that many times (each a pair of runs), its median kept
+    (``all`` holds every round's wall s/step), and the bound measured beside it (``bound``: wall s, CPU s)."""
+    import statistics
+
     workdir = tempfile.mkdtemp(prefix="bench_e2e_")
     try:
         path = os.path.join(workdir, "acts.safetensors")
         write_activations(path, max(steps) * batch, d)
         sae = ["--n_latents", str(n), "--k", str(k), "--init_tokens", str(batch)]
         cache = ["--activations", path, "--hook_points", "acts", *sae]
-        out = {"cache": per_step(cache, steps, batch, threads, workdir)}
+        per_round, bounds = [], []
+        for _ in range(max(1, rounds)):
+            bounds.append(bound(n, k, batch, d, threads))
+            per_round.append(per_step(cache, steps, batch, threads, workdir))
+        bounds.append(bound(n, k, batch, d, threads))
+        mid = sorted(per_round, key=lambda r: r["wall"])[(len(per_round) - 1) // 2]
+        best = tuple(min(b[i] for b in bounds) for i in range(3))
+        out = {"cache": {**mid, "all": [r["wall"] for r in per_round],
+                         "all_cpu": [r["cpu"] for r in per_round], "bound": best}}
+        if rounds > 1:
+            out["cache"]["cpu"] = statistics.median(out["cache"]["all_cpu"])
         if live:
             out["live"] = per_step(["--hook_points", LIVE_HOOK, *sae], steps, batch, threads, workdir)
             out["live"]["lm"] = bare_lm_forward(batch, threads=threads)
@@ -118,6 +156,12 @@ def print_rows(res: dict, n: int, k: int, batch: int, d: int, steps, step_bench:
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name, r in res.items():
+        if name == "cache" and r.get("bound"):
+            bw, bc, bk = r["bound"]
+            print(f"# bound in the same run (addmm + top-k, min of 5 calls x {len(r['all']) + 1} times): "
+                  f"{bw:.3f} s wall, {bc:.3f} CPU s; train / bound = {r['wall'] / bw:.3f} wall (rounds: "
+                  + ", ".join(f"{w / bw:.3f}" for w in r["all"]) + f"), {r['cpu'] / bc:.3f} CPU; "
+                  f"into a kept output {bk:.3f} s wall, train / that = {r['wall'] / bk:.3f}")
         lm = r.get("lm")
         bench = step_bench if name == "cache" and step_bench else nan
         lm_cols = f"{lm[0]:.3f} ({lm[1]:.3f}) | {r['wall'] / lm[0]:.2f}" if lm else "- | -"
@@ -138,9 +182,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the cache path this many times (pairs of runs), report the median")
     add_args(ap)
     a = ap.parse_args()
-    res = run(a.n, a.k, a.batch, a.d, tuple(a.steps), a.threads, a.live)
+    res = run(a.n, a.k, a.batch, a.d, tuple(a.steps), a.threads, a.live, rounds=a.rounds)
     print_rows(res, a.n, a.k, a.batch, a.d, a.steps)
 
 

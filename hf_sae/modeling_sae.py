@@ -50,6 +50,16 @@ def _row_dots(a: Tensor, b: Tensor, block_bytes: int = 32 << 20) -> Tensor:
     return out
 
 
+def l2_norm(t: Tensor) -> Tensor:
+    """The L2 norm of a whole tensor (0-d). On CPU in float32/float64 as the square root of BLAS's dot of
+    the flattened tensor with itself: one pass, several times faster than ``torch.linalg.vector_norm`` there and
+    closer to the float64 value (benchmarks/RESULTS_speed.md, issue 20); elsewhere ``vector_norm``."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and t.numel():
+        flat = t.view(-1)
+        return torch.dot(flat, flat).sqrt_()
+    return torch.linalg.vector_norm(t)
+
+
 @dataclass
 class SAEOutput(ModelOutput):
     """Output of :meth:`SparseAutoencoder.forward`. Leading dims ``...`` are the input's."""
@@ -239,20 +249,24 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(_EPS))
 
     @torch.no_grad()
-    def remove_parallel_grad_(self) -> Optional[Tensor]:
+    def remove_parallel_grad_(self, unit_rows: bool = False) -> Optional[Tensor]:
         """Remove from W_dec.grad its component parallel to each decoder row (call before the step),
         so that the step moves rows along the unit sphere's tangent plane.
 
+        Args:
+            unit_rows: the decoder rows are known to have unit norm (``normalize_decoder_`` ran and nothing
+                changed W_dec since), so ``||w_i||^2`` is taken as 1 instead of computed (one pass less).
         Returns the L2 norm of the projected gradient (0-d tensor; what the gradient clipping needs), or
         None when W_dec has no gradient."""
         g = self.W_dec.grad
         if g is None:
             return None
         w = self.W_dec.detach()
-        # ||w_i||^2 as the square of the row norm: one fused reduction instead of a product pass + a sum
-        coef = _row_dots(g, w).div_(w.norm(dim=-1, keepdim=True).square_().clamp_min_(_EPS))
+        coef = _row_dots(g, w)
+        if not unit_rows:  # ||w_i||^2 as the square of the row norm: one fused reduction, not a product + a sum
+            coef.div_(w.norm(dim=-1, keepdim=True).square_().clamp_min_(_EPS))
         g.addcmul_(coef, w, value=-1)
-        return torch.linalg.vector_norm(g)
+        return l2_norm(g)
 
     def release_grad_buffers(self) -> None:
         """Free the memory kept between training steps for W_enc's and W_dec's gradients (two [n, d]

@@ -544,3 +544,44 @@ def test_fused_forward_is_one_call_returning_what_the_eager_path_computes():
     assert got.e_hat.abs().sum() > 0 and kernels.fused_forward(sae, x, None).e_hat is None
     assert kernels.fused_forward(make_sae("topk", "dense"), x, dead) is None
     assert kernels.fused_forward(make_sae("batchtopk", "torch").eval(), x, dead) is None
+
+
+def test_pre_activations_reuse_one_buffer_while_training():
+    """While training, the fused step writes its [N, n] pre-activations into memory kept from the previous
+    step (same addmm: the loss and gradients are bit-identical to a step without the buffer); in eval mode,
+    or after release_grad_buffers, no memory is kept."""
+    import copy
+
+    from hf_sae.kernels import fused
+
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(20, 16, dtype=torch.float64, generator=g) for _ in range(3)]
+    dead = torch.arange(64) % 3 == 0
+    kept = make_sae("topk", "torch")
+    plain = copy.deepcopy(kept)
+    ptrs = []
+    for x in xs:
+        for sae in (kept, plain):
+            sae.zero_grad(set_to_none=True)
+        out = kept(x, dead_mask=dead)
+        out.loss.backward()
+        ptrs.append(kept.__dict__["_pre_buffer"][0]._buf.data_ptr())
+        plain.__dict__.pop("_pre_buffer", None)  # the reference: a fresh F.linear every step
+        ref = plain(x, dead_mask=dead)
+        ref.loss.backward()
+        assert torch.equal(out.loss, ref.loss)
+        for (name, p), q in zip(kept.named_parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+    kept.release_grad_buffers()
+    assert kept.__dict__["_pre_buffer"][0]._buf is None
+    kept.eval()
+    with torch.no_grad():
+        kept(xs[0])
+    assert kept.__dict__["_pre_buffer"][0]._buf is None  # inference never keeps [N, n] memory
+    kept.train()
+    xc = xs[0] - kept.b_dec.detach()
+    with torch.no_grad():
+        pre = fused._pre_activations(kept, xc, kept.b_enc)
+        assert kept.__dict__["_pre_buffer"][0]._buf.data_ptr() == pre.data_ptr()  # written into the buffer ...
+        assert torch.equal(pre, torch.nn.functional.linear(xc, kept.W_enc, kept.b_enc))  # ... as F.linear computes

@@ -144,3 +144,60 @@ def test_bad_arguments_are_refused():
         SAEAdam([{"params": [sae.b_enc]}], [sae])
     with pytest.raises(ValueError, match="amsgrad"):
         SAEAdam([{"params": list(sae.parameters()), "amsgrad": True}], [sae])
+
+
+def test_unit_rows_are_assumed_only_while_w_dec_is_untouched():
+    """After its own renormalisation SAEAdam takes ||w_i|| = 1 in the projection; any write to W_dec in
+    between (a load, a user's rescale) makes it compute the norms again, and so still match the recipe."""
+    n, d = 40, 12
+    ref, fused = _sae(n, d, 0), _sae(n, d, 0)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=3e-3)
+    opt = SAEAdam([{"params": list(fused.parameters()), "lr": 3e-3}], [fused], max_grad_norm=0.05)
+    g = torch.Generator().manual_seed(4)
+    flags = []
+    for step in range(4):
+        if step == 2:  # rows no longer unit: the optimizer must notice
+            with torch.no_grad():
+                for s in (ref, fused):
+                    s.W_dec.mul_(1.5)
+        x = torch.randn(64, d, generator=g, dtype=torch.float64)
+        _backward([ref, fused], x, None)
+        flags.append(opt._rows_unit(0))
+        _reference_step(ref, opt_ref, 0.05, True, True)
+        opt.step()
+        for a, b in zip(ref.parameters(), fused.parameters()):
+            assert (a - b).abs().max().item() <= 1e-12, step
+    assert flags == [False, True, False, True]
+    # the check can fail: projecting rows of norm 1.5 as if they were unit leaves a parallel component
+    with torch.no_grad():
+        fused.W_dec.mul_(1.5)
+    _backward([fused], torch.randn(64, d, generator=g, dtype=torch.float64), None)
+    g_dec = fused.W_dec.grad.clone()
+    fused.remove_parallel_grad_(unit_rows=True)
+    assert (fused.W_dec.grad * fused.W_dec).sum(-1).abs().max().item() > 1e-6
+    fused.W_dec.grad = g_dec
+    fused.remove_parallel_grad_()
+    assert (fused.W_dec.grad * fused.W_dec).sum(-1).abs().max().item() < 1e-12
+
+
+def test_resume_from_state_dict_is_bit_exact():
+    """SAE + SAEAdam state saved after a step and loaded into fresh objects continue exactly as the
+    uninterrupted run (the unit-row flag travels in the state, so both take the same arithmetic path)."""
+    n, d = 40, 12
+    run, resumed = _sae(n, d, 0).float(), _sae(n, d, 5).float()
+    opt = SAEAdam([{"params": list(run.parameters()), "lr": 3e-3}], [run], max_grad_norm=0.05)
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(64, d, generator=g) for _ in range(5)]
+    for x in xs[:2]:
+        _backward([run], x, None)
+        opt.step()
+    resumed.load_state_dict(copy.deepcopy(run.state_dict()))
+    opt2 = SAEAdam([{"params": list(resumed.parameters()), "lr": 3e-3}], [resumed], max_grad_norm=0.05)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2._rows_unit(0)
+    for x in xs[2:]:
+        _backward([run, resumed], x, None)
+        opt.step()
+        opt2.step()
+    for a, b in zip(run.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -116,7 +116,8 @@ def _storage_refs(t: Tensor) -> int:
 
 
 class GradBuffer:
-    """Memory for a parameter's [n, d] gradient, reused from one training step to the next on CPU.
+    """Memory for a parameter's [n, d] gradient (or the step's [N, n] pre-activations), reused from one
+    training step to the next on CPU.
 
     A fresh [n, d] gradient per step costs page faults (the allocator maps new memory for every large
     tensor; the cost is measured in benchmarks/RESULTS_speed.md, "Kernel notes").
@@ -130,14 +131,16 @@ class GradBuffer:
         self._buf: Optional[Tensor] = None
         self._refs = 0
 
-    def take(self, like: Tensor) -> Optional[Tensor]:
-        """A tensor shaped like ``like`` to write a gradient into, or None when the torch ops cannot
-        write into one (see ``reference.can_scatter_into``) or the previous gradient is still referenced."""
+    def take(self, like: Tensor, shape: Optional[tuple] = None) -> Optional[Tensor]:
+        """A tensor shaped like ``like`` (or ``shape``, with ``like``'s dtype and device) to write a gradient
+        into, or None when the torch ops cannot write into one (see ``reference.can_scatter_into``) or the
+        previous gradient is still referenced."""
         if not (reference.can_scatter_into(like) and hasattr(torch._C, "_storage_Use_Count")):
             return None
+        shape = torch.Size(like.shape if shape is None else shape)
         buf = self._buf
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            self._buf = buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            self._buf = buf = torch.empty(shape, dtype=like.dtype, device=like.device)
             self._refs = _storage_refs(buf)
         elif _storage_refs(buf) != self._refs:  # the last gradient handed out (or a view of it) is alive
             return None

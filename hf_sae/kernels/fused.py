@@ -3,8 +3,9 @@
 :func:`fused_forward` is what :meth:`hf_sae.SparseAutoencoder.forward` runs for activations with a sparse
 form when the kernels are importable and the backend is not ``dense``; it returns the same values and
 gradients as the eager path (``SparseAutoencoder._forward_eager``), which stays the reference beside it.
-The [n, d] gradient buffers the step reuses on CPU (:class:`~hf_sae.kernels.GradBuffer`) are owned here
-(:func:`grad_buffers`, :func:`release_grad_buffers`), kept on the SAE so that each SAE has its own.
+The [n, d] gradient buffers and the [N, n] pre-activation buffer the step reuses on CPU
+(:class:`~hf_sae.kernels.GradBuffer`) are owned here (:func:`grad_buffers`, :func:`release_grad_buffers`),
+kept on the SAE so that each SAE has its own.
 """
 
 from __future__ import annotations
@@ -43,9 +44,25 @@ def grad_buffers(sae) -> tuple:
 
 
 def release_grad_buffers(sae) -> None:
-    """Free the memory kept between training steps for ``sae``'s W_enc and W_dec gradients."""
-    for buf in sae.__dict__.get("_grad_buffers", ()):
+    """Free the memory kept between training steps for ``sae``'s W_enc and W_dec gradients and its
+    pre-activations."""
+    for buf in sae.__dict__.get("_grad_buffers", ()) + tuple(sae.__dict__.get("_pre_buffer", ())):
         buf.release()
+
+
+def _pre_activations(sae, xc: Tensor, b_enc: Tensor) -> Tensor:
+    """The dense pre-activations ``xc @ W_enc^T + b_enc`` [N, n]. While training on CPU they are written into
+    memory kept from the previous step (a :class:`~hf_sae.kernels.GradBuffer`): a fresh [N, n] tensor per step
+    is mapped, faulted in and unmapped again by the allocator, which costs about a tenth of the matmul at
+    N = 4096, n = 32768 (benchmarks/RESULTS_speed.md, issue 20). Same addmm, same values."""
+    from . import GradBuffer
+
+    if sae.training and xc.dim() == 2 and not torch.is_autocast_enabled(xc.device.type):
+        buf = sae.__dict__.setdefault("_pre_buffer", (GradBuffer(),))[0]
+        out = buf.take(xc, (xc.shape[0], sae.W_enc.shape[0])) if xc.dtype == sae.W_enc.dtype else None
+        if out is not None:
+            return torch.addmm(b_enc, xc, sae.W_enc.t(), out=out)
+    return F.linear(xc, sae.W_enc, b_enc)
 
 
 def _select(sae, pre: Tensor, xc: Tensor, dead_mask: Optional[Tensor], k_aux: int, backend: str):
@@ -109,7 +126,7 @@ def fused_forward(sae, x: Tensor, dead_mask: Optional[Tensor]) -> Optional[Fused
     b_enc = sae.b_enc if sae.uses_b_enc else torch.zeros_like(sae.b_enc)
     with torch.no_grad():
         xc = x - sae.b_dec
-        pre = F.linear(xc, sae.W_enc, b_enc)
+        pre = _pre_activations(sae, xc, b_enc)
         selected, code, pre_sel, aux_block = _select(sae, pre, xc, dead_mask, k_aux, backend)
         del pre
     # W_enc's and W_dec's gradients reuse their memory from step to step on CPU (GradBuffer)

@@ -8,7 +8,8 @@ The SAE recipe's update, for each SAE (one parameter group each), is::
     w_i   <- w_i / max(||w_i||, 1e-12)                     per decoder row i   (normalize_decoder)
 
 ``SAEAdam.step()`` does exactly this with ``SparseAutoencoder.remove_parallel_grad_`` (which also returns
-the projected gradient's norm), the clip coefficient as ``torch.nn.utils.clip_grads_with_norm_`` computes
+the projected gradient's norm; ``||w_i||^2`` is taken as 1 while the rows are those this optimizer last
+renormalised, see ``_rows_unit``; gradient norms by ``modeling_sae.l2_norm``), the clip coefficient as ``torch.nn.utils.clip_grads_with_norm_`` computes
 it (the multiplication by it skipped on CPU when it is 1: it would change nothing), torch's fused Adam
 kernel (``fused=True``: one pass over each parameter, its gradient and its two moments, instead of the ten
 or so passes of the unfused update) and ``SparseAutoencoder.normalize_decoder_``. Every operation runs over
@@ -30,6 +31,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..modeling_sae import l2_norm
 
 
 class SAEAdam(torch.optim.Adam):
@@ -66,6 +69,7 @@ class SAEAdam(torch.optim.Adam):
         self.max_grad_norm = float(max_grad_norm)
         self.project_decoder_grad = bool(project_decoder_grad)
         self.normalize_decoder = bool(normalize_decoder)
+        self._unit_versions: list[Optional[int]] = [None] * len(self.saes)  # see _rows_unit
         self.grad_norms: list[Optional[Tensor]] = [None] * len(self.saes)
         """per SAE: the global L2 norm of its gradient before clipping (0-d tensor); None without clipping"""
 
@@ -74,11 +78,11 @@ class SAEAdam(torch.optim.Adam):
         if closure is not None:
             raise ValueError("SAEAdam.step takes no closure (the SAE step computes its loss once)")
         for i, (group, sae) in enumerate(zip(self.param_groups, self.saes)):
-            dec_norm = sae.remove_parallel_grad_() if self.project_decoder_grad else None
+            dec_norm = (sae.remove_parallel_grad_(unit_rows=self._rows_unit(i)) if self.project_decoder_grad
+                        else None)
             grads = [p.grad for p in group["params"] if p.grad is not None]
             if self.max_grad_norm > 0 and grads:
-                norms = [dec_norm if g is sae.W_dec.grad and dec_norm is not None else torch.linalg.vector_norm(g)
-                         for g in grads]
+                norms = [dec_norm if g is sae.W_dec.grad and dec_norm is not None else l2_norm(g) for g in grads]
                 norm = torch.linalg.vector_norm(torch.stack(norms))
                 self.grad_norms[i] = norm
                 coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grads_with_norm_
@@ -86,11 +90,26 @@ class SAEAdam(torch.optim.Adam):
                     torch._foreach_mul_(grads, coef)
         super().step()
         if self.normalize_decoder:
-            for sae in self.saes:
+            for i, sae in enumerate(self.saes):
                 sae.normalize_decoder_()
+                self._unit_versions[i] = sae.W_dec._version
+
+    def _rows_unit(self, i: int) -> bool:
+        """Whether SAE i's decoder rows are unit-norm: this optimizer renormalised them and W_dec has not
+        been written to since (its version counter moves with every in-place write: a load, a copy, an
+        update)."""
+        return self._unit_versions[i] is not None and self._unit_versions[i] == self.saes[i].W_dec._version
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["unit_rows"] = [self._rows_unit(i) for i in range(len(self.saes))]  # ignored by torch's Adam
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        # a resumed run takes ||w_i|| = 1 where the saved one did (load the SAEs first, as accelerate does)
+        for i, unit in enumerate(state_dict.get("unit_rows", [])[:len(self.saes)]):
+            self._unit_versions[i] = self.saes[i].W_dec._version if unit else None
         for group in self.param_groups:
             group["fused"] = True  # a checkpoint of the unfused Adam says None
             for p in group["params"]:
