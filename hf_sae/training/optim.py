@@ -10,9 +10,10 @@ The SAE recipe's update, for each SAE (one parameter group each), is::
 ``SAEAdam.step()`` does exactly this with ``SparseAutoencoder.remove_parallel_grad_`` (which also returns
 the projected gradient's norm; ``||w_i||^2`` is taken as 1 while the rows are those this optimizer last
 renormalised, see ``_rows_unit``; gradient norms by ``modeling_sae.l2_norm``), the clip coefficient as
-``torch.nn.utils.clip_grads_with_norm_`` computes it (the multiplication by it skipped on CPU when it is 1: it would change nothing), torch's fused Adam
-kernel (``fused=True``: one pass over each parameter, its gradient and its two moments, instead of the ten
-or so passes of the unfused update) and ``SparseAutoencoder.normalize_decoder_``. Every operation runs over
+``torch.nn.utils.clip_grads_with_norm_`` computes it (the multiplication by it skipped on CPU when it is 1:
+it would change nothing), torch's fused Adam kernel (``fused=True``: one pass over each parameter, its
+gradient and its two moments, instead of the ten or so passes of the unfused update) and
+``SparseAutoencoder.normalize_decoder_``. Every operation runs over
 whole tables: on a shared CPU each extra parallel region costs its threads' barrier wait, which outweighs
 what row blocks kept in cache save (measured in benchmarks/RESULTS_speed.md, issue 20).
 
