@@ -11,7 +11,8 @@ Run:  PYTHONPATH=. python benchmarks/bench_e2e.py [--n 32768 --k 32 --batch 4096
   the bound (one B x d x n addmm + top-k) before and after each round, so "train / bound" is a ratio
   from one run (``--rounds``: median of that many pairs).
 * ``live`` (``--live``): the same through the live path (the embedded SmolLM2-135M, d = 576, hook
-  ``layers.6.resid_post``, the embedded corpus; the LM forward stops after the hooked block), and a
+  ``layers.6.resid_post``, the embedded corpus; the LM forward stops after the hooked block; no shuffle
+  buffer, so that each step harvests its own tokens and the difference counts them), and a
   bare forward of the whole LM on ``batch`` tokens in this process (``lm_batch_size x context_length``
   windows, as the live source feeds them), minimum of 2 calls.
 
@@ -138,7 +139,10 @@ def run(n: int, k: int, batch: int, d: int, steps: tuple[int, int], threads: int
         if rounds > 1:
             out["cache"]["cpu"] = statistics.median(out["cache"]["all_cpu"])
         if live:
-            out["live"] = per_step(["--hook_points", LIVE_HOOK, *sae], steps, batch, threads, workdir)
+            # no shuffle buffer: with the default one (65,536 tokens) both runs harvest the whole buffer
+            # before their first step, and the difference of the two runs would miss the LM's cost
+            live = ["--hook_points", LIVE_HOOK, "--shuffle_buffer_tokens", "0", *sae]
+            out["live"] = per_step(live, steps, batch, threads, workdir)
             out["live"]["lm"] = bare_lm_forward(batch, threads=threads)
         return out
     finally:
