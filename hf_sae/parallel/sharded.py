@@ -122,8 +122,8 @@ class ShardedSAE(nn.Module):
         SparseAutoencoder.normalize_decoder_(self)
 
     @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
-        SparseAutoencoder.remove_parallel_grad_(self)
+    def remove_parallel_grad_(self, unit_rows: bool = False) -> None:
+        SparseAutoencoder.remove_parallel_grad_(self, unit_rows=unit_rows)
 
     # the single-process SAE's input handling (validation, per-token input_norm, input_scale), reused as is
     _normalize = SparseAutoencoder._normalize
